@@ -1,0 +1,185 @@
+"""The ``ssg-engine`` command line: ``sample``, ``info``, ``spectrum``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--var", help="VAR checkpoint (.pth or .safetensors)")
+    p.add_argument("--vae", help="VQ-VAE checkpoint (.pth or .safetensors)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--config", help="model config JSON (default: inferred from the checkpoints)")
+    g.add_argument("--preset", help="d16 | d20 | d24 | d30 | d36")
+    p.add_argument("--patch-nums", default=None, help="comma-separated scales, when the checkpoint's token count matches no preset")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--classes", nargs="+", default=None, help="class labels (integers); default: 0 1 2 3")
+    p.add_argument("--cfg", type=float, default=1.5)
+    p.add_argument("--top-k", type=int, default=900)
+    p.add_argument("--top-p", type=float, default=0.96)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the first batch; batch i uses seed + i")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--ssg-beta", type=float, default=None, help="SSG strength (off when not given; --compare uses the default)")
+    p.add_argument("--ssg-prior", default="dse", help="dse | bilinear | bicubic | nearest | area | none")
+    p.add_argument("--ssg-interp", default="bilinear", help="DSE interpolation: bilinear | bicubic")
+
+
+def _load(args: argparse.Namespace):
+    from .config import infer_config
+    from .loading import load_models, read_state_dict
+
+    if not args.var or not args.vae:
+        raise SystemExit("error: --var and --vae are required")
+    config = args.config or args.preset
+    if config is None and args.patch_nums:
+        var_state, vae_state = read_state_dict(args.var), read_state_dict(args.vae)
+        config = infer_config(var_state, vae_state, _patch_nums(args.patch_nums))
+        return load_models(var_state, vae_state, config=config, device=args.device)
+    return load_models(args.var, args.vae, config=config, device=args.device)
+
+
+def _patch_nums(text: Optional[str]) -> Optional[List[int]]:
+    if not text:
+        return None
+    try:
+        return [int(p) for p in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"error: --patch-nums must be comma-separated integers, got {text!r}") from None
+
+
+def _parse_classes(values: Optional[Sequence[str]], num_classes: int) -> List[int]:
+    if not values:
+        return list(range(min(4, num_classes)))
+    out = []
+    for v in values:
+        try:
+            c = int(v)
+        except ValueError:
+            raise SystemExit(f"error: class {v!r} is not an integer label") from None
+        if not 0 <= c < num_classes:
+            raise SystemExit(f"error: class {c} is outside [0, {num_classes})")
+        out.append(c)
+    return out
+
+
+def _ssg_from_args(args: argparse.Namespace, beta: Optional[float]):
+    from .guidance import SSG
+
+    if beta is None:
+        return None
+    return SSG(beta=beta, prior=args.ssg_prior, interp=args.ssg_interp)
+
+
+def _sample_all(var, vae, labels: List[int], args: argparse.Namespace, ssg, desc: str) -> torch.Tensor:
+    from tqdm import tqdm
+
+    from .sampler import generate
+
+    chunks = [labels[i : i + args.batch_size] for i in range(0, len(labels), args.batch_size)]
+    images = []
+    for i, chunk in enumerate(tqdm(chunks, desc=desc, unit="batch", file=sys.stderr)):
+        images.append(
+            generate(
+                var, vae, chunk, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+                temperature=args.temperature, seed=args.seed + i, ssg=ssg,
+            )
+        )
+    return torch.cat(images)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .guidance import DEFAULT_BETA
+    from .imaging import make_grid, save_png, side_by_side
+
+    if args.batch_size <= 0:
+        raise SystemExit("error: --batch-size must be positive")
+    vae, var = _load(args)
+    labels = _parse_classes(args.classes, var.num_classes)
+    t0 = time.perf_counter()
+    if args.compare:
+        beta = args.ssg_beta if args.ssg_beta is not None else DEFAULT_BETA
+        base = _sample_all(var, vae, labels, args, None, "baseline")
+        guided = _sample_all(var, vae, labels, args, _ssg_from_args(args, beta), f"SSG beta={beta:g}")
+        grid = side_by_side([make_grid(base), make_grid(guided)])
+        images = torch.cat([base, guided])
+    else:
+        images = _sample_all(var, vae, labels, args, _ssg_from_args(args, args.ssg_beta), "sampling")
+        grid = make_grid(images)
+    dt = time.perf_counter() - t0
+    if args.out:
+        save_png(grid, args.out, upscale=args.upscale)
+        print(f"wrote {args.out} ({images.shape[0]} images of {images.shape[-1]}x{images.shape[-2]}, {dt:.2f}s)")
+    if args.out_dir:
+        for i, img in enumerate(images):
+            save_png(img, Path(args.out_dir) / f"{i:05d}.png")
+        print(f"wrote {images.shape[0]} PNGs to {args.out_dir}")
+    return 0
+
+
+VAE_FIELDS = ("V", "Cvae", "ch", "ch_mult", "num_res_blocks", "in_channels", "quant_conv_ks", "share_quant_resi", "patch_nums")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .config import infer_config, matching_presets
+    from .loading import read_state_dict
+
+    sd = read_state_dict(args.ckpt)
+    kind = "VAR" if "pos_1LC" in sd else "VQ-VAE" if "quantize.embedding.weight" in sd else None
+    if kind is None:
+        raise SystemExit(f"error: {args.ckpt} is neither a VAR nor a VQ-VAE state dict")
+    patch = _patch_nums(args.patch_nums)
+    cfg = infer_config(sd, None, patch) if kind == "VAR" else infer_config(None, sd, patch)
+    n_params = sum(v.numel() for k, v in sd.items() if v.is_floating_point())
+    fields = cfg.to_dict()
+    if kind == "VQ-VAE":
+        fields = {k: fields[k] for k in VAE_FIELDS}
+    info = {"checkpoint": str(args.ckpt), "kind": kind, "parameters_and_buffers": n_params, "config": fields}
+    if kind == "VAR":
+        info["matching_presets"] = matching_presets(sd)
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ssg-engine", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sample", help="sample class-conditional images into a PNG grid")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--compare", action="store_true", help="baseline and SSG side by side, same seeds, one PNG")
+    p.add_argument("--out", default="grid.png", help="grid PNG path")
+    p.add_argument("--out-dir", default=None, help="also write one PNG per image here")
+    p.add_argument("--upscale", type=int, default=1, help="nearest-neighbour upscaling of the grid PNG")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("info", help="print a checkpoint's inferred config and parameter count")
+    p.add_argument("ckpt")
+    p.add_argument("--patch-nums", default=None, help="comma-separated, when the token count matches no preset")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .loading import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, CheckpointError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

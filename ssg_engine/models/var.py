@@ -1,0 +1,250 @@
+"""VAR transformer (next-scale prediction), state-dict compatible with upstream ``var_d16.pth`` ... ``var_d30.pth``.
+
+Shapes: ``B`` images, ``L`` tokens over all scales (680 for VAR-256), ``C`` width, ``V`` vocabulary,
+``Cvae`` codebook dim. Sampling doubles the batch for classifier-free guidance (conditional half first).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from .vqvae import VQVAE
+
+
+class FFN(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head attention with optional L2-normalised q/k and a learned per-head scale.
+
+    Upstream-style KV cache for sampling: ``kv_caching(True)`` makes each call append its
+    keys/values (``torch.cat``) and attend over everything cached so far.
+    """
+
+    def __init__(self, dim: int, num_heads: int, attn_l2_norm: bool) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.attn_l2_norm = attn_l2_norm
+        if attn_l2_norm:
+            self.scale = 1.0
+            self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
+            self.max_scale_mul = math.log(100)
+        else:
+            self.scale = 0.25 / math.sqrt(self.head_dim)
+        self.mat_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("zero_k_bias", torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+        self.caching = False
+        self.cached_k: Optional[torch.Tensor] = None
+        self.cached_v: Optional[torch.Tensor] = None
+
+    def kv_caching(self, enable: bool) -> None:
+        self.caching, self.cached_k, self.cached_v = enable, None, None
+
+    def qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, l, C) -> q, k, v each (B, H, l, head_dim), with q/k normalisation and q scaling applied."""
+        B, l, C = x.shape
+        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        q, k, v = F.linear(x, self.mat_qkv.weight, bias).view(B, l, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.attn_l2_norm:
+            scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
+            q = F.normalize(q, dim=-1).mul(scale_mul)
+            k = F.normalize(k, dim=-1)
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """q (B, H, l, d), k/v (B, H, S, d) -> projected output (B, l, C)."""
+        B, _, l, _ = q.shape
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(B, l, -1))
+
+    def forward(self, x: torch.Tensor, attn_bias: Optional[torch.Tensor]) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        if self.caching:
+            if self.cached_k is not None:
+                k = torch.cat((self.cached_k, k), dim=2)
+                v = torch.cat((self.cached_v, v), dim=2)
+            self.cached_k, self.cached_v = k, v
+        return self.attend(q, k, v, attn_bias)
+
+
+class AdaLNSelfAttn(nn.Module):
+    """Transformer block with adaptive LayerNorm (scale, shift, gate per sub-layer) from the class condition."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        C = cfg.embed_dim
+        self.C = C
+        self.shared_aln = cfg.shared_aln
+        self.attn = SelfAttention(C, cfg.num_heads, cfg.attn_l2_norm)
+        self.ffn = FFN(C, round(C * cfg.mlp_ratio))
+        self.ln_wo_grad = nn.LayerNorm(C, eps=cfg.norm_eps, elementwise_affine=False)
+        if self.shared_aln:
+            self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, C) / C**0.5)
+        else:
+            self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+
+    def modulation(self, cond_BD: torch.Tensor) -> torch.Tensor:
+        """(gamma1, gamma2, scale1, scale2, shift1, shift2) stacked as (B, 1, 6, C).
+
+        ``cond_BD`` is the class embedding (B, D), or with shared AdaLN the shared projection (B, 1, 6, C).
+        """
+        if self.shared_aln:
+            return self.ada_gss + cond_BD
+        return self.ada_lin(cond_BD).view(-1, 1, 6, self.C)
+
+    def forward_modulated(self, x: torch.Tensor, mod: torch.Tensor, attn_fn: Any) -> torch.Tensor:
+        """Block body given the modulation ``mod`` (B, 1, 6, C); ``attn_fn`` maps normalised x to attention output."""
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = mod.unbind(2)
+        x = x + attn_fn(self.ln_wo_grad(x).mul(scale1.add(1)).add_(shift1)).mul_(gamma1)
+        return x + self.ffn(self.ln_wo_grad(x).mul(scale2.add(1)).add_(shift2)).mul(gamma2)
+
+    def forward(self, x: torch.Tensor, cond_BD: torch.Tensor, attn_bias: Optional[torch.Tensor]) -> torch.Tensor:
+        return self.forward_modulated(x, self.modulation(cond_BD), lambda h: self.attn(h, attn_bias=attn_bias))
+
+
+class AdaLNBeforeHead(nn.Module):
+    def __init__(self, C: int, D: int, eps: float) -> None:
+        super().__init__()
+        self.C = C
+        self.ln_wo_grad = nn.LayerNorm(C, eps=eps, elementwise_affine=False)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * C))
+
+    def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2)
+        return self.ln_wo_grad(x_BLC).mul(scale.add(1)).add_(shift)
+
+
+class SharedAdaLin(nn.Linear):
+    def forward(self, cond_BD: torch.Tensor) -> torch.Tensor:
+        return super().forward(cond_BD).view(-1, 1, 6, self.weight.shape[0] // 6)
+
+
+class VAR(nn.Module):
+    """Class-conditional next-scale-prediction transformer; upstream attribute and method names."""
+
+    def __init__(self, cfg: ModelConfig, vae: Optional[VQVAE] = None) -> None:
+        super().__init__()
+        self.config = cfg
+        self.Cvae, self.V = cfg.Cvae, cfg.V
+        self.depth, self.C, self.D, self.num_heads = cfg.depth, cfg.embed_dim, cfg.embed_dim, cfg.num_heads
+        self.num_classes = cfg.num_classes
+        self.cond_drop_rate = cfg.cond_drop_rate
+        self.patch_nums: Tuple[int, ...] = cfg.patch_nums
+        self.L = cfg.L
+        self.first_l = self.patch_nums[0] ** 2
+        self.begin_ends: List[Tuple[int, int]] = []
+        cur = 0
+        for pn in self.patch_nums:
+            self.begin_ends.append((cur, cur + pn * pn))
+            cur += pn * pn
+        self.num_stages_minus_1 = len(self.patch_nums) - 1
+        self.vae_proxy: Tuple[VQVAE, ...] = ()
+        self.vae_quant_proxy: tuple = ()
+        if vae is not None:
+            self.attach_vae(vae)
+
+        C = self.C
+        self.word_embed = nn.Linear(self.Cvae, C)
+        self.class_emb = nn.Embedding(self.num_classes + 1, C)
+        self.pos_start = nn.Parameter(torch.zeros(1, self.first_l, C))
+        self.pos_1LC = nn.Parameter(torch.zeros(1, self.L, C))
+        self.lvl_embed = nn.Embedding(len(self.patch_nums), C)
+        self.shared_ada_lin = nn.Sequential(nn.SiLU(), SharedAdaLin(C, 6 * C)) if cfg.shared_aln else nn.Identity()
+        self.blocks = nn.ModuleList([AdaLNSelfAttn(cfg) for _ in range(cfg.depth)])
+
+        d = torch.cat([torch.full((pn * pn,), i) for i, pn in enumerate(self.patch_nums)]).view(1, self.L, 1)
+        dT = d.transpose(1, 2)
+        self.register_buffer("lvl_1L", dT[:, 0].contiguous())
+        self.register_buffer("attn_bias_for_masking", torch.where(d >= dT, 0.0, -torch.inf).reshape(1, 1, self.L, self.L).contiguous())
+
+        self.head_nm = AdaLNBeforeHead(C, self.D, cfg.norm_eps)
+        self.head = nn.Linear(C, self.V)
+
+    def attach_vae(self, vae: VQVAE) -> None:
+        """Link the tokenizer used for sampling (kept out of this module's state dict, as upstream)."""
+        if vae.Cvae != self.Cvae or vae.V != self.V:
+            raise ValueError(f"VQ-VAE (V={vae.V}, Cvae={vae.Cvae}) does not fit this VAR (V={self.V}, Cvae={self.Cvae})")
+        self.vae_proxy = (vae,)
+        self.vae_quant_proxy = (vae.quantize,)
+
+    # ------------------------------------------------------------------ pieces shared by every sampler
+    def get_logits(self, h: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+        """Final AdaLN + head, in float32: (B, l, C) -> (B, l, V)."""
+        return self.head(self.head_nm(h.float(), cond_BD).float()).float()
+
+    def lvl_pos(self) -> torch.Tensor:
+        """Level + absolute position embedding (1, L, C)."""
+        return self.lvl_embed(self.lvl_1L) + self.pos_1LC
+
+    def check_labels(self, label_B: torch.Tensor) -> None:
+        if label_B.dtype not in (torch.int32, torch.int64) or label_B.ndim != 1:
+            raise ValueError(f"labels must be a 1-D integer tensor, got dtype {label_B.dtype} and shape {tuple(label_B.shape)}")
+        bad = label_B[(label_B < 0) | (label_B >= self.num_classes)]
+        if bad.numel():
+            raise ValueError(f"class labels must be in [0, {self.num_classes}); got {bad.tolist()[:8]}")
+
+    # ------------------------------------------------------------------ teacher forcing
+    def forward(self, label_B: torch.LongTensor, x_BLCv_wo_first_l: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits (B, L, V) from labels (B,) and the next-scale inputs (B, L - first_l, Cvae).
+
+        Label dropout (``cond_drop_rate``, label -> ``num_classes``) applies in training mode only.
+        """
+        B = x_BLCv_wo_first_l.shape[0]
+        if tuple(x_BLCv_wo_first_l.shape[1:]) != (self.L - self.first_l, self.Cvae):
+            raise ValueError(
+                f"x_BLCv_wo_first_l must have shape (B, {self.L - self.first_l}, {self.Cvae}); got {tuple(x_BLCv_wo_first_l.shape)}"
+            )
+        if self.training and self.cond_drop_rate > 0:
+            drop = torch.rand(B, device=label_B.device) < self.cond_drop_rate
+            label_B = torch.where(drop, self.num_classes, label_B)
+        sos = cond_BD = self.class_emb(label_B)
+        sos = sos.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, self.first_l, -1)
+        x_BLC = torch.cat((sos, self.word_embed(x_BLCv_wo_first_l.float())), dim=1)
+        x_BLC = x_BLC + (self.lvl_embed(self.lvl_1L.expand(B, -1)) + self.pos_1LC)
+        attn_bias = self.attn_bias_for_masking.to(x_BLC.dtype)
+        cond = self.shared_ada_lin(cond_BD)
+        for block in self.blocks:
+            x_BLC = block(x_BLC, cond, attn_bias)
+        return self.get_logits(x_BLC, cond_BD)
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def autoregressive_infer_cfg(
+        self,
+        B: int,
+        label_B: Optional[Union[int, torch.LongTensor]],
+        g_seed: Optional[int] = None,
+        cfg: float = 1.5,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        more_smooth: bool = False,
+        ssg: Any = None,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """Sample ``B`` images (B, 3, H, W) in [0, 1]; upstream-exact when ``ssg`` is None and ``temperature`` is 1.
+
+        ``label_B``: None (random classes), an int (same class for all; negative = unconditional) or (B,) labels.
+        ``ssg``: an ``ssg_engine.SSG`` or None.
+        """
+        from ..sampler import sample_reference
+
+        return sample_reference(
+            self, B, label_B, g_seed=g_seed, cfg=cfg, top_k=top_k, top_p=top_p,
+            more_smooth=more_smooth, ssg=ssg, temperature=temperature,
+        ).images

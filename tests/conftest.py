@@ -1,0 +1,50 @@
+"""Shared fixtures: the golden tiny model from ../shared (read-only)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SSG_ENGINE_SHARED", REPO.parent / "shared"))
+GOLDEN = SHARED / "golden"
+TINY = GOLDEN / "var_tiny"
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        pytest.fail(f"golden data missing: {path} (set SSG_ENGINE_SHARED to the shared/ folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    return _require(TINY)
+
+
+@pytest.fixture(scope="session")
+def golden(tiny_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(tiny_dir / "golden.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_dir):
+    from ssg_engine import load_models
+
+    return load_models(tiny_dir / "var.pth", tiny_dir / "vae.pth", config=tiny_dir / "config.json")
+
+
+@pytest.fixture(scope="session")
+def ar_args(tiny_dir):
+    return [json.loads((tiny_dir / f"ar{n}.json").read_text()) for n in (0, 1)]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64."""
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
