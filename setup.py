@@ -42,7 +42,8 @@ setup(
     install_requires=["torch>=2.1,<3", "numpy", "safetensors", "pillow", "tqdm"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "dev": ["pytest", "pytest-benchmark", "ninja", "pybind11"],
+        "plot": ["matplotlib"],
+        "dev": ["pytest", "pytest-benchmark", "ninja", "pybind11", "matplotlib"],
     },
     entry_points={"console_scripts": ["ssg-engine=ssg_engine.cli:main"]},
     ext_modules=ext_modules,

@@ -126,6 +126,25 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_spectrum(args: argparse.Namespace) -> int:
+    from .analysis import plot_spectra, spectra_for
+    from .guidance import DEFAULT_BETA
+
+    vae, var = _load(args)
+    labels = torch.tensor(_parse_classes(args.classes, var.num_classes), device=var.lvl_1L.device)
+    beta = args.ssg_beta if args.ssg_beta is not None else DEFAULT_BETA
+    sampling = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature)
+    runs = {
+        "baseline": spectra_for(var, labels, args.seed, None, **sampling),
+        f"SSG beta={beta:g}": spectra_for(var, labels, args.seed, _ssg_from_args(args, beta), **sampling),
+    }
+    plot_spectra(runs, args.out, title=f"latent spectra, classes {labels.tolist()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({k: [vars(s) for s in v] for k, v in runs.items()}, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
 VAE_FIELDS = ("V", "Cvae", "ch", "ch_mult", "num_res_blocks", "in_channels", "quant_conv_ks", "share_quant_resi", "patch_nums")
 
 
@@ -162,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default=None, help="also write one PNG per image here")
     p.add_argument("--upscale", type=int, default=1, help="nearest-neighbour upscaling of the grid PNG")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("spectrum", help="per-scale spectra of the semantic residual and sampled tokens, baseline vs SSG (PNG)")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--out", default="spectrum.png")
+    p.add_argument("--json", default=None, help="also write the numbers here")
+    p.set_defaults(func=cmd_spectrum)
 
     p = sub.add_parser("info", help="print a checkpoint's inferred config and parameter count")
     p.add_argument("ckpt")
