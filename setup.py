@@ -24,7 +24,7 @@ if os.environ.get("SSG_ENGINE_BUILD_EXT", "1") != "0":
         if sources:
             ext_modules.append(
                 cpp_extension.CppExtension(
-                    "ssg_engine._C", sources, extra_compile_args={"cxx": ["-O3", "-std=c++17"]}
+                    "ssg_engine._C", sources, extra_compile_args={"cxx": ["-O3"]}
                 )
             )
             cmdclass["build_ext"] = cpp_extension.BuildExtension.with_options(use_ninja=True)
