@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from .config import ModelConfig, infer_config, matching_presets
-from .models.var import VAR
+from .models.var import VAR, level_buffers
 from .models.vqvae import VQVAE
 
 ConfigLike = Union[None, str, Path, ModelConfig]
@@ -107,5 +107,31 @@ def load_models(
     _check_and_load(var, var_state, "VAR")
     vae = vae.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
     var = var.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    var.attach_vae(vae)
+    return vae, var
+
+
+def random_models(
+    cfg: ModelConfig, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0, std: float = 0.02
+) -> Tuple[VQVAE, VAR]:
+    """(vae, var) of ``cfg`` with random N(0, std) weights, initialised directly on ``device`` (for benchmarks).
+
+    The VQ-VAE is float32, the VAR ``dtype``; both in eval mode. The masking buffers are the real ones.
+    """
+    vae, var = build_models(cfg, "meta")
+    gen = torch.Generator(device=device).manual_seed(seed)
+    lvl_1L, attn_bias = level_buffers(cfg.patch_nums)
+    exact = {"lvl_1L": lvl_1L, "attn_bias_for_masking": attn_bias}
+    for model, dt in ((vae, torch.float32), (var, dtype)):
+        model.to_empty(device=device)
+        with torch.no_grad():
+            for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+                if model is var and name in exact:
+                    t.copy_(exact[name])
+                elif name.endswith("zero_k_bias"):
+                    t.zero_()
+                elif t.dtype.is_floating_point:
+                    t.normal_(0.0, std, generator=gen)
+        model.to(dtype=dt).eval().requires_grad_(False)
     var.attach_vae(vae)
     return vae, var

@@ -220,10 +220,26 @@ def generate(
     ssg: Optional[SSG] = None,
     return_tokens: bool = False,
 ):
-    """Sample one image per label: images (B, 3, H, W) in [0, 1], and the tokens per scale if ``return_tokens``."""
+    """Sample one image per label: images (B, 3, H, W) in [0, 1], and the tokens per scale if ``return_tokens``.
+
+    On CUDA this runs the fast ``Engine`` (kept on ``var`` and reused; Philox sampling from ``seed``);
+    elsewhere the reference sampler (a ``torch.Generator`` seeded with ``seed``). The two draw from the
+    same distributions but not the same random numbers.
+    """
     if not var.vae_proxy or var.vae_proxy[0] is not vae:
         var.attach_vae(vae)
     labels_t = torch.as_tensor(labels, dtype=torch.long, device=var.lvl_1L.device).reshape(-1)
+    if labels_t.device.type == "cuda":
+        from .engine import Engine
+
+        engine = getattr(var, "_ssg_engine", None)
+        if engine is None or engine.vae is not vae:
+            engine = Engine(var, vae, max_batch=64, device=labels_t.device, dtype=var.head.weight.dtype)
+            var._ssg_engine = engine
+        images, tokens = engine.generate(
+            labels_t, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature, seed=0 if seed is None else seed, ssg=ssg
+        )
+        return (images, tokens) if return_tokens else images
     out = sample_reference(
         var, int(labels_t.shape[0]), labels_t, g_seed=seed, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature, ssg=ssg
     )

@@ -135,6 +135,15 @@ class SharedAdaLin(nn.Linear):
         return super().forward(cond_BD).view(-1, 1, 6, self.weight.shape[0] // 6)
 
 
+def level_buffers(patch_nums: Tuple[int, ...]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``lvl_1L`` (1, L): each token's scale index; ``attn_bias_for_masking`` (1, 1, L, L): 0 where a token
+    may attend (same or coarser scale), -inf elsewhere (the block-causal training mask)."""
+    L = sum(pn * pn for pn in patch_nums)
+    d = torch.cat([torch.full((pn * pn,), i) for i, pn in enumerate(patch_nums)]).view(1, L, 1)
+    dT = d.transpose(1, 2)
+    return dT[:, 0].contiguous(), torch.where(d >= dT, 0.0, -torch.inf).reshape(1, 1, L, L).contiguous()
+
+
 class VAR(nn.Module):
     """Class-conditional next-scale-prediction transformer; upstream attribute and method names."""
 
@@ -168,10 +177,9 @@ class VAR(nn.Module):
         self.shared_ada_lin = nn.Sequential(nn.SiLU(), SharedAdaLin(C, 6 * C)) if cfg.shared_aln else nn.Identity()
         self.blocks = nn.ModuleList([AdaLNSelfAttn(cfg) for _ in range(cfg.depth)])
 
-        d = torch.cat([torch.full((pn * pn,), i) for i, pn in enumerate(self.patch_nums)]).view(1, self.L, 1)
-        dT = d.transpose(1, 2)
-        self.register_buffer("lvl_1L", dT[:, 0].contiguous())
-        self.register_buffer("attn_bias_for_masking", torch.where(d >= dT, 0.0, -torch.inf).reshape(1, 1, self.L, self.L).contiguous())
+        lvl_1L, attn_bias = level_buffers(self.patch_nums)
+        self.register_buffer("lvl_1L", lvl_1L)
+        self.register_buffer("attn_bias_for_masking", attn_bias)
 
         self.head_nm = AdaLNBeforeHead(C, self.D, cfg.norm_eps)
         self.head = nn.Linear(C, self.V)
