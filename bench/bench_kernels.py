@@ -1,0 +1,247 @@
+"""Kernel benchmarks at VAR-d16 shapes: fused CFG+SSG guidance and the top-k/top-p sampler.
+
+* guidance: ``ssg_guidance_triton`` (one pass, prior tile in registers) vs the unfused
+  PyTorch path (upstream CFG ``(1+t)*l[:B] - t*l[B:]``, a ``torch.matmul`` prior, SSG);
+* sampler: ``sample_logits_triton`` vs upstream VAR's sampler written inline below
+  (``topk`` threshold mask, ascending sort / softmax / cumsum top-p mask, softmax,
+  ``torch.multinomial``);
+
+at every scale of patch_nums (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), V=4096, B in {1, 16, 64},
+plus a 4096 x 4096 sampler case. CUDA-event timing, median of ``--reps`` after ``--warmup``.
+
+Byte model (the minimum each op must move; used for GB/s of both implementations):
+  guidance = logits (2B*N*V*s) + prev (B*M*V*s) + operator (N*M*4) + guided and cfg (2*B*N*V*4)
+  sampler  = logits (R*V*s) + tokens (R*8)
+where s is the input element size. %copy compares with a measured 1 GiB device-to-device
+copy (2 bytes moved per byte copied).
+
+    python bench/bench_kernels.py --out bench/results/kernels.json          # on a GPU
+    TRITON_INTERPRET=1 python bench/bench_kernels.py --smoke --out /tmp/k.json  # CPU: correctness only
+
+``--smoke`` (the default without CUDA) runs tiny shapes on the Triton interpreter and
+checks the kernels against the baselines; it records no timings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+VOCAB = 4096
+BATCHES = (1, 16, 64)
+CFG_T, BETA = 4.0, 0.5
+TOP_K, TOP_P, TEMPERATURE = 900, 0.95, 1.0
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=None, help="write results as JSON here")
+    p.add_argument("--smoke", action="store_true", default=None, help="interpreter, tiny shapes, no timings")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--reps", type=int, default=50)
+    args = p.parse_args()
+    if args.smoke is None:
+        args.smoke = not torch.cuda.is_available()
+    return args
+
+
+# ---- baselines ------------------------------------------------------------------------
+
+
+def guidance_unfused(logits_2B, prev, operator, t: float, beta: float):
+    """Upstream CFG, then a separate prior matmul and the SSG update (each a kernel)."""
+    B = logits_2B.shape[0] // 2
+    cfg = (1 + t) * logits_2B[:B] - t * logits_2B[B:]
+    if prev is None:
+        return cfg.clone(), cfg
+    prior = torch.matmul(operator, prev)
+    return cfg + beta * (cfg - prior), cfg
+
+
+def sample_upstream(logits, top_k: int, top_p: float, temperature: float, generator: torch.Generator):
+    """Upstream VAR ``sample_with_top_k_top_p_`` on ``logits / temperature`` (one sample per row)."""
+    logits = logits.float() / temperature
+    if top_k > 0:
+        idx_to_remove = logits < logits.topk(top_k, largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
+        logits.masked_fill_(idx_to_remove, -torch.inf)
+    if top_p > 0:
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
+        sorted_idx_to_remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        sorted_idx_to_remove[..., -1:] = False
+        logits.masked_fill_(sorted_idx_to_remove.scatter(sorted_idx.ndim - 1, sorted_idx, sorted_idx_to_remove), -torch.inf)
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, replacement=True, generator=generator)[:, 0]
+
+
+# ---- timing ---------------------------------------------------------------------------
+
+
+def cuda_time_ms(fn: Callable[[], object], warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbps(warmup: int, reps: int) -> float:
+    src = torch.empty(2**28, dtype=torch.float32, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = cuda_time_ms(lambda: dst.copy_(src), warmup, reps)
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+# ---- cases ----------------------------------------------------------------------------
+
+
+def guidance_cases(smoke: bool) -> List[Dict]:
+    patch_nums, batches, vocab = ((1, 2, 3), (1, 3), 67) if smoke else (PATCH_NUMS, BATCHES, VOCAB)
+    cases = []
+    for B in batches:
+        for i, pn in enumerate(patch_nums):
+            cases.append(dict(B=B, pn_prev=patch_nums[i - 1] if i else None, pn=pn, V=vocab))
+    return cases
+
+
+def sampler_cases(smoke: bool) -> List[Dict]:
+    if smoke:
+        return [dict(rows=r, V=v, label=f"{r}x{v}") for r, v in ((4, 67), (9, 300), (1, 4096))]
+    cases = [dict(rows=B * pn * pn, V=VOCAB, label=f"B={B} pn={pn}") for B in BATCHES for pn in PATCH_NUMS]
+    return cases + [dict(rows=4096, V=VOCAB, label="4096x4096")]
+
+
+def run_guidance(case: Dict, args, device: str, copy_gbps: Optional[float]) -> Dict:
+    from ssg_engine.kernels.ssg_guidance import ssg_guidance_triton
+
+    B, pn, pn_prev, V = case["B"], case["pn"], case["pn_prev"], case["V"]
+    N, M = pn * pn, (pn_prev * pn_prev if pn_prev else 0)
+    g = torch.Generator(device=device).manual_seed(B * 100 + pn)
+    logits = torch.randn(2 * B, N, V, generator=g, device=device)
+    prev = torch.randn(B, M, V, generator=g, device=device) if M else None
+    operator = torch.rand(N, M, generator=g, device=device) if M else None
+    if operator is not None:
+        operator /= operator.sum(1, keepdim=True)
+    n_bytes = logits.numel() * 4 + 2 * B * N * V * 4 + ((prev.numel() + operator.numel()) * 4 if M else 0)
+
+    fused = lambda: ssg_guidance_triton(logits, prev, operator, CFG_T, BETA)  # noqa: E731
+    fused_tf32 = lambda: ssg_guidance_triton(logits, prev, operator, CFG_T, BETA, allow_tf32=True)  # noqa: E731
+    unfused = lambda: guidance_unfused(logits, prev, operator, CFG_T, BETA)  # noqa: E731
+    (g_fused, c_fused), (g_ref, c_ref) = fused(), unfused()
+    row = dict(op="guidance", **case, N=N, M=M, bytes=n_bytes,
+               rel_err_guided=rel_err(g_fused, g_ref), rel_err_cfg=rel_err(c_fused, c_ref))
+    if not args.smoke:
+        row["rel_err_guided_tf32"] = rel_err(fused_tf32()[0], g_ref)
+        for name, fn in (("fused", fused), ("fused_tf32", fused_tf32), ("baseline", unfused)):
+            row[f"{name}_ms"] = cuda_time_ms(fn, args.warmup, args.reps)
+        add_rates(row, copy_gbps)
+    return row
+
+
+def run_sampler(case: Dict, args, device: str, copy_gbps: Optional[float]) -> Dict:
+    from ssg_engine.kernels.sampling import sample_logits_triton, top_k_top_p_mask_reference
+
+    rows, V = case["rows"], case["V"]
+    g = torch.Generator(device=device).manual_seed(rows + V)
+    logits = torch.randn(rows, V, generator=g, device=device) * 3
+    seed = torch.tensor([1234], dtype=torch.int64, device=device)
+    offset = torch.zeros(1, dtype=torch.int64, device=device)
+    generator = torch.Generator(device=device).manual_seed(1234)
+    top_k = min(TOP_K, V // 2)
+    fused = lambda: sample_logits_triton(logits, top_k, TOP_P, TEMPERATURE, seed, offset)  # noqa: E731
+    upstream = lambda: sample_upstream(logits, top_k, TOP_P, TEMPERATURE, generator)  # noqa: E731
+    kept = top_k_top_p_mask_reference(logits, top_k, TOP_P, TEMPERATURE)
+    row = dict(op="sampler", **case, top_k=top_k, top_p=TOP_P, bytes=rows * V * 4 + rows * 8,
+               kernel_in_mask=bool(kept.gather(1, fused()[:, None]).all()),
+               baseline_in_mask=bool(kept.gather(1, upstream()[:, None]).all()))
+    if not args.smoke:
+        row["fused_ms"] = cuda_time_ms(fused, args.warmup, args.reps)
+        row["baseline_ms"] = cuda_time_ms(upstream, args.warmup, args.reps)
+        add_rates(row, copy_gbps)
+    return row
+
+
+def add_rates(row: Dict, copy_gbps: float) -> None:
+    row["fused_GBps"] = row["bytes"] / row["fused_ms"] / 1e6
+    row["fused_pct_copy"] = 100 * row["fused_GBps"] / copy_gbps
+    row["baseline_GBps"] = row["bytes"] / row["baseline_ms"] / 1e6
+    row["speedup"] = row["baseline_ms"] / row["fused_ms"]
+
+
+def print_table(results: List[Dict], smoke: bool) -> None:
+    if smoke:
+        head = f"{'op':9} {'case':26} {'check':>40}"
+        print(head)
+        for r in results:
+            check = (f"rel_err guided {r['rel_err_guided']:.1e} cfg {r['rel_err_cfg']:.1e}" if r["op"] == "guidance"
+                     else f"in mask: kernel {r['kernel_in_mask']} upstream {r['baseline_in_mask']}")
+            print(f"{r['op']:9} {case_label(r):26} {check:>40}")
+        return
+    print(f"{'op':9} {'case':26} {'fused ms':>9} {'tf32 ms':>8} {'base ms':>9} {'speedup':>8} {'GB/s':>7} {'%copy':>6}")
+    for r in results:
+        tf32 = f"{r['fused_tf32_ms']:8.3f}" if "fused_tf32_ms" in r else f"{'':8}"
+        print(f"{r['op']:9} {case_label(r):26} {r['fused_ms']:9.3f} {tf32} {r['baseline_ms']:9.3f} "
+              f"{r['speedup']:7.2f}x {r['fused_GBps']:7.0f} {r['fused_pct_copy']:5.1f}%")
+
+
+def case_label(r: Dict) -> str:
+    if r["op"] == "guidance":
+        scale = f"pn {r['pn_prev']}->{r['pn']}" if r["pn_prev"] else f"pn {r['pn']} no prior"
+        return f"B={r['B']} {scale} N={r['N']} M={r['M']}"
+    return f"{r['label']} V={r['V']}"
+
+
+def main() -> None:
+    args = parse_args()
+    # interpreter for smoke runs, compiled kernels for timings; set before anything imports triton
+    os.environ["TRITON_INTERPRET"] = "1" if args.smoke else "0"
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from env_info import environment
+
+    device = "cpu" if args.smoke else "cuda"
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --smoke (interpreter, no timings)")
+    copy_gbps = None if args.smoke else copy_bandwidth_gbps(args.warmup, args.reps)
+    results = [run_guidance(c, args, device, copy_gbps) for c in guidance_cases(args.smoke)]
+    results += [run_sampler(c, args, device, copy_gbps) for c in sampler_cases(args.smoke)]
+    if copy_gbps is not None:
+        print(f"device copy bandwidth: {copy_gbps:.0f} GB/s")
+    print_table(results, args.smoke)
+
+    report = dict(
+        smoke=args.smoke,
+        env=dict(environment(), interpreter=os.environ.get("TRITON_INTERPRET") == "1"),
+        settings=dict(cfg_t=CFG_T, beta=BETA, top_k=TOP_K, top_p=TOP_P, temperature=TEMPERATURE,
+                      warmup=args.warmup, reps=args.reps, dtype="float32"),
+        byte_model=dict(
+            guidance="2B*N*V*s logits + B*M*V*s prev + N*M*4 operator + 2*B*N*V*4 outputs",
+            sampler="R*V*s logits + R*8 tokens",
+            copy="2 * 1 GiB per device-to-device copy",
+        ),
+        copy_bandwidth_GBps=copy_gbps,
+        results=results,
+    )
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

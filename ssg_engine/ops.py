@@ -1,0 +1,74 @@
+"""Per-scale ops behind the one backend switch (:func:`ssg_engine.backend.resolve_backend`).
+
+``backend="auto" | "reference" | "triton"``; ``SSG_ENGINE_BACKEND`` overrides it. The
+kernel modules are imported on first use, so ``import ssg_engine.ops`` and the reference
+backend work without triton installed.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from ssg_engine.backend import resolve_backend
+from ssg_engine.profiling import nvtx_range
+
+Scalar = Union[float, torch.Tensor]
+
+_SEED_MIX = 1_000_003  # reference backend: generator seed = seed * _SEED_MIX + offset (mod 2**64)
+
+
+def ssg_guidance(
+    logits_2B: torch.Tensor,
+    prev: Optional[torch.Tensor],
+    operator: Optional[torch.Tensor],
+    cfg_t: Scalar,
+    beta: Scalar,
+    *,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """CFG + SSG for one scale: logits_2B (2B, N, V), prev (B, M, V), operator (N, M) -> (guided, cfg), (B, N, V) fp32.
+
+    See :mod:`ssg_engine.kernels.ssg_guidance` for the exact semantics; ``cfg`` is the
+    next scale's ``prev``.
+    """
+    from ssg_engine.kernels import ssg_guidance as impl
+
+    with nvtx_range("ssg_guidance"):
+        if resolve_backend(backend, logits_2B.device) == "triton":
+            return impl.ssg_guidance_triton(logits_2B, prev, operator, cfg_t, beta)
+        return impl.ssg_guidance_reference(logits_2B, prev, operator, cfg_t, beta)
+
+
+def sample_logits(
+    logits: torch.Tensor,
+    top_k: int,
+    top_p: float,
+    temperature: float,
+    seed: torch.Tensor,
+    offset: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Temperature + top-k + top-p sampling: logits (..., V) -> tokens (...) int64.
+
+    ``seed``/``offset`` are int64 tensors of shape (1,) on the logits' device. The
+    Triton backend reads them on the device (CUDA-graph safe, no host sync); the
+    reference backend reads them on the host (a device sync) to seed a
+    ``torch.Generator`` with ``seed * 1_000_003 + offset``, so the two backends draw
+    from the same distribution but not the same tokens.
+    """
+    from ssg_engine.kernels import sampling as impl
+
+    if not isinstance(logits, torch.Tensor) or logits.ndim == 0:
+        raise ValueError("logits must be a tensor of shape (..., V)")
+    impl.check_seed_offset(seed, offset, logits.device)
+    rows = logits.reshape(-1, logits.shape[-1])
+    with nvtx_range("sample_logits"):
+        if resolve_backend(backend, logits.device) == "triton":
+            tokens = impl.sample_logits_triton(rows, top_k, top_p, temperature, seed, offset)
+        else:
+            generator = torch.Generator(device=logits.device)
+            generator.manual_seed((int(seed) * _SEED_MIX + int(offset)) % 2**64)
+            tokens = impl.sample_logits_reference(rows, top_k, top_p, temperature, generator)
+    return tokens.reshape(logits.shape[:-1])
