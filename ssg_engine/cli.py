@@ -145,6 +145,53 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .config import ModelConfig
+    from .engine import Engine
+    from .loading import random_models
+    from .sampler import sample_reference
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    if args.random:
+        vae, var = random_models(ModelConfig.preset(args.random), args.device, dtype)
+    else:
+        vae, var = _load(args)
+    labels = torch.arange(args.batch_size, device=args.device) % var.num_classes
+    ssg = _ssg_from_args(args, args.ssg_beta)
+    if args.sampler == "engine":
+        engine = Engine(var, vae, max_batch=args.batch_size, device=args.device, dtype=dtype, cuda_graphs=not args.no_graphs)
+
+        def run():
+            engine.generate(labels, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, seed=args.seed, ssg=ssg)
+    else:
+
+        def run():
+            sample_reference(var, args.batch_size, labels, g_seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, ssg=ssg)
+
+    cuda = str(args.device).startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    run()  # warm-up (and graph capture)
+    sync()
+    if args.profile == "torch":
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts, record_shapes=False) as prof:
+            run()
+            sync()
+        prof.export_chrome_trace(args.trace)
+        print(f"wrote torch.profiler trace {args.trace}")
+    times = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - t)
+    best = min(times)
+    print(json.dumps({"sampler": args.sampler, "batch_size": args.batch_size, "seconds_min": best, "images_per_s": args.batch_size / best}))
+    return 0
+
+
 VAE_FIELDS = ("V", "Cvae", "ch", "ch_mult", "num_res_blocks", "in_channels", "quant_conv_ks", "share_quant_resi", "patch_nums")
 
 
@@ -188,6 +235,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="spectrum.png")
     p.add_argument("--json", default=None, help="also write the numbers here")
     p.set_defaults(func=cmd_spectrum)
+
+    p = sub.add_parser("bench", help="time sampling (optionally under torch.profiler)")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--random", default=None, help="use random weights of a preset (d16 ... d36) instead of checkpoints")
+    p.add_argument("--sampler", choices=["engine", "reference"], default="engine")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--no-graphs", action="store_true", help="engine without CUDA graphs")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--profile", choices=["none", "torch"], default="none")
+    p.add_argument("--trace", default="trace.json", help="where --profile torch writes its Chrome trace")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("info", help="print a checkpoint's inferred config and parameter count")
     p.add_argument("ckpt")

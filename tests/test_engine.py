@@ -1,0 +1,139 @@
+"""The Engine against the reference sampler on the golden tiny model (CPU, float32, no graphs)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import rel_err
+
+from ssg_engine import SSG, load_models, sample_reference
+from ssg_engine.engine import Engine, _Settings
+
+LABELS = torch.tensor([1, 9, 4])
+
+
+@pytest.fixture(scope="module")
+def fresh_models(tiny_dir):
+    # the Engine moves/casts the models it is given, so it gets its own copy
+    return load_models(tiny_dir / "var.pth", tiny_dir / "vae.pth", config=tiny_dir / "config.json")
+
+
+@pytest.fixture(scope="module")
+def engine(fresh_models):
+    vae, var = fresh_models
+    return Engine(var, vae, max_batch=4, device="cpu", dtype=torch.float32, cuda_graphs=False, backend="reference")
+
+
+@pytest.mark.parametrize("ssg", [None, SSG(beta=0.8), SSG(beta_start=0.2, beta_end=1.0, prior="bilinear", prior_source="guided")])
+def test_logits_match_reference_given_same_tokens(engine, tiny_models, ssg):
+    _, var = tiny_models
+    ref = sample_reference(var, 3, LABELS, g_seed=3, cfg=2.0, top_k=40, top_p=0.9, ssg=ssg, record_logits=True, temperature=0.9)
+    settings = _Settings(2.0, 40, 0.9, 0.9, ssg)
+    images, tokens = engine.run_batch(LABELS, torch.tensor([0]), settings, forced_tokens=ref.tokens, record_logits=True)
+    for si, (cfg_l, sampled_l) in enumerate(engine.last_logits):
+        assert rel_err(cfg_l, ref.cfg_logits[si]) < 1e-5, f"cfg logits at scale {si}"
+        assert rel_err(sampled_l, ref.sampled_logits[si]) < 1e-5, f"sampled logits at scale {si}"
+    assert rel_err(images, ref.images) < 1e-5
+
+
+@pytest.mark.parametrize("ssg", [None, SSG(beta=0.8)])
+def test_greedy_tokens_identical(engine, tiny_models, ssg):
+    _, var = tiny_models
+    ref = sample_reference(var, 3, LABELS, g_seed=0, cfg=1.5, top_k=1, ssg=ssg)
+    images, tokens = engine.generate(LABELS, cfg=1.5, top_k=1, top_p=0.0, seed=123, ssg=ssg)
+    for si in range(len(tokens)):
+        assert torch.equal(tokens[si], ref.tokens[si]), f"scale {si}"
+    assert rel_err(images, ref.images) < 1e-5
+
+
+def test_split_and_pad(engine):
+    labels = list(range(10))  # max_batch=4 -> chunks 4, 4, 2 (the last padded to bucket 2)
+    images, tokens = engine.generate(labels, top_k=1, top_p=0.0, seed=0)
+    assert images.shape == (10, 3, 128, 128) and tokens[-1].shape == (10, 64)
+    single, _ = engine.generate([labels[5]], top_k=1, top_p=0.0)
+    assert rel_err(images[5:6], single) < 1e-5  # greedy: padding and chunking change nothing
+
+
+def test_seeds_and_randomness(engine):
+    a, ta = engine.generate([1, 2], top_k=50, top_p=0.95, seed=1)
+    b, tb = engine.generate([1, 2], top_k=50, top_p=0.95, seed=1)
+    c, tc = engine.generate([1, 2], top_k=50, top_p=0.95, seed=2)
+    assert all(torch.equal(x, y) for x, y in zip(ta, tb))
+    assert not all(torch.equal(x, y) for x, y in zip(ta, tc))
+
+
+def test_bad_input(engine):
+    with pytest.raises(ValueError, match=r"class labels must be in \[0, 10\)"):
+        engine.generate([3, 11])
+    with pytest.raises(ValueError, match="top_p must be in"):
+        engine.generate([3], top_p=2.0)
+    with pytest.raises(ValueError, match="max_batch must be a positive integer"):
+        Engine(engine.var, engine.vae, max_batch=0, device="cpu")
+
+
+def test_triton_backend_matches_reference_under_interpreter(engine, tiny_models):
+    """The engine with the Triton kernels (CPU interpreter in CI) gives the reference's greedy tokens."""
+    pytest.importorskip("triton", reason="triton not installed")
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs TRITON_INTERPRET=1 on CPU (set by the README test command) or a GPU")
+    _, var = tiny_models
+    ssg = SSG(beta=0.8)
+    ref = sample_reference(var, 2, LABELS[:2], g_seed=0, top_k=1, ssg=ssg)
+    engine.backend = "triton"
+    try:
+        _, tokens = engine.generate(LABELS[:2], top_k=1, top_p=0.0, ssg=ssg)
+    finally:
+        engine.backend = "reference"
+    assert all(torch.equal(a, b) for a, b in zip(tokens, ref.tokens))
+
+
+# ----------------------------------------------------------------------------- GPU only (bench/device_check.sh)
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; run by bench/device_check.sh")
+
+# bf16 engine vs fp32 reference, per-scale CFG logits given the same tokens: relative error bound
+BF16_LOGITS_REL_TOL = 3e-2
+
+
+def _random_gpu_models(dtype):
+    """A small random-weight model built on the GPU (the device machine has no ../shared)."""
+    from ssg_engine import ModelConfig, build_models
+
+    cfg = ModelConfig(V=512, Cvae=8, ch=32, patch_nums=(1, 2, 3, 4, 5, 6, 8), depth=4, embed_dim=256, num_heads=4, num_classes=10)
+    torch.manual_seed(0)
+    vae, var = build_models(cfg, "cuda")
+    for p in list(vae.parameters()) + list(var.parameters()):
+        torch.nn.init.normal_(p, 0.0, 0.05)
+    vae.eval().requires_grad_(False)
+    var.to(dtype).eval().requires_grad_(False)
+    return vae, var
+
+
+@pytest.mark.gpu
+@gpu
+def test_graph_replay_equals_eager():
+    vae, var = _random_gpu_models(torch.bfloat16)
+    eager = Engine(var, vae, max_batch=8, device="cuda", cuda_graphs=False)
+    graphs = Engine(var, vae, max_batch=8, device="cuda", cuda_graphs=True)
+    for seed in (0, 1):  # the second replay must take the new seed
+        a_img, a_tok = eager.generate([1, 2, 3], top_k=100, top_p=0.95, seed=seed, ssg=SSG(beta=0.5))
+        b_img, b_tok = graphs.generate([1, 2, 3], top_k=100, top_p=0.95, seed=seed, ssg=SSG(beta=0.5))
+        assert all(torch.equal(x, y) for x, y in zip(a_tok, b_tok))
+        assert torch.equal(a_img, b_img)
+    c_img, _ = graphs.generate([1, 2, 3], top_k=100, top_p=0.95, seed=0, ssg=SSG(beta=0.5))
+    assert not torch.equal(c_img, b_img)
+
+
+@pytest.mark.gpu
+@gpu
+def test_bf16_engine_logits_close_to_fp32_reference():
+    vae, var32 = _random_gpu_models(torch.float32)
+    ref = sample_reference(var32, 3, torch.tensor([1, 2, 3], device="cuda"), g_seed=0, top_k=100, top_p=0.95, record_logits=True, ssg=SSG(beta=0.5))
+    import copy
+
+    var16 = copy.deepcopy(var32)
+    engine = Engine(var16, vae, max_batch=4, device="cuda", dtype=torch.bfloat16, cuda_graphs=False)
+    engine.run_batch(torch.tensor([1, 2, 3], device="cuda"), torch.tensor([0], device="cuda"),
+                     _Settings(1.5, 100, 0.95, 1.0, SSG(beta=0.5)), forced_tokens=ref.tokens, record_logits=True)
+    for si, (cfg_l, _) in enumerate(engine.last_logits):
+        assert rel_err(cfg_l, ref.cfg_logits[si]) < BF16_LOGITS_REL_TOL, f"scale {si}"
