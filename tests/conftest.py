@@ -48,3 +48,24 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float64."""
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+@pytest.fixture
+def spy_backends(monkeypatch):
+    """``spy_backends(module, *names)`` wraps those functions of ``module`` and returns the list that records,
+    for each call, the last ``_``-separated word of the called name (e.g. ``"reference"`` / ``"triton"``)."""
+    monkeypatch.delenv("SSG_ENGINE_BACKEND", raising=False)
+    calls = []
+
+    def install(module, *names):
+        for name in names:
+            original = getattr(module, name)
+
+            def spy(*args, _original=original, _name=name, **kwargs):
+                calls.append(_name.rsplit("_", 1)[1])
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(module, name, spy)
+        return calls
+
+    return install

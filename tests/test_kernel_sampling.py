@@ -258,18 +258,8 @@ def test_kernel_needs_cuda_unless_interpreting(monkeypatch):
 
 
 @pytest.fixture
-def recorded(monkeypatch):
-    monkeypatch.delenv("SSG_ENGINE_BACKEND", raising=False)
-    calls = []
-    for name in ("sample_logits_reference", "sample_logits_triton"):
-        original = getattr(impl, name)
-
-        def spy(*args, _original=original, _name=name, **kwargs):
-            calls.append(_name.rsplit("_", 1)[1])
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(impl, name, spy)
-    return calls
+def recorded(spy_backends):
+    return spy_backends(impl, "sample_logits_reference", "sample_logits_triton")
 
 
 @pytest.mark.parametrize("backend,expected", [("reference", "reference"), ("triton", "triton"), ("auto", "triton")])

@@ -207,19 +207,9 @@ def test_kernel_needs_cuda_unless_interpreting(monkeypatch):
 
 
 @pytest.fixture
-def recorded(monkeypatch):
+def recorded(spy_backends):
     """Record which implementation ops.ssg_guidance calls."""
-    monkeypatch.delenv("SSG_ENGINE_BACKEND", raising=False)
-    calls = []
-    for name in ("ssg_guidance_reference", "ssg_guidance_triton"):
-        original = getattr(impl, name)
-
-        def spy(*args, _original=original, _name=name, **kwargs):
-            calls.append(_name.rsplit("_", 1)[1])
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(impl, name, spy)
-    return calls
+    return spy_backends(impl, "ssg_guidance_reference", "ssg_guidance_triton")
 
 
 @pytest.mark.parametrize("backend,expected", [("reference", "reference"), ("triton", "triton"), ("auto", "triton")])
