@@ -13,7 +13,7 @@ from ssg_engine.data import (
 
 # Measured on the shipped model: mean test-set PSNR (10k images) is recorded in assets/fashion_mnist/metrics.json;
 # this threshold is that measurement minus a margin (see MODEL_CARD.md).
-SHIPPED_PSNR_MIN_DB = 20.0
+SHIPPED_PSNR_MIN_DB = 21.0  # measured 22.42 dB on these 256 images (22.26 dB on all 10k)
 
 TINY = ModelConfig(
     V=32, Cvae=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=(1, 2, 4), using_sa=False, using_mid_sa=False,

@@ -1,0 +1,37 @@
+"""The small Fashion-MNIST VQ-VAE + VAR shipped with the package (see assets/fashion_mnist/MODEL_CARD.md)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Tuple, Union
+
+import torch
+
+PRETRAINED_DIR = Path(__file__).resolve().parent / "assets" / "fashion_mnist"
+_FILES = ("vae.safetensors", "var.safetensors", "config.json")
+
+
+def pretrained_files() -> Tuple[Path, Path, Path]:
+    """Paths of (vae.safetensors, var.safetensors, config.json); FileNotFoundError naming what is missing."""
+    paths = tuple(PRETRAINED_DIR / f for f in _FILES)
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"the shipped Fashion-MNIST model is incomplete: {', '.join(missing)} missing in {PRETRAINED_DIR}. "
+            f"Reinstall the package, or retrain it with `ssg-engine train --dataset fashion-mnist --out {PRETRAINED_DIR}`."
+        )
+    return paths  # type: ignore[return-value]
+
+
+def load_pretrained(device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32):
+    """Load the shipped Fashion-MNIST (vae, var), in eval mode on ``device``; the VAR in ``dtype``."""
+    from .loading import load_models
+
+    vae_p, var_p, cfg_p = pretrained_files()
+    return load_models(var_p, vae_p, config=cfg_p, device=device, dtype=dtype)
+
+
+def class_names() -> tuple:
+    """The ten Fashion-MNIST class names, in label order."""
+    from .data import FASHION_MNIST_CLASSES
+
+    return tuple(FASHION_MNIST_CLASSES)
