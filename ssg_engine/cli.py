@@ -1,4 +1,4 @@
-"""The ``ssg-engine`` command line: ``sample``, ``info``, ``spectrum``."""
+"""The ``ssg-engine`` command line: sample, spectrum, bench, train, eval, fid-sample, info."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,7 @@ import torch
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--var", help="VAR checkpoint (.pth or .safetensors)")
+    p.add_argument("--var", help="VAR checkpoint (.pth or .safetensors); default: the shipped Fashion-MNIST model")
     p.add_argument("--vae", help="VQ-VAE checkpoint (.pth or .safetensors)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--config", help="model config JSON (default: inferred from the checkpoints)")
@@ -22,7 +22,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--classes", nargs="+", default=None, help="class labels (integers); default: 0 1 2 3")
+    p.add_argument("--classes", nargs="+", default=None,
+                   help="class labels (integers; names such as 'sneaker bag' with the shipped model); default: all classes of the shipped model, else 0 1 2 3")
+    p.add_argument("--per-class", type=int, default=1, help="images per class (one grid row per class)")
     p.add_argument("--cfg", type=float, default=1.5)
     p.add_argument("--top-k", type=int, default=900)
     p.add_argument("--top-p", type=float, default=0.96)
@@ -35,11 +37,16 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
+    """(vae, var) from --var/--vae (with --config/--preset/--patch-nums), or the shipped Fashion-MNIST model."""
     from .config import infer_config
     from .loading import load_models, read_state_dict
 
+    if not args.var and not args.vae:
+        from .pretrained import load_pretrained
+
+        return load_pretrained(device=args.device)
     if not args.var or not args.vae:
-        raise SystemExit("error: --var and --vae are required")
+        raise SystemExit("error: give both --var and --vae, or neither (the shipped Fashion-MNIST model)")
     config = args.config or args.preset
     if config is None and args.patch_nums:
         var_state, vae_state = read_state_dict(args.var), read_state_dict(args.vae)
@@ -57,19 +64,33 @@ def _patch_nums(text: Optional[str]) -> Optional[List[int]]:
         raise SystemExit(f"error: --patch-nums must be comma-separated integers, got {text!r}") from None
 
 
-def _parse_classes(values: Optional[Sequence[str]], num_classes: int) -> List[int]:
+def _parse_classes(values: Optional[Sequence[str]], num_classes: int, named: bool) -> List[int]:
+    """Integer labels, or Fashion-MNIST class names when ``named`` (the shipped model); default: every class."""
     if not values:
-        return list(range(min(4, num_classes)))
+        return list(range(num_classes if named else min(4, num_classes)))
+    if named:
+        from .data import class_index
+
+        try:
+            return [class_index(v, num_classes) for v in values]
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     out = []
     for v in values:
         try:
             c = int(v)
         except ValueError:
-            raise SystemExit(f"error: class {v!r} is not an integer label") from None
+            raise SystemExit(f"error: class {v!r} is not an integer label (class names work with the shipped model)") from None
         if not 0 <= c < num_classes:
             raise SystemExit(f"error: class {c} is outside [0, {num_classes})")
         out.append(c)
     return out
+
+
+def _labels(args: argparse.Namespace, var) -> List[int]:
+    named = not args.var and not args.vae
+    classes = _parse_classes(args.classes, var.num_classes, named)
+    return [c for c in classes for _ in range(args.per_class)]
 
 
 def _ssg_from_args(args: argparse.Namespace, beta: Optional[float]):
@@ -103,21 +124,25 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     if args.batch_size <= 0:
         raise SystemExit("error: --batch-size must be positive")
+    if args.per_class <= 0:
+        raise SystemExit("error: --per-class must be positive")
     vae, var = _load(args)
-    labels = _parse_classes(args.classes, var.num_classes)
+    labels = _labels(args, var)
+    nrow = args.per_class if args.per_class > 1 else None
     t0 = time.perf_counter()
     if args.compare:
         beta = args.ssg_beta if args.ssg_beta is not None else DEFAULT_BETA
         base = _sample_all(var, vae, labels, args, None, "baseline")
         guided = _sample_all(var, vae, labels, args, _ssg_from_args(args, beta), f"SSG beta={beta:g}")
-        grid = side_by_side([make_grid(base), make_grid(guided)])
+        grid = side_by_side([make_grid(base, nrow), make_grid(guided, nrow)])
         images = torch.cat([base, guided])
     else:
         images = _sample_all(var, vae, labels, args, _ssg_from_args(args, args.ssg_beta), "sampling")
-        grid = make_grid(images)
+        grid = make_grid(images, nrow)
     dt = time.perf_counter() - t0
     if args.out:
-        save_png(grid, args.out, upscale=args.upscale)
+        upscale = args.upscale or max(1, 128 // images.shape[-1])
+        save_png(grid, args.out, upscale=upscale)
         print(f"wrote {args.out} ({images.shape[0]} images of {images.shape[-1]}x{images.shape[-2]}, {dt:.2f}s)")
     if args.out_dir:
         for i, img in enumerate(images):
@@ -131,7 +156,7 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
     from .guidance import DEFAULT_BETA
 
     vae, var = _load(args)
-    labels = torch.tensor(_parse_classes(args.classes, var.num_classes), device=var.lvl_1L.device)
+    labels = torch.tensor(_labels(args, var), device=var.lvl_1L.device)
     beta = args.ssg_beta if args.ssg_beta is not None else DEFAULT_BETA
     sampling = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature)
     runs = {
@@ -226,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true", help="baseline and SSG side by side, same seeds, one PNG")
     p.add_argument("--out", default="grid.png", help="grid PNG path")
     p.add_argument("--out-dir", default=None, help="also write one PNG per image here")
-    p.add_argument("--upscale", type=int, default=1, help="nearest-neighbour upscaling of the grid PNG")
+    p.add_argument("--upscale", type=int, default=None, help="nearest-neighbour upscaling of the grid PNG (default: to about 128 px per image)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("spectrum", help="per-scale spectra of the semantic residual and sampled tokens, baseline vs SSG (PNG)")
@@ -247,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", choices=["none", "torch"], default="none")
     p.add_argument("--trace", default="trace.json", help="where --profile torch writes its Chrome trace")
     p.set_defaults(func=cmd_bench)
+
+    from .eval import add_eval_subparsers
+    from .training import add_train_subparser
+
+    add_train_subparser(sub)
+    add_eval_subparsers(sub)
 
     p = sub.add_parser("info", help="print a checkpoint's inferred config and parameter count")
     p.add_argument("ckpt")
