@@ -25,9 +25,9 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", nargs="+", default=None,
                    help="class labels (integers; names such as 'sneaker bag' with the shipped model); default: all classes of the shipped model, else 0 1 2 3")
     p.add_argument("--per-class", type=int, default=1, help="images per class (one grid row per class)")
-    p.add_argument("--cfg", type=float, default=1.5)
-    p.add_argument("--top-k", type=int, default=900)
-    p.add_argument("--top-p", type=float, default=0.96)
+    p.add_argument("--cfg", type=float, default=None, help="default: 1.5 (upstream protocol); shipped model: its card's value")
+    p.add_argument("--top-k", type=int, default=None, help="default: 900; shipped model: its card's value")
+    p.add_argument("--top-p", type=float, default=None, help="default: 0.96; shipped model: its card's value")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="seed of the first batch; batch i uses seed + i")
     p.add_argument("--batch-size", type=int, default=16)
@@ -36,15 +36,26 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ssg-interp", default="bilinear", help="DSE interpolation: bilinear | bicubic")
 
 
+UPSTREAM_SAMPLING = {"cfg": 1.5, "top_k": 900, "top_p": 0.96}  # upstream VAR's FID protocol
+
+
+def _fill_sampling_defaults(args: argparse.Namespace, defaults: dict) -> None:
+    for name, value in defaults.items():
+        if getattr(args, name, "absent") is None:
+            setattr(args, name, value)
+
+
 def _load(args: argparse.Namespace):
     """(vae, var) from --var/--vae (with --config/--preset/--patch-nums), or the shipped Fashion-MNIST model."""
     from .config import infer_config
     from .loading import load_models, read_state_dict
 
     if not args.var and not args.vae:
-        from .pretrained import load_pretrained
+        from .pretrained import SAMPLING_DEFAULTS, load_pretrained
 
+        _fill_sampling_defaults(args, SAMPLING_DEFAULTS)
         return load_pretrained(device=args.device)
+    _fill_sampling_defaults(args, UPSTREAM_SAMPLING)
     if not args.var or not args.vae:
         raise SystemExit("error: give both --var and --vae, or neither (the shipped Fashion-MNIST model)")
     config = args.config or args.preset
@@ -178,6 +189,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     if args.random:
+        _fill_sampling_defaults(args, UPSTREAM_SAMPLING)
         vae, var = random_models(ModelConfig.preset(args.random), args.device, dtype)
     else:
         vae, var = _load(args)

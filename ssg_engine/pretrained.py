@@ -8,6 +8,8 @@ import torch
 
 PRETRAINED_DIR = Path(__file__).resolve().parent / "assets" / "fashion_mnist"
 _FILES = ("vae.safetensors", "var.safetensors", "config.json")
+# Sampling settings that looked best on this model (MODEL_CARD.md); the CLI uses them for the shipped model.
+SAMPLING_DEFAULTS = {"cfg": 2.0, "top_k": 128, "top_p": 0.95}
 
 
 def pretrained_files() -> Tuple[Path, Path, Path]:

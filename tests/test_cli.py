@@ -55,3 +55,25 @@ def test_info(tiny_dir, capsys):
     assert main(["info", str(tiny_dir / "vae.pth"), "--patch-nums", "1,2,3,4,5,6,8"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["kind"] == "VQ-VAE" and info["config"]["ch"] == 32 and info["config"]["V"] == 256
+
+
+def test_main_job_on_shipped_model(tmp_path):
+    """The README's main command: shipped model, all classes by default, baseline and SSG side by side."""
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--compare", "--per-class", "2", "--out", str(out)]) == 0
+    grid = np.asarray(Image.open(out))
+    # 10 rows of 32 px images upscaled 4x, two grids side by side
+    assert grid.shape[0] > 10 * 32 * 4 and grid.shape[1] > 2 * 2 * 32 * 4
+
+
+def test_class_names_with_shipped_model(tmp_path):
+    out = tmp_path / "named.png"
+    assert main(["sample", "--classes", "sneaker", "bag", "ankle_boot", "--out", str(out), "--upscale", "1"]) == 0
+    assert np.asarray(Image.open(out)).shape[:2] == (2 + 2 * 34, 2 + 2 * 34)  # 3 images -> 2x2 grid of 32 px + padding
+
+
+def test_unknown_class_name(tmp_path):
+    import pytest
+
+    with pytest.raises(SystemExit, match="unknown class 'jacket'; valid classes: 0=t-shirt"):
+        main(["sample", "--classes", "jacket", "--out", str(tmp_path / "x.png")])
