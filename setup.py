@@ -34,10 +34,9 @@ setup(
     version="0.1.0",
     description="Kernel-optimized inference engine for multi-scale visual autoregressive (VAR) models with Scaled Spatial Guidance",
     python_requires=">=3.9",
-    packages=["ssg_engine", "ssg_engine.models", "ssg_engine.kernels"]
-    + [p for p in ("ssg_engine.training",) if os.path.isdir(p.replace(".", "/"))],
+    packages=["ssg_engine", "ssg_engine.models", "ssg_engine.kernels", "ssg_engine.training", "ssg_engine.eval"],
     package_dir={"ssg_engine": "ssg_engine", "ssg_engine.kernels": "kernels"},
-    package_data={"ssg_engine": ["assets/**/*"]},
+    package_data={"ssg_engine": ["assets/**/*"], "ssg_engine.eval": ["assets/*"]},
     include_package_data=True,
     install_requires=["torch>=2.1,<3", "numpy", "safetensors", "pillow", "tqdm"],
     extras_require={
