@@ -11,7 +11,8 @@ from typing import List, Optional, Sequence
 import torch
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--var/--vae (default: the shipped model), --config/--preset, --patch-nums, --device."""
     p.add_argument("--var", help="VAR checkpoint (.pth or .safetensors); default: the shipped Fashion-MNIST model")
     p.add_argument("--vae", help="VQ-VAE checkpoint (.pth or .safetensors)")
     g = p.add_mutually_exclusive_group()
@@ -21,19 +22,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--classes", nargs="+", default=None,
-                   help="class labels (integers; names such as 'sneaker bag' with the shipped model); default: all classes of the shipped model, else 0 1 2 3")
-    p.add_argument("--per-class", type=int, default=1, help="images per class (one grid row per class)")
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """--cfg/--top-k/--top-p (defaults per model, see ``load_from_args``), --temperature, --ssg-*."""
     p.add_argument("--cfg", type=float, default=None, help="default: 1.5 (upstream protocol); shipped model: its card's value")
     p.add_argument("--top-k", type=int, default=None, help="default: 900; shipped model: its card's value")
     p.add_argument("--top-p", type=float, default=None, help="default: 0.96; shipped model: its card's value")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="seed of the first batch; batch i uses seed + i")
-    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--ssg-beta", type=float, default=None, help="SSG strength (off when not given; --compare uses the default)")
     p.add_argument("--ssg-prior", default="dse", help="dse | bilinear | bicubic | nearest | area | none")
     p.add_argument("--ssg-interp", default="bilinear", help="DSE interpolation: bilinear | bicubic")
+
+
+def _add_batch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--classes", nargs="+", default=None,
+                   help="class labels (integers; names such as 'sneaker bag' with the shipped model); default: all classes of the shipped model, else 0 1 2 3")
+    p.add_argument("--per-class", type=int, default=1, help="images per class (one grid row per class)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first batch; batch i uses seed + i")
+    p.add_argument("--batch-size", type=int, default=16)
 
 
 UPSTREAM_SAMPLING = {"cfg": 1.5, "top_k": 900, "top_p": 0.96}  # upstream VAR's FID protocol
@@ -45,8 +50,10 @@ def _fill_sampling_defaults(args: argparse.Namespace, defaults: dict) -> None:
             setattr(args, name, value)
 
 
-def _load(args: argparse.Namespace):
-    """(vae, var) from --var/--vae (with --config/--preset/--patch-nums), or the shipped Fashion-MNIST model."""
+def load_from_args(args: argparse.Namespace):
+    """(vae, var) from --var/--vae (with --config/--preset/--patch-nums), or the shipped Fashion-MNIST model.
+
+    Sampling flags left unset get the shipped model's card settings, or upstream's protocol for checkpoints."""
     from .config import infer_config
     from .loading import load_models, read_state_dict
 
@@ -104,7 +111,7 @@ def _labels(args: argparse.Namespace, var) -> List[int]:
     return [c for c in classes for _ in range(args.per_class)]
 
 
-def _ssg_from_args(args: argparse.Namespace, beta: Optional[float]):
+def ssg_from_args(args: argparse.Namespace, beta: Optional[float]):
     from .guidance import SSG
 
     if beta is None:
@@ -137,18 +144,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise SystemExit("error: --batch-size must be positive")
     if args.per_class <= 0:
         raise SystemExit("error: --per-class must be positive")
-    vae, var = _load(args)
+    vae, var = load_from_args(args)
     labels = _labels(args, var)
     nrow = args.per_class if args.per_class > 1 else None
     t0 = time.perf_counter()
     if args.compare:
         beta = args.ssg_beta if args.ssg_beta is not None else DEFAULT_BETA
         base = _sample_all(var, vae, labels, args, None, "baseline")
-        guided = _sample_all(var, vae, labels, args, _ssg_from_args(args, beta), f"SSG beta={beta:g}")
+        guided = _sample_all(var, vae, labels, args, ssg_from_args(args, beta), f"SSG beta={beta:g}")
         grid = side_by_side([make_grid(base, nrow), make_grid(guided, nrow)])
         images = torch.cat([base, guided])
     else:
-        images = _sample_all(var, vae, labels, args, _ssg_from_args(args, args.ssg_beta), "sampling")
+        images = _sample_all(var, vae, labels, args, ssg_from_args(args, args.ssg_beta), "sampling")
         grid = make_grid(images, nrow)
     dt = time.perf_counter() - t0
     if args.out:
@@ -166,13 +173,13 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
     from .analysis import plot_spectra, spectra_for
     from .guidance import DEFAULT_BETA
 
-    vae, var = _load(args)
+    vae, var = load_from_args(args)
     labels = torch.tensor(_labels(args, var), device=var.lvl_1L.device)
     beta = args.ssg_beta if args.ssg_beta is not None else DEFAULT_BETA
     sampling = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature)
     runs = {
         "baseline": spectra_for(var, labels, args.seed, None, **sampling),
-        f"SSG beta={beta:g}": spectra_for(var, labels, args.seed, _ssg_from_args(args, beta), **sampling),
+        f"SSG beta={beta:g}": spectra_for(var, labels, args.seed, ssg_from_args(args, beta), **sampling),
     }
     plot_spectra(runs, args.out, title=f"latent spectra, classes {labels.tolist()}")
     if args.json:
@@ -192,9 +199,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _fill_sampling_defaults(args, UPSTREAM_SAMPLING)
         vae, var = random_models(ModelConfig.preset(args.random), args.device, dtype)
     else:
-        vae, var = _load(args)
+        vae, var = load_from_args(args)
     labels = torch.arange(args.batch_size, device=args.device) % var.num_classes
-    ssg = _ssg_from_args(args, args.ssg_beta)
+    ssg = ssg_from_args(args, args.ssg_beta)
     if args.sampler == "engine":
         engine = Engine(var, vae, max_batch=args.batch_size, device=args.device, dtype=dtype, cuda_graphs=not args.no_graphs)
 
@@ -258,8 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("sample", help="sample class-conditional images into a PNG grid")
-    _add_model_args(p)
-    _add_sampling_args(p)
+    add_model_args(p)
+    add_sampling_args(p)
+    _add_batch_args(p)
     p.add_argument("--compare", action="store_true", help="baseline and SSG side by side, same seeds, one PNG")
     p.add_argument("--out", default="grid.png", help="grid PNG path")
     p.add_argument("--out-dir", default=None, help="also write one PNG per image here")
@@ -267,15 +275,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("spectrum", help="per-scale spectra of the semantic residual and sampled tokens, baseline vs SSG (PNG)")
-    _add_model_args(p)
-    _add_sampling_args(p)
+    add_model_args(p)
+    add_sampling_args(p)
+    _add_batch_args(p)
     p.add_argument("--out", default="spectrum.png")
     p.add_argument("--json", default=None, help="also write the numbers here")
     p.set_defaults(func=cmd_spectrum)
 
     p = sub.add_parser("bench", help="time sampling (optionally under torch.profiler)")
-    _add_model_args(p)
-    _add_sampling_args(p)
+    add_model_args(p)
+    add_sampling_args(p)
+    _add_batch_args(p)
     p.add_argument("--random", default=None, help="use random weights of a preset (d16 ... d36) instead of checkpoints")
     p.add_argument("--sampler", choices=["engine", "reference"], default="engine")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")

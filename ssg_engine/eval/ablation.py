@@ -37,7 +37,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .fid_sample import add_fid_sample_parser, add_model_args, load_eval_models
+from ..cli import add_model_args, load_from_args
+from .fid_sample import add_fid_sample_parser
 
 DEFAULT_PRIORS = ("dse", "bilinear", "bicubic", "nearest", "area")
 DEFAULT_BETAS = (0.25, 0.5, 1.0)
@@ -381,7 +382,7 @@ def _floats(values: Sequence[str]) -> List[float]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    vae, var = load_eval_models(args)
+    vae, var = load_from_args(args)
     desc = f"{args.var} + {args.vae}" if args.var else "shipped pretrained Fashion-MNIST VAR (ssg_engine.pretrained)"
     priors = [p for v in args.priors for p in v.split(",") if p]
     run_ablation(

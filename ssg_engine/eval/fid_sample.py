@@ -51,6 +51,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..cli import add_model_args, add_sampling_args, load_from_args, ssg_from_args
+
 STALL_ENV = "SSG_ENGINE_FID_SAMPLE_STALL_AFTER"  # test hook: stall (sleep) after this process wrote N shards
 MANIFEST = "manifest.json"
 
@@ -116,46 +118,6 @@ def _shard_ok(path: Path, n: int) -> bool:
 
 
 # ----------------------------------------------------------------------------- models
-
-
-def load_eval_models(args: argparse.Namespace):
-    """(vae, var) from --var/--vae (and --config/--preset/--patch-nums), else the shipped pretrained model."""
-    device = getattr(args, "device", "cpu")
-    if getattr(args, "var", None) or getattr(args, "vae", None):
-        from ..cli import _load
-
-        return _load(args)
-    try:
-        from ..pretrained import load_pretrained
-    except ImportError as e:
-        raise SystemExit(f"error: give --var and --vae (no shipped pretrained model: {e})") from None
-    return load_pretrained(device=device)
-
-
-def add_model_args(p: argparse.ArgumentParser, device_default: Optional[str] = None) -> None:
-    p.add_argument("--var", help="VAR checkpoint (default: the shipped Fashion-MNIST model, ssg_engine.pretrained)")
-    p.add_argument("--vae", help="VQ-VAE checkpoint")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--config", help="model config JSON (default: inferred from the checkpoints)")
-    g.add_argument("--preset", help="d16 | d20 | d24 | d30 | d36")
-    p.add_argument("--patch-nums", default=None, help="comma-separated scales, when the checkpoint's token count matches no preset")
-    p.add_argument("--device", default=device_default or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cfg", type=float, default=1.5)
-    p.add_argument("--top-k", type=int, default=900)
-    p.add_argument("--top-p", type=float, default=0.96)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--ssg-beta", type=float, default=None, help="SSG strength (SSG off when not given)")
-    p.add_argument("--ssg-prior", default="dse", help="dse | bilinear | bicubic | nearest | area | none")
-    p.add_argument("--ssg-interp", default="bilinear", help="DSE interpolation: bilinear | bicubic")
-
-
-def ssg_from_args(args: argparse.Namespace):
-    from ..guidance import SSG
-
-    return None if args.ssg_beta is None else SSG(beta=args.ssg_beta, prior=args.ssg_prior, interp=args.ssg_interp)
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -231,7 +193,7 @@ def run_fid_sample(args: argparse.Namespace) -> int:
     try:
         out = Path(args.out)
         shard_dir = Path(args.shard_dir) if args.shard_dir else out.with_name(out.name + ".shards")
-        vae, var = load_eval_models(args)
+        vae, var = load_from_args(args)
         nc_model = var.num_classes
         n_cls = args.num_classes if args.num_classes is not None else nc_model
         if not 0 < n_cls <= nc_model:
@@ -255,7 +217,7 @@ def run_fid_sample(args: argparse.Namespace) -> int:
         mine = pending[rank::world]
         log(f"fid-sample: {len(plan)} shards of <= {args.batch_size} images ({n_cls} classes x {args.per_class}); "
             f"{len(plan) - len(pending)} already done, {len(pending)} to make on {world} process(es)")
-        ssg = ssg_from_args(args)
+        ssg = ssg_from_args(args, args.ssg_beta)
         stall_after = int(os.environ.get(STALL_ENV, "0") or 0)
         t0 = time.perf_counter()
         for i, shard in enumerate(mine):
