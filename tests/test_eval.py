@@ -143,12 +143,9 @@ def test_classifier_training_runs_and_reports_its_accuracy(tmp_path):
 # ----------------------------------------------------------------------------- fid-sample
 
 
-def _fid_args(tiny_dir, out, extra=()):
-    return [
-        "--var", str(tiny_dir / "var.pth"), "--vae", str(tiny_dir / "vae.pth"), "--config", str(tiny_dir / "config.json"),
-        "--device", "cpu", "--per-class", "2", "--num-classes", "3", "--batch-size", "1", "--top-k", "64",
-        "--out", str(out), *extra,
-    ]
+def _fid_args(out, extra=()):
+    """fid-sample on the shipped Fashion-MNIST model (the default when no --var/--vae are given)."""
+    return ["--device", "cpu", "--per-class", "3", "--num-classes", "4", "--batch-size", "1", "--out", str(out), *extra]
 
 
 def _run_in_process(argv):
@@ -165,9 +162,9 @@ def _env():
 
 
 @pytest.fixture(scope="module")
-def reference_npz(tiny_dir, tmp_path_factory):
+def reference_npz(tmp_path_factory):
     out = tmp_path_factory.mktemp("fid_ref") / "ref.npz"
-    _run_in_process(_fid_args(tiny_dir, out))
+    _run_in_process(_fid_args(out))
     return out
 
 
@@ -178,9 +175,9 @@ def _load(path):
 
 def test_fid_sample_layout(reference_npz):
     arr, labels = _load(reference_npz)
-    assert arr.dtype == np.uint8 and arr.shape == (6, 128, 128, 3)
-    assert labels.tolist() == [0, 0, 1, 1, 2, 2]
-    assert len({a.tobytes() for a in arr}) == 6  # every image has its own randomness
+    assert arr.dtype == np.uint8 and arr.shape == (12, 32, 32, 3)
+    assert labels.tolist() == [c for c in range(4) for _ in range(3)]
+    assert len({a.tobytes() for a in arr}) == 12  # every image has its own randomness
 
 
 def test_fid_sample_shard_seed_rule():
@@ -193,10 +190,10 @@ def test_fid_sample_shard_seed_rule():
 
 
 @pytest.mark.slow
-def test_fid_sample_torchrun_two_processes_bit_identical(tiny_dir, tmp_path, reference_npz):
+def test_fid_sample_torchrun_two_processes_bit_identical(tmp_path, reference_npz):
     out = tmp_path / "two.npz"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "ssg_engine.eval.fid_sample", *_fid_args(tiny_dir, out)]
+           "-m", "ssg_engine.eval.fid_sample", *_fid_args(out)]
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "on 2 process(es)" in r.stderr
@@ -206,12 +203,12 @@ def test_fid_sample_torchrun_two_processes_bit_identical(tiny_dir, tmp_path, ref
 
 
 @pytest.mark.slow
-def test_fid_sample_resumes_after_sigkill(tiny_dir, tmp_path, reference_npz, capsys):
+def test_fid_sample_resumes_after_sigkill(tmp_path, reference_npz, capsys):
     from ssg_engine.eval.fid_sample import STALL_ENV
 
     out = tmp_path / "resumed.npz"
     shard_dir = tmp_path / "resumed.npz.shards"
-    cmd = [sys.executable, "-m", "ssg_engine.eval.fid_sample", *_fid_args(tiny_dir, out)]
+    cmd = [sys.executable, "-m", "ssg_engine.eval.fid_sample", *_fid_args(out)]
     p = subprocess.Popen(cmd, env=dict(_env(), **{STALL_ENV: "2"}), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     watchdog = threading.Timer(240, p.kill)
     watchdog.start()
@@ -235,15 +232,15 @@ def test_fid_sample_resumes_after_sigkill(tiny_dir, tmp_path, reference_npz, cap
     mtimes = {n: (shard_dir / n).stat().st_mtime_ns for n in done}
     (shard_dir / f".{done[0]}.tmp999").write_bytes(b"partial write of a killed run")  # leftovers are ignored
     capsys.readouterr()
-    _run_in_process(_fid_args(tiny_dir, out))
-    assert "2 already done, 4 to make" in capsys.readouterr().err
+    _run_in_process(_fid_args(out))
+    assert "2 already done, 10 to make" in capsys.readouterr().err
     assert {n: (shard_dir / n).stat().st_mtime_ns for n in done} == mtimes  # finished shards were not redone
     a, la = _load(out)
     b, lb = _load(reference_npz)
     assert np.array_equal(a, b) and np.array_equal(la, lb)
     # a restart with settings that change the images is refused
     with pytest.raises(SystemExit, match="other settings"):
-        _run_in_process(_fid_args(tiny_dir, out, ["--cfg", "3.0"]))
+        _run_in_process(_fid_args(out, ["--cfg", "3.0"]))
 
 
 # ----------------------------------------------------------------------------- ablation
@@ -323,19 +320,14 @@ def test_cli_subcommands_parse():
     assert f.per_class == 3 and f.shard_dir == "d" and f.num_classes == 2 and f.ssg_beta == 0.5 and callable(f.func)
 
 
-# ----------------------------------------------------------------------------- shipped model (skipped until it lands)
+# ----------------------------------------------------------------------------- shipped model
 
 
 @pytest.fixture(scope="module")
 def shipped_models():
-    try:
-        from ssg_engine.pretrained import load_pretrained
-    except ImportError as e:
-        pytest.skip(f"ssg_engine.pretrained is not available yet: {e}")
-    try:
-        return load_pretrained()
-    except FileNotFoundError as e:
-        pytest.skip(f"shipped Fashion-MNIST weights missing: {e}")
+    from ssg_engine.pretrained import load_pretrained
+
+    return load_pretrained()
 
 
 def test_shipped_model_samples_are_recognised_by_the_classifier(shipped_models):
