@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..models.var import VAR
 from ..models.vqvae import VQVAE
-from .vqvae_trainer import _sched_step, cosine_lr
+from .vqvae_trainer import _sched_step, cosine_lr, shuffled_batches
 
 
 @torch.no_grad()
@@ -135,13 +135,9 @@ def train_var(
     bar = tqdm(range(steps), desc="var", disable=not progress, mininterval=2.0)
     ema = None
     steps_done = 0
-    perm = torch.randperm(N, generator=gen)
-    pos = 0
+    batches = shuffled_batches(N, batch_size, gen)
     for step in bar:
-        if pos + batch_size > N:
-            perm, pos = torch.randperm(N, generator=gen), 0
-        idx = perm[pos: pos + batch_size]
-        pos += batch_size
+        idx = next(batches)
         cur_lr = cosine_lr(_sched_step(step, steps, t0, time_budget_s), steps, warmup, lr)
         for g in opt.param_groups:
             g["lr"] = cur_lr

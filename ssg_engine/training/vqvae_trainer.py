@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -129,6 +129,16 @@ def evaluate_vae(vae: VQVAE, images: torch.Tensor, batch_size: int = 500) -> Dic
     }
 
 
+def shuffled_batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless index batches (batch_size,) from a permutation of range(n); a new one when it cannot fill a batch."""
+    perm, pos = torch.randperm(n, generator=gen), 0
+    while True:
+        if pos + batch_size > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        yield perm[pos : pos + batch_size]
+        pos += batch_size
+
+
 def cosine_lr(step: int, total: int, warmup: int, base: float, final_ratio: float = 0.05) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -184,13 +194,9 @@ def train_vqvae(
     bar = tqdm(range(steps), desc="vqvae", disable=not progress, mininterval=2.0)
     ema = None
     steps_done = 0
-    perm = torch.randperm(N, generator=gen)
-    pos = 0
+    batches = shuffled_batches(N, batch_size, gen)
     for step in bar:
-        if pos + batch_size > N:
-            perm, pos = torch.randperm(N, generator=gen), 0
-        idx = perm[pos: pos + batch_size]
-        pos += batch_size
+        idx = next(batches)
         x = images[idx]
         if hflip:
             flip = torch.rand(x.shape[0], generator=gen) < 0.5
