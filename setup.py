@@ -42,7 +42,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "plot": ["matplotlib"],
-        "dev": ["pytest", "pytest-benchmark", "ninja", "pybind11", "matplotlib"],
+        "dev": ["pytest", "pytest-benchmark", "ninja", "pybind11", "matplotlib", "scipy"],
     },
     entry_points={"console_scripts": ["ssg-engine=ssg_engine.cli:main"]},
     ext_modules=ext_modules,
