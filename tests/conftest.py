@@ -69,3 +69,19 @@ def spy_backends(monkeypatch):
         return calls
 
     return install
+
+
+def kernel_test_settings():
+    """For the kernel test modules, called after they set TRITON_INTERPRET: (interpreting, device, requires_gpu mark).
+
+    ``requires_gpu`` marks compiled-kernel checks: they need CUDA and TRITON_INTERPRET=0 in the environment.
+    """
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    device = "cuda" if torch.cuda.is_available() and not interpret else "cpu"
+    requires_gpu = pytest.mark.skipif(
+        not torch.cuda.is_available() or interpret,
+        reason="needs a CUDA GPU; run by bench/device_check.sh"
+        if not torch.cuda.is_available()
+        else "compiled-kernel check: run with TRITON_INTERPRET=0 (the interpreter is on)",
+    )
+    return interpret, device, requires_gpu

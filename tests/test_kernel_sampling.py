@@ -22,15 +22,9 @@ from ssg_engine.kernels.sampling import (  # noqa: E402
     top_k_top_p_mask_reference,
 )
 
-INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
-DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
-# compiled-kernel checks: need CUDA and TRITON_INTERPRET=0 in the environment
-requires_gpu = pytest.mark.skipif(
-    not torch.cuda.is_available() or INTERPRET,
-    reason="needs a CUDA GPU; run by bench/device_check.sh"
-    if not torch.cuda.is_available()
-    else "compiled-kernel check: run with TRITON_INTERPRET=0 (the interpreter is on)",
-)
+from conftest import kernel_test_settings  # noqa: E402
+
+INTERPRET, DEVICE, requires_gpu = kernel_test_settings()
 
 # chi-square goodness of fit: reject when the statistic exceeds the quantile for p = 1e-4
 CHI2_Z = 3.719  # standard normal quantile of 1 - 1e-4

@@ -20,15 +20,9 @@ from ssg_engine import ops  # noqa: E402
 from ssg_engine.kernels import ssg_guidance as impl  # noqa: E402
 from ssg_engine.kernels.ssg_guidance import ssg_guidance_reference, ssg_guidance_triton  # noqa: E402
 
-INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
-DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
-# compiled-kernel checks: need CUDA and TRITON_INTERPRET=0 in the environment
-requires_gpu = pytest.mark.skipif(
-    not torch.cuda.is_available() or INTERPRET,
-    reason="needs a CUDA GPU; run by bench/device_check.sh"
-    if not torch.cuda.is_available()
-    else "compiled-kernel check: run with TRITON_INTERPRET=0 (the interpreter is on)",
-)
+from conftest import kernel_test_settings  # noqa: E402
+
+INTERPRET, DEVICE, requires_gpu = kernel_test_settings()
 
 # Max relative error ||kernel - reference|| / ||reference|| per (input dtype, dot precision).
 # The reference is fp32 PyTorch on the *same* inputs: low-precision inputs are rounded
