@@ -27,7 +27,7 @@ from env_info import environment  # noqa: E402
 from ssg_engine import SSG, ModelConfig, load_models, random_models, sample_reference  # noqa: E402
 from ssg_engine.engine import Engine  # noqa: E402
 
-SHARED_TINY = Path(__file__).resolve().parents[2] / "shared" / "golden" / "var_tiny"
+GOLDEN_TINY = Path(__file__).resolve().parents[1] / "tests" / "golden" / "var_tiny"
 
 
 def timed(fn: Callable[[], object], repeats: int, warmup: int, cuda: bool) -> float:
@@ -150,7 +150,7 @@ def main() -> None:
             del vae, var
             torch.cuda.empty_cache()
     else:
-        vae, var = load_models(SHARED_TINY / "var.pth", SHARED_TINY / "vae.pth", config=SHARED_TINY / "config.json")
+        vae, var = load_models(GOLDEN_TINY / "var.pth", GOLDEN_TINY / "vae.pth", config=GOLDEN_TINY / "config.json")
         rows += bench_model("tiny", vae, var, [1, 4], device, 2, 1, None)
     report = {"smoke": not cuda, "environment": environment(), "rates": rates, "rows": rows, "summary": summarize(rows)}
     print(json.dumps(report["summary"], indent=1))

@@ -1,4 +1,4 @@
-"""Shared fixtures: the golden tiny model from ../shared (read-only)."""
+"""Shared fixtures: the golden tiny model in tests/golden/ (read-only; see tests/golden/README.md)."""
 from __future__ import annotations
 
 import json
@@ -9,14 +9,13 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SSG_ENGINE_SHARED", REPO.parent / "shared"))
-GOLDEN = SHARED / "golden"
+GOLDEN = REPO / "tests" / "golden"
 TINY = GOLDEN / "var_tiny"
 
 
 def _require(path: Path) -> Path:
     if not path.exists():
-        pytest.fail(f"golden data missing: {path} (set SSG_ENGINE_SHARED to the shared/ folder)")
+        pytest.fail(f"golden data missing: {path} (it is part of the repository: restore it with git checkout)")
     return path
 
 

@@ -96,7 +96,7 @@ BF16_LOGITS_REL_TOL = 3e-2
 
 
 def _random_gpu_models(dtype):
-    """A small random-weight model built on the GPU (the device machine has no ../shared)."""
+    """A small random-weight model built on the GPU (no checkpoint needed)."""
     from ssg_engine import ModelConfig, build_models
 
     cfg = ModelConfig(V=512, Cvae=8, ch=32, patch_nums=(1, 2, 3, 4, 5, 6, 8), depth=4, embed_dim=256, num_heads=4, num_classes=10)

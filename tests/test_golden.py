@@ -1,4 +1,4 @@
-"""Upstream exactness: every tensor in ../shared/golden/var_tiny/golden.safetensors."""
+"""Upstream exactness: every tensor in tests/golden/var_tiny/golden.safetensors."""
 from __future__ import annotations
 
 import pytest
