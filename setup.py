@@ -3,8 +3,11 @@
 The Triton kernels in ``kernels/`` are installed as ``ssg_engine.kernels``.
 The C++ KV-cache extension in ``csrc/`` is built with ninja through
 ``torch.utils.cpp_extension`` when torch is importable at build time (use
-``pip install --no-build-isolation``); ``SSG_ENGINE_BUILD_EXT=0`` skips it and
-the pure-Python fallback is used.
+``pip install --no-build-isolation``); a failed build does not fail the install
+(``optional=True``). The sources are also installed as ``ssg_engine/csrc`` so that
+an install without the compiled extension builds it at first use
+(``ssg_engine/extension.py``); ``SSG_ENGINE_BUILD_EXT=0`` skips both and the
+pure-Python fallback is used.
 """
 import glob
 import os
@@ -24,7 +27,7 @@ if os.environ.get("SSG_ENGINE_BUILD_EXT", "1") != "0":
         if sources:
             ext_modules.append(
                 cpp_extension.CppExtension(
-                    "ssg_engine._C", sources, extra_compile_args={"cxx": ["-O3"]}
+                    "ssg_engine._C", sources, extra_compile_args={"cxx": ["-O3"]}, optional=True
                 )
             )
             cmdclass["build_ext"] = cpp_extension.BuildExtension.with_options(use_ninja=True)
@@ -34,9 +37,9 @@ setup(
     version="0.1.0",
     description="Kernel-optimized inference engine for multi-scale visual autoregressive (VAR) models with Scaled Spatial Guidance",
     python_requires=">=3.9",
-    packages=["ssg_engine", "ssg_engine.models", "ssg_engine.kernels", "ssg_engine.training", "ssg_engine.eval"],
-    package_dir={"ssg_engine": "ssg_engine", "ssg_engine.kernels": "kernels"},
-    package_data={"ssg_engine": ["assets/**/*"], "ssg_engine.eval": ["assets/*"]},
+    packages=["ssg_engine", "ssg_engine.models", "ssg_engine.kernels", "ssg_engine.training", "ssg_engine.eval", "ssg_engine.csrc"],
+    package_dir={"ssg_engine": "ssg_engine", "ssg_engine.kernels": "kernels", "ssg_engine.csrc": "csrc"},
+    package_data={"ssg_engine": ["assets/**/*"], "ssg_engine.eval": ["assets/*"], "ssg_engine.csrc": ["*.cpp"]},
     include_package_data=True,
     install_requires=["torch>=2.1,<3", "numpy", "safetensors", "pillow", "tqdm"],
     extras_require={

@@ -30,6 +30,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .extension import load_extension
+
 __all__ = ["KVCacheError", "PoolExhaustedError", "KVCachePool", "PyKVCachePool", "extension_available", "kv_append_"]
 
 
@@ -43,14 +45,9 @@ class PoolExhaustedError(RuntimeError):
 
 SlotsLike = Union[torch.Tensor, Sequence[int]]
 
-try:
-    from . import _C
-except ImportError as _exc:  # extension not built (or built against another torch)
-    _C = None
-    _IMPORT_ERROR: Optional[ImportError] = _exc
-else:
+_C, _IMPORT_ERROR = load_extension()  # installed build, else built with ninja at first use, else (None, reason)
+if _C is not None:
     _C._set_exception_types(PoolExhaustedError, KVCacheError)
-    _IMPORT_ERROR = None
 
 
 def extension_available() -> bool:
@@ -315,8 +312,7 @@ def _warn_missing_extension() -> None:
     if not _warned_missing_extension:
         _warned_missing_extension = True
         warnings.warn(
-            f"ssg_engine._C is not available ({_IMPORT_ERROR}); KVCachePool uses the pure-Python fallback. "
-            "Build the extension with `python setup.py build_ext --inplace`.",
+            f"the C++ extension is not available ({_IMPORT_ERROR}); KVCachePool uses the pure-Python fallback.",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -436,28 +436,61 @@ def test_cpp_and_python_identical():
     assert torch.equal(cpp.lengths, py.lengths) and cpp.k_cache.any()
 
 
-def test_fallback_warns_once():
-    """Without the extension, KVCachePool is the Python pool and warns once per process."""
+def _import_without_installed_extension(tmp_path, **env_overrides: str) -> subprocess.CompletedProcess:
+    """Import ssg_engine.kv_cache in a fresh process where ``ssg_engine._C`` cannot import (as after an install
+    that did not build it); build cache in ``tmp_path``. Prints the pool class name."""
     code = textwrap.dedent(
         """
         import sys, warnings
         sys.modules["ssg_engine._C"] = None  # make `from . import _C` fail
         warnings.simplefilter("always")
         from ssg_engine import kv_cache
-        assert not kv_cache.extension_available() and not hasattr(kv_cache, "CppKVCachePool")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             a = kv_cache.KVCachePool(1, 2, 1, 4, 2)
             b = kv_cache.KVCachePool(1, 2, 1, 4, 2)
-        assert isinstance(a, kv_cache.PyKVCachePool)
-        msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-        assert len(msgs) == 1 and "pure-Python fallback" in msgs[0], msgs
+        for w in caught:
+            print("WARNING", w.message)
         s = a.allocate(2)
         a.append(0, s, *[__import__("torch").ones(2, 1, 1, 2)] * 2)
-        print("ok")
+        print(type(a).__name__, kv_cache.extension_available())
         """
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: val for k, val in os.environ.items() if k != "PYTHONWARNINGS"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    env = {k: val for k, val in os.environ.items() if k not in ("PYTHONWARNINGS", "SSG_ENGINE_BUILD_EXT")}
+    env.update(SSG_ENGINE_CACHE=str(tmp_path), **env_overrides)
+    return subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_fallback_warns_once(tmp_path):
+    """With the extension neither installed nor built (SSG_ENGINE_BUILD_EXT=0), KVCachePool is the Python pool
+    and warns once per process, with the reason."""
+    out = _import_without_installed_extension(tmp_path, SSG_ENGINE_BUILD_EXT="0")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    warnings_ = [l for l in lines if l.startswith("WARNING")]
+    assert len(warnings_) == 1 and "pure-Python fallback" in warnings_[0] and "SSG_ENGINE_BUILD_EXT=0" in warnings_[0], lines
+    assert lines[-1] == "KVCachePool False"  # the fallback subclass of PyKVCachePool
+
+
+@pytest.mark.slow
+def test_extension_built_at_first_use_then_cached(tmp_path):
+    """An install without the compiled extension builds it with ninja on first import (one line saying so),
+    and reuses the cached build afterwards."""
+    first = _import_without_installed_extension(tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip().splitlines()[-1] == "KVCachePool True", first.stdout + first.stderr
+    assert "building the C++ KV-cache extension" in first.stderr and str(tmp_path) in first.stderr
+    second = _import_without_installed_extension(tmp_path)
+    assert second.returncode == 0 and second.stdout.strip().splitlines()[-1] == "KVCachePool True", second.stderr
+    assert "building" not in second.stderr
+
+
+def test_failed_build_falls_back_with_reason(tmp_path):
+    """When building at first use fails (here: no working C++ compiler), the Python pool is used and the warning
+    gives the reason."""
+    out = _import_without_installed_extension(tmp_path, CXX="/bin/false")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == "KVCachePool False", lines
+    assert any("building it at first use failed" in l for l in lines if l.startswith("WARNING")), lines

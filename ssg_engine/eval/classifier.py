@@ -30,19 +30,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..cache import user_cache_dir
+
 PathLike = Union[str, Path]
 CLASSIFIER_FILE = "fmnist_classifier.safetensors"
 FEATURE_DIM = 128
 IMAGE_SIZE = 32
 
 
-def cache_dir(path: Optional[PathLike] = None) -> Path:
-    """``path``, else ``$SSG_ENGINE_CACHE``, else ``~/.cache/ssg_engine`` (created)."""
-    if path is None:
-        path = os.environ.get("SSG_ENGINE_CACHE") or (Path.home() / ".cache" / "ssg_engine")
-    p = Path(path)
-    p.mkdir(parents=True, exist_ok=True)
-    return p
+cache_dir = user_cache_dir  # ``path``, else ``$SSG_ENGINE_CACHE``, else ``~/.cache/ssg_engine`` (created)
 
 
 class FashionClassifier(nn.Module):
