@@ -3,19 +3,40 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 PATCH_NUMS_256: Tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512: Tuple[int, ...] = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+# The fields that define the architecture: a config file or dict must give all of them (the rest default to upstream's).
+ARCH_FIELDS: Tuple[str, ...] = (
+    "V", "Cvae", "ch", "patch_nums", "depth", "embed_dim", "num_heads", "num_classes", "attn_l2_norm", "shared_aln", "share_quant_resi",
+)
+
+
+def _type_problem(name: str, kind: str, value: Any) -> Optional[str]:
+    """Why ``value`` does not fit a field annotated ``kind`` (``int``, ``float``, ``bool`` or ``Tuple[int, ...]``); None if it does."""
+    def integral(v: Any) -> bool:
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    if kind == "bool":
+        ok, want = isinstance(value, bool), "true or false"
+    elif kind == "int":
+        ok, want = integral(value), "an integer"
+    elif kind == "float":
+        ok, want = isinstance(value, numbers.Real) and not isinstance(value, bool), "a number"
+    else:
+        ok, want = isinstance(value, (list, tuple)) and all(integral(v) for v in value), "a list of integers"
+    return None if ok else f"{name} must be {want} (got {value!r})"
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Hyper-parameters of a VQ-VAE + VAR pair, with upstream VAR's defaults.
 
-    The first block of fields is what ``../shared/golden/var_tiny/config.json`` holds;
-    the rest are the upstream defaults that no public checkpoint changes.
+    The first block of fields (``ARCH_FIELDS``) is what ``tests/golden/var_tiny/config.json`` holds and what
+    ``from_dict``/``from_json`` require; the rest are the upstream defaults that no public checkpoint changes.
     """
 
     V: int = 4096
@@ -45,9 +66,17 @@ class ModelConfig:
     cond_drop_rate: float = 0.1
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "patch_nums", tuple(int(p) for p in self.patch_nums))
-        object.__setattr__(self, "ch_mult", tuple(int(c) for c in self.ch_mult))
         problems = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            problem = _type_problem(f.name, f.type, value)
+            if problem:
+                problems.append(problem)
+            else:  # normalise (e.g. numpy integers, lists) so that equal configs compare equal
+                cast = {"bool": bool, "int": int, "float": float}.get(f.type, lambda v: tuple(int(x) for x in v))
+                object.__setattr__(self, f.name, cast(value))
+        if problems:
+            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
         for name in ("V", "Cvae", "ch", "depth", "embed_dim", "num_heads", "num_classes", "num_res_blocks"):
             if int(getattr(self, name)) <= 0:
                 problems.append(f"{name} must be positive (got {getattr(self, name)})")
@@ -91,19 +120,45 @@ class ModelConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+    def from_dict(cls, d: Mapping[str, Any], source: str = "config") -> "ModelConfig":
+        """A config from a mapping (e.g. a parsed config.json): every ``ARCH_FIELDS`` entry is required, the other
+        fields default to upstream's. ``source`` names the mapping in errors (``from_json`` passes the file)."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"{source} must be a JSON object / mapping of ModelConfig fields, got {type(d).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(known))
+        missing = [k for k in ARCH_FIELDS if k not in d]
+        problems = []
         if unknown:
-            raise ValueError(f"unknown ModelConfig field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**dict(d))
+            problems.append(f"unknown ModelConfig field(s) {unknown}; known fields: {known}")
+        if missing:
+            problems.append(
+                f"missing required field(s) {missing}: a config must give all of {list(ARCH_FIELDS)} "
+                "(`ssg-engine info` prints them from the VAR and VQ-VAE checkpoints; ModelConfig.to_json writes a complete file)"
+            )
+        if problems:
+            raise ValueError(f"{source}: " + "; ".join(problems))
+        try:
+            return cls(**dict(d))
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
 
     @classmethod
     def from_json(cls, path: Union[str, Path]) -> "ModelConfig":
+        """Read a config file written by ``to_json`` (or by hand: ``ARCH_FIELDS`` are required)."""
         path = Path(path)
+        if path.is_dir():
+            hint = f" (e.g. {path / 'config.json'})" if (path / "config.json").is_file() else ""
+            raise FileNotFoundError(f"config path {path} is a directory; pass the JSON config file{hint}")
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        return cls.from_dict(json.loads(path.read_text()))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ValueError(f"config file {path} is not a text file (a checkpoint?); pass the JSON config") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}; fix the file") from None
+        return cls.from_dict(data, source=f"config file {path}")
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -111,7 +166,7 @@ class ModelConfig:
     @classmethod
     def preset(cls, name: str) -> "ModelConfig":
         """One of the public checkpoints' configs: ``d16``, ``d20``, ``d24``, ``d30`` (256px), ``d36`` (512px)."""
-        key = name.lower().removeprefix("var_").removesuffix("_512")
+        key = preset_key(name)
         if key not in PRESET_DEPTHS:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_DEPTHS)}")
         depth = PRESET_DEPTHS[key]
@@ -126,6 +181,11 @@ class ModelConfig:
 
 
 PRESET_DEPTHS: Dict[str, int] = {"d16": 16, "d20": 20, "d24": 24, "d30": 30, "d36": 36}
+
+
+def preset_key(name: str) -> str:
+    """The ``PRESET_DEPTHS`` key a preset or checkpoint name refers to (``"var_d36_512"`` -> ``"d36"``)."""
+    return name.lower().removeprefix("var_").removesuffix("_512")
 
 
 def _patch_nums_for_token_count(L: int) -> Optional[Tuple[int, ...]]:

@@ -16,12 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .guidance import SSG, cfg_ratio, prior_operator
+from .backend import resolve_backend
+from .guidance import SSG, as_number, cfg_ratio, prior_operator
 from .kv_cache import KVCachePool
 from .models.var import VAR
 from .models.vqvae import VQVAE
 from .profiling import nvtx_range
-from .sampler import check_sampling_args
+from .sampler import check_models, check_sampling_args, check_seed, nonfinite_logits_error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +60,10 @@ class Engine:
         cuda_graphs: bool = True,
         backend: str = "auto",
     ) -> None:
-        if not isinstance(max_batch, int) or max_batch <= 0:
-            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        check_models(var, vae, "Engine(var, vae)")
+        max_batch = as_number(max_batch, "max_batch", "a positive integer", integer=True, valid=lambda v: v > 0)
         self.device = torch.device(device) if device is not None else var.lvl_1L.device
+        resolve_backend(backend, self.device)  # an unknown or unusable backend fails here, not at the first batch
         self.dtype = dtype
         self.var = var.to(device=self.device, dtype=dtype).eval()
         self.vae = vae.to(device=self.device, dtype=torch.float32).eval()
@@ -86,31 +88,35 @@ class Engine:
         top_k: int = 900,
         top_p: float = 0.96,
         temperature: float = 1.0,
-        seed: int = 0,
+        seed: Optional[int] = 0,
         ssg: Optional[SSG] = None,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """Sample one image per label; chunk ``i`` of ``max_batch`` images uses seed ``seed + i``."""
-        check_sampling_args(cfg, top_k, top_p, temperature)
-        if ssg is not None and not isinstance(ssg, SSG):
-            raise TypeError(f"ssg must be an ssg_engine.SSG or None, got {type(ssg).__name__}")
-        labels_t = torch.as_tensor(labels, dtype=torch.long).reshape(-1).to(self.device)
-        self.var.check_labels(labels_t)
-        if labels_t.numel() == 0:
-            raise ValueError("no labels given")
-        settings = _Settings(float(cfg), int(top_k), float(top_p), float(temperature), ssg)
-        images, tokens = [], []
-        for i, start in enumerate(range(0, labels_t.numel(), self.max_batch)):
-            chunk = labels_t[start : start + self.max_batch]
-            img, tok = self._run_chunk(chunk, settings, seed + i)
+        """Sample one image per label; chunk ``i`` of ``max_batch`` images uses seed ``seed + i`` (None: 0).
+
+        Non-finite logits raise ``NonFiniteLogitsError`` naming the first bad scale, checked once after all chunks.
+        """
+        settings = _Settings(*check_sampling_args(cfg, top_k, top_p, temperature, ssg), ssg)
+        labels_t = self.var.check_labels(labels)
+        chunks = range(0, labels_t.numel(), self.max_batch)
+        seed = check_seed(seed, count=len(chunks)) or 0
+        images, tokens, nonfinite = [], [], []
+        for i, start in enumerate(chunks):
+            img, tok, bad = self._run_chunk(labels_t[start : start + self.max_batch], settings, seed + i)
             images.append(img)
             tokens.append(tok)
+            nonfinite.append(bad)
+        bad_scales = torch.stack(nonfinite).any(0).nonzero()  # the one host sync of the call
+        if bad_scales.numel():
+            si = int(bad_scales[0, 0])
+            raise nonfinite_logits_error(si, self.var.patch_nums[si])
         return torch.cat(images), [torch.cat([t[k] for t in tokens]) for k in range(len(tokens[0]))]
 
     # ------------------------------------------------------------------ batches
     def _bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
-    def _run_chunk(self, labels: torch.Tensor, settings: _Settings, seed: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    def _run_chunk(self, labels: torch.Tensor, settings: _Settings, seed: int) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor]:
+        """Images and tokens of up to ``max_batch`` labels, and the (K,) device flags of scales with non-finite logits."""
         n = labels.numel()
         b = self._bucket(n)
         padded = torch.cat([labels, labels.new_zeros(b - n)])
@@ -120,9 +126,11 @@ class Engine:
             if graph is None:
                 graph = self._graphs[(b, settings)] = _CapturedBatch(self, b, settings)
             img, tok = graph.replay(padded, seed_t)
+            nonfinite = graph.nonfinite
         else:
             img, tok = self.run_batch(padded, seed_t, settings)
-        return img[:n].clone(), [t[:n].clone() for t in tok]
+            nonfinite = self.last_nonfinite
+        return img[:n].clone(), [t[:n].clone() for t in tok], nonfinite.clone()
 
     def run_batch(
         self,
@@ -135,7 +143,8 @@ class Engine:
         """The whole sampling loop for labels (b,) with a seed tensor (1,); no host sync on CUDA.
 
         ``forced_tokens`` / ``record_logits`` exist for testing against the reference sampler
-        (``self.last_logits`` then holds each step's (cfg, sampled) logits).
+        (``self.last_logits`` then holds each step's (cfg, sampled) logits). ``self.last_nonfinite`` is a (K,) bool
+        device tensor: True for scales whose logits (after CFG, SSG and temperature) are not all finite.
         """
         var, quant = self.var, self.vae.quantize
         pn_list = var.patch_nums
@@ -143,6 +152,7 @@ class Engine:
         B = labels.shape[0]
         slots = self.slots[: 2 * B]
         betas = settings.ssg.step_betas(K) if settings.ssg is not None else [0.0] * K
+        eager_check = resolve_backend(self.backend, self.device) == "reference"  # it syncs every scale anyway
         self.pool.reset(slots)
         self.last_logits = []
 
@@ -155,6 +165,7 @@ class Engine:
         f_hat = torch.zeros(B, var.Cvae, pn_list[-1], pn_list[-1], device=self.device)
         prev: Optional[torch.Tensor] = None
         tokens: List[torch.Tensor] = []
+        nonfinite: List[torch.Tensor] = []
         cur = 0
         for si, pn in enumerate(pn_list):
             with nvtx_range(f"scale {si} ({pn}x{pn})"):
@@ -174,6 +185,10 @@ class Engine:
                     logits, prev, operator, cfg_ratio(settings.cfg, si, K), betas[si], backend=self.backend
                 )
                 prev = guided if settings.ssg is not None and settings.ssg.prior_source == "guided" else cfg_out
+                # a device flag, no sync: max |logit| / T is NaN or inf iff some sampled logit is (NaN propagates)
+                nonfinite.append(~torch.isfinite(torch.linalg.vector_norm(guided, float("inf")) / settings.temperature))
+                if eager_check and nonfinite[-1]:  # the reference sampler would raise a multinomial error first
+                    raise nonfinite_logits_error(si, pn)
                 if record_logits:
                     self.last_logits.append((cfg_out.clone(), guided / settings.temperature))
                 if forced_tokens is not None:
@@ -181,7 +196,7 @@ class Engine:
                 else:
                     idx = ops.sample_logits(
                         guided, settings.top_k, settings.top_p, settings.temperature, seed, self.offsets[si], backend=self.backend
-                    )
+                    ).clamp_(0, var.V - 1)  # NaN logits can give out-of-range tokens: finish the loop, the flag reports it
                 tokens.append(idx)
                 h_BChw = quant.embedding(idx).transpose(1, 2).reshape(B, var.Cvae, pn, pn)
                 f_hat, nxt = quant.get_next_autoregressive_input(si, K, f_hat, h_BChw)
@@ -189,6 +204,7 @@ class Engine:
                     nxt_l = pn_list[si + 1] ** 2
                     nxt = nxt.view(B, var.Cvae, -1).transpose(1, 2).to(self.dtype)
                     x = (var.word_embed(nxt) + self.lvl_pos[:, cur : cur + nxt_l]).repeat(2, 1, 1)
+        self.last_nonfinite = torch.stack(nonfinite)
         with nvtx_range("vae decode"):
             images = self.vae.fhat_to_img(f_hat).add_(1).mul_(0.5)
         return images, tokens
@@ -217,6 +233,7 @@ class _CapturedBatch:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.images, self.tokens = engine.run_batch(self.labels, self.seed, settings)
+            self.nonfinite = engine.last_nonfinite
 
     def replay(self, labels: torch.Tensor, seed: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         self.labels.copy_(labels)

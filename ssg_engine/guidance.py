@@ -2,14 +2,15 @@
 
 Logits are token-major: ``(B, h*w, V)``, row-major over ``h`` then ``w`` (VAR's flattening).
 Every prior is a fixed linear map over the token axis, so it is one matrix ``M`` of shape
-``(H*W, h*w)`` per scale pair: ``prior(x) = M @ x``. See ``../shared/SSG_METHOD.md``.
+``(H*W, h*w)`` per scale pair: ``prior(x) = M @ x``. See ``docs/ssg_method.md``.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+import numbers
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,26 @@ PRIOR_SOURCES = ("cfg", "guided")
 # lowest classifier Frechet distance of the DSE arms at T=1 (all three betas tried were within one std).
 DEFAULT_BETA = 0.5
 HW = Tuple[int, int]
+Number = Union[int, float]
+
+
+def as_number(
+    value: Any, name: str, requirement: str, *, integer: bool = False, valid: Callable[[Number], bool] = math.isfinite
+) -> Number:
+    """``value`` (a Python, NumPy or 0-d tensor number; never a bool) as a Python ``int`` (``integer``) or ``float``.
+
+    Raises ``ValueError("{name} must be {requirement}, got {value!r}")`` for any other type, or when ``valid`` is false.
+    """
+    v = value.item() if isinstance(value, torch.Tensor) and value.ndim == 0 and value.dtype != torch.bool else value
+    ok = isinstance(v, numbers.Integral if integer else numbers.Real) and not isinstance(v, bool)
+    if ok:
+        try:
+            v = int(v) if integer else float(v)
+        except OverflowError:  # an int too large for a float
+            ok = False
+    if not ok or not valid(v):
+        raise ValueError(f"{name} must be {requirement}, got {value!r}")
+    return v
 
 
 def _as_hw(size: Union[int, Sequence[int]]) -> HW:
@@ -221,7 +242,7 @@ def ssg_logits(
     interp: str = "bilinear",
 ) -> torch.Tensor:
     """``l_k + beta * (l_k - prior(l_prev))``; ``l_k`` (B, H*W, V), ``l_prev`` (B, h*w, V)."""
-    _check_beta(beta, "beta")
+    beta = as_number(beta, "beta", "a finite number")
     l_prior = apply_operator(prior_operator(prior, src_hw, dst_hw, interp, l_prev.device, l_prev.dtype), l_prev)
     return l_k + beta * (l_k - l_prior)
 
@@ -240,14 +261,10 @@ def cfg_ratio(cfg: float, step: int, num_steps: int) -> float:
 # ----------------------------------------------------------------------------- SSG config
 
 
-def _check_beta(value: float, name: str) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-
-
 @dataclasses.dataclass(frozen=True)
 class SSG:
-    """Scaled Spatial Guidance settings. Give exactly one of ``beta``, ``betas`` or (``beta_start``, ``beta_end``).
+    """Scaled Spatial Guidance settings. Give one of ``beta``, ``betas`` or (``beta_start``, ``beta_end``); none gives
+    ``beta=DEFAULT_BETA``. Numbers may be Python, NumPy or 0-d tensor numbers (stored as Python numbers).
 
     - ``beta``: constant guidance scale on steps ``first_step..last_step``.
     - ``betas``: one value per sampling step (its length must equal the number of steps; step 0 is ignored).
@@ -267,32 +284,37 @@ class SSG:
     last_step: Optional[int] = None
 
     def __post_init__(self) -> None:
-        if self.betas is not None:
-            object.__setattr__(self, "betas", tuple(self.betas))
         ways = [self.beta is not None, self.betas is not None, self.beta_start is not None or self.beta_end is not None]
-        if sum(ways) != 1:
-            raise ValueError("give exactly one of beta, betas, or beta_start+beta_end")
-        if ways[0]:
-            _check_beta(self.beta, "beta")
-        if ways[1]:
-            for i, b in enumerate(self.betas):
-                _check_beta(b, f"betas[{i}]")
+        if sum(ways) > 1:
+            raise ValueError(f"give exactly one of beta, betas, or beta_start+beta_end (or none: beta={DEFAULT_BETA})")
+        if not any(ways):
+            object.__setattr__(self, "beta", DEFAULT_BETA)
+        finite = "a finite number"
+        if self.beta is not None:
+            object.__setattr__(self, "beta", as_number(self.beta, "beta", finite))
+        if self.betas is not None:
+            if isinstance(self.betas, (str, bytes)) or not hasattr(self.betas, "__len__") or getattr(self.betas, "ndim", 1) != 1:
+                raise ValueError(f"betas must be a sequence of numbers, one per sampling step; got {self.betas!r}")
+            object.__setattr__(self, "betas", tuple(as_number(b, f"betas[{i}]", finite) for i, b in enumerate(self.betas)))
         if ways[2]:
             if self.beta_start is None or self.beta_end is None:
                 raise ValueError("a linear beta ramp needs both beta_start and beta_end")
-            _check_beta(self.beta_start, "beta_start")
-            _check_beta(self.beta_end, "beta_end")
+            object.__setattr__(self, "beta_start", as_number(self.beta_start, "beta_start", finite))
+            object.__setattr__(self, "beta_end", as_number(self.beta_end, "beta_end", finite))
         _check_choice(self.prior, PRIORS, "prior")
         _check_choice(self.interp, DSE_INTERPS, "DSE interpolation")
         _check_choice(self.prior_source, PRIOR_SOURCES, "prior_source")
-        if not isinstance(self.first_step, int) or self.first_step < 1:
-            raise ValueError(f"first_step must be an integer >= 1 (step 0 has no prior), got {self.first_step!r}")
-        if self.last_step is not None and (not isinstance(self.last_step, int) or self.last_step < self.first_step):
-            raise ValueError(f"last_step must be an integer >= first_step={self.first_step}, got {self.last_step!r}")
+        first = as_number(self.first_step, "first_step", "an integer >= 1 (step 0 has no prior)", integer=True, valid=lambda v: v >= 1)
+        object.__setattr__(self, "first_step", first)
+        if self.last_step is not None:
+            last = as_number(self.last_step, "last_step", f"an integer >= first_step={first}", integer=True, valid=lambda v: v >= first)
+            object.__setattr__(self, "last_step", last)
 
     def step_betas(self, num_steps: int) -> List[float]:
         """Per-step beta for a ``num_steps``-scale model; 0 where SSG is off (always at step 0)."""
         last = num_steps - 1 if self.last_step is None else self.last_step
+        if self.first_step >= num_steps:
+            raise ValueError(f"first_step={self.first_step} is past the last step {num_steps - 1} of a {num_steps}-scale model")
         if last >= num_steps:
             raise ValueError(f"last_step={last} is past the last step {num_steps - 1} of a {num_steps}-scale model")
         if self.betas is not None and len(self.betas) != num_steps:

@@ -7,54 +7,95 @@ from typing import Dict, Mapping, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .config import ModelConfig, infer_config, matching_presets
+from .config import PRESET_DEPTHS, ModelConfig, infer_config, matching_presets, preset_key
 from .models.var import VAR, level_buffers
 from .models.vqvae import VQVAE
 
-ConfigLike = Union[None, str, Path, ModelConfig]
+ConfigLike = Union[None, str, Path, ModelConfig, Mapping[str, object]]
+StateLike = Union[str, Path, Mapping[str, torch.Tensor]]
+_CKPT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded into the model asked for; the message says why."""
 
 
+def checkpoint_format(path: Path) -> Optional[str]:
+    """``"safetensors"``, ``"zip"`` (``torch.save``), ``"pickle"`` (legacy ``torch.save``) or None, from the file's first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{":  # 8-byte little-endian header length, then the JSON header
+        return "safetensors"
+    if head[:2] == b"PK":
+        return "zip"
+    if head[:1] == b"\x80":
+        return "pickle"
+    return None
+
+
+def check_state_dict(sd: object, what: str) -> Dict[str, torch.Tensor]:
+    """``sd`` as a dict if it is a flat, non-empty mapping from names to tensors; else ``CheckpointError`` naming ``what``."""
+    if isinstance(sd, Mapping) and sd and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        return dict(sd)
+    hint = ""
+    if isinstance(sd, Mapping):
+        nested = [k for k, v in sd.items() if isinstance(v, Mapping)]
+        if nested:
+            hint = f"; it nests mappings under {nested[:5]}: save the model's state dict (e.g. sd[{nested[0]!r}]) on its own"
+    raise CheckpointError(f"{what} does not hold a state dict (a flat mapping from names to tensors){hint}")
+
+
 def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
-    """Read a plain state dict from ``.pth`` (``torch.load(weights_only=True)``) or ``.safetensors``."""
+    """Read a plain state dict from a ``torch.save`` file (zip or legacy; ``weights_only=True``) or a safetensors file.
+
+    The format is recognised from the file's content, not its name.
+    """
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.iterdir() if p.suffix.lower() in _CKPT_SUFFIXES)
+        hint = f" (it holds {', '.join(found[:5])})" if found else ""
+        raise FileNotFoundError(f"checkpoint {path} is a directory, not a file; pass the checkpoint file inside it{hint}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    fmt = checkpoint_format(path)
+    if fmt is None:
+        raise CheckpointError(
+            f"{path} is not a readable torch checkpoint or safetensors file (it is empty or starts with neither "
+            "'PK' (torch zip), 0x80 (legacy torch pickle) nor a safetensors header)"
+        )
+    try:
+        if fmt == "safetensors":
+            from safetensors.torch import load_file
 
-        try:
             sd = load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
-    else:
-        try:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:
-            raise CheckpointError(f"{path} is not a readable torch checkpoint: {e}") from e
-    if not isinstance(sd, Mapping) or not sd or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
-        raise CheckpointError(f"{path} does not hold a state dict (a flat mapping from names to tensors)")
-    return dict(sd)
+        else:  # mmap needs the zip format
+            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=fmt == "zip")
+    except Exception as e:  # torch and safetensors raise many error types
+        kind = "safetensors file" if fmt == "safetensors" else "torch checkpoint"
+        raise CheckpointError(f"{path} is not a readable {kind}: {e}") from e
+    return check_state_dict(sd, str(path))
 
 
 def resolve_config(config: ConfigLike, var_state: Optional[Mapping[str, torch.Tensor]], vae_state: Optional[Mapping[str, torch.Tensor]]) -> ModelConfig:
-    """A ``ModelConfig`` from a preset name, a JSON path, a config object, or (None) the checkpoints' shapes."""
+    """A ``ModelConfig`` from a preset name, a JSON path, a dict, a config object, or (None) the checkpoints' shapes."""
     if isinstance(config, ModelConfig):
         cfg = config
     elif config is None:
         return infer_config(var_state, vae_state)
-    elif isinstance(config, Path) or str(config).endswith(".json"):
-        cfg = ModelConfig.from_json(config)
-    else:
-        cfg = ModelConfig.preset(str(config))
+    elif isinstance(config, Mapping):
+        cfg = ModelConfig.from_dict(config)
+    elif not isinstance(config, (str, Path)):
+        raise TypeError(f"config must be None, a preset name, a JSON path, a dict or a ModelConfig; got {type(config).__name__}")
+    elif isinstance(config, str) and preset_key(config) in PRESET_DEPTHS:
+        cfg = ModelConfig.preset(config)
         if var_state is not None:
             fits = matching_presets(var_state)
-            key = str(config).lower().removeprefix("var_").removesuffix("_512")
-            if fits and key not in fits:
+            if fits and preset_key(config) not in fits:
                 raise CheckpointError(f"the VAR checkpoint fits preset {' / '.join(fits)}, not {config!r}")
+    elif Path(config).exists() or str(config).lower().endswith(".json"):
+        cfg = ModelConfig.from_json(config)
+    else:
+        raise ValueError(f"config {str(config)!r} is neither a preset ({', '.join(PRESET_DEPTHS)}) nor an existing JSON file")
     return cfg
 
 
@@ -83,20 +124,29 @@ def build_models(cfg: ModelConfig, device: Union[str, torch.device] = "meta") ->
     return vae, var
 
 
+def _state(ckpt: StateLike, name: str) -> Dict[str, torch.Tensor]:
+    """The state dict of a checkpoint path or (checked) mapping given as argument ``name``."""
+    if isinstance(ckpt, Mapping):
+        return check_state_dict(ckpt, name)
+    if not isinstance(ckpt, (str, Path)):
+        raise TypeError(f"{name} must be a checkpoint path or a state dict, got {type(ckpt).__name__}")
+    return read_state_dict(ckpt)
+
+
 def load_models(
-    var_ckpt: Union[str, Path, Mapping[str, torch.Tensor]],
-    vae_ckpt: Union[str, Path, Mapping[str, torch.Tensor]],
+    var_ckpt: StateLike,
+    vae_ckpt: StateLike,
     config: ConfigLike = None,
     device: Union[str, torch.device] = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Tuple[VQVAE, VAR]:
     """Load (vae, var) from checkpoint paths (or state dicts), built on the meta device and filled by assignment.
 
-    ``config``: None (inferred from the tensor shapes), a preset name (``d16`` ... ``d36``), a JSON path, or a ``ModelConfig``.
+    ``config``: None (inferred from the tensor shapes), a preset name (``d16`` ... ``d36``), a JSON path, a dict of
+    ``ModelConfig`` fields, or a ``ModelConfig``.
     The VQ-VAE stays float32 (it decodes in float32); the VAR is cast to ``dtype``. Both are in eval mode.
     """
-    var_state = var_ckpt if isinstance(var_ckpt, Mapping) else read_state_dict(var_ckpt)
-    vae_state = vae_ckpt if isinstance(vae_ckpt, Mapping) else read_state_dict(vae_ckpt)
+    var_state, vae_state = _state(var_ckpt, "var_ckpt"), _state(vae_ckpt, "vae_ckpt")
     cfg = resolve_config(config, var_state, vae_state)
     vae, var = build_models(cfg, "meta")
     vae_state = dict(vae_state)

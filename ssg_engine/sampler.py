@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, List, Optional, Sequence, Union
+import numbers
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .guidance import SSG, apply_operator, cfg_combine, cfg_ratio, prior_operator
+from .guidance import SSG, apply_operator, as_number, cfg_combine, prior_operator
 from .profiling import nvtx_range
 
 if TYPE_CHECKING:
@@ -31,16 +32,40 @@ class SampleOutput:
     sampled_logits: Optional[List[torch.Tensor]] = None  # after SSG and temperature, before top-k/top-p
 
 
-def check_sampling_args(cfg: float, top_k: int, top_p: float, temperature: float) -> None:
-    """Raise ``ValueError`` naming the first out-of-range sampling parameter."""
-    if not isinstance(cfg, (int, float)) or not math.isfinite(cfg):
-        raise ValueError(f"cfg must be a finite number, got {cfg!r}")
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
-    if not isinstance(top_p, (int, float)) or not (0.0 <= top_p <= 1.0):
-        raise ValueError(f"top_p must be in [0, 1] (0 disables it), got {top_p!r}")
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+class NonFiniteLogitsError(ValueError, FloatingPointError):
+    """The logits of a scale became NaN or infinite; the message names the scale and what to change."""
+
+
+def nonfinite_logits_error(si: int, pn: int) -> NonFiniteLogitsError:
+    """The error for non-finite logits at scale ``si`` (a ``pn`` x ``pn`` grid), shared by every sampler."""
+    return NonFiniteLogitsError(
+        f"non-finite logits at scale {si} ({pn}x{pn}) after CFG, SSG and temperature; "
+        "lower cfg/ssg beta or raise temperature, or check the checkpoint"
+    )
+
+
+def check_sampling_args(
+    cfg: float, top_k: int, top_p: float, temperature: float, ssg: Optional[SSG] = None
+) -> Tuple[float, int, float, float]:
+    """``(cfg, top_k, top_p, temperature)`` as Python numbers; ``ValueError`` naming the first bad parameter
+    (``TypeError`` when ``ssg`` is neither an ``SSG`` nor None)."""
+    if ssg is not None and not isinstance(ssg, SSG):
+        raise TypeError(f"ssg must be an ssg_engine.SSG or None, got {type(ssg).__name__}")
+    return (
+        as_number(cfg, "cfg", "a finite number"),
+        as_number(top_k, "top_k", "an integer >= 0 (0 disables it)", integer=True, valid=lambda v: v >= 0),
+        as_number(top_p, "top_p", "in [0, 1] (0 disables it)", valid=lambda v: 0.0 <= v <= 1.0),
+        as_number(temperature, "temperature", "a finite number > 0", valid=lambda v: math.isfinite(v) and v > 0),
+    )
+
+
+def check_seed(seed: Any, name: str = "seed", count: int = 1) -> Optional[int]:
+    """``seed`` as a Python int (None stays None); the ``count`` seeds ``seed .. seed + count - 1`` must fit int64."""
+    if seed is None:
+        return None
+    return as_number(
+        seed, name, f"an integer in [-2**63, 2**63 - {count}] or None", integer=True, valid=lambda v: -(2**63) <= v <= 2**63 - count
+    )
 
 
 def filter_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
@@ -80,22 +105,33 @@ def gumbel_softmax_with_rng(logits: torch.Tensor, tau: float, rng: Optional[torc
 
 
 def resolve_labels(var: "VAR", B: int, label_B: Union[None, int, Sequence[int], torch.Tensor], rng: Optional[torch.Generator]) -> torch.Tensor:
-    """Upstream's label rules: None -> random classes from ``rng``; int -> same class (negative = unconditional)."""
+    """Upstream's label rules: None -> random classes from ``rng``; int -> same class (negative = unconditional);
+    otherwise ``B`` labels (checked by ``var.check_labels``)."""
     device = var.lvl_1L.device
-    if not isinstance(B, int) or B <= 0:
-        raise ValueError(f"batch size B must be a positive integer, got {B!r}")
     if label_B is None:
         uniform = torch.full((1, var.num_classes), 1.0 / var.num_classes, device=device)
         return torch.multinomial(uniform, num_samples=B, replacement=True, generator=rng).reshape(B)
-    if isinstance(label_B, int):
-        if label_B >= var.num_classes:
-            raise ValueError(f"class labels must be in [0, {var.num_classes}); got {label_B}")
-        return torch.full((B,), var.num_classes if label_B < 0 else label_B, device=device)
-    labels = torch.as_tensor(label_B, device=device)
-    var.check_labels(labels)
+    if isinstance(label_B, numbers.Number) or (isinstance(label_B, torch.Tensor) and label_B.ndim == 0):
+        label = as_number(
+            label_B, "label_B", f"an integer class index < {var.num_classes} (negative: unconditional)",
+            integer=True, valid=lambda v: v < var.num_classes,
+        )
+        return torch.full((B,), var.num_classes if label < 0 else label, device=device)
+    labels = var.check_labels(label_B, "label_B")
     if labels.shape[0] != B:
         raise ValueError(f"got {labels.shape[0]} labels for batch size B={B}")
     return labels
+
+
+def check_models(var: Any, vae: Any, where: str) -> None:
+    """``TypeError`` unless ``var`` is a VAR and ``vae`` a VQVAE (``load_models`` returns them as ``(vae, var)``)."""
+    from .models.var import VAR
+    from .models.vqvae import VQVAE
+
+    if not isinstance(var, VAR) or not isinstance(vae, VQVAE):
+        raise TypeError(
+            f"{where} takes the VAR, then the VQVAE (load_models returns (vae, var)); got {type(var).__name__}, {type(vae).__name__}"
+        )
 
 
 def _check_vae(var: "VAR") -> "VQVAE":
@@ -125,9 +161,9 @@ def sample_reference(
     ``forced_tokens``: tokens per scale (B, pn^2) to feed instead of sampling (for comparing logits
     between implementations). ``record_logits`` keeps each step's logits in the output.
     """
-    check_sampling_args(cfg, top_k, top_p, temperature)
-    if ssg is not None and not isinstance(ssg, SSG):
-        raise TypeError(f"ssg must be an ssg_engine.SSG or None, got {type(ssg).__name__}")
+    cfg, top_k, top_p, temperature = check_sampling_args(cfg, top_k, top_p, temperature, ssg)
+    g_seed = check_seed(g_seed, "g_seed")
+    B = as_number(B, "batch size B", "a positive integer", integer=True, valid=lambda v: v > 0)
     vae = _check_vae(var)
     quant = vae.quantize
     device = var.lvl_1L.device
@@ -171,6 +207,8 @@ def sample_reference(
                 prev_logits = logits if ssg is not None and ssg.prior_source == "guided" else cfg_out
                 if temperature != 1.0:
                     logits = logits / temperature
+                if not torch.isfinite(logits).all():
+                    raise nonfinite_logits_error(si, pn)
                 if record_logits:
                     cfg_logits.append(cfg_out.clone())
                     sampled_logits.append(logits.clone())
@@ -226,9 +264,12 @@ def generate(
     elsewhere the reference sampler (a ``torch.Generator`` seeded with ``seed``). The two draw from the
     same distributions but not the same random numbers.
     """
+    check_models(var, vae, "generate(var, vae, labels)")
+    labels_t = var.check_labels(labels)
+    cfg, top_k, top_p, temperature = check_sampling_args(cfg, top_k, top_p, temperature, ssg)
+    seed = check_seed(seed)
     if not var.vae_proxy or var.vae_proxy[0] is not vae:
         var.attach_vae(vae)
-    labels_t = torch.as_tensor(labels, dtype=torch.long, device=var.lvl_1L.device).reshape(-1)
     if labels_t.device.type == "cuda":
         from .engine import Engine
 
@@ -237,7 +278,7 @@ def generate(
             engine = Engine(var, vae, max_batch=64, device=labels_t.device, dtype=var.head.weight.dtype)
             var._ssg_engine = engine
         images, tokens = engine.generate(
-            labels_t, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature, seed=0 if seed is None else seed, ssg=ssg
+            labels_t, cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature, seed=seed, ssg=ssg
         )
         return (images, tokens) if return_tokens else images
     out = sample_reference(

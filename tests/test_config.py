@@ -65,9 +65,10 @@ def test_unknown_token_count_asks_for_patch_nums(tiny_dir):
         (dict(bogus=1), "unknown ModelConfig field"),
     ],
 )
-def test_bad_config(kwargs, match):
+def test_bad_config(tiny_dir, kwargs, match):
+    complete = json.loads((tiny_dir / "config.json").read_text())  # from_dict requires the architecture fields
     with pytest.raises((ValueError, TypeError), match=match):
-        ModelConfig.from_dict(kwargs)
+        ModelConfig.from_dict({**complete, **kwargs})
 
 
 def test_unknown_preset():

@@ -112,7 +112,6 @@ def test_schedules_resolve():
         (dict(beta=0.5, interp="lanczos"), "unknown DSE interpolation 'lanczos'; choose one of bilinear, bicubic"),
         (dict(beta=float("nan")), "beta must be a finite number"),
         (dict(beta=float("inf")), "beta must be a finite number"),
-        (dict(), "exactly one of"),
         (dict(beta=0.1, betas=[0.1]), "exactly one of"),
         (dict(beta_start=0.1), "needs both"),
         (dict(beta=0.1, first_step=0), "first_step must be an integer >= 1"),
