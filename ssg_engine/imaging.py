@@ -1,4 +1,4 @@
-"""Image grids and PNG output."""
+"""Image grids and PNG output (written atomically: whole or not at all)."""
 from __future__ import annotations
 
 import math
@@ -8,6 +8,8 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 import torch
 from PIL import Image
+
+from .files import atomic_output
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -39,12 +41,12 @@ def side_by_side(grids: Sequence[torch.Tensor], gap: int = 8, pad_value: float =
 
 
 def save_png(image_CHW: torch.Tensor, path: Union[str, Path], upscale: int = 1) -> Path:
-    """Save one (C, H, W) image in [0, 1] as PNG (nearest-neighbour ``upscale`` for small images)."""
+    """Save one (C, H, W) image in [0, 1] as PNG (nearest-neighbour ``upscale`` for small images), atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arr = to_uint8(image_CHW.unsqueeze(0))[0]
     img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
     if upscale > 1:
         img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
-    img.save(path)
+    with atomic_output(path) as tmp:
+        img.save(tmp, format="PNG")
     return path

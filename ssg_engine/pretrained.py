@@ -19,7 +19,9 @@ def pretrained_files() -> Tuple[Path, Path, Path]:
     if missing:
         raise FileNotFoundError(
             f"the shipped Fashion-MNIST model is incomplete: {', '.join(missing)} missing in {PRETRAINED_DIR}. "
-            f"Reinstall the package, or retrain it with `ssg-engine train --dataset fashion-mnist --out {PRETRAINED_DIR}`."
+            "Reinstall the package (in a git clone: `git checkout ssg_engine/assets`), or "
+            "train a model into a folder of your own with `ssg-engine train --dataset fashion-mnist --out my_model/` and "
+            "pass --var my_model/var.safetensors --vae my_model/vae.safetensors --config my_model/config.json."
         )
     return paths  # type: ignore[return-value]
 

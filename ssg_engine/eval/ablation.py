@@ -20,15 +20,22 @@ whose seeds depend only on (seed, batch index), so all arms share the same rando
 Mean ± std over seeds go to ``ablation.json`` and ``ablation.md``. ``spectrum.png``: radially averaged
 amplitude spectrum of the generated images divided by the test set's (1 = the data's spectrum), for the
 baseline and the DSE arms (seed 0, at ``--spectrum-temperature``), plus the priors at the largest beta.
-``ablation.json`` is rewritten after every arm; a rerun with the same settings and ``--resume`` skips
-the arms already there.
+Every (arm, seed) result is stored as soon as it is computed, atomically, in ``OUT_DIR/runs/`` under a
+name made from a hash of everything it depends on (model weights, sampler, samples, batch size, cfg,
+top-k, top-p, temperature, SSG prior / beta / interpolation, classifier, FID reference, seed);
+``ablation.json`` (rewritten after every arm) gathers the results of the current grid. With ``--resume``
+the stored results whose settings match are reused, so a rerun after an interruption, or with a larger
+grid or more seeds, computes only what is missing; stored results are never deleted. Paths in the
+output are relative to the repository (or ``~``), never machine-specific absolute paths.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
+import hashlib
 import json
-import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -37,12 +44,17 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..cli import add_model_args, load_from_args
+from ..cli import (
+    CFG_MAX, INT32_MAX, SSG_BETA_MAX, TEMPERATURE_MAX, TEMPERATURE_MIN, CLIParser, add_model_args, check_output_dir, float_arg,
+    int_arg, load_from_args, parse_floats, run_cli,
+)
 from .fid_sample import add_fid_sample_parser
+from ..files import atomic_write, atomic_write_bytes, atomic_write_json, portable_path
 
 DEFAULT_PRIORS = ("dse", "bilinear", "bicubic", "nearest", "area")
 DEFAULT_BETAS = (0.25, 0.5, 1.0)
 DEFAULT_TEMPERATURES = (1.0,)
+RUNS_DIR = "runs"  # OUT_DIR/runs/: one stored result per (arm, seed), named by the hash of its settings
 METRIC_KEYS = ("acc", "fd_cls", "precision", "recall", "fid", "kid")
 
 
@@ -177,9 +189,7 @@ def inception_reference(n: int, cache: Optional[str], batch_size: int, device: s
     feats = inception_features(x[:n], batch_size=batch_size, device=device, progress=True)
     mu, sigma = feature_stats(feats)
     out = {"features": feats.astype(np.float32), "mu": mu, "sigma": sigma}
-    tmp = f.with_name(f.name + ".tmp.npz")
-    np.savez(tmp, **out)
-    tmp.replace(f)
+    atomic_write(f, lambda fh: np.savez(fh, **out))
     return out
 
 
@@ -188,6 +198,52 @@ def _summary(values: List[float]) -> Dict[str, float]:
     if v.size == 0:
         return {"mean": None, "std": None}
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0}
+
+
+# ----------------------------------------------------------------------------- stored results
+
+
+def model_fingerprint(var, vae) -> str:
+    """sha256 (16 hex digits) of the VAR's config and both models' weights: the model, whatever files it came from."""
+    h = hashlib.sha256(json.dumps(var.config.to_dict(), sort_keys=True).encode())
+    for module in (var, vae):
+        for name, t in sorted(module.state_dict().items()):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()[:16]
+
+
+def run_key(arm: Arm, seed: int, common: Dict[str, object]) -> Dict[str, object]:
+    """Everything the result of ``arm`` at ``seed`` depends on: ``common`` (model, sampler, samples, batch size, cfg,
+    top-k, top-p, classifier, FID reference), the temperature, every SSG setting (prior, beta, interp ...), the seed."""
+    ssg = arm.ssg()
+    key = {**common, "temperature": arm.temperature, "ssg": dataclasses.asdict(ssg) if ssg else None, "seed": seed}
+    return json.loads(json.dumps(key))  # as it reads back from the file
+
+
+def run_path(runs_dir: Path, arm: Arm, seed: int, key: Dict[str, object]) -> Path:
+    """``runs_dir/<arm>_seed<seed>_<hash of key>.json``."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return runs_dir / f"{re.sub(r'[^A-Za-z0-9.]+', '_', arm.name)}_seed{seed}_{digest}.json"
+
+
+def load_run(path: Path, key: Dict[str, object]) -> Optional[Dict[str, object]]:
+    """The stored result at ``path`` (None when there is none); ``ValueError`` naming the file when it is damaged."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or record.get("key") != key:
+            raise ValueError("its settings are not those its name stands for")
+        metrics = record.get("metrics")
+        if not isinstance(metrics, dict) or any(k not in metrics for k in METRIC_KEYS):
+            raise ValueError("its metrics are incomplete")
+        if not isinstance(record.get("seconds"), (int, float)) or (key["seed"] == 0 and not isinstance(record.get("spectrum"), list)):
+            raise ValueError("its timing or spectrum is missing")
+    except ValueError as e:
+        raise ValueError(f"{path} is damaged ({e}); delete it to recompute that arm") from None
+    return record
 
 
 # ----------------------------------------------------------------------------- the run
@@ -237,14 +293,12 @@ def run_ablation(
         "model": model_desc, "sampler": "Engine (CUDA)" if device.startswith("cuda") else "reference (CPU)",
     }
     json_path = out_dir / "ablation.json"
-    done: Dict[str, dict] = {}
-    if resume and json_path.is_file():
-        old = json.loads(json_path.read_text())
-        if old.get("settings") == settings:
-            done = {a["name"]: a for a in old.get("arms", [])}
-            log(f"eval: resuming, {len(done)} arm(s) already in {json_path}")
-        else:
-            log(f"eval: {json_path} has other settings; starting over")
+    runs_dir = out_dir / RUNS_DIR
+    if resume and json_path.is_file() and not runs_dir.is_dir():
+        raise ValueError(
+            f"{json_path} was written without stored per-arm results ({runs_dir} is missing), so --resume cannot reuse "
+            "its arms and would overwrite it; move it away, or give another --out-dir"
+        )
 
     cls_model, cls_info = load_classifier(classifier, cache)
     ref_cls = reference_features(cls_model, cls_info, cache)
@@ -254,15 +308,49 @@ def run_ablation(
     ref_inc = None
     if fid_arms != "none":
         ref_inc = inception_reference(inception_ref_n, cache, inception_batch_size, device)
-    pr_rng = np.random.default_rng(12345)
+    settings["model_fingerprint"] = model_fingerprint(var, vae)
+    common_key = {
+        "format": 1, "model": settings["model_fingerprint"], "sampler": settings["sampler"], "samples": samples,
+        "batch_size": batch_size, "cfg": cfg, "top_k": top_k, "top_p": top_p, "classifier": cls_info["weights_hash"],
+    }
+
+    def score_seed(arm: Arm, seed: int, want_fid: bool) -> Dict[str, object]:
+        """Sample ``arm`` with ``seed`` and score it: the metrics, and (seed 0) the images' spectrum."""
+        images, labels = sample_arm(var, vae, arm, samples, seed, batch_size, cfg, top_k, top_p)
+        logits, feats = classify(cls_model, images)
+        pred = logits.argmax(1)
+        lab = labels.numpy()
+        ref_feats = ref_cls["features"]
+        pr_rng = np.random.default_rng([12345, seed])  # the same test subset for every arm at this seed
+        sub = ref_feats[pr_rng.choice(ref_feats.shape[0], min(samples, ref_feats.shape[0]), replace=False)]
+        prec, rec = precision_recall(sub, feats, k=3)
+        m = {
+            "seed": seed,
+            "acc": float((pred == lab).mean()),
+            "acc_per_class": [float((pred[lab == c] == c).mean()) for c in range(var.num_classes) if (lab == c).any()],
+            "fd_cls": fid_from_stats(feats, ref_cls),
+            "precision": prec,
+            "recall": rec,
+            "fid": None,
+            "kid": None,
+        }
+        if want_fid:
+            inc = inception_features(images, batch_size=inception_batch_size, device=device)
+            ref_f = ref_inc["features"].astype(np.float64)
+            m["fid"] = fid_from_features(inc, ref_f)  # exact low-rank path when samples < 2048
+            m["kid"] = kernel_inception_distance(inc, ref_f, num_subsets=50, max_subset_size=1000, seed=seed)[0]
+        spectrum = radial_amplitude_spectrum(images, spec_size).tolist() if seed == 0 else None
+        return {"metrics": m, "spectrum": spectrum}
 
     results = {
         "settings": settings,
-        "classifier": {k: cls_info.get(k) for k in ("test_accuracy", "epochs", "weights_hash", "path")},
+        "classifier": {
+            **{k: cls_info.get(k) for k in ("test_accuracy", "epochs", "weights_hash")}, "path": portable_path(cls_info["path"]),
+        },
         "metric_notes": {
             "acc": "classifier accuracy on the class asked for (higher is better)",
             "fd_cls": "Frechet distance, classifier penultimate features, vs 10k test images (lower is better)",
-            "precision/recall": "Kynkaenniemi et al. k=3, classifier features, vs a same-size test subset",
+            "precision/recall": "Kynkaenniemi et al. k=3, classifier features, vs a same-size test subset (the same for every arm at a seed)",
             "fid": f"Inception-v3 FID vs the first {inception_ref_n} test images (biased upward at small N)",
             "kid": "Inception KID (unbiased, polynomial kernel)",
         },
@@ -272,55 +360,39 @@ def run_ablation(
     spectra: Dict[str, np.ndarray] = {}
     t_all = time.perf_counter()
     for ai, arm in enumerate(arms):
-        if arm.name in done:
-            results["arms"].append(done[arm.name])
-            if "spectrum_seed0" in done[arm.name]:
-                spectra[arm.name] = np.asarray(done[arm.name]["spectrum_seed0"])
-            continue
-        t0 = time.perf_counter()
-        per_seed = []
         want_fid = fid_arms == "all" or (fid_arms == "main" and arm.main)
+        per_seed, seconds, reused = [], 0.0, 0
         for s in range(seeds):
-            images, labels = sample_arm(var, vae, arm, samples, s, batch_size, cfg, top_k, top_p)
-            logits, feats = classify(cls_model, images)
-            pred = logits.argmax(1)
-            lab = labels.numpy()
-            sub = ref_cls["features"][pr_rng.choice(ref_cls["features"].shape[0], min(samples, ref_cls["features"].shape[0]), replace=False)]
-            prec, rec = precision_recall(sub, feats, k=3)
-            m = {
-                "seed": s,
-                "acc": float((pred == lab).mean()),
-                "acc_per_class": [float((pred[lab == c] == c).mean()) for c in range(var.num_classes) if (lab == c).any()],
-                "fd_cls": fid_from_stats(feats, ref_cls),
-                "precision": prec,
-                "recall": rec,
-                "fid": None,
-                "kid": None,
-            }
-            if want_fid:
-                inc = inception_features(images, batch_size=inception_batch_size, device=device)
-                ref_f = ref_inc["features"].astype(np.float64)
-                m["fid"] = fid_from_features(inc, ref_f)  # exact low-rank path when samples < 2048
-                m["kid"] = kernel_inception_distance(inc, ref_f, num_subsets=50, max_subset_size=1000, seed=s)[0]
+            key = run_key(arm, s, {**common_key, "inception_ref_n": inception_ref_n if want_fid else None})
+            path = run_path(runs_dir, arm, s, key)
+            record = load_run(path, key) if resume else None
+            if record is None:
+                t0 = time.perf_counter()
+                record = {"key": key, **score_seed(arm, s, want_fid), "seconds": round(time.perf_counter() - t0, 1),
+                          "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+                atomic_write_json(path, record)
+            else:
+                reused += 1
+            per_seed.append(record["metrics"])
+            seconds += record["seconds"]
             if s == 0:
-                spectra[arm.name] = radial_amplitude_spectrum(images, spec_size)
-            per_seed.append(m)
+                spectra[arm.name] = np.asarray(record["spectrum"])
         entry = {
             "name": arm.name, "temperature": arm.temperature, "prior": arm.prior or "none (baseline)", "beta": arm.beta,
             "per_seed": per_seed,
             **{k: _summary([p[k] for p in per_seed]) for k in METRIC_KEYS},
             "spectrum_seed0": spectra[arm.name].tolist(),
-            "seconds": round(time.perf_counter() - t0, 1),
+            "seconds": round(seconds, 1),
         }
         results["arms"].append(entry)
         log(f"eval [{ai + 1}/{len(arms)}] {arm.name}: " + ", ".join(
             f"{k} {entry[k]['mean']:.4g}±{entry[k]['std']:.2g}" for k in METRIC_KEYS if entry[k]["mean"] is not None
-        ) + f" ({entry['seconds']}s)")
-        json_path.write_text(json.dumps(results, indent=1))
+        ) + f" ({entry['seconds']}s" + (f"; {reused} of {seeds} seed(s) reused from {runs_dir}" if reused else "") + ")")
+        atomic_write_json(json_path, results)
 
     results["seconds"] = round(time.perf_counter() - t_all, 1)
-    json_path.write_text(json.dumps(results, indent=1))
-    (out_dir / "ablation.md").write_text(markdown_table(results))
+    atomic_write_json(json_path, results)
+    atomic_write_bytes(out_dir / "ablation.md", markdown_table(results).encode())
     # spectral evidence
     t_spec = spectrum_temperature if spectrum_temperature is not None else (1.0 if 1.0 in map(float, temperatures) else float(temperatures[0]))
     base = Arm(t_spec).name
@@ -372,22 +444,16 @@ def markdown_table(results: Dict[str, object]) -> str:
 # ----------------------------------------------------------------------------- CLI
 
 
-def _floats(values: Sequence[str]) -> List[float]:
-    out = []
-    for v in values:
-        for part in str(v).split(","):
-            if part.strip():
-                out.append(float(part))
-    return out
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
+    check_output_dir(args.out_dir, "--out-dir")
+    betas = parse_floats(args.betas, "--betas", -SSG_BETA_MAX, SSG_BETA_MAX)
+    temperatures = parse_floats(args.temperatures, "--temperatures", TEMPERATURE_MIN, TEMPERATURE_MAX)
     vae, var = load_from_args(args)
-    desc = f"{args.var} + {args.vae}" if args.var else "shipped pretrained Fashion-MNIST VAR (ssg_engine.pretrained)"
+    desc = f"{portable_path(args.var)} + {portable_path(args.vae)}" if args.var else "shipped pretrained Fashion-MNIST VAR (ssg_engine.pretrained)"
     priors = [p for v in args.priors for p in v.split(",") if p]
     run_ablation(
-        var, vae, args.out_dir, samples=args.samples, seeds=args.seeds, betas=_floats(args.betas),
-        temperatures=_floats(args.temperatures), priors=priors, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+        var, vae, args.out_dir, samples=args.samples, seeds=args.seeds, betas=betas,
+        temperatures=temperatures, priors=priors, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
         batch_size=args.batch_size, fid_arms=args.fid_arms, inception_ref_n=args.inception_ref_n,
         inception_batch_size=args.inception_batch_size, classifier=args.classifier, cache=args.cache_dir,
         spectrum_temperature=args.spectrum_temperature, resume=args.resume, model_desc=desc,
@@ -403,22 +469,24 @@ def add_eval_subparsers(sub) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_args(p)
-    p.add_argument("--samples", type=int, default=1000, help="class-balanced samples per arm per seed")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--samples", type=int_arg(4), default=1000, help="class-balanced samples per arm per seed")
+    p.add_argument("--seeds", type=int_arg(1), default=3)
     p.add_argument("--betas", nargs="+", default=[str(b) for b in DEFAULT_BETAS], help="SSG strengths (space- or comma-separated)")
     p.add_argument("--temperatures", nargs="+", default=[str(t) for t in DEFAULT_TEMPERATURES], help="the temperature grid, used for every arm")
     p.add_argument("--priors", nargs="+", default=list(DEFAULT_PRIORS), help="SSG priors: dse and the ablations bilinear bicubic nearest area")
-    p.add_argument("--cfg", type=float, default=2.0, help="default: the shipped model's card settings (cfg 2, top-k 128, top-p 0.95)")
-    p.add_argument("--top-k", type=int, default=128)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--cfg", type=float_arg(-CFG_MAX, CFG_MAX), default=2.0, help="default: the shipped model's card settings (cfg 2, top-k 128, top-p 0.95)")
+    p.add_argument("--top-k", type=int_arg(0, INT32_MAX), default=128)
+    p.add_argument("--top-p", type=float_arg(0.0, 1.0), default=0.95)
+    p.add_argument("--batch-size", type=int_arg(1), default=100)
     p.add_argument("--fid-arms", choices=["main", "all", "none"], default="main", help="arms scored with Inception FID/KID (main: baseline + DSE)")
-    p.add_argument("--inception-ref-n", type=int, default=10000, help="test images for the Inception reference statistics")
-    p.add_argument("--inception-batch-size", type=int, default=100)
-    p.add_argument("--classifier", default=None, help="classifier weights (default: shipped, else cache dir, trained on first use)")
+    p.add_argument("--inception-ref-n", type=int_arg(1), default=10000, help="test images for the Inception reference statistics")
+    p.add_argument("--inception-batch-size", type=int_arg(1), default=100)
+    p.add_argument("--classifier", default=None,
+                   help="classifier weights, an existing file (default: the shipped weights, else the cache dir's, trained on first use)")
     p.add_argument("--cache-dir", default=None, help="cache for classifier / reference statistics (default $SSG_ENGINE_CACHE or ~/.cache/ssg_engine)")
-    p.add_argument("--spectrum-temperature", type=float, default=None, help="temperature of the spectrum plot's arms (default 1.0 if in the grid)")
-    p.add_argument("--resume", action="store_true", help="keep the arms already in OUT_DIR/ablation.json (same settings)")
+    p.add_argument("--spectrum-temperature", type=float_arg(TEMPERATURE_MIN, TEMPERATURE_MAX), default=None, help="temperature of the spectrum plot's arms (default 1.0 if in the grid)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the (arm, seed) results stored in OUT_DIR/runs/ whose settings match; compute only the others")
     p.add_argument("--out-dir", required=True)
     p.set_defaults(func=cmd_eval)
     add_fid_sample_parser(sub)
@@ -426,11 +494,10 @@ def add_eval_subparsers(sub) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m ssg_engine.eval.ablation [eval|fid-sample] ...`` until the lead wires the subcommands into cli.py."""
-    parser = argparse.ArgumentParser(prog="ssg-engine")
+    parser = CLIParser(prog="ssg-engine")
     sub = parser.add_subparsers(dest="command", required=True)
     add_eval_subparsers(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return run_cli(parser, argv)
 
 
 if __name__ == "__main__":

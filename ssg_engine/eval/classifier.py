@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..cache import user_cache_dir
+from ..files import atomic_output, atomic_write, atomic_write_json
 
 PathLike = Union[str, Path]
 CLASSIFIER_FILE = "fmnist_classifier.safetensors"
@@ -170,14 +171,10 @@ def save_classifier(model: FashionClassifier, path: PathLike, info: Dict[str, ob
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    info_tmp = path.with_suffix(f".json.tmp{os.getpid()}")
-    info_tmp.write_text(json.dumps(info, indent=1))
-    os.replace(info_tmp, path.with_suffix(".json"))
+    with atomic_output(path) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        os.chmod(tmp, 0o644)
+    atomic_write_json(path.with_suffix(".json"), info)
 
 
 def _file_hash(path: PathLike) -> str:
@@ -200,7 +197,8 @@ def classifier_path(path: Optional[PathLike] = None, cache: Optional[PathLike] =
 def load_classifier(
     path: Optional[PathLike] = None, cache: Optional[PathLike] = None, train_if_missing: bool = True, **train_kwargs
 ) -> Tuple[FashionClassifier, Dict[str, object]]:
-    """The classifier at ``classifier_path(path, cache)`` (trained and cached first if that file is missing).
+    """The classifier at ``classifier_path(path, cache)``; when that file is missing, a ``path`` given is an error
+    (``FileNotFoundError``, never a silent retraining), the default cache file is trained and cached first.
 
     ``info`` holds what was recorded at training time (``test_accuracy`` ...) and ``weights_hash``.
     """
@@ -208,6 +206,8 @@ def load_classifier(
 
     p = classifier_path(path, cache)
     if not p.is_file():
+        if path is not None:
+            raise FileNotFoundError(f"classifier weights {p} not found; give an existing file, or leave --classifier out to use the shipped classifier")
         if not train_if_missing:
             raise FileNotFoundError(f"no trained Fashion-MNIST classifier at {p} (train one with `python -m ssg_engine.eval.classifier`)")
         model, info = train_classifier(**train_kwargs)
@@ -256,9 +256,7 @@ def reference_features(
         "features": feats, "labels": y.numpy(), "mu": feats.mean(0), "sigma": np.cov(feats, rowvar=False),
         "accuracy": np.asarray((logits.argmax(1) == y.numpy()).mean()),
     }
-    tmp = f.with_name(f.name + f".tmp{os.getpid()}.npz")
-    np.savez(tmp, **out)
-    os.replace(tmp, f)
+    atomic_write(f, lambda fh: np.savez(fh, **out))
     return out
 
 
