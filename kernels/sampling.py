@@ -25,7 +25,9 @@ for every pass; longer rows are re-read from L2 per pass):
 4. top-p: the same bisection (at most 32 passes) for the smallest threshold with
    ``mass(x > thr) < top_p * Z``. Keeping ``x >= thr`` is the reference rule "the
    ascending cumsum up to and including x exceeds ``1 - top_p``" written as "the mass
-   strictly above x is below ``top_p``";
+   strictly above x is below ``top_p``". Each pass also counts the entries above the
+   threshold (one fused reduction), and the search stops once the bracket holds at most
+   one entry: every threshold in it then keeps the same set (about half the passes);
 5. inverse CDF: ``u ~ U[0, 1)`` from Philox (key = ``seed``, counter =
    ``(row, offset_lo, offset_hi, 0)``), then a walk over the row in index order picks
    the first kept index whose running mass exceeds ``u * Z_kept``.
@@ -53,11 +55,11 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
-from . import require_kernel_device
+from . import KernelLaunch, jit, require_kernel_device
 
 try:
     import triton
@@ -69,25 +71,21 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_BLOCK_V = 4096  # the largest row chunk held on chip; also the elements per program
 
 
-def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
-
-
-@_jit
+@jit()
 def _to_key(x):
     """float32 -> int32 key with the same order; -0.0 and +0.0 share key 0."""
     bits = x.to(tl.int32, bitcast=True)
     return tl.where(bits >= 0, bits, -(bits & 0x7FFFFFFF))
 
 
-@_jit
+@jit()
 def _from_key(key):
     """int64 key -> float32, the inverse of :func:`_to_key` (never returns -0.0)."""
     k = key.to(tl.int32)
     return tl.where(k >= 0, k, (-k) | -2147483648).to(tl.float32, bitcast=True)
 
 
-@_jit
+@jit()
 def _chunk(x_first, row_ptr, row_mask, start, cols0, V, stride_v, temperature, ONE_CHUNK: tl.constexpr):
     """Columns ``start + cols0`` of the scaled rows: (BLOCK_R, BLOCK_V) fp32, -inf past V."""
     cols = start + cols0
@@ -101,7 +99,18 @@ def _chunk(x_first, row_ptr, row_mask, start, cols0, V, stride_v, temperature, O
     return x, cols
 
 
-@_jit
+@jit()
+def _mass_and_count(x, kept, mx):
+    """Per row: sum of exp(x - mx) over ``kept`` and the number kept, in one reduction (the two
+    values travel as a pair; the count is exact in float32 for chunks of < 2**24 entries)."""
+    pair = tl.join(tl.where(kept, tl.exp(x - mx[:, None]), 0.0), kept.to(tl.float32))
+    mass, count = tl.split(tl.sum(pair, axis=1))
+    return mass, count.to(tl.int32)
+
+
+# R (rows) only bounds the row mask and top_k is only compared with counts: specializing on
+# their value (== 1, % 16) would compile several variants per batch bucket for nothing.
+@jit(do_not_specialize=["R", "top_k"])
 def _sample_kernel(
     logits_ptr, out_ptr, seed_ptr, offset_ptr,
     R, V, stride_r, stride_v,
@@ -145,29 +154,40 @@ def _sample_kernel(
             active = active & (lo < hi) & (count != top_k)
         thr_k = _from_key(lo)
 
-    # top-p: the smallest key with mass(x > f(key)) < top_p * Z (true at hi, false below lo)
+    # top-p: the smallest key with mass(x > f(key)) < top_p * Z (true at hi, false below lo).
+    # n_lo = count(x >= f(lo)), n_hi = count(x > f(hi)); once [lo, hi] holds at most one entry
+    # every threshold in it keeps the same set {x >= f(lo)}, so the search stops there.
     thr_p = thr_k
     if HAS_TOP_P:
         z = tl.zeros((BLOCK_R,), tl.float32)
+        n_lo = tl.zeros((BLOCK_R,), tl.int32)
         for start in range(0, V, BLOCK_V):
             x, cols = _chunk(x_first, row_ptr, row_mask, start, cols0, V, stride_v, temperature, ONE_CHUNK)
-            z += tl.sum(tl.where(x >= thr_k[:, None], tl.exp(x - mx[:, None]), 0.0), axis=1)
+            mass, count = _mass_and_count(x, x >= thr_k[:, None], mx)
+            z += mass
+            n_lo += count
         budget = top_p * z
         lo = _to_key(thr_k).to(tl.int64)
         hi = _to_key(mx).to(tl.int64)
-        active = row_mask & (lo < hi)
+        n_hi = tl.zeros((BLOCK_R,), tl.int32)
+        active = row_mask & (lo < hi) & (n_lo - n_hi > 1)
         while tl.max(active.to(tl.int32), axis=0) > 0:
             mid = lo + (hi - lo) // 2
             thr = _from_key(mid)
             above = tl.zeros((BLOCK_R,), tl.float32)
+            n_above = tl.zeros((BLOCK_R,), tl.int32)
             for start in range(0, V, BLOCK_V):
                 x, cols = _chunk(x_first, row_ptr, row_mask, start, cols0, V, stride_v, temperature, ONE_CHUNK)
-                above += tl.sum(tl.where(x > thr[:, None], tl.exp(x - mx[:, None]), 0.0), axis=1)
+                mass, count = _mass_and_count(x, x > thr[:, None], mx)
+                above += mass
+                n_above += count
             ok = above < budget
             hi = tl.where(active & ok, mid, hi)
-            lo = tl.where(active & (above >= budget), mid + 1, lo)
-            active = active & (lo < hi)
-        thr_p = _from_key(hi)
+            n_hi = tl.where(active & ok, n_above, n_hi)
+            lo = tl.where(active & ~ok, mid + 1, lo)
+            n_lo = tl.where(active & ~ok, n_above, n_lo)
+            active = active & (lo < hi) & (n_lo - n_hi > 1)
+        thr_p = _from_key(lo)
 
     # kept mass and the last kept column (fallback if rounding leaves the walk short)
     z_kept = tl.zeros((BLOCK_R,), tl.float32)
@@ -262,6 +282,46 @@ def sample_logits_reference(
     return torch.multinomial(x.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
+def sample_logits_launch(
+    logits: torch.Tensor,
+    top_k: int,
+    top_p: float,
+    temperature: float,
+    seed: torch.Tensor,
+    offset: torch.Tensor,
+) -> Tuple[Optional[KernelLaunch], torch.Tensor]:
+    """Validate, allocate the (R,) int64 tokens and choose the kernel configuration.
+
+    The only code that decides rows per program, chunk width and warps:
+    :func:`sample_logits_triton` runs the launch, ``bench/aot_compile.py`` compiles it
+    (meta tensors work). The launch is None when there are no rows.
+    """
+    _check_logits(logits)
+    check_sampling_args(top_k, top_p, temperature)
+    check_seed_offset(seed, offset, logits.device)
+    if logits.dtype not in _KERNEL_DTYPES:
+        raise ValueError(f"logits dtype {logits.dtype} is not supported by the kernel; use float32, bfloat16 or float16")
+    rows, vocab = logits.shape
+    if vocab >= 2**31 - 1:
+        raise ValueError(f"V={vocab} does not fit the kernel's int32 column indices")
+    tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    if rows == 0:
+        return None, tokens
+    block_v = min(triton.next_power_of_2(vocab), _MAX_BLOCK_V)
+    block_r = min(triton.next_power_of_2(rows), max(1, _MAX_BLOCK_V // block_v))
+    args = (
+        logits, tokens, seed, offset,
+        rows, vocab, logits.stride(0), logits.stride(1),
+        min(int(top_k), vocab), float(top_p), float(temperature),
+    )
+    constexprs = dict(
+        HAS_TOP_K=0 < top_k < vocab, HAS_TOP_P=0 < top_p < 1,
+        BLOCK_R=block_r, BLOCK_V=block_v, ONE_CHUNK=vocab <= block_v,
+    )
+    num_warps = 8 if block_r * block_v >= 2048 else 4
+    return KernelLaunch(_sample_kernel, (triton.cdiv(rows, block_r),), args, constexprs, num_warps), tokens
+
+
 def sample_logits_triton(
     logits: torch.Tensor,
     top_k: int,
@@ -273,26 +333,8 @@ def sample_logits_triton(
     """(R, V) fp32/bf16/fp16 -> (R,) int64; randomness from device tensors ``seed``/``offset`` (int64, (1,))."""
     if triton is None:
         raise RuntimeError("sample_logits_triton needs triton; use sample_logits_reference")
-    _check_logits(logits)
-    check_sampling_args(top_k, top_p, temperature)
-    check_seed_offset(seed, offset, logits.device)
-    if logits.dtype not in _KERNEL_DTYPES:
-        raise ValueError(f"logits dtype {logits.dtype} is not supported by the kernel; use float32, bfloat16 or float16")
+    launch, tokens = sample_logits_launch(logits, top_k, top_p, temperature, seed, offset)
     require_kernel_device(logits.device)
-    rows, vocab = logits.shape
-    if vocab >= 2**31 - 1:
-        raise ValueError(f"V={vocab} does not fit the kernel's int32 column indices")
-    tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
-    if rows == 0:
-        return tokens
-    block_v = min(triton.next_power_of_2(vocab), _MAX_BLOCK_V)
-    block_r = min(triton.next_power_of_2(rows), max(1, _MAX_BLOCK_V // block_v))
-    _sample_kernel[(triton.cdiv(rows, block_r),)](
-        logits, tokens, seed, offset,
-        rows, vocab, logits.stride(0), logits.stride(1),
-        min(int(top_k), vocab), float(top_p), float(temperature),
-        HAS_TOP_K=0 < top_k < vocab, HAS_TOP_P=0 < top_p < 1,
-        BLOCK_R=block_r, BLOCK_V=block_v, ONE_CHUNK=vocab <= block_v,
-        num_warps=8 if block_r * block_v >= 2048 else 4,
-    )
+    if launch is not None:
+        launch.run()
     return tokens

@@ -25,7 +25,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from . import require_kernel_device
+from . import KernelLaunch, jit, require_kernel_device
 
 try:
     import triton
@@ -39,11 +39,11 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MIN_DOT_BLOCK = 16  # tl.dot needs every tile dimension >= 16
 
 
-def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
-
-
-@_jit
+# B, N and M only bound masks and loops: specializing on their value (== 1, % 16) would compile
+# several variants per batch bucket for nothing. stride_on is M (the operator is contiguous): its
+# % 16 specialization applies to 2 of 9 prior scales, each at the price of a compile. The strides
+# of the big tensors stay specialized (contiguity, vector loads). bench/results/aot/README.md.
+@jit(do_not_specialize=["B", "N", "M", "stride_on"])
 def _ssg_guidance_kernel(
     logits_ptr, prev_ptr, op_ptr, t_ptr, beta_ptr, guided_ptr, cfg_ptr,
     B, N, M, V,
@@ -191,32 +191,34 @@ def _pow2_clamp(x: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(x)))
 
 
-def ssg_guidance_triton(
+def ssg_guidance_launch(
     logits_2B: torch.Tensor,
     prev: Optional[torch.Tensor],
     operator: Optional[torch.Tensor],
     cfg_t: Scalar,
     beta: Scalar,
     allow_tf32: bool = False,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Triton launcher with the reference's contract; ``allow_tf32`` runs the prior dot in TF32."""
-    if triton is None:
-        raise RuntimeError("ssg_guidance_triton needs triton; use ssg_guidance_reference")
+) -> Tuple[Optional[KernelLaunch], torch.Tensor, torch.Tensor]:
+    """Validate, allocate ``(guided, cfg)`` (B, N, V) fp32 and choose the kernel configuration.
+
+    The only code that decides tile sizes and warps: :func:`ssg_guidance_triton` runs the
+    launch, ``bench/aot_compile.py`` compiles it (meta tensors work). The launch is None when
+    N or V is 0 (nothing to compute).
+    """
     batch, has_prior, t_tensor, beta_tensor = _check_inputs(logits_2B, prev, operator, cfg_t, beta)
     for name, x in (("logits_2B", logits_2B), ("prev", prev), ("operator", operator)):
         if has_prior or name == "logits_2B":
             if x.dtype not in _KERNEL_DTYPES:
                 raise ValueError(f"{name} dtype {x.dtype} is not supported by the kernel; use float32, bfloat16 or float16")
-    require_kernel_device(logits_2B.device)
     _, n, v = _shape(logits_2B)
     guided = torch.empty((batch, n, v), dtype=torch.float32, device=logits_2B.device)
     cfg = torch.empty_like(guided)
     if n == 0 or v == 0:
-        return guided, cfg
+        return None, guided, cfg
 
     if has_prior:
         m = prev.shape[1]
-        # 32x16x64 fp32 tiles with 4 warps: ~115 registers, no spills on sm_90 (ptxas -v)
+        # 32x16x64 fp32 tiles with 4 warps: no spills on sm_80/sm_90 (bench/results/aot/)
         block_n = _pow2_clamp(n, _MIN_DOT_BLOCK, 32)
         block_m = _MIN_DOT_BLOCK
         block_v = _pow2_clamp(v, _MIN_DOT_BLOCK, 64)
@@ -230,9 +232,7 @@ def ssg_guidance_triton(
         prev_strides, op_strides = (0, 0, 0), (0, 0)
     t_arg = t_tensor if t_tensor is not None else guided  # dummy pointer when t is a number
     beta_arg = beta_tensor if beta_tensor is not None else guided
-
-    grid = (triton.cdiv(v, block_v), triton.cdiv(n, block_n), batch)
-    _ssg_guidance_kernel[grid](
+    args = (
         logits_2B, prev_arg, op_arg, t_arg, beta_arg, guided, cfg,
         batch, n, m, v,
         *logits_2B.stride(),
@@ -242,9 +242,29 @@ def ssg_guidance_triton(
         beta_tensor.stride(0) if beta_tensor is not None else 0,
         float(cfg_t) if t_tensor is None else 0.0,
         float(beta) if beta_tensor is None else 0.0,
+    )
+    constexprs = dict(
         HAS_PRIOR=has_prior, T_IS_TENSOR=t_tensor is not None, BETA_IS_TENSOR=beta_tensor is not None,
         PRECISION="tf32" if allow_tf32 else "ieee",
         BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_V=block_v,
-        num_warps=4,
     )
+    grid = (triton.cdiv(v, block_v), triton.cdiv(n, block_n), batch)
+    return KernelLaunch(_ssg_guidance_kernel, grid, args, constexprs, num_warps=4), guided, cfg
+
+
+def ssg_guidance_triton(
+    logits_2B: torch.Tensor,
+    prev: Optional[torch.Tensor],
+    operator: Optional[torch.Tensor],
+    cfg_t: Scalar,
+    beta: Scalar,
+    allow_tf32: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Triton launcher with the reference's contract; ``allow_tf32`` runs the prior dot in TF32."""
+    if triton is None:
+        raise RuntimeError("ssg_guidance_triton needs triton; use ssg_guidance_reference")
+    launch, guided, cfg = ssg_guidance_launch(logits_2B, prev, operator, cfg_t, beta, allow_tf32)
+    require_kernel_device(logits_2B.device)
+    if launch is not None:
+        launch.run()
     return guided, cfg

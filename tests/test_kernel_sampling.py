@@ -169,6 +169,18 @@ def test_frequencies_match_renormalised_probs(top_k, top_p, temperature):
     assert (counts[probs[0].cpu() * draws >= 20] > 0).all()
 
 
+@pytest.mark.parametrize("top_p", [0.3, 0.6, 0.9, 0.99])
+def test_top_p_early_stop_keeps_exactly_the_reference_set(top_p):
+    """The top-p search stops once its bracket holds one entry; the kept set is still the reference's:
+    8192 draws of one V=32 row hit every kept entry (each expected >= 20 times) and nothing else."""
+    V, draws = 32, 8192
+    row = rand_logits(1, V, seed=14, scale=1.5)
+    probs, kept = reference_probs(row, 0, top_p, 1.0)
+    assert probs[0][kept[0]].min() * draws >= 20  # the boundary entry is visible at this many draws
+    tokens = sample_logits_triton(row.expand(draws, V), 0, top_p, 1.0, *seeds(4))
+    assert set(tokens.tolist()) == set(kept[0].nonzero().flatten().tolist())
+
+
 def test_chi2_check_detects_a_wrong_distribution():
     """The statistic above is not vacuous: draws at the wrong temperature fail it."""
     V, draws = 32, 20480
