@@ -1,4 +1,4 @@
-"""KV-cache throughput: pool append+view vs upstream-style torch.cat growth.
+"""KV-cache throughput: the Engine's static cache (write + read views) vs upstream-style torch.cat growth.
 
 One "generation" walks the VAR-256 scale schedule (patch_nums 1..16, L=680 tokens): for every scale
 and every layer it appends that scale's K/V and reads back K/V up to the new length (what attention
@@ -38,17 +38,16 @@ def run_cat(args, kvs: List[torch.Tensor]) -> None:
                 cached_v[layer] = torch.cat((cached_v[layer], x), dim=2)
 
 
-def make_run_pool(pool) -> Callable[[argparse.Namespace, List[torch.Tensor]], None]:
+def make_run_static(cache) -> Callable[[argparse.Namespace, List[torch.Tensor]], None]:
+    """The Engine's StaticKVCache: per scale and layer, write at the running length, then read views up to it."""
+
     def run(args, kvs: List[torch.Tensor]) -> None:
-        slots = pool.allocate(args.batch)
         length = 0
         for x in kvs:
-            length += x.shape[2]
             for layer in range(args.layers):
-                pool.append(layer, slots, x, x)
-                pool.view(layer, slots, length)
-            pool.advance(slots, x.shape[2])
-        pool.free(slots)
+                cache.write(layer, length, x, x)
+                cache.read(layer, args.batch, length + x.shape[2])
+            length += x.shape[2]
 
     return run
 
@@ -84,8 +83,8 @@ def main() -> None:
     impls: Dict[str, Callable] = {"torch.cat": run_cat}
     shape = (args.layers, args.batch, args.heads, max_len, args.head_dim)
     if kv_cache.extension_available():
-        impls["pool (C++)"] = make_run_pool(kv_cache.CppKVCachePool(*shape, dtype=dtype, device=device))
-    impls["pool (Python)"] = make_run_pool(kv_cache.PyKVCachePool(*shape, dtype=dtype, device=device))
+        impls["static (C++)"] = make_run_static(kv_cache.StaticKVCache(*shape, dtype, device))
+    impls["static (PyTorch)"] = make_run_static(kv_cache.PyStaticKVCache(*shape, dtype, device))
 
     results = {name: bench(fn, args, kvs, device) for name, fn in impls.items()}
     tokens = args.batch * max_len * args.layers

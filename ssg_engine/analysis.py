@@ -105,6 +105,6 @@ def spectra_for(var, labels: torch.Tensor, seed: int, ssg: Optional[SSG], **samp
     """Sample with ``sample_reference`` and return the per-scale spectra (prior from ``ssg`` or DSE)."""
     from .sampler import sample_reference
 
-    out = sample_reference(var, int(labels.shape[0]), labels, g_seed=seed, ssg=ssg, record_logits=True, **sampling)
+    out = sample_reference(var, int(labels.shape[0]), labels, seed=seed, ssg=ssg, record_logits=True, **sampling)
     kind, interp = (ssg.prior, ssg.interp) if ssg is not None else ("dse", "bilinear")
     return latent_spectra(out, var.patch_nums, var.vae_proxy[0].quantize.embedding.weight, kind, interp)

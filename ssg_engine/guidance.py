@@ -9,11 +9,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import numbers
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+
+from .validation import as_number
 
 PRIORS = ("dse", "bilinear", "bicubic", "nearest", "area", "none")
 DSE_INTERPS = ("bilinear", "bicubic")
@@ -22,26 +23,6 @@ PRIOR_SOURCES = ("cfg", "guided")
 # lowest classifier Frechet distance of the DSE arms at T=1 (all three betas tried were within one std).
 DEFAULT_BETA = 0.5
 HW = Tuple[int, int]
-Number = Union[int, float]
-
-
-def as_number(
-    value: Any, name: str, requirement: str, *, integer: bool = False, valid: Callable[[Number], bool] = math.isfinite
-) -> Number:
-    """``value`` (a Python, NumPy or 0-d tensor number; never a bool) as a Python ``int`` (``integer``) or ``float``.
-
-    Raises ``ValueError("{name} must be {requirement}, got {value!r}")`` for any other type, or when ``valid`` is false.
-    """
-    v = value.item() if isinstance(value, torch.Tensor) and value.ndim == 0 and value.dtype != torch.bool else value
-    ok = isinstance(v, numbers.Integral if integer else numbers.Real) and not isinstance(v, bool)
-    if ok:
-        try:
-            v = int(v) if integer else float(v)
-        except OverflowError:  # an int too large for a float
-            ok = False
-    if not ok or not valid(v):
-        raise ValueError(f"{name} must be {requirement}, got {value!r}")
-    return v
 
 
 def _as_hw(size: Union[int, Sequence[int]]) -> HW:
@@ -169,7 +150,12 @@ def _prior_matrix_f64(kind: str, src_hw: HW, dst_hw: HW, interp: str) -> torch.T
     return _interp_matrix(src_hw, dst_hw, kind)
 
 
-_OPERATOR_CACHE: Dict[tuple, torch.Tensor] = {}
+OPERATOR_CACHE_SIZE = 128  # operators kept per (kind, sizes, interp, device, dtype); a VAR-512 model uses 9 per prior
+
+
+@functools.lru_cache(maxsize=OPERATOR_CACHE_SIZE)
+def _cached_operator(kind: str, src: HW, dst: HW, interp: str, device: str, dtype: torch.dtype) -> torch.Tensor:
+    return _prior_matrix_f64(kind, src, dst, interp).to(device=device, dtype=dtype)
 
 
 def prior_operator(
@@ -180,7 +166,8 @@ def prior_operator(
     device: Union[torch.device, str] = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """The prior of ``kind`` as a matrix (H*W, h*w): built in float64 once, cached per (kind, sizes, interp, device, dtype).
+    """The prior of ``kind`` as a matrix (H*W, h*w): built in float64 once, cached per (kind, sizes, interp, device,
+    dtype) in a bounded LRU cache (``OPERATOR_CACHE_SIZE`` entries).
 
     ``interp`` is used by ``kind="dse"`` only. ``kind="none"`` is the zero matrix (no prior).
     """
@@ -188,12 +175,7 @@ def prior_operator(
     _check_choice(interp, DSE_INTERPS, "DSE interpolation")
     src, dst = _as_hw(src_hw), _as_hw(dst_hw)
     _check_sizes(src, dst)
-    key = (kind, src, dst, interp if kind == "dse" else "", str(torch.device(device)), dtype)
-    op = _OPERATOR_CACHE.get(key)
-    if op is None:
-        op = _prior_matrix_f64(kind, src, dst, key[3] or "bilinear").to(device=device, dtype=dtype)
-        _OPERATOR_CACHE[key] = op
-    return op
+    return _cached_operator(kind, src, dst, interp if kind == "dse" else "bilinear", str(torch.device(device)), dtype)
 
 
 def dse_operator(
@@ -247,15 +229,9 @@ def ssg_logits(
     return l_k + beta * (l_k - l_prior)
 
 
-def cfg_combine(logits_2B: torch.Tensor, t: float) -> torch.Tensor:
-    """Classifier-free guidance ``(1 + t) * cond - t * uncond`` on the doubled batch (cond half first)."""
-    B = logits_2B.shape[0] // 2
-    return (1 + t) * logits_2B[:B] - t * logits_2B[B:]
-
-
 def cfg_ratio(cfg: float, step: int, num_steps: int) -> float:
-    """VAR's CFG ramp ``t_k = cfg * k / (K - 1)``."""
-    return cfg * step / max(num_steps - 1, 1)
+    """VAR's CFG ramp ``t_k = cfg * (k / (K - 1))``, in upstream's order of operations (bit-identical weights)."""
+    return cfg * (step / max(num_steps - 1, 1))
 
 
 # ----------------------------------------------------------------------------- SSG config

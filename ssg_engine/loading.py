@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 
 from .config import PRESET_DEPTHS, ModelConfig, infer_config, matching_presets, preset_key
-from .models.var import VAR, level_buffers
+from .models.var import level_buffers
+from .sampler import VAR
 from .models.vqvae import VQVAE
 
 ConfigLike = Union[None, str, Path, ModelConfig, Mapping[str, object]]

@@ -6,10 +6,12 @@ from typing import Tuple, Union
 
 import torch
 
+from .params import SamplingParams
+
 PRETRAINED_DIR = Path(__file__).resolve().parent / "assets" / "fashion_mnist"
 _FILES = ("vae.safetensors", "var.safetensors", "config.json")
-# Sampling settings that looked best on this model (MODEL_CARD.md); the CLI uses them for the shipped model.
-SAMPLING_DEFAULTS = {"cfg": 2.0, "top_k": 128, "top_p": 0.95}
+# The model card's sampling settings (MODEL_CARD.md: they looked best on this model); the CLI's defaults for it.
+SAMPLING = SamplingParams(cfg=2.0, top_k=128, top_p=0.95)
 
 
 def pretrained_files() -> Tuple[Path, Path, Path]:

@@ -13,7 +13,7 @@ from ssg_engine.config import ARCH_FIELDS
 from ssg_engine.engine import Engine
 from ssg_engine.guidance import DEFAULT_BETA
 from ssg_engine.pretrained import PRETRAINED_DIR
-from ssg_engine.sampler import NonFiniteLogitsError
+from ssg_engine import NonFiniteLogitsError
 
 REF = dict(top_k=1, top_p=0.0)  # greedy: the same tokens whatever the random numbers
 
@@ -193,8 +193,8 @@ def test_integer_label_forms_agree(tiny_models, engine):
         assert all(torch.equal(a, b) for a, b in zip(got, want)), labels
         _, got = engine.generate(labels, **REF)
         assert all(torch.equal(a, b) for a, b in zip(got, want)), labels
-    ref = sample_reference(var, 2, np.int64(3), g_seed=0, **REF)
-    assert torch.equal(ref.tokens[0], sample_reference(var, 2, 3, g_seed=0, **REF).tokens[0])
+    ref = sample_reference(var, 2, np.int64(3), seed=0, **REF)
+    assert torch.equal(ref.tokens[0], sample_reference(var, 2, 3, seed=0, **REF).tokens[0])
 
 
 # ----------------------------------------------------------------------------- numbers, SSG, backend, seed
@@ -212,8 +212,8 @@ def test_numpy_and_tensor_numbers(tiny_models, engine):
     assert SSG(beta_start=torch.tensor(0.25), beta_end=np.float64(1.0)).beta_start == 0.25
     plain = dict(cfg=1.5, top_k=5, top_p=0.9, temperature=0.8, ssg=SSG(beta=0.5))
     odd = dict(cfg=torch.tensor(1.5), top_k=np.int64(5), top_p=np.float32(0.9), temperature=torch.tensor(0.8), ssg=SSG(beta=np.float32(0.5)))
-    want = sample_reference(var, 2, [1, 2], g_seed=np.int64(3), **plain).tokens
-    got = sample_reference(var, 2, [1, 2], g_seed=3, **odd).tokens
+    want = sample_reference(var, 2, [1, 2], seed=np.int64(3), **plain).tokens
+    got = sample_reference(var, 2, [1, 2], seed=3, **odd).tokens
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     _, want = engine.generate([1, 2], seed=3, **plain)
     _, got = engine.generate([1, 2], seed=np.int64(3), **odd)
@@ -247,8 +247,8 @@ def test_bad_numbers_generate(tiny_models, kwargs, match):
 
 def test_bad_numbers_engine_and_reference(engine, tiny_models):
     _, var = tiny_models
-    with pytest.raises(ValueError, match=r"g_seed must be an integer in \[-2\*\*63, 2\*\*63 - 1\] or None, got 0.5"):
-        sample_reference(var, 1, [1], g_seed=0.5)
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[-2\*\*63, 2\*\*63 - 1\] or None, got 0.5"):
+        sample_reference(var, 1, [1], seed=0.5)
     with pytest.raises(ValueError, match="top_k must be an integer >= 0"):
         engine.generate([1], top_k=np.float64(3))
     with pytest.raises(ValueError, match=r"seed must be an integer in \[-2\*\*63, 2\*\*63 - 2\] or None"):
@@ -306,7 +306,7 @@ NONFINITE = r"non-finite logits at scale {} \({}\) after CFG, SSG and temperatur
 def test_nonfinite_head_reference(tiny_dir, value):
     vae, var = _broken(tiny_dir, value)
     with pytest.raises(NonFiniteLogitsError, match=NONFINITE.format(0, "1x1")):
-        sample_reference(var, 2, [1, 2], g_seed=0)
+        sample_reference(var, 2, [1, 2], seed=0)
     with pytest.raises(ValueError, match=NONFINITE.format(0, "1x1")):  # a ValueError too, so callers catching those show it
         generate(var, vae, [1, 2])
 
@@ -321,14 +321,14 @@ def test_nonfinite_head_engine(tiny_dir):
 def test_extreme_cfg(tiny_models, engine):
     _, var = tiny_models
     # cfg=1e30 still fits float32 on this model (the guided logits stay below 3.4e38): it samples, greedily
-    assert len(sample_reference(var, 2, [1, 2], g_seed=0, cfg=1e30).tokens) == 7
+    assert len(sample_reference(var, 2, [1, 2], seed=0, cfg=1e30).tokens) == 7
     # cfg=1e38 overflows at scale 1, where the CFG ramp first applies (t = cfg / 6)
     with pytest.raises(NonFiniteLogitsError, match=NONFINITE.format(1, "2x2")):
-        sample_reference(var, 2, [1, 2], g_seed=0, cfg=1e38)
+        sample_reference(var, 2, [1, 2], seed=0, cfg=1e38)
     with pytest.raises(NonFiniteLogitsError, match=NONFINITE.format(1, "2x2")):
         engine.generate([1, 2], cfg=1e38)
     with pytest.raises(NonFiniteLogitsError, match=NONFINITE.format(0, "1x1")):
-        sample_reference(var, 1, [1], g_seed=0, temperature=1e-40)
+        sample_reference(var, 1, [1], seed=0, temperature=1e-40)
 
 
 def test_nonfinite_flag_after_the_loop_triton(tiny_dir):

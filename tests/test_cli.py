@@ -6,7 +6,10 @@ import json
 import numpy as np
 from PIL import Image
 
-from ssg_engine.cli import main
+from ssg_engine.cli import build_parser, main
+from ssg_engine.cli.common import model_sampling, resolve_ssg_args, sampling_from_args
+from ssg_engine.params import SamplingParams
+from ssg_engine.pretrained import SAMPLING
 
 
 def _model_args(tiny_dir):
@@ -73,3 +76,18 @@ def test_class_names_with_shipped_model(tmp_path):
 def test_unknown_class_name(tmp_path, capsys):
     assert main(["sample", "--classes", "jacket", "--out", str(tmp_path / "x.png")]) == 2
     assert "unknown class 'jacket'; valid classes: 0=t-shirt" in capsys.readouterr().err
+
+
+def test_unset_sampling_flags_take_the_models_values(tiny_dir):
+    """Flags left unset take the model's SamplingParams: the shipped model's card, upstream's protocol for checkpoints."""
+
+    def params(*argv):
+        args = build_parser().parse_args(["sample", *argv])
+        resolve_ssg_args(args)
+        return sampling_from_args(args, model_sampling(args), args.ssg_beta)
+
+    assert params() == SAMPLING and (SAMPLING.cfg, SAMPLING.top_k, SAMPLING.top_p) == (2.0, 128, 0.95)
+    assert params(*_model_args(tiny_dir)) == SamplingParams()
+    assert params(*_model_args(tiny_dir), "--top-k", "64", "--seed", "3") == SamplingParams(top_k=64, seed=3)
+    guided = params("--cfg", "1.5", "--ssg-beta", "0.25", "--ssg-prior", "area")
+    assert guided.replace(ssg=None) == SAMPLING.replace(cfg=1.5) and (guided.ssg.beta, guided.ssg.prior) == (0.25, "area")

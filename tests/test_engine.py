@@ -5,8 +5,8 @@ import pytest
 import torch
 from conftest import rel_err
 
-from ssg_engine import SSG, load_models, sample_reference
-from ssg_engine.engine import Engine, _Settings
+from ssg_engine import SSG, SamplingParams, load_models, sample_reference
+from ssg_engine.engine import Engine
 
 LABELS = torch.tensor([1, 9, 4])
 
@@ -26,9 +26,9 @@ def engine(fresh_models):
 @pytest.mark.parametrize("ssg", [None, SSG(beta=0.8), SSG(beta_start=0.2, beta_end=1.0, prior="bilinear", prior_source="guided")])
 def test_logits_match_reference_given_same_tokens(engine, tiny_models, ssg):
     _, var = tiny_models
-    ref = sample_reference(var, 3, LABELS, g_seed=3, cfg=2.0, top_k=40, top_p=0.9, ssg=ssg, record_logits=True, temperature=0.9)
-    settings = _Settings(2.0, 40, 0.9, 0.9, ssg)
-    images, tokens = engine.run_batch(LABELS, torch.tensor([0]), settings, forced_tokens=ref.tokens, record_logits=True)
+    params = SamplingParams(cfg=2.0, top_k=40, top_p=0.9, temperature=0.9, seed=3, ssg=ssg)
+    ref = sample_reference(var, 3, LABELS, params, record_logits=True)
+    images, tokens, _ = engine.run_batch(LABELS, torch.tensor([0]), params, forced_tokens=ref.tokens, record_logits=True)
     for si, (cfg_l, sampled_l) in enumerate(engine.last_logits):
         assert rel_err(cfg_l, ref.cfg_logits[si]) < 1e-5, f"cfg logits at scale {si}"
         assert rel_err(sampled_l, ref.sampled_logits[si]) < 1e-5, f"sampled logits at scale {si}"
@@ -38,7 +38,7 @@ def test_logits_match_reference_given_same_tokens(engine, tiny_models, ssg):
 @pytest.mark.parametrize("ssg", [None, SSG(beta=0.8)])
 def test_greedy_tokens_identical(engine, tiny_models, ssg):
     _, var = tiny_models
-    ref = sample_reference(var, 3, LABELS, g_seed=0, cfg=1.5, top_k=1, ssg=ssg)
+    ref = sample_reference(var, 3, LABELS, seed=0, cfg=1.5, top_k=1, ssg=ssg)
     images, tokens = engine.generate(LABELS, cfg=1.5, top_k=1, top_p=0.0, seed=123, ssg=ssg)
     for si in range(len(tokens)):
         assert torch.equal(tokens[si], ref.tokens[si]), f"scale {si}"
@@ -79,7 +79,7 @@ def test_triton_backend_matches_reference_under_interpreter(engine, tiny_models)
         pytest.skip("needs TRITON_INTERPRET=1 on CPU (set by the README test command) or a GPU")
     _, var = tiny_models
     ssg = SSG(beta=0.8)
-    ref = sample_reference(var, 2, LABELS[:2], g_seed=0, top_k=1, ssg=ssg)
+    ref = sample_reference(var, 2, LABELS[:2], seed=0, top_k=1, ssg=ssg)
     engine.backend = "triton"
     try:
         _, tokens = engine.generate(LABELS[:2], top_k=1, top_p=0.0, ssg=ssg)
@@ -128,12 +128,47 @@ def test_graph_replay_equals_eager():
 @gpu
 def test_bf16_engine_logits_close_to_fp32_reference():
     vae, var32 = _random_gpu_models(torch.float32)
-    ref = sample_reference(var32, 3, torch.tensor([1, 2, 3], device="cuda"), g_seed=0, top_k=100, top_p=0.95, record_logits=True, ssg=SSG(beta=0.5))
+    ref = sample_reference(var32, 3, torch.tensor([1, 2, 3], device="cuda"), seed=0, top_k=100, top_p=0.95, record_logits=True, ssg=SSG(beta=0.5))
     import copy
 
     var16 = copy.deepcopy(var32)
     engine = Engine(var16, vae, max_batch=4, device="cuda", dtype=torch.bfloat16, cuda_graphs=False)
     engine.run_batch(torch.tensor([1, 2, 3], device="cuda"), torch.tensor([0], device="cuda"),
-                     _Settings(1.5, 100, 0.95, 1.0, SSG(beta=0.5)), forced_tokens=ref.tokens, record_logits=True)
+                     SamplingParams(cfg=1.5, top_k=100, top_p=0.95, ssg=SSG(beta=0.5)), forced_tokens=ref.tokens, record_logits=True)
     for si, (cfg_l, _) in enumerate(engine.last_logits):
         assert rel_err(cfg_l, ref.cfg_logits[si]) < BF16_LOGITS_REL_TOL, f"scale {si}"
+
+
+def test_kv_cache_follows_the_batch_in_use():
+    """Engine(max_batch=64) allocates KV cache for the bucket a request uses, not for max_batch."""
+    from ssg_engine.pretrained import load_pretrained
+
+    vae, var = load_pretrained()
+    engine = Engine(var, vae, max_batch=64, device="cpu", dtype=torch.float32, cuda_graphs=False)
+    assert engine.kv_cache_bytes() == 0
+    layers, heads, length, head_dim = var.cache_layout()
+    per_row = 2 * layers * heads * length * head_dim * 4  # K and V, float32
+
+    engine.generate([1, 2], top_k=1, seed=0)
+    assert engine.kv_cache_bytes() == 2 * 2 * per_row  # bucket 2, doubled for CFG
+    engine.generate([3], top_k=1, seed=0)
+    assert engine.kv_cache_bytes() == 2 * 2 * per_row  # a smaller bucket reuses it
+    engine.generate([1, 2, 3], top_k=1, seed=0)
+    assert engine.kv_cache_bytes() == 2 * 4 * per_row < 2 * 64 * per_row
+
+
+@pytest.mark.gpu
+@gpu
+def test_graphs_reused_across_cfg_and_beta_and_bounded():
+    """cfg and the SSG betas are device tensors of the captured graph: changing them replays the same graph with the
+    new values (equal to eager); other settings capture new graphs, at most max_graphs of them."""
+    vae, var = _random_gpu_models(torch.bfloat16)
+    eager = Engine(var, vae, max_batch=4, device="cuda", cuda_graphs=False)
+    graphs = Engine(var, vae, max_batch=4, device="cuda", cuda_graphs=True, max_graphs=2)
+    for cfg, beta in ((1.5, 0.5), (3.0, 0.9)):
+        a_img, _ = eager.generate([1, 2], top_k=100, top_p=0.95, seed=0, cfg=cfg, ssg=SSG(beta=beta))
+        b_img, _ = graphs.generate([1, 2], top_k=100, top_p=0.95, seed=0, cfg=cfg, ssg=SSG(beta=beta))
+        assert torch.equal(a_img, b_img) and len(graphs._graphs) == 1
+    for top_k in (10, 20, 30):
+        graphs.generate([1, 2], top_k=top_k, seed=0)
+    assert len(graphs._graphs) == 2

@@ -2,7 +2,6 @@
 ``fid-sample`` (world-size independence under torchrun, resume after SIGKILL) and a tiny ablation run."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from ssg_engine.cli import build_parser, main
 from ssg_engine.eval import metrics
 from ssg_engine.eval.metrics import (
     fid_from_features,
@@ -148,9 +148,7 @@ def _fid_args(out, extra=()):
 
 
 def _run_in_process(argv):
-    from ssg_engine.eval.fid_sample import main
-
-    assert main(argv) == 0
+    assert main(["fid-sample", *argv]) == 0
 
 
 def _env():
@@ -192,7 +190,7 @@ def test_fid_sample_shard_seed_rule():
 def test_fid_sample_torchrun_two_processes_bit_identical(tmp_path, reference_npz):
     out = tmp_path / "two.npz"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "ssg_engine.eval.fid_sample", *_fid_args(out)]
+           "-m", "ssg_engine.cli", "fid-sample", *_fid_args(out)]
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "on 2 process(es)" in r.stderr
@@ -207,7 +205,7 @@ def test_fid_sample_resumes_after_sigkill(tmp_path, reference_npz, capsys):
 
     out = tmp_path / "resumed.npz"
     shard_dir = tmp_path / "resumed.npz.shards"
-    cmd = [sys.executable, "-m", "ssg_engine.eval.fid_sample", *_fid_args(out)]
+    cmd = [sys.executable, "-m", "ssg_engine.cli", "fid-sample", *_fid_args(out)]
     p = subprocess.Popen(cmd, env=dict(_env(), **{STALL_ENV: "2"}), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     watchdog = threading.Timer(240, p.kill)
     watchdog.start()
@@ -238,9 +236,7 @@ def test_fid_sample_resumes_after_sigkill(tmp_path, reference_npz, capsys):
     b, lb = _load(reference_npz)
     assert np.array_equal(a, b) and np.array_equal(la, lb)
     # a restart with settings that change the images is refused
-    from ssg_engine.eval.fid_sample import main
-
-    assert main(_fid_args(out, ["--cfg", "3.0"])) == 2
+    assert main(["fid-sample", *_fid_args(out, ["--cfg", "3.0"])]) == 2
     assert "other settings" in capsys.readouterr().err
 
 
@@ -309,11 +305,7 @@ def test_arms_share_one_temperature_grid():
 
 
 def test_cli_subcommands_parse():
-    from ssg_engine.eval import add_eval_subparsers
-
-    parser = argparse.ArgumentParser(prog="ssg-engine")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_eval_subparsers(sub)
+    parser = build_parser()
     a = parser.parse_args(["eval", "--samples", "20", "--seeds", "1", "--betas", "0.25", "0.5,1", "--temperatures", "1", "1.2",
                            "--priors", "dse", "area", "--out-dir", "x"])
     assert a.samples == 20 and a.seeds == 1 and a.betas == ["0.25", "0.5,1"] and a.priors == ["dse", "area"] and callable(a.func)

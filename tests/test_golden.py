@@ -41,7 +41,7 @@ def test_autoregressive_sampling_matches_upstream(tiny_models, golden, ar_args, 
     _, var = tiny_models
     a = ar_args[run]
     out = sample_reference(
-        var, a["B"], torch.tensor(a["label"]), g_seed=a["g_seed"], cfg=a["cfg"], top_k=a["top_k"], top_p=a["top_p"],
+        var, a["B"], torch.tensor(a["label"]), seed=a["g_seed"], cfg=a["cfg"], top_k=a["top_k"], top_p=a["top_p"],
         record_logits=True,
     )
     for si in range(N_SCALES):
@@ -62,7 +62,7 @@ def test_other_seed_gives_other_tokens(tiny_models, golden, ar_args):
     """Guards the comparison above: a different seed must not reproduce the golden tokens."""
     _, var = tiny_models
     a = ar_args[0]
-    out = sample_reference(var, a["B"], torch.tensor(a["label"]), g_seed=a["g_seed"] + 1, cfg=a["cfg"])
+    out = sample_reference(var, a["B"], torch.tensor(a["label"]), seed=a["g_seed"] + 1, cfg=a["cfg"])
     assert not all(torch.equal(out.tokens[si], golden[f"ar0.idx.{si}"]) for si in range(N_SCALES))
 
 

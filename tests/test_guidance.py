@@ -146,7 +146,7 @@ def test_unknown_prior_kind_in_operator():
 
 
 def _run(var, **kw):
-    return sample_reference(var, 2, torch.tensor([1, 9]), g_seed=7, cfg=1.5, top_k=64, top_p=0.9, record_logits=True, **kw)
+    return sample_reference(var, 2, torch.tensor([1, 9]), seed=7, cfg=1.5, top_k=64, top_p=0.9, record_logits=True, **kw)
 
 
 def test_beta_zero_is_identical_to_no_ssg(tiny_models):
@@ -179,13 +179,13 @@ def test_prior_source_guided(tiny_models):
 def test_ssg_changes_greedy_token_in_predicted_direction(tiny_models):
     """With top_k=1, SSG flips a token where the formula says the SSG logit of another token is larger."""
     _, var = tiny_models
-    base = sample_reference(var, 2, torch.tensor([1, 9]), g_seed=0, top_k=1, record_logits=True)
+    base = sample_reference(var, 2, torch.tensor([1, 9]), seed=0, top_k=1, record_logits=True)
     beta, k = 4.0, 1
     forced = base.tokens  # same history: feed the baseline tokens, compare step k's greedy choice
-    guided = sample_reference(var, 2, torch.tensor([1, 9]), g_seed=0, top_k=1, ssg=SSG(beta=beta), forced_tokens=forced, record_logits=True)
+    guided = sample_reference(var, 2, torch.tensor([1, 9]), seed=0, top_k=1, ssg=SSG(beta=beta), forced_tokens=forced, record_logits=True)
     predicted = ssg_logits(base.cfg_logits[k], base.cfg_logits[k - 1], var.patch_nums[k - 1], var.patch_nums[k], beta).argmax(-1)
     assert torch.equal(guided.sampled_logits[k].argmax(-1), predicted)
-    free = sample_reference(var, 2, torch.tensor([1, 9]), g_seed=0, top_k=1, ssg=SSG(beta=beta))
+    free = sample_reference(var, 2, torch.tensor([1, 9]), seed=0, top_k=1, ssg=SSG(beta=beta))
     assert torch.equal(free.tokens[k], predicted)
     assert not torch.equal(predicted, base.tokens[k]), "beta too small to flip any greedy token in this case"
 

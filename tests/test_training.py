@@ -1,8 +1,6 @@
 """Training loops, the Fashion-MNIST reader, class names, and the shipped Fashion-MNIST model."""
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
 
@@ -113,7 +111,7 @@ def test_vqvae_training_deterministic(tiny_subset):
 
 
 def test_var_training_lowers_loss(tiny_subset):
-    from ssg_engine.models import VAR, VQVAE
+    from ssg_engine.models import VQVAE, VARTransformer
     from ssg_engine.training import evaluate_var, init_var_weights, seed_everything, tokenize, train_var
 
     x, y = tiny_subset
@@ -121,7 +119,7 @@ def test_var_training_lowers_loss(tiny_subset):
     vae = VQVAE(TINY).eval()
     tok = tokenize(vae, x)
     assert tok.shape == (64, TINY.L)
-    var = VAR(TINY, vae)
+    var = VARTransformer(TINY, vae)
     init_var_weights(var)
     before = evaluate_var(var, vae, y, tok)
     res = train_var(var, vae, tok, y, 40, batch_size=16, lr=3e-3, warmup=5, seed=0, progress=False)
@@ -136,13 +134,10 @@ def test_var_training_lowers_loss(tiny_subset):
 
 
 def test_train_subparser_registers():
-    from ssg_engine.training import add_train_subparser
+    from ssg_engine.cli import build_parser
 
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="cmd")
-    add_train_subparser(sub)
-    args = parser.parse_args(["train", "--dataset", "fashion-mnist", "--out", "x", "--vae-steps", "3", "--var-steps", "2",
-                              "--batch-size", "8", "--seed", "5"])
+    args = build_parser().parse_args(["train", "--dataset", "fashion-mnist", "--out", "x", "--vae-steps", "3", "--var-steps", "2",
+                                      "--batch-size", "8", "--seed", "5"])
     assert args.vae_steps == 3 and args.var_steps == 2 and args.batch_size == 8 and args.seed == 5 and args.out == "x"
     assert callable(args.func)
 

@@ -30,7 +30,6 @@ output are relative to the repository (or ``~``), never machine-specific absolut
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import hashlib
@@ -44,12 +43,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..cli import (
-    CFG_MAX, INT32_MAX, SSG_BETA_MAX, TEMPERATURE_MAX, TEMPERATURE_MIN, CLIParser, add_model_args, check_output_dir, float_arg,
-    int_arg, load_from_args, parse_floats, run_cli,
-)
-from .fid_sample import add_fid_sample_parser
 from ..files import atomic_write, atomic_write_bytes, atomic_write_json, portable_path
+from ..pretrained import SAMPLING
 
 DEFAULT_PRIORS = ("dse", "bilinear", "bicubic", "nearest", "area")
 DEFAULT_BETAS = (0.25, 0.5, 1.0)
@@ -102,7 +97,7 @@ def batch_seed(seed: int, batch: int) -> int:
 @torch.no_grad()
 def sample_arm(var, vae, arm: Arm, n: int, seed: int, batch_size: int, cfg: float, top_k: int, top_p: float):
     """(images (n, 3, H, W) float32 on CPU in [0, 1], labels (n,) int64) for ``arm``."""
-    from ..sampler import generate
+    from ..api import generate
 
     labels = torch.arange(n) % var.num_classes
     out = []
@@ -259,9 +254,9 @@ def run_ablation(
     betas: Sequence[float] = DEFAULT_BETAS,
     temperatures: Sequence[float] = DEFAULT_TEMPERATURES,
     priors: Sequence[str] = DEFAULT_PRIORS,
-    cfg: float = 2.0,
-    top_k: int = 128,
-    top_p: float = 0.95,
+    cfg: float = SAMPLING.cfg,
+    top_k: int = SAMPLING.top_k,
+    top_p: float = SAMPLING.top_p,
     batch_size: int = 100,
     fid_arms: str = "main",
     inception_ref_n: int = 10000,
@@ -273,6 +268,8 @@ def run_ablation(
     model_desc: str = "",
     log=print,
 ) -> Dict[str, object]:
+    """Run the ablation table of ``var``/``vae`` into ``out_dir`` (see the module docstring; ``resume`` reuses the
+    stored (arm, seed) results whose settings match); returns what ``ablation.json`` holds."""
     from .classifier import classify, dataset_images01, load_classifier, reference_features
     from .metrics import fid_from_features, fid_from_stats, inception_features, kernel_inception_distance, precision_recall
 
@@ -439,66 +436,3 @@ def markdown_table(results: Dict[str, object]) -> str:
             lines.append(f"- T={t:g}: {best['name']} with FD-cls {best['fd_cls']['mean']:.3f}{extra}")
     lines += ["", "Metric notes: " + "; ".join(f"{k}: {v}" for k, v in results["metric_notes"].items()), ""]
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    check_output_dir(args.out_dir, "--out-dir")
-    betas = parse_floats(args.betas, "--betas", -SSG_BETA_MAX, SSG_BETA_MAX)
-    temperatures = parse_floats(args.temperatures, "--temperatures", TEMPERATURE_MIN, TEMPERATURE_MAX)
-    vae, var = load_from_args(args)
-    desc = f"{portable_path(args.var)} + {portable_path(args.vae)}" if args.var else "shipped pretrained Fashion-MNIST VAR (ssg_engine.pretrained)"
-    priors = [p for v in args.priors for p in v.split(",") if p]
-    run_ablation(
-        var, vae, args.out_dir, samples=args.samples, seeds=args.seeds, betas=betas,
-        temperatures=temperatures, priors=priors, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
-        batch_size=args.batch_size, fid_arms=args.fid_arms, inception_ref_n=args.inception_ref_n,
-        inception_batch_size=args.inception_batch_size, classifier=args.classifier, cache=args.cache_dir,
-        spectrum_temperature=args.spectrum_temperature, resume=args.resume, model_desc=desc,
-        log=lambda m: print(m, flush=True),
-    )
-    return 0
-
-
-def add_eval_subparsers(sub) -> None:
-    """Register ``eval`` (the ablation) and ``fid-sample`` on the ``ssg-engine`` subparsers."""
-    p = sub.add_parser(
-        "eval", help="SSG ablation table (classifier accuracy, FD-classifier, Inception FID) + spectrum PNG",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_model_args(p)
-    p.add_argument("--samples", type=int_arg(4), default=1000, help="class-balanced samples per arm per seed")
-    p.add_argument("--seeds", type=int_arg(1), default=3)
-    p.add_argument("--betas", nargs="+", default=[str(b) for b in DEFAULT_BETAS], help="SSG strengths (space- or comma-separated)")
-    p.add_argument("--temperatures", nargs="+", default=[str(t) for t in DEFAULT_TEMPERATURES], help="the temperature grid, used for every arm")
-    p.add_argument("--priors", nargs="+", default=list(DEFAULT_PRIORS), help="SSG priors: dse and the ablations bilinear bicubic nearest area")
-    p.add_argument("--cfg", type=float_arg(-CFG_MAX, CFG_MAX), default=2.0, help="default: the shipped model's card settings (cfg 2, top-k 128, top-p 0.95)")
-    p.add_argument("--top-k", type=int_arg(0, INT32_MAX), default=128)
-    p.add_argument("--top-p", type=float_arg(0.0, 1.0), default=0.95)
-    p.add_argument("--batch-size", type=int_arg(1), default=100)
-    p.add_argument("--fid-arms", choices=["main", "all", "none"], default="main", help="arms scored with Inception FID/KID (main: baseline + DSE)")
-    p.add_argument("--inception-ref-n", type=int_arg(1), default=10000, help="test images for the Inception reference statistics")
-    p.add_argument("--inception-batch-size", type=int_arg(1), default=100)
-    p.add_argument("--classifier", default=None,
-                   help="classifier weights, an existing file (default: the shipped weights, else the cache dir's, trained on first use)")
-    p.add_argument("--cache-dir", default=None, help="cache for classifier / reference statistics (default $SSG_ENGINE_CACHE or ~/.cache/ssg_engine)")
-    p.add_argument("--spectrum-temperature", type=float_arg(TEMPERATURE_MIN, TEMPERATURE_MAX), default=None, help="temperature of the spectrum plot's arms (default 1.0 if in the grid)")
-    p.add_argument("--resume", action="store_true",
-                   help="reuse the (arm, seed) results stored in OUT_DIR/runs/ whose settings match; compute only the others")
-    p.add_argument("--out-dir", required=True)
-    p.set_defaults(func=cmd_eval)
-    add_fid_sample_parser(sub)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m ssg_engine.eval.ablation [eval|fid-sample] ...`` until the lead wires the subcommands into cli.py."""
-    parser = CLIParser(prog="ssg-engine")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_eval_subparsers(sub)
-    return run_cli(parser, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

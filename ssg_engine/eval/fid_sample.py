@@ -10,7 +10,7 @@ The set is cut into fixed **shards**: class ``c``, indices ``[start, start + sha
 ``start = 0, shard_size, 2 * shard_size, ...`` (``shard_size`` = ``--batch-size``; the last shard of a
 class may be shorter). A shard is sampled as one batch of ``n`` labels ``c`` with the seed
 ``shard_seed(seed, c, start)`` (a SHA-256 of ``"ssg-engine-fid:{seed}:{c}:{start}"``, 62 bits): with the
-reference sampler that seed is the ``g_seed`` of ``sample_reference``, with ``--sampler engine`` the
+reference sampler that seed is the ``seed`` of ``sample_reference``, with ``--sampler engine`` the
 Engine's Philox seed. So every image depends only on (seed, class, index, shard size, sampling
 settings) — never on the number of processes, the rank that made it, the order shards were made in,
 or on how often the run was interrupted. With the reference sampler on CPU the npz is bit-identical
@@ -41,7 +41,6 @@ an ``flock`` of the folder), and after a barrier rank 0 assembles the npz. Backe
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import fcntl
@@ -58,15 +57,38 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..cli import (
-    CLIParser, UsageError, add_model_args, add_sampling_args, check_output_dir, check_output_file, int_arg, load_from_args,
-    resolve_ssg_args, run_cli, ssg_from_args,
-)
 from ..files import atomic_write, atomic_write_bytes, atomic_write_json, portable_path, sha256_bytes, sha256_file
+from ..params import SamplingParams
 
 STALL_ENV = "SSG_ENGINE_FID_SAMPLE_STALL_AFTER"  # test hook: stall (sleep) after this process wrote N shards
 MANIFEST = "manifest.json"
 INFO_KEYS = ("model_files", "shards")  # manifest entries recorded for information, not compared on resume
+SAMPLERS = ("reference", "engine")
+
+
+@dataclasses.dataclass(frozen=True)
+class FidSampleJob:
+    """One sample set: the model's checkpoint files, how to sample, and where the shards and the npz go.
+
+    - ``model_files``: ``{"var": path, "vae": path}``, the files the model is loaded from (the manifest identifies the
+      model by their sha256);
+    - ``sampling``: every image's settings; ``sampling.seed`` is the base seed of ``shard_seed``;
+    - ``per_class`` images of each class ``0 .. num_classes - 1`` (None: all of the model's classes), sampled in
+      shards of ``shard_size`` by ``sampler`` (one of ``SAMPLERS``) on ``device``;
+    - ``threads``: intra-op threads per process (None: 1 on CPU, see the determinism rule; torch's count elsewhere);
+    - ``shard_dir``: where the shards go (None: ``<out>.shards``).
+    """
+
+    model_files: Dict[str, Path]
+    out: Path
+    sampling: SamplingParams
+    per_class: int
+    shard_size: int
+    sampler: str
+    device: str
+    num_classes: Optional[int] = None
+    threads: Optional[int] = None
+    shard_dir: Optional[Path] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,41 +246,32 @@ def _barrier(world: int) -> None:
 # ----------------------------------------------------------------------------- main
 
 
-def _model_files(args: argparse.Namespace) -> Dict[str, Path]:
-    """The checkpoint files the images come from: --var/--vae, or the shipped model's."""
-    if args.var:
-        return {"var": Path(args.var), "vae": Path(args.vae)}
-    from ..pretrained import pretrained_files
-
-    vae_file, var_file, _ = pretrained_files()
-    return {"var": var_file, "vae": vae_file}
-
-
-def manifest_for(args: argparse.Namespace, var, classes: List[int]) -> Dict[str, object]:
-    """The settings the images depend on (the model by its files' sha256 and its config), compared on resume, plus
-    the model files as given (``model_files``, recorded only, never as machine-specific absolute paths)."""
-    files = _model_files(args)
-    ssg_on = args.ssg_beta is not None
+def manifest_for(job: FidSampleJob, var, classes: List[int]) -> Dict[str, object]:
+    """The settings the images depend on (the model by its files' sha256 and its config, every sampling setting),
+    compared on resume, plus the model files as given (``model_files``, recorded only, never as machine-specific
+    absolute paths)."""
+    p = job.sampling
     settings = {
-        "format": 2, "model_sha256": {k: sha256_file(f) for k, f in files.items()}, "model_config": var.config.to_dict(),
-        "model_files": {k: portable_path(f) for k, f in files.items()}, "per_class": args.per_class, "classes": classes,
-        "num_classes_model": var.num_classes, "shard_size": args.batch_size, "seed": args.seed, "sampler": args.sampler,
-        "device": torch.device(args.device).type, "cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p,
-        "temperature": args.temperature, "threads": args.threads if str(args.device) == "cpu" else None,
-        "ssg_beta": args.ssg_beta, "ssg_prior": args.ssg_prior if ssg_on else None, "ssg_interp": args.ssg_interp if ssg_on else None,
+        "format": 3, "model_sha256": {k: sha256_file(f) for k, f in job.model_files.items()}, "model_config": var.config.to_dict(),
+        "model_files": {k: portable_path(f) for k, f in job.model_files.items()}, "per_class": job.per_class, "classes": classes,
+        "num_classes_model": var.num_classes, "shard_size": job.shard_size, "seed": p.seed, "sampler": job.sampler,
+        "device": torch.device(job.device).type, "cfg": p.cfg, "top_k": p.top_k, "top_p": p.top_p, "temperature": p.temperature,
+        "threads": job.threads if job.device == "cpu" else None, "ssg": dataclasses.asdict(p.ssg) if p.ssg else None,
     }
     return json.loads(json.dumps(settings))  # as it reads back from the file (lists, not tuples)
 
 
-def sample_shard(var, vae, shard: Shard, args: argparse.Namespace, ssg) -> np.ndarray:
-    from ..sampler import generate, sample_reference
+def sample_shard(var, vae, shard: Shard, sampling: SamplingParams, sampler: str) -> np.ndarray:
+    """The shard's images as uint8 NHWC, sampled with the seed ``shard_seed(sampling.seed, shard.cls, shard.start)``."""
+    from ..api import generate
+    from ..sampler import sample_reference
 
-    seed = shard_seed(args.seed, shard.cls, shard.start)
-    kw = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, ssg=ssg)
-    if args.sampler == "reference":
-        images = sample_reference(var, shard.n, [shard.cls] * shard.n, g_seed=seed, **kw).images
+    seed = shard_seed(sampling.seed, shard.cls, shard.start)
+    labels = [shard.cls] * shard.n
+    if sampler == "reference":
+        images = sample_reference(var, shard.n, labels, sampling, seed=seed).images
     else:
-        images = generate(var, vae, [shard.cls] * shard.n, seed=seed, **kw)
+        images = generate(var, vae, labels, sampling, seed=seed)
     return to_uint8_nhwc(images)
 
 
@@ -294,34 +307,34 @@ def _assemble(shard_dir: Path, plan: List[Shard]) -> Tuple[np.ndarray, np.ndarra
     return images, labels
 
 
-def run_fid_sample(args: argparse.Namespace) -> int:
-    check_output_file(args.out, (".npz",), "--out")
-    if args.shard_dir is not None:
-        check_output_dir(args.shard_dir, "--shard-dir")
-    resolve_ssg_args(args)
-    rank, world, device = _init_dist(args.device)
-    args.device = device
-    if args.threads is None:
-        args.threads = 1 if device == "cpu" else torch.get_num_threads()
+def run_fid_sample(job: FidSampleJob, load_models: Callable[[str], Tuple[object, object]]) -> None:
+    """Make ``job``'s sample set: on every process of a ``torchrun`` group (or alone), load the model with
+    ``load_models(device)`` -> ``(vae, var)`` on the process's device, make this process's missing shards, and (rank 0)
+    write the npz. Bad settings raise ``ValueError`` before any file is written."""
+    if job.sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {job.sampler!r}")
+    if job.sampling.seed is None:
+        raise ValueError("fid-sample needs an integer seed: every shard's seed is derived from it")
+    rank, world, device = _init_dist(job.device)
+    job = dataclasses.replace(job, device=device, threads=job.threads or (1 if device == "cpu" else torch.get_num_threads()))
     old_threads = torch.get_num_threads()
     if device == "cpu":
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(job.threads)
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if rank == 0 else (lambda *a: None)
     try:
-        out = Path(args.out)
-        shard_dir = Path(args.shard_dir) if args.shard_dir else out.with_name(out.name + ".shards")
-        vae, var = load_from_args(args)
+        out = Path(job.out)
+        shard_dir = Path(job.shard_dir) if job.shard_dir else out.with_name(out.name + ".shards")
+        vae, var = load_models(device)
         nc_model = var.num_classes
-        n_cls = args.num_classes if args.num_classes is not None else nc_model
+        n_cls = job.num_classes if job.num_classes is not None else nc_model
         if not 0 < n_cls <= nc_model:
-            raise UsageError(f"--num-classes {n_cls} is out of range; give a number in [1, {nc_model}] (the model's classes)")
+            raise ValueError(f"--num-classes {n_cls} is out of range; give a number in [1, {nc_model}] (the model's classes)")
         classes = list(range(n_cls))
-        plan = shard_plan(n_cls, args.per_class, args.batch_size, classes)
-        ssg = ssg_from_args(args, args.ssg_beta)  # every argument is checked before any file is written
+        plan = shard_plan(n_cls, job.per_class, job.shard_size, classes)
         decision: Tuple[Optional[Dict[str, object]], List[int], Optional[str]] = (None, [], None)
         if rank == 0:
             try:
-                settings = manifest_for(args, var, classes)
+                settings = manifest_for(job, var, classes)
                 shard_dir.mkdir(parents=True, exist_ok=True)
                 for leftover in out.parent.glob(f".{out.name}.tmp*"):  # from a killed run
                     leftover.unlink(missing_ok=True)
@@ -333,12 +346,12 @@ def run_fid_sample(args: argparse.Namespace) -> int:
         if error is not None:
             raise ValueError(error)
         mine = [plan[i] for i in todo[rank::world]]
-        log(f"fid-sample: {len(plan)} shards of <= {args.batch_size} images ({n_cls} classes x {args.per_class}); "
+        log(f"fid-sample: {len(plan)} shards of <= {job.shard_size} images ({n_cls} classes x {job.per_class}); "
             f"{len(plan) - len(todo)} already done, {len(todo)} to make on {world} process(es)")
         stall_after = int(os.environ.get(STALL_ENV, "0") or 0)
         t0 = time.perf_counter()
         for i, shard in enumerate(mine):
-            _save_shard(shard_dir, settings, shard, sample_shard(var, vae, shard, args, ssg))
+            _save_shard(shard_dir, settings, shard, sample_shard(var, vae, shard, job.sampling, job.sampler))
             if (i + 1) % max(1, len(mine) // 20) == 0 or i + 1 == len(mine):
                 log(f"  rank 0: {i + 1}/{len(mine)} shards ({time.perf_counter() - t0:.1f}s)")
             if stall_after and i + 1 >= stall_after:
@@ -358,38 +371,3 @@ def run_fid_sample(args: argparse.Namespace) -> int:
 
             if dist.is_initialized():
                 dist.destroy_process_group()
-    return 0
-
-
-def add_fid_sample_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "fid-sample",
-        help="class-conditional samples as an npz for the guided-diffusion evaluator (resumable, torchrun data-parallel)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_model_args(p)
-    add_sampling_args(p)
-    p.add_argument("--per-class", type=int_arg(1), default=50, help="images per class")
-    p.add_argument("--num-classes", type=int_arg(1), default=None, help="sample classes 0..N-1 (default: all of the model's)")
-    p.add_argument("--batch-size", type=int_arg(1), default=50, help="images per shard (= per sampling batch); part of the determinism key")
-    p.add_argument("--seed", type=int_arg(0), default=0, help="base seed; shard (c, start) uses shard_seed(seed, c, start)")
-    p.add_argument("--sampler", choices=["reference", "engine"], default="reference",
-                   help="reference: sample_reference with g_seed (bit-reproducible on CPU); engine: ssg_engine.generate (the fast Engine on CUDA)")
-    p.add_argument("--threads", type=int_arg(1), default=None,
-                   help="CPU threads per process (default 1 on CPU: BLAS reductions, hence the bits, depend on the thread count)")
-    p.add_argument("--out", default="samples.npz")
-    p.add_argument("--shard-dir", default=None, help="where shards go (default: <out>.shards)")
-    p.set_defaults(func=run_fid_sample)
-    return p
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m ssg_engine.eval.fid_sample ...`` (same flags as ``ssg-engine fid-sample``; for torchrun)."""
-    parser = CLIParser(prog="fid-sample")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_fid_sample_parser(sub)
-    return run_cli(parser, ["fid-sample", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,5 @@
 """Upstream-compatible VQ-VAE tokenizer and VAR transformer."""
-from .var import VAR
+from .var import VARTransformer
 from .vqvae import VQVAE, VectorQuantizer2
 
-__all__ = ["VAR", "VQVAE", "VectorQuantizer2"]
+__all__ = ["VARTransformer", "VQVAE", "VectorQuantizer2"]

@@ -5,8 +5,9 @@ Shapes: ``B`` images, ``L`` tokens over all scales (680 for VAR-256), ``C`` widt
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -14,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from ..guidance import as_number
+from ..validation import as_number
 from .vqvae import VQVAE
 
 
@@ -32,8 +33,8 @@ class FFN(nn.Module):
 class SelfAttention(nn.Module):
     """Multi-head attention with optional L2-normalised q/k and a learned per-head scale.
 
-    Upstream-style KV cache for sampling: ``kv_caching(True)`` makes each call append its
-    keys/values (``torch.cat``) and attend over everything cached so far.
+    ``forward`` is teacher forcing over a whole sequence; samplers call ``qkv`` and ``attend`` around their
+    own KV cache (see :mod:`ssg_engine.models.family`).
     """
 
     def __init__(self, dim: int, num_heads: int, attn_l2_norm: bool) -> None:
@@ -51,12 +52,6 @@ class SelfAttention(nn.Module):
         self.v_bias = nn.Parameter(torch.zeros(dim))
         self.register_buffer("zero_k_bias", torch.zeros(dim))
         self.proj = nn.Linear(dim, dim)
-        self.caching = False
-        self.cached_k: Optional[torch.Tensor] = None
-        self.cached_v: Optional[torch.Tensor] = None
-
-    def kv_caching(self, enable: bool) -> None:
-        self.caching, self.cached_k, self.cached_v = enable, None, None
 
     def qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, l, C) -> q, k, v each (B, H, l, head_dim), with q/k normalisation and q scaling applied."""
@@ -76,13 +71,7 @@ class SelfAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, l, -1))
 
     def forward(self, x: torch.Tensor, attn_bias: Optional[torch.Tensor]) -> torch.Tensor:
-        q, k, v = self.qkv(x)
-        if self.caching:
-            if self.cached_k is not None:
-                k = torch.cat((self.cached_k, k), dim=2)
-                v = torch.cat((self.cached_v, v), dim=2)
-            self.cached_k, self.cached_v = k, v
-        return self.attend(q, k, v, attn_bias)
+        return self.attend(*self.qkv(x), attn_bias)
 
 
 class AdaLNSelfAttn(nn.Module):
@@ -146,8 +135,29 @@ def level_buffers(patch_nums: Tuple[int, ...]) -> Tuple[torch.Tensor, torch.Tens
     return dT[:, 0].contiguous(), torch.where(d >= dT, 0.0, -torch.inf).reshape(1, 1, L, L).contiguous()
 
 
-class VAR(nn.Module):
-    """Class-conditional next-scale-prediction transformer; upstream attribute and method names."""
+@dataclasses.dataclass
+class VARState:
+    """One batch's sampling state (B images, 2B rows with the unconditional half for CFG).
+
+    Conditioning is computed once per batch (AdaLN modulations of every block and of the head); ``x`` is the
+    current scale's input (2B, h*w, C) and ``f_hat`` the accumulated latent (B, Cvae, H, W) in the VQ-VAE's dtype.
+    """
+
+    batch: int
+    modulations: List[torch.Tensor]
+    head_scale: torch.Tensor  # 1 + scale of the head's AdaLN, (2B, 1, C)
+    head_shift: torch.Tensor
+    lvl_pos: torch.Tensor  # (1, L, C)
+    x: torch.Tensor
+    f_hat: torch.Tensor
+
+
+class VARTransformer(nn.Module):
+    """Class-conditional next-scale-prediction transformer; upstream attribute names and state dict.
+
+    It implements :class:`ssg_engine.models.family.NextScaleModel` (``condition``, ``step``, ``next_input``,
+    ``decode``); upstream's drop-in ``autoregressive_infer_cfg`` is on :class:`ssg_engine.VAR`.
+    """
 
     def __init__(self, cfg: ModelConfig, vae: Optional[VQVAE] = None) -> None:
         super().__init__()
@@ -197,6 +207,12 @@ class VAR(nn.Module):
     def get_logits(self, h: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         """Final AdaLN + head, in float32: (B, l, C) -> (B, l, V)."""
         return self.head(self.head_nm(h.float(), cond_BD).float()).float()
+
+    @property
+    def vae(self) -> VQVAE:
+        if not self.vae_proxy:
+            raise RuntimeError("this VAR has no VQ-VAE attached: build it with VAR(cfg, vae) or call var.attach_vae(vae)")
+        return self.vae_proxy[0]
 
     def lvl_pos(self) -> torch.Tensor:
         """Level + absolute position embedding (1, L, C)."""
@@ -260,28 +276,57 @@ class VAR(nn.Module):
             x_BLC = block(x_BLC, cond, attn_bias)
         return self.get_logits(x_BLC, cond_BD)
 
-    # ------------------------------------------------------------------ sampling
-    @torch.no_grad()
-    def autoregressive_infer_cfg(
-        self,
-        B: int,
-        label_B: Optional[Union[int, torch.LongTensor]],
-        g_seed: Optional[int] = None,
-        cfg: float = 1.5,
-        top_k: int = 0,
-        top_p: float = 0.0,
-        more_smooth: bool = False,
-        ssg: Any = None,
-        temperature: float = 1.0,
-    ) -> torch.Tensor:
-        """Sample ``B`` images (B, 3, H, W) in [0, 1]; upstream-exact when ``ssg`` is None and ``temperature`` is 1.
+    # ------------------------------------------------------------------ sampling (the NextScaleModel interface)
+    def scale_sizes(self) -> List[Tuple[int, int]]:
+        return [(pn, pn) for pn in self.patch_nums]
 
-        ``label_B``: None (random classes), an int (same class for all; negative = unconditional) or (B,) labels.
-        ``ssg``: an ``ssg_engine.SSG`` or None.
-        """
-        from ..sampler import sample_reference
+    def cache_layout(self) -> Tuple[int, int, int, int]:
+        return self.depth, self.num_heads, self.L, self.C // self.num_heads
 
-        return sample_reference(
-            self, B, label_B, g_seed=g_seed, cfg=cfg, top_k=top_k, top_p=top_p,
-            more_smooth=more_smooth, ssg=ssg, temperature=temperature,
-        ).images
+    def condition(self, labels: torch.Tensor) -> VARState:
+        """State for labels (B,) int64: class embeddings of the labels and of the unconditional class, their
+        AdaLN modulations (once per batch, not per scale), the first scale's input, a zero latent."""
+        B = labels.shape[0]
+        cond_BD = self.class_emb(torch.cat((labels, torch.full_like(labels, self.num_classes)), dim=0))
+        shared = self.shared_ada_lin(cond_BD)
+        head_scale, head_shift = self.head_nm.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2)
+        lvl_pos = self.lvl_pos()
+        x = cond_BD.unsqueeze(1).expand(2 * B, self.first_l, -1) + self.pos_start.expand(2 * B, self.first_l, -1)
+        side = self.patch_nums[-1]
+        vae_weight = self.vae.quantize.embedding.weight
+        return VARState(
+            batch=B,
+            modulations=[block.modulation(shared) for block in self.blocks],
+            head_scale=head_scale.add(1),
+            head_shift=head_shift,
+            lvl_pos=lvl_pos,
+            x=x + lvl_pos[:, : self.first_l],
+            f_hat=torch.zeros(B, self.Cvae, side, side, device=vae_weight.device, dtype=vae_weight.dtype),
+        )
+
+    def step(self, state: VARState, si: int, attend: Any) -> torch.Tensor:
+        """Logits (2B, pn*pn, V) float32 of scale ``si``: the blocks over the state's input, then the head."""
+        start = self.begin_ends[si][0]
+        x = state.x
+        for layer, block in enumerate(self.blocks):
+            x = block.forward_modulated(x, state.modulations[layer], lambda h, i=layer, a=block.attn: attend(i, a, h, start))
+        h = self.head_nm.ln_wo_grad(x).mul(state.head_scale).add_(state.head_shift)
+        return self.head(h).float()
+
+    def next_input(self, state: VARState, si: int, tokens: torch.Tensor) -> None:
+        """Add scale ``si``'s tokens (B, pn*pn) to the latent and embed the next scale's input."""
+        self.next_input_embeddings(state, si, self.vae.quantize.embedding(tokens))
+
+    def next_input_embeddings(self, state: VARState, si: int, h_BlC: torch.Tensor) -> None:
+        """``next_input`` from codebook-space embeddings (B, pn*pn, Cvae) (upstream's ``more_smooth`` mode)."""
+        B, pn, K = state.batch, self.patch_nums[si], len(self.patch_nums)
+        h_BChw = h_BlC.transpose(1, 2).reshape(B, self.Cvae, pn, pn)
+        state.f_hat, nxt = self.vae.quantize.get_next_autoregressive_input(si, K, state.f_hat, h_BChw)
+        if si != K - 1:
+            begin, end = self.begin_ends[si + 1]
+            nxt = nxt.view(B, self.Cvae, -1).transpose(1, 2).to(self.word_embed.weight.dtype)
+            state.x = (self.word_embed(nxt) + state.lvl_pos[:, begin:end]).repeat(2, 1, 1)
+
+    def decode(self, state: VARState) -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1] from the accumulated latent."""
+        return self.vae.fhat_to_img(state.f_hat).add_(1).mul_(0.5)

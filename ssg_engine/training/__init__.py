@@ -2,7 +2,7 @@
 
 ``train_fashion_mnist(out_dir, ...)`` runs both stages and writes ``vae.safetensors``,
 ``var.safetensors``, ``config.json`` and ``metrics.json`` (``out_dir`` appears only complete: see
-``staged_output_dir``); ``add_train_subparser`` registers ``ssg-engine train --dataset fashion-mnist --out DIR``.
+``staged_output_dir``); ``ssg-engine train --dataset fashion-mnist --out DIR`` (``ssg_engine.cli.train``) calls it.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from .var_trainer import evaluate_var, init_var_weights, tokenize, train_var
 from .vqvae_trainer import evaluate_vae, train_vqvae
 
 __all__ = [
-    "FASHION_MNIST_CONFIG", "train_fashion_mnist", "add_train_subparser", "train_vqvae", "train_var",
+    "FASHION_MNIST_CONFIG", "train_fashion_mnist", "train_vqvae", "train_var",
     "evaluate_vae", "evaluate_var", "init_var_weights", "tokenize", "seed_everything",
 ]
 
@@ -142,7 +142,7 @@ def train_fashion_mnist(
     Returns the metrics dict (also written to ``metrics.json``).
     """
     from ..data import load_fashion_mnist, prepare_images
-    from ..models import VAR, VQVAE
+    from ..models import VQVAE, VARTransformer
 
     _check_positive(
         vae_steps=vae_steps, var_steps=var_steps, batch_size=batch_size, var_batch_size=var_batch_size,
@@ -186,7 +186,7 @@ def train_fashion_mnist(
         tok_te = tokenize(vae, xte[:n_val])
         tok_s = time.perf_counter() - t
         seed_everything(seed + 1)
-        var = VAR(cfg, vae)
+        var = VARTransformer(cfg, vae)
         init_var_weights(var)
         var_res = train_var(var, vae, tok_tr, ytr[:n_tok], var_steps, batch_size=vbs, lr=var_lr, seed=seed, progress=progress,
             time_budget_s=var_time_budget_s,
@@ -234,43 +234,3 @@ def train_fashion_mnist(
         }
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
-
-
-def _cmd_train(args: Any) -> int:
-    """``ssg-engine train``; errors (a refused --out, a missing dataset) and Ctrl-C are reported by ``cli.run_cli``."""
-    from ..cli import check_output_dir
-
-    check_output_dir(args.out, "--out")
-    m = train_fashion_mnist(
-        args.out, seed=args.seed, vae_steps=args.vae_steps, var_steps=args.var_steps, batch_size=args.batch_size,
-        var_batch_size=args.var_batch_size, var_train_images=args.var_train_images, train_limit=args.train_images,
-        eval_limit=args.eval_images, force=args.force,
-    )
-    print(
-        f"wrote {args.out}: VQ-VAE test PSNR {m['vae']['test']['psnr']:.2f} dB, "
-        f"VAR val CE {m['var']['val']['ce']:.3f}, total {m['total_wall_s']:.0f} s"
-    )
-    return 0
-
-
-def add_train_subparser(subparsers: Any) -> Any:
-    """Register ``train`` on an argparse subparsers object; the handler returns an int exit code."""
-    from ..cli import int_arg
-
-    p = subparsers.add_parser("train", help="train a small VQ-VAE + VAR (CPU-sized) on Fashion-MNIST")
-    p.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist"])
-    p.add_argument("--out", required=True,
-                   help="output folder for vae/var .safetensors, config.json, metrics.json; it appears only once training has "
-                        "finished (until then the run writes .<out>.partial-<pid> next to it)")
-    p.add_argument("--force", action="store_true", help="replace an existing non-empty --out (only once training has finished)")
-    p.add_argument("--seed", type=int_arg(0), default=0)
-    # defaults = the recipe of the shipped model (assets/fashion_mnist/MODEL_CARD.md)
-    p.add_argument("--vae-steps", type=int_arg(1), default=400)
-    p.add_argument("--var-steps", type=int_arg(1), default=900)
-    p.add_argument("--batch-size", type=int_arg(1), default=32, help="VQ-VAE batch size")
-    p.add_argument("--var-batch-size", type=int_arg(1), default=64)
-    p.add_argument("--var-train-images", type=int_arg(1), default=25000, help="train images tokenized for the VAR")
-    p.add_argument("--train-images", type=int_arg(1), default=None, help="use only the first N training images (default: all 60000)")
-    p.add_argument("--eval-images", type=int_arg(1), default=None, help="test images for the reported metrics (default: all 10000)")
-    p.set_defaults(func=_cmd_train)
-    return p

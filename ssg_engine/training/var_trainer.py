@@ -15,13 +15,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..models.var import VAR
+from ..models.var import VARTransformer
 from ..models.vqvae import VQVAE
 from .vqvae_trainer import _sched_step, cosine_lr, shuffled_batches
 
 
 @torch.no_grad()
-def init_var_weights(var: VAR, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-3, init_head: float = 0.02) -> None:
+def init_var_weights(var: VARTransformer, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-3, init_head: float = 0.02) -> None:
     """Upstream-style initialisation: truncated normal (std sqrt(1/3C)), small head, near-identity blocks."""
     C = var.C
     std = math.sqrt(1 / C / 3)
@@ -71,7 +71,7 @@ def split_tokens(tokens_NL: torch.Tensor, patch_nums) -> List[torch.Tensor]:
     return out
 
 
-def var_loss(var: VAR, vae: VQVAE, labels: torch.Tensor, tokens_BL: torch.Tensor) -> torch.Tensor:
+def var_loss(var: VARTransformer, vae: VQVAE, labels: torch.Tensor, tokens_BL: torch.Tensor) -> torch.Tensor:
     gt = split_tokens(tokens_BL, var.patch_nums)
     with torch.no_grad():
         x_in = vae.quantize.idxBl_to_var_input(gt)
@@ -80,7 +80,7 @@ def var_loss(var: VAR, vae: VQVAE, labels: torch.Tensor, tokens_BL: torch.Tensor
 
 
 @torch.no_grad()
-def evaluate_var(var: VAR, vae: VQVAE, labels: torch.Tensor, tokens: torch.Tensor, batch_size: int = 250) -> Dict[str, float]:
+def evaluate_var(var: VARTransformer, vae: VQVAE, labels: torch.Tensor, tokens: torch.Tensor, batch_size: int = 250) -> Dict[str, float]:
     """Mean teacher-forced cross-entropy (conditional, no label dropout) and token accuracy."""
     was = var.training
     var.eval()
@@ -98,7 +98,7 @@ def evaluate_var(var: VAR, vae: VQVAE, labels: torch.Tensor, tokens: torch.Tenso
 
 
 def train_var(
-    var: VAR,
+    var: VARTransformer,
     vae: VQVAE,
     tokens: torch.Tensor,
     labels: torch.Tensor,

@@ -1,0 +1,338 @@
+"""What every ``ssg-engine`` command shares: value checks, model / sampling / batch flags, and error reporting.
+
+A bad value or flag combination raises ``UsageError`` (a ``ValueError``) whose message names the flag or file and
+says how to fix it; ``run_cli`` prints it as one ``error: ...`` line with exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, List, NoReturn, Optional, Sequence, Tuple
+
+import torch
+
+from ..guidance import DEFAULT_BETA, DSE_INTERPS, PRIORS, SSG
+from ..params import SamplingParams
+from ..pretrained import SAMPLING, load_pretrained
+
+
+class UsageError(ValueError):
+    """A bad command-line value or flag combination; the message names the flag or file and says how to fix it."""
+
+
+INT64_MAX = 2**63 - 1
+INT32_MAX = 2**31 - 1
+# Bounds that keep the guided logits finite in float32: with |logit| ~ 1e2, CFG (<= (1 + 2|cfg|) x), SSG
+# (<= (1 + 2|beta|) x) and temperature (<= 1e4 x) give at most ~4e12, far from float32's 3.4e38.
+CFG_MAX = 1e3
+SSG_BETA_MAX = 1e3
+TEMPERATURE_MIN, TEMPERATURE_MAX = 1e-4, 1e4
+SAMPLING_FLAGS = ("cfg", "top_k", "top_p", "temperature", "seed")  # SamplingParams fields that have a flag
+
+
+def parse_int(text: str, lo: int, hi: int = INT64_MAX) -> int:
+    """``text`` as an integer in ``[lo, hi]``; ``UsageError`` saying what is wanted otherwise."""
+    want = f"an integer in [{lo}, {'2**63 - 1' if hi == INT64_MAX else hi}]"
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"{text!r} is not an integer; give {want}") from None
+    if not lo <= value <= hi:
+        raise UsageError(f"{value} is out of range; give {want}")
+    return value
+
+
+def parse_float(text: str, lo: float, hi: float) -> float:
+    """``text`` as a finite number in ``[lo, hi]``; ``UsageError`` saying what is wanted otherwise."""
+    want = f"a number in [{lo:g}, {hi:g}]"
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"{text!r} is not a number; give {want}") from None
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise UsageError(f"{text} is out of range; give {want}")
+    return value
+
+
+def parse_floats(values: Sequence[str], flag: str, lo: float, hi: float) -> List[float]:
+    """Numbers in ``[lo, hi]`` from space- and/or comma-separated ``values`` of ``flag``."""
+    try:
+        return [parse_float(part, lo, hi) for v in values for part in str(v).split(",") if part.strip()]
+    except UsageError as e:
+        raise UsageError(f"{flag}: {e}") from None
+
+
+def _arg_type(parse: Callable[[str], object]) -> Callable[[str], object]:
+    """An argparse ``type`` from a parser raising ``UsageError`` (argparse then names the flag)."""
+
+    def arg(text: str) -> object:
+        try:
+            return parse(text)
+        except UsageError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return arg
+
+
+def int_arg(lo: int, hi: int = INT64_MAX) -> Callable[[str], int]:
+    """An argparse ``type``: an integer in ``[lo, hi]``."""
+    return _arg_type(lambda text: parse_int(text, lo, hi))
+
+
+def float_arg(lo: float, hi: float) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number in ``[lo, hi]``."""
+    return _arg_type(lambda text: parse_float(text, lo, hi))
+
+
+def check_device(text: str) -> torch.device:
+    """``text`` as a usable torch device (cpu, or cuda[:N] when that GPU exists); ``UsageError`` otherwise."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UsageError(f"{text!r} is not a device; use cpu or cuda[:N]") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"{text!r} needs a CUDA GPU and none is available here; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"{text!r}: there are only {count} CUDA device(s) here; use cuda:0 .. cuda:{count - 1}")
+    elif device.type != "cpu":
+        raise UsageError(f"{text!r} is not supported; use cpu or cuda[:N]")
+    return device
+
+
+def parse_patch_nums(text: str) -> Tuple[int, ...]:
+    """Comma-separated, strictly increasing positive scales, e.g. ``1,2,3,4,5,6,8``; ``UsageError`` otherwise."""
+    try:
+        scales = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        scales = ()
+    if not scales or scales[0] < 1 or list(scales) != sorted(set(scales)):
+        raise UsageError(f"{text!r} is not a list of scales; give increasing positive integers such as 1,2,3,4,5,6,8")
+    return scales
+
+
+device_arg = _arg_type(lambda text: str(check_device(text)))  # kept as a string, e.g. "cuda:1"
+patch_nums_arg = _arg_type(parse_patch_nums)
+
+
+def _check_writable_folder(folder: Path, flag: str) -> None:
+    """``folder``, or its nearest existing ancestor when it is to be created, accepts new files (tried, not guessed)."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag}: {existing} is a file, so the folder {folder} cannot be created; choose another path")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".ssg-engine-probe-")
+    except OSError as e:
+        raise UsageError(f"{flag}: cannot write in {existing} ({e.strerror}); choose a writable folder") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_output_file(path: str, suffixes: Sequence[str], flag: str) -> None:
+    """``path`` (given as ``flag``) is a file the command may write: a known suffix, not a folder, in a writable
+    folder (missing parent folders are created when it writes); ``UsageError`` otherwise."""
+    if not path:
+        raise UsageError(f"{flag} is empty; give a file path ending in {' or '.join(suffixes)}")
+    if not path.lower().endswith(tuple(suffixes)):
+        raise UsageError(f"{flag} {path}: unknown extension; give a path ending in {' or '.join(suffixes)}")
+    out = Path(path)
+    if out.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; give a file path such as {out / ('out' + suffixes[0])}")
+    _check_writable_folder(out.absolute().parent, flag)
+
+
+def check_output_dir(path: str, flag: str) -> None:
+    """``path`` (given as ``flag``) is a folder the command may write into (created when it writes, with its
+    missing parents); ``UsageError`` otherwise."""
+    if not path:
+        raise UsageError(f"{flag} is empty; give a folder path")
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{flag} {path} is a file, not a folder; give a folder path")
+    _check_writable_folder(out.absolute(), flag)
+
+
+# ----------------------------------------------------------------------------- model flags
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--var/--vae (default: the shipped model), --config/--preset/--patch-nums (checkpoints only), --device."""
+    p.add_argument("--var", help="VAR checkpoint (.pth or .safetensors); default: the shipped Fashion-MNIST model")
+    p.add_argument("--vae", help="VQ-VAE checkpoint (.pth or .safetensors)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--config", help="model config JSON for --var/--vae (default: inferred from the checkpoints)")
+    g.add_argument("--preset", help="d16 | d20 | d24 | d30 | d36, for --var/--vae")
+    g.add_argument("--patch-nums", type=patch_nums_arg, default=None,
+                   help="comma-separated scales, for --var/--vae whose token count matches no preset")
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
+
+
+def check_model_args(args: argparse.Namespace) -> None:
+    """--var and --vae come together; --config/--preset/--patch-nums only with them (never silently ignored)."""
+    if bool(args.var) != bool(args.vae):
+        raise UsageError("give both --var and --vae, or neither (the shipped Fashion-MNIST model)")
+    if not args.var:
+        for flag, value in (("--config", args.config), ("--preset", args.preset), ("--patch-nums", args.patch_nums)):
+            if value is not None:
+                raise UsageError(f"{flag} describes --var/--vae checkpoints; the shipped model has its own config: drop {flag} or give --var and --vae")
+
+
+def load_from_args(args: argparse.Namespace, dtype: torch.dtype = torch.float32, device: Optional[str] = None):
+    """(vae, var) from --var/--vae (with --config/--preset/--patch-nums), or the shipped Fashion-MNIST model; on
+    ``device`` (default: --device), the VAR in ``dtype``."""
+    from ..config import infer_config
+    from ..loading import load_models, read_state_dict
+
+    check_model_args(args)
+    device = device or args.device
+    if not args.var:
+        return load_pretrained(device=device, dtype=dtype)
+    config = Path(args.config) if args.config else args.preset
+    if config is None and args.patch_nums:
+        var_state, vae_state = read_state_dict(args.var), read_state_dict(args.vae)
+        config = infer_config(var_state, vae_state, args.patch_nums)
+        return load_models(var_state, vae_state, config=config, device=device, dtype=dtype)
+    return load_models(args.var, args.vae, config=config, device=device, dtype=dtype)
+
+
+def model_sampling(args: argparse.Namespace) -> SamplingParams:
+    """The sampling settings of the model the flags name: the shipped model's card (``pretrained.SAMPLING``), or
+    upstream's protocol (``SamplingParams()``) for --var/--vae checkpoints."""
+    return SamplingParams() if args.var else SAMPLING
+
+
+# ----------------------------------------------------------------------------- sampling flags
+
+
+def model_default_help(name: str) -> str:
+    """Help text for a flag left unset: the value of SamplingParams field ``name`` for the shipped model and upstream."""
+    shipped, upstream = getattr(SAMPLING, name), getattr(SamplingParams(), name)
+    if shipped == upstream:
+        return f"default: {upstream:g}"
+    return f"default: the model card's value (shipped model: {shipped:g}) or upstream's {upstream:g}"
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """--cfg/--top-k/--top-p/--temperature (unset: the model's ``SamplingParams``) and --ssg-*."""
+    p.add_argument("--cfg", type=float_arg(-CFG_MAX, CFG_MAX), default=None, help=f"CFG scale, |cfg| <= {CFG_MAX:g}; {model_default_help('cfg')}")
+    p.add_argument("--top-k", type=int_arg(0, INT32_MAX), default=None, help=f"0 disables it; {model_default_help('top_k')}")
+    p.add_argument("--top-p", type=float_arg(0.0, 1.0), default=None, help=f"in [0, 1], 0 disables it; {model_default_help('top_p')}")
+    p.add_argument("--temperature", type=float_arg(TEMPERATURE_MIN, TEMPERATURE_MAX), default=None,
+                   help=f"in [{TEMPERATURE_MIN:g}, {TEMPERATURE_MAX:g}]; {model_default_help('temperature')}")
+    p.add_argument("--ssg-beta", type=float_arg(-SSG_BETA_MAX, SSG_BETA_MAX), default=None,
+                   help=f"SSG strength, |beta| <= {SSG_BETA_MAX:g} (off when not given; --compare, --ssg-prior and --ssg-interp use {DEFAULT_BETA:g})")
+    p.add_argument("--ssg-prior", choices=PRIORS, default=None, help="SSG prior (default dse); turns SSG on")
+    p.add_argument("--ssg-interp", choices=DSE_INTERPS, default=None, help="DSE interpolation (default bilinear); turns SSG on")
+
+
+def resolve_ssg_args(args: argparse.Namespace) -> None:
+    """--ssg-prior/--ssg-interp without --ssg-beta turn SSG on with the default beta (said in one line on stderr)."""
+    given = [f for f, v in (("--ssg-prior", args.ssg_prior), ("--ssg-interp", args.ssg_interp)) if v is not None]
+    if given and args.ssg_beta is None:
+        args.ssg_beta = DEFAULT_BETA
+        print(f"note: {' and '.join(given)} without --ssg-beta: SSG on with the default beta {DEFAULT_BETA:g}", file=sys.stderr)
+    args.ssg_prior = args.ssg_prior or "dse"
+    args.ssg_interp = args.ssg_interp or "bilinear"
+
+
+def ssg_from_args(args: argparse.Namespace, beta: Optional[float]) -> Optional[SSG]:
+    """SSG at ``beta`` with --ssg-prior/--ssg-interp (after ``resolve_ssg_args``); None (off) when ``beta`` is None."""
+    return None if beta is None else SSG(beta=beta, prior=args.ssg_prior, interp=args.ssg_interp)
+
+
+def sampling_from_args(args: argparse.Namespace, defaults: SamplingParams, ssg_beta: Optional[float]) -> SamplingParams:
+    """The flags given among --cfg/--top-k/--top-p/--temperature/--seed, ``defaults`` (the model's) for those left
+    unset, and SSG at ``ssg_beta`` (None: off)."""
+    given = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
+    return defaults.replace(**given, ssg=ssg_from_args(args, ssg_beta))
+
+
+# ----------------------------------------------------------------------------- labels and batches
+
+
+def add_batch_args(p: argparse.ArgumentParser, *, labels: bool = True, batching: bool = True) -> None:
+    """--classes/--per-class (``labels``), --seed, --batch-size (``batching``)."""
+    if labels:
+        p.add_argument("--classes", nargs="+", default=None,
+                       help="class labels (integers; names such as 'sneaker bag' with the shipped model); default: all classes of the shipped model, else 0 1 2 3")
+        p.add_argument("--per-class", type=int_arg(1), default=1, help="images per class (one grid row per class)")
+    p.add_argument("--seed", type=int_arg(0), default=None,
+                   help=f"random seed, in [0, 2**63 - 1] (batch i uses seed + i); {model_default_help('seed')}")
+    if batching:
+        p.add_argument("--batch-size", type=int_arg(1), default=16)
+
+
+def parse_classes(values: Optional[Sequence[str]], num_classes: int, named: bool) -> List[int]:
+    """Integer labels, or Fashion-MNIST class names when ``named`` (the shipped model); default: every class."""
+    if not values:
+        return list(range(num_classes if named else min(4, num_classes)))
+    if named:
+        from ..data import class_index
+
+        try:
+            return [class_index(v, num_classes) for v in values]
+        except ValueError as e:
+            raise UsageError(f"--classes: {e}") from None
+    out = []
+    for v in values:
+        try:
+            c = int(v)
+        except ValueError:
+            raise UsageError(f"--classes: {v!r} is not an integer label; class names work with the shipped model only") from None
+        if not 0 <= c < num_classes:
+            raise UsageError(f"--classes: class {c} is outside [0, {num_classes}); give labels of this model's classes")
+        out.append(c)
+    return out
+
+
+def labels_from_args(args: argparse.Namespace, num_classes: int) -> List[int]:
+    """--classes (names with the shipped model), each repeated --per-class times."""
+    classes = parse_classes(args.classes, num_classes, named=not args.var)
+    return [c for c in classes for _ in range(args.per_class)]
+
+
+# ----------------------------------------------------------------------------- parsing and error reporting
+
+
+class CLIParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line, ``error: <flag>: <problem>; <fix>``, with exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        message = message.removeprefix("argument ")
+        if "; " not in message:
+            message += f"; see {self.prog} --help"
+        self.exit(2, f"error: {message}\n")
+
+
+def run_cli(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> int:
+    """Parse ``argv`` and run the chosen command; returns the exit status.
+
+    A user error (``ValueError``, ``OSError``: bad values, files, checkpoints, configs) is one ``error: ...`` line and
+    status 2 (``SSG_ENGINE_DEBUG=1`` shows its traceback instead); Ctrl-C is one ``interrupted`` line and status 130.
+    Other exceptions are bugs and keep their traceback.
+    """
+    try:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help, or a bad command line (already reported in one line)
+            return int(e.code or 0)
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except torch.cuda.OutOfMemoryError:
+        print("error: out of GPU memory; lower --batch-size", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as e:
+        if os.environ.get("SSG_ENGINE_DEBUG") == "1":
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2

@@ -1,0 +1,54 @@
+"""``ssg-engine info``: a checkpoint's config (inferred from its shapes, or --config checked against them)."""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from .common import UsageError, patch_nums_arg
+
+# Fields each kind of checkpoint's shapes determine (``infer_config``); a VQ-VAE does not store its scales.
+VAR_FIELDS = ("V", "Cvae", "patch_nums", "depth", "embed_dim", "num_heads", "num_classes", "attn_l2_norm", "shared_aln", "mlp_ratio")
+VAE_FIELDS = ("V", "Cvae", "ch", "ch_mult", "num_res_blocks", "in_channels", "quant_conv_ks", "share_quant_resi")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """The checkpoint's config: from --config (checked against the shapes), else inferred; only fields that are known."""
+    from ..config import ModelConfig, infer_config, matching_presets
+    from ..loading import CheckpointError, _check_and_load, build_models, read_state_dict
+
+    sd = read_state_dict(args.ckpt)
+    kind = "VAR" if "pos_1LC" in sd else "VQ-VAE" if "quantize.embedding.weight" in sd else None
+    if kind is None:
+        raise UsageError(f"{args.ckpt} is neither a VAR nor a VQ-VAE state dict (no 'pos_1LC' / 'quantize.embedding.weight'); give a VAR or VQ-VAE checkpoint")
+    if args.config:
+        cfg = ModelConfig.from_json(args.config)
+        vae, var = build_models(cfg, "meta")
+        try:
+            _check_and_load(var if kind == "VAR" else vae, sd, kind)
+        except CheckpointError as e:
+            raise UsageError(f"--config {args.config} does not describe {args.ckpt}: {e}") from None
+    elif kind == "VAR":
+        cfg = infer_config(sd, None, args.patch_nums)
+    else:  # the shapes hold no scales: any placeholder lets infer_config read the rest
+        cfg = infer_config(None, sd, args.patch_nums or (1,))
+    fields = VAR_FIELDS if kind == "VAR" else VAE_FIELDS + (("patch_nums",) if args.config or args.patch_nums else ())
+    n_params = sum(v.numel() for k, v in sd.items() if v.is_floating_point())
+    info = {
+        "checkpoint": str(args.ckpt), "kind": kind, "config_source": args.config or "checkpoint shapes",
+        "parameters_and_buffers": n_params, "config": {k: cfg.to_dict()[k] for k in fields},
+    }
+    if kind == "VAR":
+        info["matching_presets"] = matching_presets(sd)
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    """Register ``info`` on the ``ssg-engine`` subparsers."""
+    p = sub.add_parser("info", help="print a checkpoint's config (inferred from its shapes, or --config checked against them) and parameter count")
+    p.add_argument("ckpt")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--config", help="model config JSON to check the checkpoint against and print, instead of inferring")
+    g.add_argument("--patch-nums", type=patch_nums_arg, default=None, help="comma-separated scales, when the token count matches no preset")
+    p.set_defaults(func=cmd_info)

@@ -1,0 +1,30 @@
+"""``ssg-engine plan``: the memory one Engine batch needs (weights, KV cache, logits, activations, decode) and
+whether it fits a GPU, before loading anything."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .bench import DTYPES
+from .common import float_arg, int_arg
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from ..config import ModelConfig
+    from ..plan import GiB, plan
+
+    config = ModelConfig.from_json(args.config) if args.config else args.preset
+    gpu_bytes = int(args.gpu_memory * GiB) if args.gpu_memory is not None else None
+    print(plan(config, args.batch_size, DTYPES[args.dtype]).table(gpu_bytes))
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser("plan", help="memory of one Engine batch (weights, KV cache, logits, activations, decode); does it fit a GPU?")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--preset", default="d16", choices=["d16", "d20", "d24", "d30", "d36"], help="public model (default d16)")
+    g.add_argument("--config", help="model config JSON instead of a preset")
+    p.add_argument("--batch-size", type=int_arg(1), default=64, help="images per batch (CFG doubles the rows)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="the VAR's dtype (the VQ-VAE decodes in float32)")
+    p.add_argument("--gpu-memory", type=float_arg(0.5, 1e5), default=None, help="GPU memory in GiB: say whether the batch fits")
+    p.set_defaults(func=cmd_plan)

@@ -1,0 +1,62 @@
+"""``SamplingParams``: every sampling setting, validated once; the only place sampling defaults live.
+
+The defaults are upstream VAR's FID protocol (``cfg=1.5, top_k=900, top_p=0.96``, temperature 1, no SSG).
+A model card supplies its own settings as a ``SamplingParams`` (e.g. ``ssg_engine.pretrained.SAMPLING``);
+``params.replace(cfg=2.0)`` derives one from another.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+from .guidance import SSG
+from .validation import as_number
+
+def check_seed(seed: Any, name: str = "seed", count: int = 1) -> Optional[int]:
+    """``seed`` as a Python int (None stays None); the ``count`` seeds ``seed .. seed + count - 1`` must fit int64."""
+    if seed is None:
+        return None
+    return as_number(
+        seed, name, f"an integer in [-2**63, 2**63 - {count}] or None", integer=True, valid=lambda v: -(2**63) <= v <= 2**63 - count
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings of one request.
+
+    - ``cfg``: classifier-free guidance scale (VAR's ramp ``t_k = cfg * k / (K - 1)``), finite.
+    - ``top_k`` (>= 0, 0 = off), ``top_p`` (in [0, 1], 0 = off), ``temperature`` (> 0): upstream's filters.
+    - ``seed``: int64 seed of the random draws (None: the global generator, reference sampler only).
+    - ``ssg``: an :class:`ssg_engine.SSG` or None (no SSG).
+
+    Numbers may be Python, NumPy or 0-d tensor numbers; they are stored as Python numbers. Bad values raise
+    ``ValueError`` (``TypeError`` for ``ssg``) naming the field.
+    """
+
+    cfg: float = 1.5
+    top_k: int = 900
+    top_p: float = 0.96
+    temperature: float = 1.0
+    seed: Optional[int] = 0
+    ssg: Optional[SSG] = None
+
+    def __post_init__(self) -> None:
+        if self.ssg is not None and not isinstance(self.ssg, SSG):
+            raise TypeError(f"ssg must be an ssg_engine.SSG or None, got {type(self.ssg).__name__}")
+        fields = {
+            "cfg": as_number(self.cfg, "cfg", "a finite number"),
+            "top_k": as_number(self.top_k, "top_k", "an integer >= 0 (0 disables it)", integer=True, valid=lambda v: v >= 0),
+            "top_p": as_number(self.top_p, "top_p", "in [0, 1] (0 disables it)", valid=lambda v: 0.0 <= v <= 1.0),
+            "temperature": as_number(
+                self.temperature, "temperature", "a finite number > 0", valid=lambda v: math.isfinite(v) and v > 0
+            ),
+            "seed": check_seed(self.seed),
+        }
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+
+    def replace(self, **changes: Any) -> "SamplingParams":
+        """A copy with ``changes`` applied (validated again); unknown names raise ``TypeError``."""
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,102 @@
+"""The per-scale sampling pipeline that every sampler drives (one implementation of the loop and of guidance).
+
+Per scale: ``model.step`` -> CFG -> SSG -> temperature -> top-k -> top-p -> draw -> ``model.next_input``.
+:func:`run_scales` is the loop; :class:`Guidance` is CFG + SSG with the previous scale's logits kept for the
+prior. The samplers differ only in the KV cache they pass (``attend``), the guidance op (the PyTorch reference
+or the fused kernel, :mod:`ssg_engine.ops`) and how they draw tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .guidance import SSG, cfg_ratio, prior_operator
+from .models.family import Attend, NextScaleModel
+from .profiling import nvtx_range
+
+Scalar = Union[float, torch.Tensor]
+GuidanceOp = Callable[..., Tuple[torch.Tensor, torch.Tensor]]  # (logits_2B, prev, operator, cfg_t, beta) -> (guided, cfg)
+
+
+class NonFiniteLogitsError(ValueError, FloatingPointError):
+    """The logits of a scale became NaN or infinite; the message names the scale and what to change."""
+
+
+def nonfinite_logits_error(si: int, size: Tuple[int, int]) -> NonFiniteLogitsError:
+    """The error for non-finite logits at scale ``si`` of grid ``size`` (h, w), shared by every sampler."""
+    return NonFiniteLogitsError(
+        f"non-finite logits at scale {si} ({size[0]}x{size[1]}) after CFG, SSG and temperature; "
+        "lower cfg/ssg beta or raise temperature, or check the checkpoint"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleGuidance:
+    """What guidance applies at one scale: the CFG weight ``t_k``, the SSG ``beta_k`` and the prior operator
+    (None: no SSG at this scale). ``cfg_t``/``beta`` are numbers, or device tensors the Engine refills."""
+
+    cfg_t: Scalar
+    beta: Scalar
+    operator: Optional[torch.Tensor]
+
+
+def guidance_schedule(
+    cfg: float, ssg: Optional[SSG], sizes: Sequence[Tuple[int, int]], device: Union[str, torch.device]
+) -> List[ScaleGuidance]:
+    """Per-scale CFG weight (VAR's ramp), SSG beta and prior operator (float32 on ``device``) for grids ``sizes``."""
+    K = len(sizes)
+    betas = ssg.step_betas(K) if ssg is not None else [0.0] * K
+    return [
+        ScaleGuidance(
+            cfg_ratio(cfg, si, K),
+            betas[si],
+            prior_operator(ssg.prior, sizes[si - 1], sizes[si], ssg.interp, device, torch.float32) if betas[si] != 0.0 else None,
+        )
+        for si in range(K)
+    ]
+
+
+class Guidance:
+    """CFG + SSG scale by scale for one batch; keeps the logits the next scale's prior is built from
+    (CFG-combined before SSG, or after it with ``prior_source="guided"``)."""
+
+    def __init__(self, schedule: Sequence[ScaleGuidance], ssg: Optional[SSG], op: GuidanceOp) -> None:
+        self.schedule, self.op = schedule, op
+        self.prior_from_guided = ssg is not None and ssg.prior_source == "guided"
+        self.prev: Optional[torch.Tensor] = None
+
+    def __call__(self, si: int, logits_2B: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Logits (2B, l, V) of scale ``si`` -> (guided, cfg) (B, l, V) float32."""
+        g = self.schedule[si]
+        guided, cfg = self.op(logits_2B, self.prev if g.operator is not None else None, g.operator, g.cfg_t, g.beta)
+        self.prev = guided if self.prior_from_guided else cfg
+        return guided, cfg
+
+
+TokenPicker = Callable[[int, torch.Tensor], Tuple[torch.Tensor, Optional[torch.Tensor]]]
+
+
+@torch.no_grad()
+def run_scales(
+    model: NextScaleModel, labels: torch.Tensor, attend: Attend, pick: TokenPicker
+) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """The sampling loop: images (B, 3, H, W) in [0, 1] and tokens per scale (B, h*w).
+
+    ``pick(si, logits_2B)`` does guidance and sampling and returns the tokens (B, h*w), plus optional
+    codebook-space embeddings (B, h*w, Cvae) to feed instead of the tokens' (upstream's ``more_smooth``).
+    """
+    state = model.condition(labels)
+    tokens: List[torch.Tensor] = []
+    for si, (h, w) in enumerate(model.scale_sizes()):
+        with nvtx_range(f"scale {si} ({h}x{w})"):
+            idx, embeddings = pick(si, model.step(state, si, attend))
+            if embeddings is None:
+                model.next_input(state, si, idx)
+            else:
+                model.next_input_embeddings(state, si, embeddings)
+            tokens.append(idx)
+    with nvtx_range("vae decode"):
+        images = model.decode(state)
+    return images, tokens
