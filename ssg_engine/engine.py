@@ -49,7 +49,9 @@ class Engine:
 
     Memory follows the batches in use: the KV cache is allocated for the largest bucket used so far (never
     for ``max_batch`` up front; ``kv_cache_bytes()``), and at most ``max_graphs`` captured graphs are kept
-    (least recently used dropped). The reference backend syncs the host, so it runs without graphs.
+    (least recently used dropped), all in one shared memory pool. The reference backend syncs the host, so it
+    runs without graphs. The VQ-VAE decodes in ``vae_dtype`` (default: ``dtype``), channels-last, inside the
+    captured graph; its quantizer keeps the accumulated latent in float32.
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class Engine:
         cuda_graphs: bool = True,
         backend: str = "auto",
         max_graphs: int = 8,
+        vae_dtype: Optional[torch.dtype] = None,
     ) -> None:
         check_models(var, vae, "Engine(var, vae)")
         self.max_batch = as_number(max_batch, "max_batch", "a positive integer", integer=True, valid=lambda v: v > 0)
@@ -69,14 +72,18 @@ class Engine:
         self.device = torch.device(device) if device is not None else var.lvl_1L.device
         self.backend = resolve_backend(backend, self.device)  # an unknown or unusable backend fails here
         self.dtype = dtype
+        self.vae_dtype = dtype if vae_dtype is None else vae_dtype
         self.var = var.to(device=self.device, dtype=dtype).eval()
         self.vae = vae.to(device=self.device, dtype=torch.float32).eval()
+        for part in (self.vae.post_quant_conv, self.vae.decoder):  # the quantizer keeps the latent in float32
+            part.to(dtype=self.vae_dtype, memory_format=torch.channels_last)
         self.var.attach_vae(self.vae)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and self.backend == "triton"
         self.buckets = batch_buckets(self.max_batch)
         self.offsets = [torch.tensor([si], dtype=torch.long, device=self.device) for si in range(len(var.patch_nums))]
         self._kv: Optional[StaticKVCache] = None
         self._graphs: "collections.OrderedDict[tuple, _CapturedBatch]" = collections.OrderedDict()
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None  # one memory pool for all graphs
 
     # ------------------------------------------------------------------ public
     def kv_cache_bytes(self) -> int:
@@ -131,10 +138,9 @@ class Engine:
         nonfinite: List[torch.Tensor] = []
         self.last_logits = []
 
-        def attend(layer: int, attn: Any, h: torch.Tensor, start: int) -> torch.Tensor:
-            q, k, v = attn.qkv(h)
+        def store(layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> Tuple[torch.Tensor, torch.Tensor]:
             kv.write(layer, start, k, v)
-            return attn.attend(q, *kv.read(layer, 2 * B, start + k.shape[2]), None)
+            return kv.read(layer, 2 * B, start + k.shape[2])
 
         def pick(si: int, logits_2B: torch.Tensor):
             guided, cfg = guide(si, logits_2B)
@@ -149,7 +155,7 @@ class Engine:
             idx = ops.sample_logits(guided, params.top_k, params.top_p, params.temperature, seed, self.offsets[si], backend=self.backend)
             return idx.clamp_(0, var.V - 1), None  # NaN logits can give out-of-range tokens: the flag reports them
 
-        images, tokens = run_scales(var, labels, attend, pick)
+        images, tokens = run_scales(var, labels, store, pick)
         return images, tokens, torch.stack(nonfinite)
 
     # ------------------------------------------------------------------ batches
@@ -202,7 +208,7 @@ class _CapturedBatch:
                 run()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=engine._graph_pool):
             self.images, self.tokens, self.nonfinite = run()
 
     def _fill(self, params: SamplingParams) -> None:

@@ -2,7 +2,7 @@
 
 Per scale: ``model.step`` -> CFG -> SSG -> temperature -> top-k -> top-p -> draw -> ``model.next_input``.
 :func:`run_scales` is the loop; :class:`Guidance` is CFG + SSG with the previous scale's logits kept for the
-prior. The samplers differ only in the KV cache they pass (``attend``), the guidance op (the PyTorch reference
+prior. The samplers differ only in the KV cache they pass (``kv``), the guidance op (the PyTorch reference
 or the fused kernel, :mod:`ssg_engine.ops`) and how they draw tokens.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .guidance import SSG, cfg_ratio, prior_operator
-from .models.family import Attend, NextScaleModel
+from .models.family import KVStore, NextScaleModel
 from .profiling import nvtx_range
 
 Scalar = Union[float, torch.Tensor]
@@ -80,7 +80,7 @@ TokenPicker = Callable[[int, torch.Tensor], Tuple[torch.Tensor, Optional[torch.T
 
 @torch.no_grad()
 def run_scales(
-    model: NextScaleModel, labels: torch.Tensor, attend: Attend, pick: TokenPicker
+    model: NextScaleModel, labels: torch.Tensor, kv: KVStore, pick: TokenPicker
 ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """The sampling loop: images (B, 3, H, W) in [0, 1] and tokens per scale (B, h*w).
 
@@ -91,7 +91,7 @@ def run_scales(
     tokens: List[torch.Tensor] = []
     for si, (h, w) in enumerate(model.scale_sizes()):
         with nvtx_range(f"scale {si} ({h}x{w})"):
-            idx, embeddings = pick(si, model.step(state, si, attend))
+            idx, embeddings = pick(si, model.step(state, si, kv))
             if embeddings is None:
                 model.next_input(state, si, idx)
             else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -42,12 +42,11 @@ class ConcatKVCache:
         self.k: List[Optional[torch.Tensor]] = [None] * num_layers
         self.v: List[Optional[torch.Tensor]] = [None] * num_layers
 
-    def __call__(self, layer: int, attn: Any, h: torch.Tensor, start: int) -> torch.Tensor:
-        q, k, v = attn.qkv(h)
+    def __call__(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.k[layer] is not None:
             k, v = torch.cat((self.k[layer], k), dim=2), torch.cat((self.v[layer], v), dim=2)
         self.k[layer], self.v[layer] = k, v
-        return attn.attend(q, k, v, None)
+        return k, v
 
 
 def check_models(var: Any, vae: Any, where: str) -> None:

@@ -172,3 +172,30 @@ def test_graphs_reused_across_cfg_and_beta_and_bounded():
     for top_k in (10, 20, 30):
         graphs.generate([1, 2], top_k=top_k, seed=0)
     assert len(graphs._graphs) == 2
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(10 * torch.log10(1.0 / (a.double() - b.double()).pow(2).mean()))
+
+
+@pytest.mark.parametrize("model", ["shipped", "golden_tiny"])
+def test_bf16_decode_close_to_fp32(model, tiny_dir):
+    """The Engine decodes in vae_dtype (default: its dtype); bf16 decode vs float32 decode of the same tokens.
+    Acceptance floor 35 dB PSNR (the measured values are printed)."""
+    from ssg_engine.pretrained import load_pretrained
+
+    def load():
+        if model == "shipped":
+            return load_pretrained()
+        return load_models(tiny_dir / "var.pth", tiny_dir / "vae.pth", config=tiny_dir / "config.json")
+
+    images = {}
+    for vae_dtype in (torch.float32, torch.bfloat16):
+        vae, var = load()
+        engine = Engine(var, vae, max_batch=4, device="cpu", dtype=torch.float32, cuda_graphs=False, vae_dtype=vae_dtype)
+        assert engine.vae.decoder.conv_in.weight.dtype == vae_dtype and engine.vae.quantize.embedding.weight.dtype == torch.float32
+        images[vae_dtype], _ = engine.generate([1, 3, 5, 7], top_k=1, top_p=0.0, seed=0)
+        assert images[vae_dtype].dtype == torch.float32
+    psnr = _psnr(images[torch.bfloat16], images[torch.float32])
+    print(f"{model}: bf16 decode vs float32 decode PSNR {psnr:.1f} dB")
+    assert psnr > 35.0

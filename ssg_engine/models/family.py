@@ -5,15 +5,14 @@ so no sampler repeats model code:
 
     state = model.condition(labels)                    # once per batch
     for si in range(model.num_scales):
-        logits = model.step(state, si, attend)         # (2B, h*w, V) float32: conditional half, then unconditional
+        logits = model.step(state, si, kv)             # (2B, h*w, V): conditional half, then unconditional
         ... guidance and sampling pick tokens (B, h*w) ...
         model.next_input(state, si, tokens)            # accumulate the latent, embed the next scale's input
     images = model.decode(state)                       # (B, 3, H, W) in [0, 1]
 
-``attend`` is the sampler's KV cache: ``attend(layer, attn, h, start)`` computes the new tokens' q/k/v with
-``attn.qkv(h)``, stores k/v at positions ``[start, start + l)`` and returns ``attn.attend(q, K, V, None)`` over
-everything stored so far. The reference sampler concatenates (as upstream does); the Engine writes into a
-static cache.
+``kv`` is the sampler's KV cache: ``kv(layer, k, v, start)`` stores the new tokens' keys/values (2B, H, l, D) at
+positions ``[start, start + l)`` and returns all keys/values stored so far, ``(K, V)`` (2B, H, start + l, D). The
+reference sampler concatenates (as upstream does); the Engine writes into a static cache.
 """
 from __future__ import annotations
 
@@ -22,9 +21,9 @@ from typing import Any, List, Protocol, Tuple, runtime_checkable
 import torch
 
 
-class Attend(Protocol):
-    def __call__(self, layer: int, attn: Any, h: torch.Tensor, start: int) -> torch.Tensor:
-        """Attention of the new tokens ``h`` (2B, l, C) over the cache of ``layer`` after storing them at ``start``."""
+class KVStore(Protocol):
+    def __call__(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k``, ``v`` (2B, H, l, D) of ``layer`` at ``[start, start + l)``; return all stored (2B, H, start + l, D)."""
 
 
 @runtime_checkable
@@ -40,8 +39,8 @@ class NextScaleModel(Protocol):
     def condition(self, labels: torch.Tensor) -> Any:
         """Per-batch state from labels (B,): conditioning computed once, the first scale's input, an empty latent."""
 
-    def step(self, state: Any, si: int, attend: Attend) -> torch.Tensor:
-        """Logits (2B, h*w, V) float32 of scale ``si`` (conditional half first) from the state's current input."""
+    def step(self, state: Any, si: int, kv: KVStore) -> torch.Tensor:
+        """Logits (2B, h*w, V) of scale ``si`` (conditional half first, the model's dtype) from the state's input."""
 
     def next_input(self, state: Any, si: int, tokens: torch.Tensor) -> None:
         """Add scale ``si``'s tokens (B, h*w) to the latent and prepare scale ``si + 1``'s input."""

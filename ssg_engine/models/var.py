@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..validation import as_number
+from .family import KVStore
 from .vqvae import VQVAE
 
 
@@ -53,13 +54,18 @@ class SelfAttention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(dim))
         self.proj = nn.Linear(dim, dim)
 
-    def qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def constants(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """What ``qkv`` derives from the weights alone: the packed (q, 0, v) bias and the per-head q scale (or None);
+        samplers compute them once per batch instead of once per call."""
+        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        return bias, self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp() if self.attn_l2_norm else None
+
+    def qkv(self, x: torch.Tensor, constants: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, l, C) -> q, k, v each (B, H, l, head_dim), with q/k normalisation and q scaling applied."""
         B, l, C = x.shape
-        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        bias, scale_mul = constants if constants is not None else self.constants()
         q, k, v = F.linear(x, self.mat_qkv.weight, bias).view(B, l, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.attn_l2_norm:
-            scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
             q = F.normalize(q, dim=-1).mul(scale_mul)
             k = F.normalize(k, dim=-1)
         return q, k, v
@@ -145,6 +151,7 @@ class VARState:
 
     batch: int
     modulations: List[torch.Tensor]
+    attn_constants: List[Tuple[torch.Tensor, Optional[torch.Tensor]]]  # per block: SelfAttention.constants()
     head_scale: torch.Tensor  # 1 + scale of the head's AdaLN, (2B, 1, C)
     head_shift: torch.Tensor
     lvl_pos: torch.Tensor  # (1, L, C)
@@ -297,6 +304,7 @@ class VARTransformer(nn.Module):
         return VARState(
             batch=B,
             modulations=[block.modulation(shared) for block in self.blocks],
+            attn_constants=[block.attn.constants() for block in self.blocks],
             head_scale=head_scale.add(1),
             head_shift=head_shift,
             lvl_pos=lvl_pos,
@@ -304,14 +312,19 @@ class VARTransformer(nn.Module):
             f_hat=torch.zeros(B, self.Cvae, side, side, device=vae_weight.device, dtype=vae_weight.dtype),
         )
 
-    def step(self, state: VARState, si: int, attend: Any) -> torch.Tensor:
-        """Logits (2B, pn*pn, V) float32 of scale ``si``: the blocks over the state's input, then the head."""
+    def step(self, state: VARState, si: int, kv: KVStore) -> torch.Tensor:
+        """Logits (2B, pn*pn, V) of scale ``si`` in the model's dtype: the blocks over the state's input (keys and
+        values go through the sampler's ``kv``), then the head."""
         start = self.begin_ends[si][0]
+
+        def attention(h: torch.Tensor, layer: int, attn: SelfAttention) -> torch.Tensor:
+            q, k, v = attn.qkv(h, state.attn_constants[layer])
+            return attn.attend(q, *kv(layer, k, v, start), None)
+
         x = state.x
         for layer, block in enumerate(self.blocks):
-            x = block.forward_modulated(x, state.modulations[layer], lambda h, i=layer, a=block.attn: attend(i, a, h, start))
-        h = self.head_nm.ln_wo_grad(x).mul(state.head_scale).add_(state.head_shift)
-        return self.head(h).float()
+            x = block.forward_modulated(x, state.modulations[layer], lambda h, i=layer, a=block.attn: attention(h, i, a))
+        return self.head(self.head_nm.ln_wo_grad(x).mul(state.head_scale).add_(state.head_shift))
 
     def next_input(self, state: VARState, si: int, tokens: torch.Tensor) -> None:
         """Add scale ``si``'s tokens (B, pn*pn) to the latent and embed the next scale's input."""
@@ -328,5 +341,7 @@ class VARTransformer(nn.Module):
             state.x = (self.word_embed(nxt) + state.lvl_pos[:, begin:end]).repeat(2, 1, 1)
 
     def decode(self, state: VARState) -> torch.Tensor:
-        """Images (B, 3, H, W) in [0, 1] from the accumulated latent."""
-        return self.vae.fhat_to_img(state.f_hat).add_(1).mul_(0.5)
+        """Images (B, 3, H, W) float32 in [0, 1] from the accumulated latent (decoded in the decoder's dtype; the
+        latent itself accumulates in the quantizer's, float32)."""
+        f_hat = state.f_hat.to(self.vae.post_quant_conv.weight.dtype)
+        return self.vae.fhat_to_img(f_hat).float().add_(1).mul_(0.5)
