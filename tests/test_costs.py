@@ -107,3 +107,12 @@ def test_float32_transformer_uses_fp32_peak():
     half = costs.stage_costs(ModelConfig.preset("d16"), 1, torch.bfloat16)
     (b32, b16) = by_stage(stages, "blocks")[-1], by_stage(half, "blocks")[-1]
     assert b32.flops == b16.flops and b32.bytes > b16.bytes
+
+
+def test_decode_follows_vae_dtype():
+    """The decode runs in the Engine's vae dtype (default: the transformer's): same FLOPs, about half the bytes in bf16."""
+    cfg = ModelConfig.preset("d16")
+    (bf16,) = by_stage(costs.stage_costs(cfg, 2), "decode")
+    (fp32,) = by_stage(costs.stage_costs(cfg, 2, vae_dtype=torch.float32), "decode")
+    assert (bf16.precision, fp32.precision) == ("bf16", "tf32")
+    assert bf16.flops == fp32.flops and bf16.bytes == pytest.approx(fp32.bytes / 2, rel=0.05)
