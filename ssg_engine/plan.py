@@ -2,8 +2,8 @@
 
 ``plan(config, batch, dtype)`` returns the bytes the Engine holds for one batch:
 
-- weights: every parameter and buffer of the VAR (in ``dtype``) and of the VQ-VAE (in ``vae_dtype``), counted on
-  the meta device;
+- weights: every parameter and buffer of the VAR (in ``dtype``) and of the VQ-VAE (its decoder in ``vae_dtype``,
+  the rest in float32), counted on the meta device;
 - KV cache: K and V for every layer, ``2 * batch`` rows (CFG doubles the batch), all ``L`` tokens (exact: the
   Engine's static cache has this shape);
 - logits: at the last (largest) scale, the head's output ``(2B, l, V)`` in float32, the guided and CFG logits
@@ -12,14 +12,14 @@
   attention output, the MLP's hidden layer before and after GELU: ``2B * l * (6 + 2 * mlp_ratio) * C``
   elements, an estimate; attention scores are not stored by the fused SDPA kernels);
 - decode: the VQ-VAE decoder's peak, about four feature maps of the full-resolution level alive at once
-  (``4 * B * ch * ch_mult[0] * H * W`` elements in ``vae_dtype``, an estimate).
+  (``4 * B * ch * ch_mult[0] * H * W`` elements in ``vae_dtype``, default ``dtype``, an estimate).
 
 ``fits(gpu_bytes)`` leaves ``CONTEXT_BYTES`` for the CUDA context and the allocator's slack.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -73,20 +73,23 @@ class MemoryPlan:
 
 
 def plan(
-    config: Union[str, ModelConfig], batch: int, dtype: torch.dtype = torch.bfloat16, vae_dtype: torch.dtype = torch.float32
+    config: Union[str, ModelConfig], batch: int, dtype: torch.dtype = torch.bfloat16, vae_dtype: Optional[torch.dtype] = None
 ) -> MemoryPlan:
-    """The memory plan of ``batch`` images of ``config`` (a preset name such as ``"d30"`` or a ``ModelConfig``)."""
+    """The memory plan of ``batch`` images of ``config`` (a preset name such as ``"d30"`` or a ``ModelConfig``); the
+    VQ-VAE decoder in ``vae_dtype`` (default ``dtype``, as the Engine does), the rest of the VQ-VAE in float32."""
+    vae_dtype = dtype if vae_dtype is None else vae_dtype
     cfg = ModelConfig.preset(config) if isinstance(config, str) else config
     if not isinstance(batch, int) or isinstance(batch, bool) or batch <= 0:
         raise ValueError(f"batch must be a positive integer, got {batch!r}")
     vae, var = build_models(cfg, "meta")
     size, vae_size = _itemsize(dtype), _itemsize(vae_dtype)
+    decoder_f32 = _bytes(vae.decoder, torch.float32) + _bytes(vae.post_quant_conv, torch.float32)
     rows, C = 2 * batch, cfg.embed_dim
     last, prev = cfg.patch_nums[-1] ** 2, (cfg.patch_nums[-2] ** 2 if len(cfg.patch_nums) > 1 else 0)
     return MemoryPlan(
         batch=batch,
         dtype=dtype,
-        weights=_bytes(var, dtype) + _bytes(vae, vae_dtype),
+        weights=_bytes(var, dtype) + _bytes(vae, torch.float32) - decoder_f32 + decoder_f32 // 4 * vae_size,
         kv_cache=2 * cfg.depth * rows * cfg.L * C * size,
         logits=(rows * last + 2 * batch * last + batch * prev) * cfg.V * 4,
         activations=int(rows * last * (6 + 2 * cfg.mlp_ratio) * C * size),

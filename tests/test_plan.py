@@ -53,3 +53,10 @@ def test_plan_command(capsys):
     assert "fits in 24.0 GiB" in capsys.readouterr().out
     assert main(["plan", "--batch-size", "0"]) == 2
     assert "--batch-size" in capsys.readouterr().err
+
+
+def test_plan_command_prints_the_roofline_floor(capsys):
+    from ssg_engine.cli import main
+
+    assert main(["plan", "--preset", "d16", "--batch-size", "16", "--gpu", "h200"]) == 0
+    assert "roofline floor on H200 SXM" in capsys.readouterr().out
