@@ -13,6 +13,7 @@ from .models.var import VARTransformer
 from .models.vqvae import VQVAE
 from .params import SamplingParams
 from .sampler import check_models, resolve_params, sample_reference
+from .validation import class_labels
 
 
 class EngineCache:
@@ -66,7 +67,7 @@ def generate(
     """
     check_models(var, vae, "generate(var, vae, labels)")
     params = resolve_params(params, overrides)
-    labels_t = var.check_labels(labels)
+    labels_t = class_labels(labels, var.num_classes, var.lvl_1L.device)
     if not var.vae_proxy or var.vae_proxy[0] is not vae:
         var.attach_vae(vae)
     if engine is not None or labels_t.device.type == "cuda":

@@ -23,7 +23,7 @@ from .models.vqvae import VQVAE
 from .params import SamplingParams, check_seed
 from .pipeline import Guidance, ScaleGuidance, guidance_schedule, nonfinite_logits_error, run_scales
 from .sampler import check_models, resolve_params
-from .validation import as_number
+from .validation import as_number, class_labels
 
 
 def batch_buckets(max_batch: int) -> List[int]:
@@ -97,7 +97,7 @@ class Engine:
         """Sample one image per label. Non-finite logits raise ``NonFiniteLogitsError`` naming the first bad
         scale, checked once after all chunks (the only host sync of the call)."""
         params = resolve_params(params, overrides)
-        labels_t = self.var.check_labels(labels)
+        labels_t = class_labels(labels, self.var.num_classes, self.device)
         chunks = range(0, labels_t.numel(), self.max_batch)
         seed = check_seed(params.seed, count=len(chunks)) or 0
         images, tokens, nonfinite = [], [], []

@@ -20,7 +20,7 @@ from .models.var import VARTransformer
 from .models.vqvae import VQVAE
 from .params import SamplingParams
 from .pipeline import Guidance, guidance_schedule, nonfinite_logits_error, run_scales
-from .validation import as_number
+from .validation import as_number, class_labels
 
 LabelsLike = Union[None, int, Sequence[int], torch.Tensor]
 
@@ -66,7 +66,7 @@ def resolve_params(params: Optional[SamplingParams], overrides: dict) -> Samplin
 
 def resolve_labels(var: VARTransformer, B: int, label_B: LabelsLike, rng: Optional[torch.Generator]) -> torch.Tensor:
     """Upstream's label rules: None -> random classes from ``rng``; int -> same class (negative = unconditional);
-    otherwise ``B`` labels (checked by ``var.check_labels``)."""
+    otherwise ``B`` labels (checked by ``class_labels``)."""
     device = var.lvl_1L.device
     if label_B is None:
         uniform = torch.full((1, var.num_classes), 1.0 / var.num_classes, device=device)
@@ -77,7 +77,7 @@ def resolve_labels(var: VARTransformer, B: int, label_B: LabelsLike, rng: Option
             integer=True, valid=lambda v: v < var.num_classes,
         )
         return torch.full((B,), var.num_classes if label < 0 else label, device=device)
-    labels = var.check_labels(label_B, "label_B")
+    labels = class_labels(label_B, var.num_classes, device, "label_B")
     if labels.shape[0] != B:
         raise ValueError(f"got {labels.shape[0]} labels for batch size B={B}")
     return labels

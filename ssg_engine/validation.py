@@ -5,6 +5,7 @@ import math
 import numbers
 from typing import Any, Callable, Union
 
+import numpy as np
 import torch
 
 Number = Union[int, float]
@@ -27,3 +28,37 @@ def as_number(
     if not ok or not valid(v):
         raise ValueError(f"{name} must be {requirement}, got {value!r}")
     return v
+
+def class_labels(labels: Any, num_classes: int, device: Union[str, torch.device], name: str = "labels") -> torch.Tensor:
+    """``labels`` (a list of ints, or a 1-D integer tensor or NumPy array) as a 1-D int64 tensor on ``device``, each in
+    ``[0, num_classes)``; otherwise a ``ValueError`` naming ``name`` (never rounded or flattened).
+
+    The one label check of every sampling entry point (``sample_reference``, ``generate``, ``Engine.generate``).
+    """
+    kinds = "a list of integer class indices, or a 1-D integer tensor or NumPy array"
+    if (
+        isinstance(labels, str)
+        or (isinstance(labels, np.ndarray) and labels.dtype.kind in "US")
+        or (isinstance(labels, (list, tuple)) and any(isinstance(x, str) for x in labels))
+    ):
+        raise ValueError(
+            f"{name} must be integer class indices, not class names ({labels!r}); convert names first, "
+            "e.g. with ssg_engine.data.class_index for the Fashion-MNIST classes"
+        )
+    if isinstance(labels, (list, tuple)):
+        labels = torch.tensor(
+            [as_number(x, f"{name}[{i}]", "an integer class index", integer=True) for i, x in enumerate(labels)], dtype=torch.long
+        )
+    elif isinstance(labels, np.ndarray) and labels.dtype.kind in "biufc":
+        labels = torch.as_tensor(labels.copy())  # a copy: negative strides, and 0-d stays 0-d
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"{name} must be {kinds}; got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool or labels.ndim != 1:
+        raise ValueError(f"{name} must be {kinds}; got dtype {labels.dtype} and shape {tuple(labels.shape)}")
+    if labels.numel() == 0:
+        raise ValueError(f"{name} is empty: give at least one class index")
+    labels = labels.to(device=device, dtype=torch.long)
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.numel():
+        raise ValueError(f"class labels must be in [0, {num_classes}); got {bad.tolist()[:8]}")
+    return labels

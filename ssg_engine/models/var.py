@@ -9,13 +9,11 @@ import dataclasses
 import math
 from typing import Any, List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from ..validation import as_number
 from .family import KVStore
 from .vqvae import VQVAE
 
@@ -224,40 +222,6 @@ class VARTransformer(nn.Module):
     def lvl_pos(self) -> torch.Tensor:
         """Level + absolute position embedding (1, L, C)."""
         return self.lvl_embed(self.lvl_1L) + self.pos_1LC
-
-    def check_labels(self, labels: Any, name: str = "labels") -> torch.Tensor:
-        """``labels`` (a list of ints, or a 1-D integer tensor or NumPy array) as a 1-D int64 tensor on this model's
-        device, each in ``[0, num_classes)``; otherwise a ``ValueError`` naming ``name`` (never rounded or flattened).
-
-        The one label check of every sampling entry point (``sample_reference``, ``generate``, ``Engine.generate``).
-        """
-        kinds = "a list of integer class indices, or a 1-D integer tensor or NumPy array"
-        if (
-            isinstance(labels, str)
-            or (isinstance(labels, np.ndarray) and labels.dtype.kind in "US")
-            or (isinstance(labels, (list, tuple)) and any(isinstance(x, str) for x in labels))
-        ):
-            raise ValueError(
-                f"{name} must be integer class indices, not class names ({labels!r}); convert names first, "
-                "e.g. with ssg_engine.data.class_index for the Fashion-MNIST classes"
-            )
-        if isinstance(labels, (list, tuple)):
-            labels = torch.tensor(
-                [as_number(x, f"{name}[{i}]", "an integer class index", integer=True) for i, x in enumerate(labels)], dtype=torch.long
-            )
-        elif isinstance(labels, np.ndarray) and labels.dtype.kind in "biufc":
-            labels = torch.as_tensor(labels.copy())  # a copy: negative strides, and 0-d stays 0-d
-        if not isinstance(labels, torch.Tensor):
-            raise ValueError(f"{name} must be {kinds}; got {type(labels).__name__}")
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool or labels.ndim != 1:
-            raise ValueError(f"{name} must be {kinds}; got dtype {labels.dtype} and shape {tuple(labels.shape)}")
-        if labels.numel() == 0:
-            raise ValueError(f"{name} is empty: give at least one class index")
-        labels = labels.to(device=self.lvl_1L.device, dtype=torch.long)
-        bad = labels[(labels < 0) | (labels >= self.num_classes)]
-        if bad.numel():
-            raise ValueError(f"class labels must be in [0, {self.num_classes}); got {bad.tolist()[:8]}")
-        return labels
 
     # ------------------------------------------------------------------ teacher forcing
     def forward(self, label_B: torch.LongTensor, x_BLCv_wo_first_l: torch.Tensor) -> torch.Tensor:
