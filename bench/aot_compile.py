@@ -214,7 +214,7 @@ def compile_all(cases: Sequence[Case], archs: Sequence[int], log=print) -> List[
         for i, ((arch, _), (spec, members)) in enumerate(groups.items()):
             row = compile_row(spec, arch, Path(tmp))
             row.update(
-                launches=len(members), example=members[0].describe(),
+                key=spec.key, launches=len(members), example=members[0].describe(),
                 presets=sorted({c.preset for c in members}, key=PRESETS.index),
                 max_variants_per_bucket=max(len(per_bucket[c.bucket, arch]) for c in members),
             )
@@ -262,9 +262,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities, e.g. 80 90")
     ap.add_argument("--out", default="bench/results/aot", help="writes aot_kernels.json and aot_kernels.md here")
     ap.add_argument("--quick", action="store_true", help="one configuration per kernel (the CI test)")
+    ap.add_argument("--dtypes", nargs="+", choices=[str(d).removeprefix("torch.") for d in DTYPES], default=None,
+                    help="input dtypes of the full set (default: all)")
     args = ap.parse_args(argv)
+    dtypes = DTYPES if args.dtypes is None else [getattr(torch, d) for d in args.dtypes]
     cases = quick_cases() if args.quick else [
-        *guidance_cases(PRESETS, BATCHES, DTYPES), *sampling_cases(PRESETS, BATCHES, DTYPES)
+        *guidance_cases(PRESETS, BATCHES, dtypes), *sampling_cases(PRESETS, BATCHES, dtypes)
     ]
     print(f"{len(cases)} launches -> compiling for sm_{', sm_'.join(map(str, args.arch))}", flush=True)
     rows = compile_all(cases, args.arch, log=lambda line: print(line, flush=True))

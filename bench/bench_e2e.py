@@ -2,30 +2,43 @@
 
 GPU: VAR-d16 and VAR-d30 shapes with random bf16 weights, B in {1, 16, 64}, cfg 1.5, top-k 900,
 top-p 0.96, SSG off and on; images/s end to end (transformer + VAE decode) and transformer only
-(end to end minus a separately timed VAE decode of the same batch), against the analytic floor
-(FLOPs at the measured bf16 matmul rate vs bytes of weights + KV cache at the measured copy bandwidth,
-per scale). CPU (``--smoke``): the golden tiny model, no speed claims.
+(end to end minus the method's own VQ-VAE decode time), against the analytic floor
+(``ssg_engine.costs``: per-stage roofline at the measured bf16 matmul rate and copy bandwidth).
+The decode is timed per method in that method's dtype, on the same random latent: upstream eager decodes
+its own float32 VQ-VAE under bf16 autocast (as upstream's demo runs it), the Engine in ``engine.vae_dtype``
+(its decoder, channels-last). A transformer-only time that would be zero or negative (decode measured
+longer than the whole run: noise) is reported as null with a ``note``.
+CPU (``--cpu``): the shipped Fashion-MNIST model in float32, reference sampler vs Engine (no graphs) side by
+side in one run, B in {1, 4, 16, 64}; the summary holds the Engine / reference throughput ratios.
+``--smoke``: the golden tiny model, no speed claims (its floor is the H200 datasheet's, to exercise the code).
+
+Each row is written to ``--out`` as soon as it is measured (atomically: the file is always complete JSON,
+``"complete": false`` until the end), so a run stopped by a timeout keeps what it measured.
 
     python bench/bench_e2e.py --out bench/results/e2e.json                 # GPU
-    python bench/bench_e2e.py --smoke --out /tmp/e2e_smoke.json            # CPU
+    python bench/bench_e2e.py --cpu --out bench/results/e2e_cpu.json       # CPU: Engine vs reference sampler
+    python bench/bench_e2e.py --smoke --out /tmp/e2e_smoke.json            # CPU smoke test
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from env_info import environment  # noqa: E402
 
-from ssg_engine import SSG, ModelConfig, load_models, random_models, sample_reference  # noqa: E402
+from ssg_engine import SSG, ModelConfig, costs, load_models, random_models, sample_reference  # noqa: E402
 from ssg_engine.engine import Engine  # noqa: E402
+from ssg_engine.files import atomic_write_json  # noqa: E402
+from ssg_engine.pretrained import SAMPLING, load_pretrained  # noqa: E402
 
 GOLDEN_TINY = Path(__file__).resolve().parents[1] / "tests" / "golden" / "var_tiny"
 
@@ -46,27 +59,40 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int, cuda: bool) -> fl
     return statistics.median(times)
 
 
-def analytic_floor(cfg: ModelConfig, B: int, flops_per_s: float, bytes_per_s: float, dtype_bytes: int = 2) -> Dict[str, float]:
-    """Lower bound on transformer time per batch: per scale max(FLOPs / rate, bytes / bandwidth), summed.
+def timed_side_by_side(runs: Dict[str, Callable[[], object]], repeats: int, warmup: int, cuda: bool) -> Dict[str, float]:
+    """Median seconds of each run, the runs interleaved repeat by repeat so that they share the machine's noise
+    (upstream's eager loop under bf16 autocast on CUDA, as its demo runs it)."""
+    def run(method: str) -> float:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and method == "upstream_eager"):
+            return timed(runs[method], 1, 0, cuda)
 
-    FLOPs: 2 * (linear weights) * tokens + 4 * l * L_seen * C per layer (QK^T and PV), for 2B rows (CFG).
-    Bytes: all transformer weights once per scale + the KV cache read per layer per scale + logits written.
-    """
-    C, D = cfg.embed_dim, cfg.depth
-    hidden = round(C * cfg.mlp_ratio)
-    per_block = 3 * C * C + C * C + 2 * C * hidden + (0 if cfg.shared_aln else 6 * C * C)
-    linear = D * per_block + C * cfg.V + cfg.Cvae * C + 2 * C * C
-    total, seen, flops_all, bytes_all = 0.0, 0, 0.0, 0.0
-    for pn in cfg.patch_nums:
-        l = pn * pn
-        seen += l
-        rows = 2 * B * l
-        flops = 2 * linear * rows + D * 4 * rows * seen * C
-        nbytes = linear * dtype_bytes + D * 2 * (2 * B) * seen * C * dtype_bytes + B * l * cfg.V * 4
-        total += max(flops / flops_per_s, nbytes / bytes_per_s)
-        flops_all += flops
-        bytes_all += nbytes
-    return {"seconds": total, "images_per_s": B / total, "tflop": flops_all / 1e12, "gbytes": bytes_all / 1e9}
+    for method in runs:
+        for _ in range(warmup):
+            run(method)
+    times: Dict[str, List[float]] = {method: [] for method in runs}
+    for _ in range(repeats):
+        for method in runs:
+            times[method].append(run(method))
+    return {method: statistics.median(t) for method, t in times.items()}
+
+
+def analytic_floor(cfg: ModelConfig, B: int, gpu: costs.GPU, ssg: bool = False, vae_dtype: torch.dtype = torch.bfloat16) -> Dict[str, float]:
+    """Lower bound on the time per batch: ``ssg_engine.costs``' roofline (per stage max(FLOPs / peak,
+    bytes / bandwidth), summed) of the bf16 transformer on ``gpu``; ``seconds`` without the VQ-VAE decode,
+    ``decode_seconds`` the decode's floor in ``vae_dtype``."""
+    stages = costs.stage_costs(cfg, B, torch.bfloat16, ssg=ssg, vae_dtype=vae_dtype)
+    floor = costs.roofline([s for s in stages if s.stage != "decode"], gpu)
+    decode = costs.roofline([s for s in stages if s.stage == "decode"], gpu)
+    return {
+        "seconds": floor.seconds, "decode_seconds": decode.seconds, "images_per_s": B / floor.seconds,
+        "images_per_s_with_decode": B / (floor.seconds + decode.seconds), "tflop": floor.flops / 1e12, "gbytes": floor.bytes / 1e9,
+    }
+
+
+def measured_gpu(rates: Dict[str, float]) -> costs.GPU:
+    """The roofline GPU at the measured bf16 matmul rate and copy bandwidth, the other peaks (TF32, fp32) scaled in
+    proportion from the H100's."""
+    return costs.GPUS["h100"].scaled(rates["bf16_matmul_tflops"] * 1e12, rates["copy_gbytes_per_s"] * 1e9)
 
 
 def measure_rates(device: str) -> Dict[str, float]:
@@ -79,40 +105,98 @@ def measure_rates(device: str) -> Dict[str, float]:
     return {"bf16_matmul_tflops": 2 * 8192**3 / t / 1e12, "copy_gbytes_per_s": 2 * x.numel() / tc / 1e9}
 
 
-def bench_model(name: str, vae, var, batches: List[int], device: str, repeats: int, warmup: int, rates) -> List[dict]:
+def bench_model(
+    name: str, vae, var, batches: List[int], device: str, repeats: int, warmup: int, floor_gpu: Optional[costs.GPU],
+    top_k: int = 900, on_row: Callable[[dict], None] = lambda row: None,
+) -> List[dict]:
+    """Rows (model, B, SSG off/on, method) of end-to-end and transformer-only throughput; each row is handed to
+    ``on_row`` as soon as it is measured."""
     cuda = device.startswith("cuda")
     rows = []
+    # upstream decodes its own VQ-VAE as loaded (float32; bf16 autocast on CUDA): copied before the Engines cast
+    # the shared one's decoder to their vae dtype
+    upstream_vae = copy.deepcopy(vae)
     engines = {
         "engine_eager": Engine(var, vae, max_batch=max(batches), device=device, dtype=var.head.weight.dtype, cuda_graphs=False),
     }
     if cuda:
         engines["engine_graphs"] = Engine(var, vae, max_batch=max(batches), device=device, dtype=var.head.weight.dtype, cuda_graphs=True)
-    top_k = min(900, var.V)
-    for B in batches:
-        labels = torch.arange(B, device=device) % var.num_classes
-        f_hat = torch.randn(B, var.Cvae, var.patch_nums[-1], var.patch_nums[-1], device=device)
-        decode_s = timed(lambda: vae.fhat_to_img(f_hat), repeats, warmup, cuda)
-        for ssg_name, ssg in (("off", None), ("on", SSG(beta=0.5))):
-            runs = {
-                "upstream_eager": lambda: sample_reference(var, B, labels, g_seed=0, cfg=1.5, top_k=top_k, top_p=0.96, ssg=ssg),
-            }
-            for ename, eng in engines.items():
-                runs[ename] = lambda eng=eng: eng.generate(labels, cfg=1.5, top_k=top_k, top_p=0.96, seed=0, ssg=ssg)
-            for method, fn in runs.items():
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and method == "upstream_eager"):
-                    s = timed(fn, repeats, warmup, cuda)
-                row = {
-                    "model": name, "B": B, "ssg": ssg_name, "method": method, "seconds": s,
-                    "images_per_s": B / s, "transformer_only_images_per_s": B / max(s - decode_s, 1e-9), "decode_seconds": decode_s,
+    vaes = {"upstream_eager": upstream_vae, **{ename: eng.vae for ename, eng in engines.items()}}
+    decode_dtype = {"upstream_eager": "bfloat16 (autocast)" if cuda else str(upstream_vae.post_quant_conv.weight.dtype).removeprefix("torch.")}
+    engine_vae_dtype = torch.float32
+    for ename, eng in engines.items():
+        engine_vae_dtype = getattr(eng, "vae_dtype", torch.float32)
+        decode_dtype[ename] = str(engine_vae_dtype).removeprefix("torch.")
+
+    def with_vae(method: str, fn: Callable[[], object]) -> Callable[[], object]:
+        """``fn`` with the method's VQ-VAE attached to the shared VAR (its decode step uses it)."""
+        def run():
+            var.attach_vae(vaes[method])
+            return fn()
+        return run
+
+    def decode(method: str, f_hat: torch.Tensor) -> Callable[[], object]:
+        """The method's decode step (``VARTransformer.decode``) on a latent: in its VQ-VAE's dtype."""
+        model = vaes[method]
+        f_in = f_hat.to(model.post_quant_conv.weight.dtype)
+        return lambda: model.fhat_to_img(f_in).float().add_(1).mul_(0.5)
+
+    top_k = min(top_k, var.V)
+    try:
+        for B in batches:
+            labels = torch.arange(B, device=device) % var.num_classes
+            f_hat = torch.randn(B, var.Cvae, var.patch_nums[-1], var.patch_nums[-1], device=device)
+            with torch.inference_mode():
+                decode_s = timed_side_by_side({method: decode(method, f_hat) for method in vaes}, repeats, warmup, cuda)
+            for ssg_name, ssg in (("off", None), ("on", SSG(beta=0.5))):
+                runs = {
+                    "upstream_eager": with_vae("upstream_eager", lambda: sample_reference(var, B, labels, seed=0, cfg=1.5, top_k=top_k, top_p=0.96, ssg=ssg)),
                 }
-                if rates:
-                    floor = analytic_floor(var.config, B, rates["bf16_matmul_tflops"] * 1e12, rates["copy_gbytes_per_s"] * 1e9)
-                    row["floor_images_per_s"] = floor["images_per_s"]
-                    row["fraction_of_floor"] = row["transformer_only_images_per_s"] / floor["images_per_s"]
-                rows.append(row)
-                print(f"{name:6s} B={B:3d} ssg={ssg_name:3s} {method:15s} {s * 1e3:10.2f} ms {B / s:10.2f} img/s"
-                      + (f"  floor {row['floor_images_per_s']:.1f} img/s ({row['fraction_of_floor']:.1%})" if rates else ""), flush=True)
+                for ename, eng in engines.items():
+                    runs[ename] = with_vae(ename, lambda eng=eng: eng.generate(labels, cfg=1.5, top_k=top_k, top_p=0.96, seed=0, ssg=ssg))
+                seconds = timed_side_by_side(runs, repeats, warmup, cuda)
+                floor = analytic_floor(var.config, B, floor_gpu, ssg is not None, engine_vae_dtype) if floor_gpu else None
+                for method, s in seconds.items():
+                    row = measured_row(name, B, ssg_name, method, s, decode_s[method], decode_dtype[method], floor)
+                    rows.append(row)
+                    on_row(row)
+                    print(row_line(row), flush=True)
+    finally:
+        var.attach_vae(vae)
     return rows
+
+
+def measured_row(model: str, B: int, ssg: str, method: str, seconds: float, decode_s: float, decode_dtype: str,
+                 floor: Optional[Dict[str, float]]) -> dict:
+    """One result row: end to end, the method's decode, transformer only (null, with a note, when the decode
+    measured as long as the whole run), and the floor with the fractions of it reached."""
+    transformer_s = seconds - decode_s
+    row = {
+        "model": model, "B": B, "ssg": ssg, "method": method, "seconds": seconds, "images_per_s": B / seconds,
+        "decode_seconds": decode_s, "decode_dtype": decode_dtype,
+        "transformer_only_seconds": transformer_s if transformer_s > 0 else None,
+        "transformer_only_images_per_s": B / transformer_s if transformer_s > 0 else None,
+    }
+    if transformer_s <= 0:
+        row["note"] = (f"decode ({decode_s * 1e3:.3f} ms) measured as long as the whole run ({seconds * 1e3:.3f} ms): "
+                       "timing noise, no transformer-only figure")
+    if floor:
+        row["floor_images_per_s"] = floor["images_per_s"]
+        row["floor_images_per_s_with_decode"] = floor["images_per_s_with_decode"]
+        row["fraction_of_floor"] = row["transformer_only_images_per_s"] / floor["images_per_s"] if transformer_s > 0 else None
+        row["fraction_of_floor_with_decode"] = row["images_per_s"] / floor["images_per_s_with_decode"]
+    return row
+
+
+def row_line(row: dict) -> str:
+    t = row["transformer_only_images_per_s"]
+    line = (f"{row['model']:6s} B={row['B']:3d} ssg={row['ssg']:3s} {row['method']:15s} {row['seconds'] * 1e3:10.2f} ms "
+            f"{row['images_per_s']:10.2f} img/s  decode {row['decode_seconds'] * 1e3:8.2f} ms ({row['decode_dtype']})  "
+            f"transformer only {'-' if t is None else f'{t:.2f}'} img/s")
+    if "floor_images_per_s" in row:
+        frac = row["fraction_of_floor"]
+        line += f"  floor {row['floor_images_per_s']:.1f} img/s ({'-' if frac is None else f'{frac:.1%}'})"
+    return line
 
 
 def summarize(rows: List[dict]) -> Dict[str, float]:
@@ -122,8 +206,10 @@ def summarize(rows: List[dict]) -> Dict[str, float]:
     for (model, B, ssg, method), s in get.items():
         if method == "upstream_eager" and ssg == "off":
             for m in ("engine_eager", "engine_graphs"):
-                if (model, B, "off", m) in get:
-                    out[f"{model}_B{B}_{m}_speedup_vs_upstream"] = s / get[(model, B, "off", m)]
+                for setting in ("off", "on"):
+                    if (model, B, setting, m) in get and (model, B, setting, "upstream_eager") in get:
+                        suffix = "" if setting == "off" else "_ssg"
+                        out[f"{model}_B{B}_{m}{suffix}_speedup_vs_upstream"] = get[(model, B, setting, "upstream_eager")] / get[(model, B, setting, m)]
         if ssg == "off" and (model, B, "on", method) in get:
             out[f"{model}_B{B}_{method}_ssg_overhead"] = get[(model, B, "on", method)] / s - 1
     return out
@@ -131,32 +217,66 @@ def summarize(rows: List[dict]) -> Dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="d16,d30")
-    ap.add_argument("--batches", default="1,16,64")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--models", default="d16,d30", help="GPU: presets to run (random bf16 weights)")
+    ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default: GPU 1,16,64; --cpu 1,4,16,64; --smoke 1,4)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per method (default 5; --smoke 2)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed runs per method first (default 2; --smoke 1)")
     ap.add_argument("--smoke", action="store_true", help="CPU smoke test on the golden tiny model (no speed claims)")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--cpu", action="store_true", help="CPU: the shipped model, reference sampler vs Engine, B 1/4/16/64")
+    ap.add_argument("--out", default=None, help="JSON, rewritten (atomically) after every measured row")
     args = ap.parse_args()
-    cuda = torch.cuda.is_available() and not args.smoke
+    cuda = torch.cuda.is_available() and not (args.smoke or args.cpu)
     device = "cuda" if cuda else "cpu"
-    rows, rates = [], None
+    default_batches, default_repeats, default_warmup = ("1,4", 2, 1) if args.smoke and not args.cpu else ("1,4,16,64" if args.cpu else "1,16,64", 5, 2)
+    batches = [int(b) for b in (args.batches or default_batches).split(",")]
+    repeats = default_repeats if args.repeats is None else args.repeats
+    warmup = default_warmup if args.warmup is None else args.warmup
+    rates, floor_gpu = None, None
     if cuda:
         rates = measure_rates(device)
         print(f"measured: {rates}")
+        floor_gpu = measured_gpu(rates)
+    elif args.smoke and not args.cpu:
+        floor_gpu = costs.GPUS["h200"]  # no speed claim: exercises the floor columns
+    report = {
+        "smoke": args.smoke, "cpu": not cuda, "complete": False, "environment": environment(), "rates": rates,
+        "floor_gpu": None if floor_gpu is None else gpu_dict(floor_gpu),
+        "settings": {"batches": batches, "repeats": repeats, "warmup": warmup, "cfg": 1.5, "top_p": 0.96},
+        "rows": [], "summary": {},
+    }
+
+    def write() -> None:
+        if args.out:
+            atomic_write_json(args.out, report)
+
+    def on_row(row: dict) -> None:
+        report["rows"].append(row)
+        report["summary"] = summarize(report["rows"])
+        write()
+
+    write()
+    if cuda:
         for name in args.models.split(","):
             vae, var = random_models(ModelConfig.preset(name), device, torch.bfloat16)
-            rows += bench_model(name, vae, var, [int(b) for b in args.batches.split(",")], device, args.repeats, args.warmup, rates)
+            bench_model(name, vae, var, batches, device, repeats, warmup, floor_gpu, on_row=on_row)
             del vae, var
             torch.cuda.empty_cache()
+    elif args.cpu:
+        vae, var = load_pretrained()
+        bench_model("fmnist", vae, var, batches, device, repeats, warmup, None, top_k=SAMPLING.top_k, on_row=on_row)
     else:
         vae, var = load_models(GOLDEN_TINY / "var.pth", GOLDEN_TINY / "vae.pth", config=GOLDEN_TINY / "config.json")
-        rows += bench_model("tiny", vae, var, [1, 4], device, 2, 1, None)
-    report = {"smoke": not cuda, "environment": environment(), "rates": rates, "rows": rows, "summary": summarize(rows)}
+        bench_model("tiny", vae, var, batches, device, repeats, warmup, floor_gpu, on_row=on_row)
+    report["complete"] = True
+    write()
     print(json.dumps(report["summary"], indent=1))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.out}")
+
+
+def gpu_dict(gpu: costs.GPU) -> dict:
+    return {"name": gpu.name, "bf16_tflops": gpu.bf16_flops / 1e12, "tf32_tflops": gpu.tf32_flops / 1e12,
+            "fp32_tflops": gpu.fp32_flops / 1e12, "gbytes_per_s": gpu.bytes_per_s / 1e9}
 
 
 if __name__ == "__main__":
