@@ -1,18 +1,19 @@
 """ssg-engine: fast sampling of multi-scale visual autoregressive (VAR) models, with Scaled Spatial Guidance."""
 from .config import ModelConfig
 from .guidance import SSG, dse, dse_operator, prior, ssg_logits
-from .loading import CheckpointError, build_models, load_models, random_models
 from .models import VQVAE, VARTransformer
 from .params import SamplingParams
 from .pipeline import NonFiniteLogitsError
 from .sampler import VAR, SampleOutput, sample_reference
-from .api import generate  # noqa: E402  (after the sampler: the API layer)
 from .engine import Engine
+from .api import generate
+from .loading import CheckpointError, build_models, load_models, random_models
+from .plan import plan
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ModelConfig", "SSG", "dse", "dse_operator", "prior", "ssg_logits", "CheckpointError", "build_models",
     "load_models", "random_models", "VAR", "VARTransformer", "VQVAE", "SamplingParams", "NonFiniteLogitsError",
-    "SampleOutput", "generate", "sample_reference", "Engine",
+    "SampleOutput", "generate", "sample_reference", "Engine", "plan",
 ]
