@@ -20,6 +20,7 @@ os.environ["TRITON_INTERPRET"] = "0"  # the interpreter's kernel objects cannot 
 os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # honest compile seconds, never a cache hit
 
 import argparse  # noqa: E402
+import itertools  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
@@ -75,20 +76,24 @@ class Case:
 
 
 def guidance_cases(presets: Sequence[str], batches: Sequence[int], dtypes: Sequence[torch.dtype]) -> Iterator[Case]:
-    """``ssg_guidance`` as the engine calls it: prior from scale 1 on when SSG is on, never when off."""
+    """``ssg_guidance`` as the engine calls it: prior from scale 1 on when SSG is on, never when off; cfg and beta
+    as numbers (eager) or as 0-d device tensors (what a captured graph passes, so a cfg/beta change replays it)."""
+    scalar = torch.empty((), dtype=torch.float32, device="meta")
     for preset in presets:
         cfg = ModelConfig.preset(preset)
         pns = cfg.patch_nums
         for batch in batches:
             for dtype in dtypes:
-                for setting in ("no ssg", "ssg"):
+                for ssg, graph in itertools.product((False, True), (False, True)):
+                    setting = ("ssg" if ssg else "no ssg") + (" graph" if graph else "")
                     for si, pn in enumerate(pns):
                         logits = torch.empty(2 * batch, pn * pn, cfg.V, dtype=dtype, device="meta")
                         prev = operator = None
-                        if setting == "ssg" and si > 0:
+                        if ssg and si > 0:
                             prev = torch.empty(batch, pns[si - 1] ** 2, cfg.V, dtype=dtype, device="meta")
                             operator = torch.empty(pn * pn, pns[si - 1] ** 2, device="meta")
-                        launch, _, _ = ssg_guidance_launch(logits, prev, operator, cfg_ratio(1.5, si, len(pns)), 0.5)
+                        t, beta = (scalar, scalar if operator is not None else 0.0) if graph else (cfg_ratio(1.5, si, len(pns)), 0.5)
+                        launch, _, _ = ssg_guidance_launch(logits, prev, operator, t, beta)
                         yield Case("ssg_guidance", preset, batch, str(dtype).removeprefix("torch."), setting, si, launch)
 
 
