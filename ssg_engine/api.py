@@ -3,7 +3,6 @@ reference loop elsewhere) and reuses engines through an explicit, bounded cache.
 from __future__ import annotations
 
 import collections
-import weakref
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -17,25 +16,25 @@ from .validation import class_labels
 
 
 class EngineCache:
-    """Engines kept for reuse by :func:`generate`, keyed by (var, vae, device, dtype); at most ``max_engines``
-    (least recently used dropped), and an entry goes with its models. ``ssg_engine.api.ENGINE_CACHE`` is the
-    one ``generate`` uses; ``clear()`` frees its memory."""
+    """Engines kept for reuse by :func:`generate`, keyed by (var, vae, device, dtype); at most ``max_engines``, least
+    recently used dropped. An engine holds its models, so they stay alive until dropped or ``clear()``-ed.
+    ``ssg_engine.api.ENGINE_CACHE`` is the one ``generate`` uses."""
 
     def __init__(self, max_engines: int = 2) -> None:
         self.max_engines = max_engines
-        self._engines: "collections.OrderedDict[tuple, Tuple[Any, Any, Engine]]" = collections.OrderedDict()
+        self._engines: "collections.OrderedDict[tuple, Engine]" = collections.OrderedDict()
 
     def get(self, var: VARTransformer, vae: VQVAE, max_batch: int = 64) -> Engine:
         """The engine for ``var``/``vae`` on their device and dtype (built on first use)."""
         device, dtype = var.lvl_1L.device, var.head.weight.dtype
         key = (id(var), id(vae), str(device), dtype)
-        entry = self._engines.pop(key, None)
-        if entry is None or entry[0]() is not var or entry[1]() is not vae:
-            entry = (weakref.ref(var), weakref.ref(vae), Engine(var, vae, max_batch=max_batch, device=device, dtype=dtype))
-        self._engines[key] = entry
+        engine = self._engines.pop(key, None)
+        if engine is None or engine.var is not var or engine.vae is not vae:
+            engine = Engine(var, vae, max_batch=max_batch, device=device, dtype=dtype)
+        self._engines[key] = engine
         while len(self._engines) > self.max_engines:
             self._engines.popitem(last=False)
-        return entry[2]
+        return engine
 
     def clear(self) -> None:
         self._engines.clear()

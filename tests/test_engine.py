@@ -199,3 +199,21 @@ def test_bf16_decode_close_to_fp32(model, tiny_dir):
     psnr = _psnr(images[torch.bfloat16], images[torch.float32])
     print(f"{model}: bf16 decode vs float32 decode PSNR {psnr:.1f} dB")
     assert psnr > 35.0
+
+
+def test_engine_cache_reuses_and_is_bounded(tiny_dir):
+    """generate's engine cache: the same models give the same Engine; at most max_engines are kept."""
+    from ssg_engine.api import EngineCache, generate
+
+    cache = EngineCache(max_engines=2)
+    models = [load_models(tiny_dir / "var.pth", tiny_dir / "vae.pth", config=tiny_dir / "config.json") for _ in range(3)]
+    first = cache.get(models[0][1], models[0][0])
+    assert cache.get(models[0][1], models[0][0]) is first and len(cache) == 1
+    cache.get(models[1][1], models[1][0])
+    cache.get(models[2][1], models[2][0])
+    assert len(cache) == 2 and cache.get(models[0][1], models[0][0]) is not first  # the oldest was dropped
+    vae, var = models[1]
+    images = generate(var, vae, [1, 2], engine=cache.get(var, vae), top_k=1, seed=0)
+    assert images.shape == (2, 3, 128, 128)
+    cache.clear()
+    assert len(cache) == 0
