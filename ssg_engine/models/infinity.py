@@ -1,0 +1,626 @@
+"""Infinity transformer (text-to-image, bitwise next-scale prediction), state-dict compatible with upstream
+FoundationVision/Infinity (commit 4c27bbb5, ``infinity_*.pth``).
+
+Shapes: ``B`` images, ``L`` tokens over all scales of a schedule, ``C`` width, ``d`` bits per token (the BSQ
+codebook dim), ``Ct5`` text-feature width, ``N`` packed text tokens (sum of the prompt lengths). The head predicts
+2 logits per bit: ``(B, L, 2d)``, bit ``k`` of a token at ``[..., 2k:2k+2]`` (reshape to ``(B, L, d, 2)``).
+
+Upstream behaviour reproduced on purpose (see ``tests/golden/infinity/README.md``):
+
+* the cross-attention (every block's and the text attentive pool's) rounds its float32 q, k, v to bfloat16,
+  attends in float32 per packed sequence, and rounds the output to bfloat16 (upstream's flash-attn varlen call);
+* 2-D RoPE at positions normalised by the last scale of the ratio's ``1M`` schedule (``rope2d_normalized_by_hw=2``);
+* ``fused_norm=True`` (released): the KV-cached step applies RoPE at each scale's own positions; with
+  ``fused_norm=False`` upstream's cached sampler slices the RoPE table from position 0 at every scale, and
+  :meth:`InfinityTransformer.step` does the same (teacher forcing is unaffected).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .bsq_vae import accumulate_codes, bits_to_codes
+from .family import KVStore
+from .var import FFN
+
+# ---------------------------------------------------------------------------------------------- scale schedules
+
+VAE_STRIDE = 16
+# h/w ratio -> (h, w) of the 13 scales of upstream's dynamic-resolution table (ratios < 1 are the transposes)
+_RATIO_HWS: Dict[float, List[Tuple[int, int]]] = {
+    1.000: [(1, 1), (2, 2), (4, 4), (6, 6), (8, 8), (12, 12), (16, 16), (20, 20), (24, 24), (32, 32), (40, 40), (48, 48), (64, 64)],
+    1.250: [(1, 1), (2, 2), (3, 3), (5, 4), (10, 8), (15, 12), (20, 16), (25, 20), (30, 24), (35, 28), (45, 36), (55, 44), (70, 56)],
+    1.333: [(1, 1), (2, 2), (4, 3), (8, 6), (12, 9), (16, 12), (20, 15), (24, 18), (28, 21), (36, 27), (48, 36), (60, 45), (72, 54)],
+    1.500: [(1, 1), (2, 2), (3, 2), (6, 4), (9, 6), (15, 10), (21, 14), (27, 18), (33, 22), (39, 26), (48, 32), (63, 42), (78, 52)],
+    1.750: [(1, 1), (2, 2), (3, 3), (7, 4), (11, 6), (14, 8), (21, 12), (28, 16), (35, 20), (42, 24), (56, 32), (70, 40), (84, 48)],
+    2.000: [(1, 1), (2, 2), (4, 2), (6, 3), (10, 5), (16, 8), (22, 11), (30, 15), (38, 19), (46, 23), (60, 30), (74, 37), (90, 45)],
+    2.500: [(1, 1), (2, 2), (5, 2), (10, 4), (15, 6), (20, 8), (25, 10), (30, 12), (40, 16), (50, 20), (65, 26), (80, 32), (100, 40)],
+    3.000: [(1, 1), (2, 2), (6, 2), (9, 3), (15, 5), (21, 7), (27, 9), (36, 12), (45, 15), (54, 18), (72, 24), (90, 30), (111, 37)],
+}
+# total-pixel name -> number of scales
+PIXEL_SCALES: Dict[str, int] = {"0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}
+
+
+def _ratio_table() -> Dict[float, List[Tuple[int, int]]]:
+    table = {}
+    for ratio, hws in _RATIO_HWS.items():
+        table[ratio] = hws
+        if ratio != 1.0:
+            table[int(1 / ratio * 1000) / 1000] = [(w, h) for h, w in hws]
+    return table
+
+
+RATIO_TABLE = _ratio_table()
+Schedule = Tuple[Tuple[int, int], ...]
+
+
+def scale_schedule(h_div_w: float, pn: str = "1M") -> Schedule:
+    """(h, w) of every scale of upstream's table for ratio ``h_div_w`` (a table key up to 1e-3) and ``pn``."""
+    ratio = min(RATIO_TABLE, key=lambda r: abs(r - float(h_div_w)))
+    if abs(ratio - float(h_div_w)) > 1e-3:
+        raise ValueError(f"h_div_w={h_div_w} is not in Infinity's table; use one of {sorted(RATIO_TABLE)}")
+    if pn not in PIXEL_SCALES:
+        raise ValueError(f"pn={pn!r} is not in Infinity's table; use one of {list(PIXEL_SCALES)}")
+    return tuple(RATIO_TABLE[ratio][: PIXEL_SCALES[pn]])
+
+
+# every table schedule -> (h, w) of the last scale of its ratio's 1M schedule (the RoPE normalisation)
+_ROPE_EXTENT: Dict[Schedule, Tuple[int, int]] = {
+    tuple(hws[:n]): hws[PIXEL_SCALES["1M"] - 1] for hws in RATIO_TABLE.values() for n in PIXEL_SCALES.values()
+}
+
+
+def as_schedule(schedule: Sequence[Sequence[int]]) -> Schedule:
+    """Normalise (h, w) or upstream's (t=1, h, w) entries to a tuple of (h, w); it must be one of the table's."""
+    out = []
+    for s in schedule:
+        if len(s) == 3:
+            if int(s[0]) != 1:
+                raise ValueError(f"scale {tuple(s)}: only images (t = 1) are supported")
+            s = s[1:]
+        out.append((int(s[0]), int(s[1])))
+    sched = tuple(out)
+    if sched not in _ROPE_EXTENT:
+        raise ValueError(f"scale schedule {sched} is not one of Infinity's dynamic-resolution table; use scale_schedule(h_div_w, pn)")
+    return sched
+
+
+def rope_tables(schedule: Schedule, head_dim: int, grid: int = 128, base: float = 10000.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (L, head_dim/2) of the 2-D RoPE for every token of ``schedule`` (float32): rotated pair ``i`` of a
+    head uses the height frequency ``i`` for ``i < head_dim/4``, else the width frequency ``i - head_dim/4``."""
+    half = head_dim // 2
+    inv_freq = 1.0 / (base ** (torch.arange(0, half, 2, dtype=torch.int64).float() / half))
+    freqs = torch.outer(torch.arange(grid, dtype=torch.int64).float(), inv_freq)  # (grid, half/2)
+    H1, W1 = _ROPE_EXTENT[schedule]
+    parts = []
+    for h, w in schedule:
+        ih = (torch.arange(h) * (H1 / h)).round().int()
+        iw = (torch.arange(w) * (W1 / w)).round().int()
+        parts.append(torch.cat((freqs[ih][:, None].expand(h, w, -1), freqs[iw][None].expand(h, w, -1)), dim=-1).reshape(h * w, half))
+    angles = torch.cat(parts)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of x (..., l, head_dim) by cos/sin (l, head_dim/2)."""
+    pairs = x.reshape(*x.shape[:-1], -1, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    return torch.stack((cos * x0 - sin * x1, sin * x0 + cos * x1), dim=-1).reshape(x.shape)
+
+
+# ---------------------------------------------------------------------------------------------- text features
+
+
+@dataclasses.dataclass
+class TextFeatures:
+    """Text-encoder features of B prompts, packed: ``kv_compact`` (N, Ct5) float, ``lens`` (B,) prompt lengths
+    (each >= 1), ``cu_seqlens`` (B + 1,) int32 cumulative offsets (upstream's ``(kv_compact, lens, cu_seqlens_k,
+    max_seqlen_k)``)."""
+
+    kv_compact: torch.Tensor
+    lens: List[int]
+
+    @property
+    def cu_seqlens(self) -> torch.Tensor:
+        return F.pad(torch.tensor(self.lens, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
+
+    @property
+    def batch(self) -> int:
+        return len(self.lens)
+
+    @classmethod
+    def from_padded(cls, features: torch.Tensor, mask: torch.Tensor) -> "TextFeatures":
+        """From padded features (B, T, Ct5) and a boolean mask (B, T) of valid tokens (a prefix of each row)."""
+        if features.ndim != 3 or mask.shape != features.shape[:2]:
+            raise ValueError(f"padded text: features must be (B, T, Ct5) and mask (B, T); got {tuple(features.shape)}, {tuple(mask.shape)}")
+        mask = mask.bool()
+        lens = mask.sum(1)
+        if not torch.equal(mask, torch.arange(mask.shape[1], device=mask.device)[None] < lens[:, None]):
+            raise ValueError("padded text: each row's mask must be a prefix of valid tokens (True, ..., False, ...)")
+        return cls(features[mask], [int(n) for n in lens.tolist()])
+
+    @classmethod
+    def coerce(cls, text: Any) -> "TextFeatures":
+        """TextFeatures, upstream's 4-tuple ``(kv_compact, lens, cu_seqlens_k, max_seqlen_k)`` or ``(features, mask)``."""
+        if isinstance(text, TextFeatures):
+            out = text
+        elif isinstance(text, (tuple, list)) and len(text) == 4:
+            kv, lens, cu, _ = text
+            out = cls(kv, [int(n) for n in (lens.tolist() if torch.is_tensor(lens) else lens)])
+            if not torch.equal(torch.as_tensor(cu).to(torch.int32).cpu(), out.cu_seqlens):
+                raise ValueError("text: cu_seqlens_k does not match lens")
+        elif isinstance(text, (tuple, list)) and len(text) == 2:
+            out = cls.from_padded(*text)
+        else:
+            raise TypeError("text must be TextFeatures, (kv_compact, lens, cu_seqlens_k, max_seqlen_k) or (features, mask)")
+        if not out.lens or min(out.lens) < 1:
+            raise ValueError(f"text: need at least one prompt, each with at least one token; got lens {out.lens}")
+        if out.kv_compact.ndim != 2 or out.kv_compact.shape[0] != sum(out.lens):
+            raise ValueError(f"text: kv_compact must be (sum(lens)={sum(out.lens)}, Ct5); got {tuple(out.kv_compact.shape)}")
+        return out
+
+
+def varlen_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: Sequence[int], scale: float) -> torch.Tensor:
+    """Upstream's flash-attn varlen cross-attention in float32: q (B, Lq, H, hd), k/v (N, H, hd) packed by ``lens``
+    -> (B, Lq, H*hd). Inputs and output are rounded to bfloat16 (and back), each row attends to its own prompt."""
+    B, Lq, H, hd = q.shape
+    q = q.reshape(B * Lq, H, hd).to(torch.bfloat16).float()
+    k, v = k.to(torch.bfloat16).float(), v.to(torch.bfloat16).float()
+    out = torch.empty(B * Lq, H, hd, dtype=torch.float32, device=q.device)
+    start = 0
+    for b, n in enumerate(lens):
+        qb = q[b * Lq : (b + 1) * Lq].transpose(0, 1)  # H Lq hd
+        kb, vb = k[start : start + n].transpose(0, 1), v[start : start + n].transpose(0, 1)
+        p = torch.softmax(torch.matmul(qb, kb.transpose(-1, -2)) * scale, dim=-1)
+        out[b * Lq : (b + 1) * Lq] = torch.matmul(p, vb).transpose(0, 1)
+        start += n
+    return out.to(torch.bfloat16).float().reshape(B, Lq, H * hd)
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class InfinityConfig:
+    """Architecture of an Infinity transformer (upstream ``Infinity(...)`` keyword names)."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float
+    text_channels: int
+    text_maxlen: int
+    codebook_dim: int
+    block_chunks: int = 1
+    norm_eps: float = 1e-6
+    shared_aln: bool = True
+    cross_attn_layer_scale: float = -1.0
+    fused_norm: bool = True
+    add_lvl_embeding_only_first_block: int = 1
+    pad_to_multiplier: int = 1  # teacher forcing only (see InfinityTransformer.forward)
+
+    # upstream options whose released value is the only one implemented here
+    _FIXED = dict(head_aln=True, cos_attn=True, swiglu=False, rms_norm=False, nm0=False, tau=1, head_depth=1,
+                  use_bit_label=1, rope2d_each_sa_layer=1, rope2d_normalized_by_hw=2, apply_spatial_patchify=0,
+                  customized_flash_attn=False, fused_mlp=False)
+
+    @classmethod
+    def from_upstream(cls, kwargs: Mapping[str, Any], codebook_dim: int) -> "InfinityConfig":
+        """From upstream ``Infinity(**kwargs)`` keywords (e.g. a golden ``config.json``'s ``infinity``) and the VAE's d."""
+        for name, value in cls._FIXED.items():
+            if name in kwargs and kwargs[name] != value:
+                raise ValueError(f"Infinity option {name}={kwargs[name]!r} is not supported (only {value!r})")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        cfg = cls(codebook_dim=codebook_dim, **{k: v for k, v in kwargs.items() if k in fields and k != "codebook_dim"})
+        if cfg.embed_dim % cfg.num_heads or cfg.depth % max(cfg.block_chunks, 1):
+            raise ValueError(f"Infinity config: embed_dim % num_heads and depth % block_chunks must be 0 ({cfg})")
+        return cfg
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        return round(self.embed_dim * self.mlp_ratio / 256) * 256
+
+
+# ---------------------------------------------------------------------------------------------- layers
+
+
+class RMSNorm(nn.Module):
+    """Upstream's ``FastRMSNorm`` (float32, learned weight)."""
+
+    def __init__(self, C: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(C))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return ((xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(self.eps))) * self.weight).to(x.dtype)
+
+
+def ada_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm without affine in float32, then ``* (1 + scale) + shift``: x (B, l, C), scale/shift (B, 1, C)."""
+    return F.layer_norm(x.float(), (x.shape[-1],), eps=eps).mul(scale.add(1)).add_(shift)
+
+
+class SelfAttention(nn.Module):
+    """Cosine self-attention (L2-normalised q/k, learned per-head scale) with 2-D RoPE after the normalisation."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
+        self.max_scale_mul = math.log(100)
+        self.mat_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("zero_k_bias", torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, l, C), cos/sin (l, head_dim/2) -> q, k, v (B, H, l, head_dim), normalised, scaled and rotated."""
+        B, l, _ = x.shape
+        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        q, k, v = F.linear(x, self.mat_qkv.weight, bias).view(B, l, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q = F.normalize(q, dim=-1, eps=1e-12).mul(self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp())
+        k = F.normalize(k, dim=-1, eps=1e-12)
+        qk = apply_rope(torch.stack((q, k)), cos, sin)
+        return qk[0], qk[1], v.contiguous()
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """q (B, H, l, hd), k/v (B, H, S, hd), additive mask (l, S) or None -> projected output (B, l, C)."""
+        B, _, l, _ = q.shape
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+        return self.proj(out.transpose(1, 2).reshape(B, l, -1))
+
+
+class CrossAttention(nn.Module):
+    """Attention of queries to packed text tokens (upstream's ``CrossAttention``; bf16 rounding as upstream).
+
+    With ``for_attn_pool`` the query is one learned vector per head (``mat_q`` (1, H, hd)) and the output one token.
+    """
+
+    def __init__(self, embed_dim: int, kv_dim: int, num_heads: int, for_attn_pool: bool = False) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
+        self.scale = 1 / math.sqrt(self.head_dim)
+        self.for_attn_pool = for_attn_pool
+        if for_attn_pool:
+            self.mat_q = nn.Parameter(torch.zeros(1, num_heads, self.head_dim))
+        else:
+            self.mat_q = nn.Linear(embed_dim, embed_dim)
+        self.mat_kv = nn.Linear(kv_dim, 2 * embed_dim, bias=False)
+        self.v_bias = nn.Parameter(torch.zeros(embed_dim))
+        self.register_buffer("zero_k_bias", torch.zeros(embed_dim))
+        self.proj = nn.Linear(embed_dim, embed_dim)
+
+    def kv(self, text: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Packed text (N, kv_dim) -> keys, values (N, H, hd)."""
+        kv = F.linear(text, self.mat_kv.weight, torch.cat((self.zero_k_bias, self.v_bias)))
+        return kv.view(text.shape[0], 2, self.num_heads, self.head_dim).unbind(1)
+
+    def forward(self, x: Optional[torch.Tensor], kv: Tuple[torch.Tensor, torch.Tensor], lens: Sequence[int]) -> torch.Tensor:
+        """x (B, l, C) (None for the pool), keys/values from :meth:`kv` -> (B, l, C) (the pool: (B, 1, C))."""
+        if self.for_attn_pool:
+            q = self.mat_q.to(kv[0].dtype).repeat(len(lens), 1, 1).unsqueeze(1)
+        else:
+            q = self.mat_q(x).view(x.shape[0], x.shape[1], self.num_heads, self.head_dim)
+        return self.proj(varlen_cross_attention(q, kv[0], kv[1], lens, self.scale))
+
+
+class TextAttentivePool(nn.Module):
+    """The text condition (B, D) pooled from packed features by one learned query (upstream ``text_proj_for_sos``)."""
+
+    def __init__(self, Ct5: int, D: int) -> None:
+        super().__init__()
+        head_dim = 64 if D > 4096 else 128
+        self.ca = CrossAttention(D, Ct5, Ct5 // head_dim, for_attn_pool=True)
+
+    def forward(self, text: torch.Tensor, lens: Sequence[int]) -> torch.Tensor:
+        return self.ca(None, self.ca.kv(text), lens).squeeze(1)
+
+
+class CrossAttnBlock(nn.Module):
+    """AdaLN self-attention (RoPE), LayerNorm cross-attention to the text, AdaLN FFN; upstream parameter names."""
+
+    def __init__(self, cfg: InfinityConfig) -> None:
+        super().__init__()
+        C = cfg.embed_dim
+        self.C, self.eps = C, cfg.norm_eps
+        self.sa = SelfAttention(C, cfg.num_heads)
+        self.ca = CrossAttention(C, C, cfg.num_heads)
+        self.ffn = FFN(C, cfg.ffn_hidden)
+        self.ca_norm = nn.LayerNorm(C, eps=cfg.norm_eps)
+        self.shared_aln = cfg.shared_aln
+        if cfg.shared_aln:
+            self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, C) / C**0.5)
+        else:
+            self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+        self.ca_gamma: Union[nn.Parameter, float]
+        if cfg.cross_attn_layer_scale >= 0:
+            self.ca_gamma = nn.Parameter(torch.full((C,), cfg.cross_attn_layer_scale))
+        else:
+            self.ca_gamma = 1.0
+
+    def modulation(self, cond: torch.Tensor) -> torch.Tensor:
+        """(gamma1, gamma2, scale1, scale2, shift1, shift2) as (B, 1, 6, C) from the shared projection (B, 1, 6, C)
+        (``shared_aln``) or the text condition (B, D)."""
+        if self.shared_aln:
+            return self.ada_gss + cond
+        return self.ada_lin(cond).view(-1, 1, 6, self.C)
+
+    def forward(self, x: torch.Tensor, mod: torch.Tensor, self_attn: Any, ca_kv: Tuple[torch.Tensor, torch.Tensor], lens: Sequence[int]) -> torch.Tensor:
+        """x (B, l, C); ``self_attn`` maps the normalised x to the self-attention output (B, l, C)."""
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = mod.unbind(2)
+        x = x + self_attn(ada_layer_norm(x, scale1, shift1, self.eps)).mul_(gamma1)
+        x = x + self.ca(self.ca_norm(x), ca_kv, lens).float().mul_(self.ca_gamma)
+        return x + self.ffn(ada_layer_norm(x, scale2, shift2, self.eps)).mul(gamma2)
+
+
+class BlockChunk(nn.Module):
+    """Upstream's ``MultipleLayers`` container (state-dict keys ``block_chunks.{i}.module.{j}``)."""
+
+    def __init__(self, blocks: Sequence[CrossAttnBlock]) -> None:
+        super().__init__()
+        self.module = nn.ModuleList(blocks)
+
+
+class AdaLNBeforeHead(nn.Module):
+    def __init__(self, C: int, D: int, eps: float) -> None:
+        super().__init__()
+        self.C, self.eps = C, eps
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * C))
+
+    def modulation(self, cond_BD: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """scale, shift (B, 1, C) from the condition (B, D)."""
+        scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2)
+        return scale, shift
+
+    def forward(self, x: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+        return ada_layer_norm(x, *self.modulation(cond_BD), self.eps)
+
+
+class SharedAdaLin(nn.Linear):
+    def forward(self, cond_BD: torch.Tensor) -> torch.Tensor:
+        return super().forward(cond_BD).reshape(-1, 1, 6, self.weight.shape[0] // 6)
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+@dataclasses.dataclass
+class InfinityState:
+    """One batch's sampling state: ``rows`` = B (no CFG) or 2B (conditional rows, then unconditional/negative).
+
+    ``x`` is the current scale's input (rows, h*w, C) without the level embedding; ``summed_codes`` (B, d, 1, H, W)
+    the accumulated BSQ codes at the last scale's size (channels-last like upstream's, so that the interpolations
+    and the next input's embedding run the same kernels); ``cfg_list``/``cfg_layers`` the CFG mixing applied at the
+    output of the listed (absolute) layers inside :meth:`InfinityTransformer.step`; ``cfg_on_logits``: whether the
+    caller mixes the logits (then ``step`` returns both halves at scales with cfg != 1).
+    """
+
+    batch: int
+    rows: int
+    schedule: Schedule
+    cond_BD: torch.Tensor  # (rows, D)
+    modulations: List[torch.Tensor]  # per block (rows, 1, 6, C)
+    ca_kv: List[Tuple[torch.Tensor, torch.Tensor]]  # per block: keys, values (N, H, hd)
+    lens: List[int]
+    rope: Tuple[torch.Tensor, torch.Tensor]  # cos, sin (L, hd/2)
+    x: torch.Tensor
+    summed_codes: torch.Tensor
+    cfg_list: Sequence[float]
+    cfg_layers: Tuple[int, ...]
+    cfg_on_logits: bool
+
+
+class InfinityTransformer(nn.Module):
+    """Text-conditional bitwise next-scale-prediction transformer; upstream attribute names and state dict.
+
+    Sampling follows :mod:`ssg_engine.models.family` with these differences: the scale schedule is per batch
+    (``condition(text, schedule, ...)``, then ``state.schedule``; ``cache_layout(schedule)``); ``step`` returns bit
+    logits (2B or B, h*w, d, 2) (see :meth:`step`) and applies CFG inserted at layer outputs itself; ``next_input`` takes bits
+    (B, h*w, d); ``decode(state, vae)`` takes the BSQ VAE (anything with ``decode(z)``).
+    """
+
+    def __init__(self, cfg: InfinityConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        C = self.C = self.D = cfg.embed_dim
+        self.d = cfg.codebook_dim
+        self.depth, self.num_heads, self.Ct5 = cfg.depth, cfg.num_heads, cfg.text_channels
+        self.cfg_uncond = nn.Parameter(torch.zeros(cfg.text_maxlen, cfg.text_channels))
+        self.text_norm = RMSNorm(cfg.text_channels, cfg.norm_eps)
+        self.text_proj_for_sos = TextAttentivePool(cfg.text_channels, C)
+        self.text_proj_for_ca = nn.Sequential(nn.Linear(cfg.text_channels, C), nn.GELU(approximate="tanh"), nn.Linear(C, C))
+        self.pos_start = nn.Parameter(torch.zeros(1, 1, C))
+        self.lvl_embed = nn.Embedding(15, C)
+        self.word_embed = nn.Linear(self.d, C)
+        self.shared_ada_lin = nn.Sequential(nn.SiLU(), SharedAdaLin(C, 6 * C)) if cfg.shared_aln else nn.Identity()
+        blocks = [CrossAttnBlock(cfg) for _ in range(cfg.depth)]
+        self.chunked = cfg.block_chunks > 1
+        if self.chunked:
+            n = cfg.depth // cfg.block_chunks
+            self.block_chunks = nn.ModuleList([BlockChunk(blocks[i : i + n]) for i in range(0, cfg.depth, n)])
+        else:
+            self.blocks = nn.ModuleList(blocks)
+        self.head_nm = AdaLNBeforeHead(C, C, cfg.norm_eps)
+        self.head = nn.Linear(C, 2 * self.d)
+
+    def block_list(self) -> List[CrossAttnBlock]:
+        """The blocks in order (whatever the chunking)."""
+        if self.chunked:
+            return [b for chunk in self.block_chunks for b in chunk.module]
+        return list(self.blocks)
+
+    def load_upstream(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load an upstream ``infinity_*.pth`` state dict strictly; a mismatch raises one ``ValueError`` line."""
+        own = self.state_dict()
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        shapes = [f"{k} {tuple(state_dict[k].shape)} != {tuple(v.shape)}" for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
+        if missing or unexpected or shapes:
+            parts = [f"{len(missing)} missing (e.g. {missing[0]})"] if missing else []
+            parts += [f"{len(unexpected)} unexpected (e.g. {unexpected[0]})"] if unexpected else []
+            parts += [f"{len(shapes)} wrong shapes (e.g. {shapes[0]})"] if shapes else []
+            raise ValueError(f"not an Infinity state dict for this config (depth {self.depth}, C {self.C}, d {self.d}, Ct5 {self.Ct5}): {'; '.join(parts)}")
+        self.load_state_dict(state_dict, strict=True)
+
+    # ------------------------------------------------------------------ shared pieces
+    def encode_text(self, text: TextFeatures) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Pooled condition (B, D) float32 and the cross-attention text (N, C)."""
+        if text.kv_compact.shape[1] != self.Ct5:
+            raise ValueError(f"text features have width {text.kv_compact.shape[1]}; this Infinity expects Ct5={self.Ct5}")
+        kv = self.text_norm(text.kv_compact.float())
+        cond_BD = self.text_proj_for_sos(kv, text.lens).float()
+        return cond_BD, self.text_proj_for_ca(kv)
+
+    def get_logits(self, h: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+        """Final AdaLN + head in float32: (B, l, C) -> (B, l, 2d)."""
+        return self.head(self.head_nm(h.float(), cond_BD.float()))
+
+    def lvl_rows(self, schedule: Schedule) -> torch.Tensor:
+        """Each token's scale index (L,)."""
+        return torch.cat([torch.full((h * w,), si) for si, (h, w) in enumerate(schedule)])
+
+    def add_level(self, x: torch.Tensor, si: int) -> torch.Tensor:
+        """x (B, l, C) of scale ``si`` plus the level embedding of that scale."""
+        return x + self.lvl_embed.weight[si]
+
+    # ------------------------------------------------------------------ teacher forcing
+    def forward(self, text: Any, x_BLC_wo_prefix: torch.Tensor, schedule: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Teacher-forced logits (B, L, 2d) from text features (see :meth:`TextFeatures.coerce`) and the next-scale
+        inputs (B, L - 1, d) of ``schedule`` (upstream ``Infinity.forward`` in eval mode, no text dropout)."""
+        text = TextFeatures.coerce(text)
+        sched = as_schedule(schedule)
+        L = sum(h * w for h, w in sched)
+        B = x_BLC_wo_prefix.shape[0]
+        if tuple(x_BLC_wo_prefix.shape) != (text.batch, L - 1, self.d):
+            raise ValueError(f"x_BLC_wo_prefix must be ({text.batch}, {L - 1}, {self.d}); got {tuple(x_BLC_wo_prefix.shape)}")
+        cond_BD, ca_text = self.encode_text(text)
+        gss = self.shared_ada_lin(cond_BD)
+        sos = cond_BD.unsqueeze(1) + self.pos_start.expand(B, 1, -1)
+        x = torch.cat((sos, self.word_embed(x_BLC_wo_prefix.float())), dim=1)
+        lvl = self.lvl_rows(sched).to(x.device)
+        mask = torch.where(lvl[:, None] >= lvl[None, :], 0.0, -torch.inf).to(x.dtype)
+        cos, sin = (t.to(x.device) for t in rope_tables(sched, self.C // self.num_heads))
+        # upstream pads the sequence to a multiple of pad_to_multiplier: zero rows that attend to token 0 only and
+        # get no level embedding nor rotation; they change no real row, but keep the kernels' shapes (bit-exactness)
+        pad = (-L) % max(self.config.pad_to_multiplier, 1)
+        x = F.pad(x, (0, 0, 0, pad))
+        mask = F.pad(mask, (0, pad, 0, pad), value=-torch.inf)
+        mask[L:, 0] = 0.0
+        cos, sin = F.pad(cos, (0, 0, 0, pad)), F.pad(sin, (0, 0, 0, pad))
+        lvl_pos = F.pad(self.lvl_embed(lvl), (0, 0, 0, pad))
+        for i, block in enumerate(self.block_list()):
+            if i == 0 or not self.config.add_lvl_embeding_only_first_block:
+                x = x + lvl_pos
+            attn = block.sa
+            x = block(x, block.modulation(gss), lambda h, a=attn: a.attend(*a.qkv(h, cos, sin), mask), block.ca.kv(ca_text), text.lens)
+        return self.get_logits(x[:, :L], cond_BD)
+
+    # ------------------------------------------------------------------ sampling (the NextScaleModel interface)
+    def cache_layout(self, schedule: Schedule) -> Tuple[int, int, int, int]:
+        """(layers, heads, total tokens, head_dim) of the KV cache for ``schedule``."""
+        return self.depth, self.num_heads, sum(h * w for h, w in schedule), self.C // self.num_heads
+
+    def condition(
+        self,
+        text: Any,
+        schedule: Sequence[Sequence[int]],
+        negative: Any = None,
+        cfg_list: Optional[Sequence[float]] = None,
+        cfg_insertion_layer: Sequence[int] = (0,),
+    ) -> InfinityState:
+        """State for B prompts: the text condition (with CFG anywhere in ``cfg_list``: B more rows, the negative
+        features or ``cfg_uncond[:len]`` per prompt), AdaLN modulations, the first scale's input, zero codes.
+
+        ``cfg_insertion_layer`` entries ``k < 0`` mix ``cfg * cond + (1 - cfg) * uncond`` at the output of layer
+        ``depth + k`` inside :meth:`step`; entry 0 (on logits) is left to the caller (step returns both halves).
+        With the batch doubled, ``step`` returns only the conditional rows where the caller does not mix the logits.
+        """
+        text = TextFeatures.coerce(text)
+        sched = as_schedule(schedule)
+        B = text.batch
+        guided = cfg_list is not None and any(c != 1 for c in cfg_list)
+        if guided:
+            if negative is None:
+                un = torch.cat([self.cfg_uncond[:n] for n in text.lens]).to(text.kv_compact)
+                text = TextFeatures(torch.cat((text.kv_compact, un)), text.lens * 2)
+            else:
+                neg = TextFeatures.coerce(negative)
+                if neg.batch != B:
+                    raise ValueError(f"negative text has {neg.batch} prompts; expected {B}")
+                text = TextFeatures(torch.cat((text.kv_compact, neg.kv_compact.to(text.kv_compact))), text.lens + neg.lens)
+        layers = []
+        for k in cfg_insertion_layer:
+            if k > 0 or (k < 0 and self.depth + k <= 0):
+                raise ValueError(f"cfg_insertion_layer entry {k}: use 0 (logits) or -depth < k < 0 (a layer's output)")
+            if k < 0:
+                layers.append(self.depth + k)
+        cond_BD, ca_text = self.encode_text(text)
+        gss = self.shared_ada_lin(cond_BD).float().contiguous()
+        blocks = self.block_list()
+        x = cond_BD.unsqueeze(1) + self.pos_start.expand(text.batch, 1, -1)
+        cos, sin = rope_tables(sched, self.C // self.num_heads)
+        H, W = sched[-1]
+        return InfinityState(
+            batch=B, rows=text.batch, schedule=sched, cond_BD=cond_BD,
+            modulations=[b.modulation(gss) for b in blocks],
+            ca_kv=[b.ca.kv(ca_text) for b in blocks], lens=text.lens,
+            rope=(cos.to(x.device), sin.to(x.device)),
+            x=x, summed_codes=torch.zeros(B, self.d, 1, H, W, device=x.device).contiguous(memory_format=torch.channels_last_3d),
+            cfg_list=list(cfg_list) if cfg_list is not None else [1.0] * len(sched), cfg_layers=tuple(layers),
+            cfg_on_logits=0 in cfg_insertion_layer,
+        )
+
+    def step(self, state: InfinityState, si: int, kv: KVStore) -> torch.Tensor:
+        """Bit logits of scale ``si`` in float32, no temperature: the blocks over the state's input (self-attention
+        keys/values through ``kv``), layer CFG as configured, the head. Shape (2B, h*w, d, 2), conditional rows first,
+        when the caller mixes logits at this scale (``state.cfg_on_logits`` and cfg != 1), else (B, h*w, d, 2): the
+        conditional rows only, whose head upstream evaluates on B rows (the same values bit for bit)."""
+        begin = sum(h * w for h, w in state.schedule[:si])
+        h, w = state.schedule[si]
+        r0 = begin if self.config.fused_norm else 0  # upstream's non-fused branch slices RoPE from 0 (see module doc)
+        cos, sin = (t[r0 : r0 + h * w] for t in state.rope)
+        cfg = state.cfg_list[si]
+        B = state.batch
+
+        def attention(x_: torch.Tensor, layer: int, attn: SelfAttention) -> torch.Tensor:
+            q, k, v = attn.qkv(x_, cos, sin)
+            return attn.attend(q, *kv(layer, k, v, begin), None)
+
+        x = state.x
+        for layer, block in enumerate(self.block_list()):
+            if layer == 0 or not self.config.add_lvl_embeding_only_first_block:
+                x = self.add_level(x, si)
+            x = block(x, state.modulations[layer], lambda x_, i=layer, a=block.sa: attention(x_, i, a), state.ca_kv[layer], state.lens)
+            if cfg != 1 and layer in state.cfg_layers:
+                x = cfg * x[:B] + (1 - cfg) * x[B:]
+                x = torch.cat((x, x))
+        rows = state.rows if state.cfg_on_logits and cfg != 1 else B
+        logits = self.get_logits(x[:rows], state.cond_BD[:rows])
+        return logits.view(rows, h * w, self.d, 2)
+
+    def next_input(self, state: InfinityState, si: int, bits: torch.Tensor) -> None:
+        """Add scale ``si``'s bits (B, h*w, d) in {0, 1} to the summed codes and embed scale ``si + 1``'s input."""
+        h, w = state.schedule[si]
+        codes = bits_to_codes(bits.reshape(state.batch, 1, h, w, self.d))
+        schedule = [(1, sh, sw) for sh, sw in state.schedule]
+        state.summed_codes, nxt = accumulate_codes(state.summed_codes, codes, si, schedule)
+        if nxt is not None:
+            state.x = self.word_embed(nxt).repeat(state.rows // state.batch, 1, 1)
+
+    def decode(self, state: InfinityState, vae: Any) -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1] from the summed codes via ``vae.decode(z (B, d, h, w))`` (clamped to [-1, 1]
+        as upstream); ``z`` is channels-last, as upstream's ``summed_codes.squeeze(-3)`` (the decoder's kernels differ)."""
+        z = state.summed_codes.squeeze(-3).contiguous(memory_format=torch.channels_last)
+        return vae.decode(z).float().clamp(-1, 1).add(1).mul(0.5)
