@@ -43,14 +43,22 @@ class ScaleGuidance:
 
 
 def guidance_schedule(
-    cfg: float, ssg: Optional[SSG], sizes: Sequence[Tuple[int, int]], device: Union[str, torch.device]
+    cfg: float,
+    ssg: Optional[SSG],
+    sizes: Sequence[Tuple[int, int]],
+    device: Union[str, torch.device],
+    cfg_ts: Optional[Sequence[float]] = None,
 ) -> List[ScaleGuidance]:
-    """Per-scale CFG weight (VAR's ramp), SSG beta and prior operator (float32 on ``device``) for grids ``sizes``."""
+    """Per-scale CFG weight (VAR's ramp), SSG beta and prior operator (float32 on ``device``) for grids ``sizes``.
+
+    ``cfg_ts``: the CFG weight ``t_k`` of every scale, instead of VAR's ramp of ``cfg`` (then ``cfg`` is unused)."""
     K = len(sizes)
     betas = ssg.step_betas(K) if ssg is not None else [0.0] * K
+    if cfg_ts is not None and len(cfg_ts) != K:
+        raise ValueError(f"cfg_ts has {len(cfg_ts)} entries but there are {K} scales")
     return [
         ScaleGuidance(
-            cfg_ratio(cfg, si, K),
+            cfg_ratio(cfg, si, K) if cfg_ts is None else cfg_ts[si],
             betas[si],
             prior_operator(ssg.prior, sizes[si - 1], sizes[si], ssg.interp, device, torch.float32) if betas[si] != 0.0 else None,
         )

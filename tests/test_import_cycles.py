@@ -29,7 +29,7 @@ LAYERS: Dict[str, List[str]] = {
     "models": ["models.*", "kv_cache"],
     "guidance": ["guidance", "params"],
     "kernels": ["kernels.*", "ops"],
-    "samplers": ["pipeline", "sampler", "engine"],
+    "samplers": ["pipeline", "sampler", "infinity_sampler", "engine"],
     "api": [PACKAGE, "loading", "api", "pretrained", "analysis", "imaging", "costs", "plan"],
     "training and evaluation": ["training.*", "eval.*"],
     "command line": ["cli.*"],
