@@ -278,10 +278,6 @@ def kernel_inception_distance(
 # ----------------------------------------------------------------------------- precision / recall
 
 
-def _pairwise_dist(a: torch.Tensor, b: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    return torch.cat([torch.cdist(a[i : i + chunk], b) for i in range(0, a.shape[0], chunk)]) if a.shape[0] else a.new_zeros(0, b.shape[0])
-
-
 def _knn_radii(f: torch.Tensor, k: int, chunk: int = 2048) -> torch.Tensor:
     """Distance of every point to its k-th nearest neighbour in the same set (itself excluded)."""
     out = []

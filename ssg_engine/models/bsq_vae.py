@@ -238,7 +238,6 @@ class BSQ(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.dim = dim
-        self.codebook_scale = 1.0 / math.sqrt(dim)
         # bit weights, most significant first (upstream's ``mask``, part of its state dict)
         self.register_buffer("mask", 2 ** torch.arange(dim - 1, -1, -1))
 

@@ -30,7 +30,6 @@ from .var import FFN
 
 # ---------------------------------------------------------------------------------------------- scale schedules
 
-VAE_STRIDE = 16
 # h/w ratio -> (h, w) of the 13 scales of upstream's dynamic-resolution table (ratios < 1 are the transposes)
 _RATIO_HWS: Dict[float, List[Tuple[int, int]]] = {
     1.000: [(1, 1), (2, 2), (4, 4), (6, 6), (8, 8), (12, 12), (16, 16), (20, 20), (24, 24), (32, 32), (40, 40), (48, 48), (64, 64)],
