@@ -166,7 +166,7 @@ def test_bad_inputs_are_clear_errors(case):
     with pytest.raises(ValueError, match="not in Infinity's table"):
         scale_schedule(0.9)
     with pytest.raises(ValueError, match="dynamic-resolution table"):
-        model(packed(T, "text"), x, [(1, 1), (2, 2)])
+        model(packed(T, "text"), x, [(1, 1), (3, 3)])
     with pytest.raises(ValueError, match="x_BLC_wo_prefix"):
         model(packed(T, "text"), x[:, 1:], sched)
     with pytest.raises(ValueError, match="prefix"):

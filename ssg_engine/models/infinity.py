@@ -43,6 +43,7 @@ _RATIO_HWS: Dict[float, List[Tuple[int, int]]] = {
 }
 # total-pixel name -> number of scales
 PIXEL_SCALES: Dict[str, int] = {"0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}
+MAX_SCALES = 13
 
 
 def _ratio_table() -> Dict[float, List[Tuple[int, int]]]:
@@ -58,24 +59,31 @@ RATIO_TABLE = _ratio_table()
 Schedule = Tuple[Tuple[int, int], ...]
 
 
-def scale_schedule(h_div_w: float, pn: str = "1M") -> Schedule:
-    """(h, w) of every scale of upstream's table for ratio ``h_div_w`` (a table key up to 1e-3) and ``pn``."""
+def scale_schedule(h_div_w: float, pn: Union[str, int] = "1M") -> Schedule:
+    """(h, w) of every scale of upstream's table for ratio ``h_div_w`` (a table key up to 1e-3) and ``pn``: a total-pixel
+    name of upstream's (``"0.06M"``, ``"0.25M"``, ``"0.60M"``, ``"1M"``) or a number of scales (the table row's first ``pn``
+    scales, for models trained on smaller images, e.g. 5 scales = an 8x8 latent)."""
     ratio = min(RATIO_TABLE, key=lambda r: abs(r - float(h_div_w)))
     if abs(ratio - float(h_div_w)) > 1e-3:
         raise ValueError(f"h_div_w={h_div_w} is not in Infinity's table; use one of {sorted(RATIO_TABLE)}")
+    if isinstance(pn, int) and not isinstance(pn, bool):
+        if not 1 <= pn <= MAX_SCALES:
+            raise ValueError(f"pn={pn} scales: use 1 to {MAX_SCALES} or one of {list(PIXEL_SCALES)}")
+        return tuple(RATIO_TABLE[ratio][:pn])
     if pn not in PIXEL_SCALES:
-        raise ValueError(f"pn={pn!r} is not in Infinity's table; use one of {list(PIXEL_SCALES)}")
+        raise ValueError(f"pn={pn!r} is not in Infinity's table; use one of {list(PIXEL_SCALES)} or a number of scales")
     return tuple(RATIO_TABLE[ratio][: PIXEL_SCALES[pn]])
 
 
-# every table schedule -> (h, w) of the last scale of its ratio's 1M schedule (the RoPE normalisation)
+# every table schedule (any prefix of a ratio's row) -> (h, w) of the last scale of its ratio's 1M schedule (the RoPE
+# normalisation; upstream's schedules are the prefixes of PIXEL_SCALES' lengths)
 _ROPE_EXTENT: Dict[Schedule, Tuple[int, int]] = {
-    tuple(hws[:n]): hws[PIXEL_SCALES["1M"] - 1] for hws in RATIO_TABLE.values() for n in PIXEL_SCALES.values()
+    tuple(hws[:n]): hws[MAX_SCALES - 1] for hws in RATIO_TABLE.values() for n in range(1, MAX_SCALES + 1)
 }
 
 
 def as_schedule(schedule: Sequence[Sequence[int]]) -> Schedule:
-    """Normalise (h, w) or upstream's (t=1, h, w) entries to a tuple of (h, w); it must be one of the table's."""
+    """Normalise (h, w) or upstream's (t=1, h, w) entries to a tuple of (h, w); it must be a prefix of a table row."""
     out = []
     for s in schedule:
         if len(s) == 3:
