@@ -1,13 +1,17 @@
 """The fast sampling engine: a static KV cache, conditioning once per batch, fused per-scale ops, no host sync
-inside the loop, and on CUDA the whole scale loop + VAE decode captured as a CUDA graph per batch-size bucket.
+inside the loop, and on CUDA the whole scale loop + decode captured as a CUDA graph per batch-size bucket (and, for
+Infinity, per schedule and CFG/temperature lists).
 
-It drives the model through the same :func:`ssg_engine.pipeline.run_scales` as the reference sampler, so it
-computes the same logits; only the randomness differs (Philox from a seed tensor instead of a
-``torch.Generator``), and greedy sampling (``top_k=1``) gives the same tokens.
+One Engine for both model families (:mod:`ssg_engine.models.family`): class-conditional VAR (labels) and
+text-conditional Infinity (text features: packed, as the reference sampler, or padded to the model's ``text_maxlen``
+with a key mask where CUDA graphs need static shapes). It drives the model through the same :func:`ssg_engine.pipeline.run_scales` as the reference samplers, so it
+computes the same logits; only the randomness differs (Philox from a seed tensor instead of a ``torch.Generator``),
+and greedy sampling (``top_k=1``) gives the same tokens.
 """
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import math
 from typing import Any, List, Optional, Sequence, Tuple, Union
@@ -17,13 +21,21 @@ import torch
 from . import ops
 from .backend import resolve_backend
 from .guidance import cfg_ratio
+from .infinity_sampler import family_keywords, infinity_request
 from .kv_cache import StaticKVCache
+from .models.bsq_vae import BSQVAE
+from .models.family import NextScaleModel
+from .models.infinity import MAX_SCALES, InfinityRequest, InfinityTransformer, PaddedText, TextFeatures
 from .models.var import VARTransformer
 from .models.vqvae import VQVAE
 from .params import SamplingParams, check_seed
 from .pipeline import Guidance, ScaleGuidance, guidance_schedule, nonfinite_logits_error, run_scales
 from .sampler import check_models, resolve_params
 from .validation import as_number, class_labels
+
+# a batch's condition as run_batch takes it: labels (n,), or text: packed (eager, upstream's varlen cross-attention) or
+# padded to text_maxlen (static shapes, for CUDA graphs)
+Cond = Union[torch.Tensor, TextFeatures, PaddedText]
 
 
 def batch_buckets(max_batch: int) -> List[int]:
@@ -39,25 +51,77 @@ def graph_key(params: SamplingParams, num_scales: int) -> tuple:
     return params.top_k, params.top_p, params.temperature, ssg_key
 
 
+def check_family(model: Any, vae: Any, where: str) -> None:
+    """``TypeError`` unless (model, vae) is (VARTransformer, VQVAE) or (InfinityTransformer, BSQVAE)."""
+    if isinstance(model, InfinityTransformer):
+        if not isinstance(vae, BSQVAE):
+            raise TypeError(f"{where}: an InfinityTransformer takes its BSQVAE (ssg_engine.models.bsq_vae.load_bsq_vae); got {type(vae).__name__}")
+    else:
+        check_models(model, vae, where)
+
+
+def _rows(cond: Cond) -> int:
+    return cond.shape[0] if torch.is_tensor(cond) else cond.batch
+
+
+def _take(cond: Optional[Cond], rows: slice) -> Optional[Cond]:
+    """Rows ``rows`` (a step-1 slice) of ``cond``."""
+    return None if cond is None else cond[rows]
+
+
+def _pad_rows(cond: Optional[Cond], b: int) -> Optional[Cond]:
+    """``cond`` padded to ``b`` rows (labels 0; text: one zero token, so that no row attends to nothing)."""
+    if cond is None or _rows(cond) == b:
+        return cond
+    if isinstance(cond, TextFeatures):
+        kv = cond.kv_compact
+        return TextFeatures(torch.cat((kv, kv.new_zeros(b - cond.batch, kv.shape[1]))), cond.lens + [1] * (b - cond.batch))
+    if isinstance(cond, PaddedText):
+        extra = b - cond.batch
+        mask = torch.zeros(extra, cond.mask.shape[1], dtype=torch.bool, device=cond.mask.device)
+        mask[:, 0] = True
+        return PaddedText(torch.cat((cond.features, cond.features.new_zeros(extra, *cond.features.shape[1:]))), torch.cat((cond.mask, mask)))
+    return torch.cat((cond, cond.new_zeros(b - cond.shape[0])))
+
+
+def _tensors(cond: Optional[Cond]) -> Tuple[torch.Tensor, ...]:
+    return () if cond is None else (cond.features, cond.mask) if isinstance(cond, PaddedText) else (cond,)
+
+
+def _static(cond: Optional[Cond]) -> Optional[Cond]:
+    """A buffer of ``cond``'s shapes for a captured graph (refilled with :func:`_tensors` copies before each replay)."""
+    return None if cond is None else PaddedText(cond.features.clone(), cond.mask.clone()) if isinstance(cond, PaddedText) else cond.clone()
+
+
+def _request_key(model: NextScaleModel) -> tuple:
+    """What a captured graph bakes in of an Infinity request (VAR: nothing)."""
+    if isinstance(model, InfinityRequest):
+        return model.schedule, tuple(model.cfg_list), tuple(model.tau_list), model.cfg_insertion_layer, model.negative is not None
+    return ()
+
+
 class Engine:
-    """Batch sampler for a loaded (var, vae) pair.
+    """Batch sampler for a loaded model pair: (VARTransformer, VQVAE) or (InfinityTransformer, BSQVAE).
 
-    ``Engine(var, vae, max_batch=64, device="cuda", dtype=torch.bfloat16, cuda_graphs=True, backend="auto")``;
-    ``engine.generate(labels, params)`` (or keyword overrides: ``cfg=``, ``seed=``, ``ssg=`` ...) returns
-    ``images (B, 3, H, W)`` in [0, 1] and ``tokens`` (list of (B, pn^2)). Requests larger than ``max_batch``
-    are split (chunk ``i`` uses seed ``seed + i``); each chunk is padded up to a bucket (``batch_buckets``).
+    ``Engine(model, vae, max_batch=64, device="cuda", dtype=torch.bfloat16, cuda_graphs=True, backend="auto")``;
+    ``engine.generate(cond, params)`` (or keyword overrides: ``cfg=``, ``seed=``, ``ssg=`` ...; for Infinity also
+    ``h_div_w=``, ``pn=``, ``schedule=``, ``negative=``, ``cfg_insertion_layer=``, ``cfg_list=``, ``tau_list=``) returns
+    ``images (B, 3, H, W)`` in [0, 1] and the tokens per scale (VAR: (B, pn^2); Infinity: bits (B, h*w, d)).
+    Requests larger than ``max_batch`` are split (chunk ``i`` uses seed ``seed + i``); each chunk is padded up to
+    a bucket (``batch_buckets``).
 
-    Memory follows the batches in use: the KV cache is allocated for the largest bucket used so far (never
+    Memory follows the batches in use: the KV cache is allocated for the largest (rows, tokens) used so far (never
     for ``max_batch`` up front; ``kv_cache_bytes()``), and at most ``max_graphs`` captured graphs are kept
     (least recently used dropped), all in one shared memory pool. The reference backend syncs the host, so it
-    runs without graphs. The VQ-VAE decodes in ``vae_dtype`` (default: ``dtype``), channels-last, inside the
-    captured graph; its quantizer keeps the accumulated latent in float32.
+    runs without graphs. VAR runs in ``dtype``; its VQ-VAE decodes in ``vae_dtype`` (default: ``dtype``),
+    channels-last, inside the captured graph, its quantizer keeping the accumulated latent in float32. Infinity keeps
+    its float32 weights and runs under ``torch.autocast(dtype)`` (as upstream), KV cache in ``dtype``.
     """
 
     def __init__(
         self,
-        var: VARTransformer,
-        vae: VQVAE,
+        model: Union[VARTransformer, InfinityTransformer],
+        vae: Union[VQVAE, BSQVAE],
         max_batch: int = 64,
         device: Union[str, torch.device, None] = None,
         dtype: torch.dtype = torch.bfloat16,
@@ -66,21 +130,28 @@ class Engine:
         max_graphs: int = 8,
         vae_dtype: Optional[torch.dtype] = None,
     ) -> None:
-        check_models(var, vae, "Engine(var, vae)")
+        check_family(model, vae, "Engine(var, vae)")
         self.max_batch = as_number(max_batch, "max_batch", "a positive integer", integer=True, valid=lambda v: v > 0)
         self.max_graphs = as_number(max_graphs, "max_graphs", "a positive integer", integer=True, valid=lambda v: v > 0)
-        self.device = torch.device(device) if device is not None else var.lvl_1L.device
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.backend = resolve_backend(backend, self.device)  # an unknown or unusable backend fails here
         self.dtype = dtype
-        self.vae_dtype = dtype if vae_dtype is None else vae_dtype
-        self.var = var.to(device=self.device, dtype=dtype).eval()
-        self.vae = vae.to(device=self.device, dtype=torch.float32).eval()
-        for part in (self.vae.post_quant_conv, self.vae.decoder):  # the quantizer keeps the latent in float32
-            part.to(dtype=self.vae_dtype, memory_format=torch.channels_last)
-        self.var.attach_vae(self.vae)
+        self.infinity = isinstance(model, InfinityTransformer)
+        if self.infinity:
+            if vae_dtype is not None:
+                raise ValueError("vae_dtype applies to VAR's VQ-VAE; leave it None for Infinity (its VAE runs under autocast to dtype)")
+            self.model, self.vae = model.to(device=self.device).eval(), vae.to(device=self.device).eval()
+        else:
+            self.vae_dtype = dtype if vae_dtype is None else vae_dtype
+            self.model = model.to(device=self.device, dtype=dtype).eval()
+            self.vae = vae.to(device=self.device, dtype=torch.float32).eval()
+            for part in (self.vae.post_quant_conv, self.vae.decoder):  # the quantizer keeps the latent in float32
+                part.to(dtype=self.vae_dtype, memory_format=torch.channels_last)
+            self.model.attach_vae(self.vae)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and self.backend == "triton"
         self.buckets = batch_buckets(self.max_batch)
-        self.offsets = [torch.tensor([si], dtype=torch.long, device=self.device) for si in range(len(var.patch_nums))]
+        num_scales = MAX_SCALES if self.infinity else len(model.patch_nums)
+        self.offsets = [torch.tensor([si], dtype=torch.long, device=self.device) for si in range(num_scales)]
         self._kv: Optional[StaticKVCache] = None
         self._graphs: "collections.OrderedDict[tuple, _CapturedBatch]" = collections.OrderedDict()
         self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None  # one memory pool for all graphs
@@ -90,117 +161,172 @@ class Engine:
         """Bytes of KV cache held now (0 before the first batch)."""
         return 0 if self._kv is None else int(self._kv.nbytes())
 
+    def bind(self, cond: Any, params: SamplingParams, **family: Any) -> Tuple[NextScaleModel, Cond, SamplingParams]:
+        """What :meth:`run_batch` takes for a request: the model bound to it (VAR: itself; Infinity: an
+        :class:`InfinityRequest`, ``family`` = the Infinity keywords, see :func:`infinity_request`), the condition on the
+        device (labels (n,); text packed, or padded to ``text_maxlen`` when capturing graphs) and the params the sampler applies (Infinity: temperature
+        1, as ``params.temperature`` becomes ``tau_list``, applied before CFG)."""
+        if not self.infinity:
+            family_keywords(family, text_conditional=False)
+            return self.model, class_labels(cond, self.model.num_classes, self.device), params
+
+        maxlen = self.model.config.text_maxlen
+
+        def on_device(text: Any) -> Union[TextFeatures, PaddedText]:
+            packed = TextFeatures.coerce(text)
+            if max(packed.lens) > maxlen:
+                raise ValueError(f"text: a prompt has {max(packed.lens)} tokens; this model takes at most text_maxlen={maxlen}")
+            packed = TextFeatures(packed.kv_compact.to(self.device), packed.lens)
+            return PaddedText.pad(packed, maxlen) if self.cuda_graphs else packed
+
+        if family.get("negative") is not None:
+            family["negative"] = on_device(family["negative"])
+        request = infinity_request(self.model, self.vae, params, **family)
+        text = on_device(cond)
+        if request.negative is not None and request.negative.batch != text.batch:
+            raise ValueError(f"negative has {request.negative.batch} prompts; give one per prompt ({text.batch})")
+        return request, text, params.replace(temperature=1.0)
+
     @torch.no_grad()
     def generate(
-        self, labels: Union[Sequence[int], torch.Tensor], params: Optional[SamplingParams] = None, **overrides: Any
+        self, cond: Any, params: Optional[SamplingParams] = None, **overrides: Any
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """Sample one image per label. Non-finite logits raise ``NonFiniteLogitsError`` naming the first bad
-        scale, checked once after all chunks (the only host sync of the call)."""
-        params = resolve_params(params, overrides)
-        labels_t = class_labels(labels, self.var.num_classes, self.device)
-        chunks = range(0, labels_t.numel(), self.max_batch)
+        """Sample one image per label (VAR) or prompt (Infinity: text features, anything ``TextFeatures.coerce``
+        takes). Non-finite logits raise ``NonFiniteLogitsError`` naming the first bad scale, checked once after all
+        chunks (the only host sync of the call)."""
+        family = family_keywords(overrides, self.infinity)
+        model, cond_t, params = self.bind(cond, resolve_params(params, overrides), **family)
+        chunks = range(0, _rows(cond_t), self.max_batch)
         seed = check_seed(params.seed, count=len(chunks)) or 0
         images, tokens, nonfinite = [], [], []
         for i, start in enumerate(chunks):
-            img, tok, bad = self._run_chunk(labels_t[start : start + self.max_batch], params, seed + i)
+            rows = slice(start, start + self.max_batch)
+            chunk_model = dataclasses.replace(model, negative=_take(model.negative, rows)) if isinstance(model, InfinityRequest) else model
+            img, tok, bad = self._run_chunk(chunk_model, _take(cond_t, rows), params, seed + i)
             images.append(img)
             tokens.append(tok)
             nonfinite.append(bad)
         bad_scales = torch.stack(nonfinite).any(0).nonzero()
         if bad_scales.numel():
             si = int(bad_scales[0, 0])
-            raise nonfinite_logits_error(si, self.var.scale_sizes()[si])
+            raise nonfinite_logits_error(si, model.scale_sizes()[si])
         return torch.cat(images), [torch.cat([t[k] for t in tokens]) for k in range(len(tokens[0]))]
 
     @torch.inference_mode()
     def run_batch(
         self,
-        labels: torch.Tensor,
+        cond: Cond,
         seed: torch.Tensor,
         params: SamplingParams,
+        *,
+        model: Optional[NextScaleModel] = None,
         schedule: Optional[List[ScaleGuidance]] = None,
         forced_tokens: Optional[List[torch.Tensor]] = None,
         record_logits: bool = False,
     ) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor]:
-        """The whole sampling loop for labels (b,) with a seed tensor (1,); no host sync with the Triton backend.
+        """The whole sampling loop for a condition of b rows (see :meth:`bind`: ``model``, ``cond`` and ``params``;
+        ``model`` defaults to the VAR) with a seed tensor (1,); no host sync with the Triton backend.
         Runs in inference mode (no autograd bookkeeping); callers get copies made outside it.
 
         Returns images, tokens and a (K,) bool device tensor: True for scales whose logits (after CFG, SSG and
         temperature) are not all finite. ``schedule`` defaults to Python numbers (a captured graph passes
         device tensors). ``forced_tokens`` / ``record_logits`` are for testing against the reference sampler
-        (``self.last_logits`` then holds each step's (cfg, sampled) logits).
+        (``self.last_logits`` then holds each step's (cfg, sampled) logits (b, h*w, C)).
         """
-        var, B = self.var, labels.shape[0]
+        model = self.model if model is None else model
+        if self.infinity and not isinstance(model, InfinityRequest):
+            raise TypeError("run_batch on an Infinity engine needs model= an InfinityRequest (from engine.bind)")
         if schedule is None:
-            schedule = guidance_schedule(params.cfg, params.ssg, var.scale_sizes(), self.device)
+            schedule = guidance_schedule(0.0, params.ssg, model.scale_sizes(), self.device, cfg_ts=self._cfg_ts(model, params))
         guide = Guidance(schedule, params.ssg, functools.partial(ops.ssg_guidance, backend=self.backend))
-        kv = self._kv_cache(2 * B)
+        kv = self._kv_cache(2 * _rows(cond), model.cache_layout())
+        width = model.draw_width
         nonfinite: List[torch.Tensor] = []
         self.last_logits = []
 
         def store(layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> Tuple[torch.Tensor, torch.Tensor]:
-            kv.write(layer, start, k, v)
-            return kv.read(layer, 2 * B, start + k.shape[2])
+            kv.write(layer, start, k.to(self.dtype), v.to(self.dtype))
+            return kv.read(layer, k.shape[0], start + k.shape[2])
 
         def pick(si: int, logits_2B: torch.Tensor):
             guided, cfg = guide(si, logits_2B)
             # a device flag, no sync: max |logit| / T is NaN or inf iff some sampled logit is (NaN propagates)
             nonfinite.append(~torch.isfinite(torch.linalg.vector_norm(guided, float("inf")) / params.temperature))
             if self.backend == "reference" and nonfinite[-1]:  # it syncs every scale anyway; fail before its draw does
-                raise nonfinite_logits_error(si, var.scale_sizes()[si])
+                raise nonfinite_logits_error(si, model.scale_sizes()[si])
             if record_logits:
                 self.last_logits.append((cfg.clone(), guided / params.temperature))
             if forced_tokens is not None:
                 return forced_tokens[si].to(self.device), None
-            idx = ops.sample_logits(guided, params.top_k, params.top_p, params.temperature, seed, self.offsets[si], backend=self.backend)
-            return idx.clamp_(0, var.V - 1), None  # NaN logits can give out-of-range tokens: the flag reports them
+            b, hw, C = guided.shape
+            draws = guided.view(b, hw * C // width, width)
+            idx = ops.sample_logits(draws, params.top_k, params.top_p, params.temperature, seed, self.offsets[si], backend=self.backend)
+            idx = idx.clamp_(0, width - 1)  # NaN logits can give out-of-range tokens: the flag reports them
+            return (idx if C == width else idx.view(b, hw, C // width)), None
 
-        images, tokens = run_scales(var, labels, store, pick)
+        autocast = self.infinity and self.dtype != torch.float32  # no weight cache: it would outlive a graph capture
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast, cache_enabled=False):
+            images, tokens = run_scales(model, model.condition(cond), store, pick)
         return images, tokens, torch.stack(nonfinite)
 
     # ------------------------------------------------------------------ batches
-    def _kv_cache(self, rows: int) -> StaticKVCache:
-        """The static cache, grown to ``rows`` when a larger bucket comes (graphs of the old one are dropped)."""
-        if self._kv is None or self._kv.batch < rows:
+    @staticmethod
+    def _cfg_ts(model: NextScaleModel, params: SamplingParams) -> List[float]:
+        """The CFG weight ``t_k`` of every scale: Infinity's request lists, else VAR's ramp of ``params.cfg``."""
+        if isinstance(model, InfinityRequest):
+            return model.cfg_ts()
+        K = len(model.scale_sizes())
+        return [cfg_ratio(params.cfg, si, K) for si in range(K)]
+
+    def _kv_cache(self, rows: int, layout: Tuple[int, int, int, int]) -> StaticKVCache:
+        """The static cache, grown to ``rows`` x ``layout``'s tokens when a larger batch or schedule comes (graphs of
+        the old one are dropped)."""
+        layers, heads, length, head_dim = layout
+        if self._kv is None or self._kv.batch < rows or self._kv.max_len < length:
+            if self._kv is not None:
+                rows, length = max(rows, self._kv.batch), max(length, self._kv.max_len)
             self._graphs.clear()
             self._kv = None  # free the old buffers before allocating the new ones
-            layers, heads, length, head_dim = self.var.cache_layout()
             self._kv = StaticKVCache(layers, rows, heads, length, head_dim, self.dtype, self.device)
         return self._kv
 
-    def _run_chunk(self, labels: torch.Tensor, params: SamplingParams, seed: int) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor]:
-        n = labels.numel()
+    def _run_chunk(self, model: NextScaleModel, cond: Cond, params: SamplingParams, seed: int) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor]:
+        n = _rows(cond)
         b = next(size for size in self.buckets if size >= n)
-        padded = torch.cat([labels, labels.new_zeros(b - n)])
+        padded = _pad_rows(cond, b)
+        if isinstance(model, InfinityRequest):
+            model = dataclasses.replace(model, negative=_pad_rows(model.negative, b))
         seed_t = torch.tensor([seed], dtype=torch.long, device=self.device)
         if self.cuda_graphs:
-            self._kv_cache(2 * b)  # grow (and drop stale graphs) before looking a graph up
-            key = (b, graph_key(params, len(self.var.patch_nums)))
-            graph = self._graphs.pop(key, None) or _CapturedBatch(self, b, params)
+            self._kv_cache(2 * b, model.cache_layout())  # grow (and drop stale graphs) before looking a graph up
+            key = (b, graph_key(params, len(model.scale_sizes())), _request_key(model))
+            graph = self._graphs.pop(key, None) or _CapturedBatch(self, model, padded, params)
             self._graphs[key] = graph  # most recently used last
             while len(self._graphs) > self.max_graphs:
                 self._graphs.popitem(last=False)
-            img, tok, bad = graph.replay(padded, seed_t, params)
+            img, tok, bad = graph.replay(model, padded, seed_t, params)
         else:
-            img, tok, bad = self.run_batch(padded, seed_t, params)
+            img, tok, bad = self.run_batch(padded, seed_t, params, model=model)
         return img[:n].clone(), [t[:n].clone() for t in tok], bad.clone()
 
 
 class _CapturedBatch:
-    """One CUDA graph of ``Engine.run_batch`` for a bucket and a ``graph_key``; labels, seed, the CFG weights and
-    the SSG betas are static device buffers refilled before each replay."""
+    """One CUDA graph of ``Engine.run_batch`` for a bucket, a ``graph_key`` and (Infinity) a request's schedule and
+    lists; the condition (labels, or padded text and negative text), the seed, the CFG weights and the SSG betas are
+    static device buffers refilled before each replay."""
 
-    def __init__(self, engine: Engine, bucket: int, params: SamplingParams) -> None:
+    def __init__(self, engine: Engine, model: NextScaleModel, cond: Cond, params: SamplingParams) -> None:
         self.engine = engine
         device = engine.device
-        self.labels = torch.zeros(bucket, dtype=torch.long, device=device)
+        self.cond = _static(cond)
+        self.model = dataclasses.replace(model, negative=_static(model.negative)) if isinstance(model, InfinityRequest) else model
         self.seed = torch.zeros(1, dtype=torch.long, device=device)
-        template = guidance_schedule(params.cfg, params.ssg, engine.var.scale_sizes(), device)
+        template = guidance_schedule(0.0, params.ssg, model.scale_sizes(), device, cfg_ts=engine._cfg_ts(model, params))
         self.cfg_t = torch.zeros(len(template), dtype=torch.float32, device=device)
         self.beta = torch.zeros(len(template), dtype=torch.float32, device=device)
         schedule = [ScaleGuidance(self.cfg_t[si], self.beta[si] if g.operator is not None else 0.0, g.operator) for si, g in enumerate(template)]
-        self._fill(params)
-        run = functools.partial(engine.run_batch, self.labels, self.seed, params, schedule)
+        self._fill(engine._cfg_ts(model, params), params)
+        run = functools.partial(engine.run_batch, self.cond, self.seed, params, model=self.model, schedule=schedule)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up compiles the Triton kernels and fills caches outside capture
@@ -211,14 +337,16 @@ class _CapturedBatch:
         with torch.cuda.graph(self.graph, pool=engine._graph_pool):
             self.images, self.tokens, self.nonfinite = run()
 
-    def _fill(self, params: SamplingParams) -> None:
+    def _fill(self, cfg_ts: Sequence[float], params: SamplingParams) -> None:
         K = self.cfg_t.numel()
-        self.cfg_t.copy_(torch.tensor([cfg_ratio(params.cfg, si, K) for si in range(K)]))
+        self.cfg_t.copy_(torch.tensor(cfg_ts))
         self.beta.copy_(torch.tensor(params.ssg.step_betas(K) if params.ssg is not None else [0.0] * K))
 
-    def replay(self, labels: torch.Tensor, seed: torch.Tensor, params: SamplingParams) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor]:
-        self.labels.copy_(labels)
+    def replay(self, model: NextScaleModel, cond: Cond, seed: torch.Tensor, params: SamplingParams) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor]:
+        negatives = (self.model.negative, model.negative) if isinstance(model, InfinityRequest) else (None, None)
+        for static, new in zip(_tensors(self.cond) + _tensors(negatives[0]), _tensors(cond) + _tensors(negatives[1])):
+            static.copy_(new)
         self.seed.copy_(seed)
-        self._fill(params)
+        self._fill(self.engine._cfg_ts(model, params), params)
         self.graph.replay()
         return self.images, self.tokens, self.nonfinite

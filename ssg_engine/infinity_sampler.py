@@ -9,7 +9,8 @@ same bits at every scale (``tests/test_infinity_sampler.py`` checks this against
 
 Infinity's CFG ``w * c + (1 - w) * u`` is VAR's ``(1 + t) * c - t * u`` with ``t = w - 1`` (bit-identical in
 float32: ``w - 1`` and ``1 + t`` are exact for ``w >= 1``), so the loop and guidance are the pipeline's
-(:func:`ssg_engine.pipeline.run_scales`, :class:`ssg_engine.pipeline.Guidance` with per-scale ``cfg_ts``). Where the
+(:func:`ssg_engine.pipeline.run_scales` over an :class:`ssg_engine.models.infinity.InfinityRequest`,
+:class:`ssg_engine.pipeline.Guidance` with per-scale ``cfg_ts``). Where the
 logits are not mixed (``w_k == 1``, or CFG only at layers) the model returns the conditional rows only and the
 guidance op gets them twice with ``t = 0`` (``(1 + 0) * x - 0 * x == x`` exactly).
 
@@ -21,16 +22,29 @@ temperature ``tau_k`` before CFG).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .guidance import SSG
 from .kernels.sampling import sample_logits_reference
 from .kernels.ssg_guidance import ssg_guidance_reference
-from .models.infinity import InfinityState, InfinityTransformer, as_schedule
+from .models.infinity import InfinityRequest, InfinityTransformer, scale_schedule
+from .params import SamplingParams
 from .pipeline import Guidance, guidance_schedule, nonfinite_logits_error, run_scales
 from .sampler import ConcatKVCache
+
+# the keywords of a text-conditional (Infinity) request besides SamplingParams' fields
+INFINITY_KEYWORDS = ("h_div_w", "pn", "schedule", "negative", "cfg_insertion_layer", "cfg_list", "tau_list")
+
+
+def family_keywords(overrides: Dict[str, Any], text_conditional: bool) -> Dict[str, Any]:
+    """Pop the Infinity keywords out of ``overrides`` (the rest are SamplingParams fields); for a class-conditional
+    model any of them is a ``TypeError``."""
+    family = {k: overrides.pop(k) for k in INFINITY_KEYWORDS if k in overrides}
+    if family and not text_conditional:
+        raise TypeError(f"{next(iter(family))}= is a text-conditional (Infinity) keyword; a class-conditional VAR takes labels and SamplingParams only")
+    return family
 
 
 @dataclasses.dataclass
@@ -46,39 +60,30 @@ class InfinitySampleOutput:
     cfg_logits: Optional[List[torch.Tensor]] = None
 
 
-class _BoundInfinity:
-    """An Infinity model bound to one call's schedule, negative prompt, CFG settings and VAE, so that it offers the
-    :class:`ssg_engine.models.family.NextScaleModel` calls :func:`run_scales` makes."""
-
-    def __init__(self, model: InfinityTransformer, vae: Any, schedule, negative: Any, cfg_list, cfg_insertion_layer) -> None:
-        self.model, self.vae, self.schedule = model, vae, schedule
-        self.negative, self.cfg_list, self.cfg_insertion_layer = negative, cfg_list, cfg_insertion_layer
-        self.state: Optional[InfinityState] = None
-
-    def scale_sizes(self) -> List[Tuple[int, int]]:
-        return list(self.schedule)
-
-    def condition(self, text: Any) -> InfinityState:
-        self.state = self.model.condition(
-            text, self.schedule, negative=self.negative, cfg_list=self.cfg_list, cfg_insertion_layer=self.cfg_insertion_layer
-        )
-        return self.state
-
-    def step(self, state: InfinityState, si: int, kv: Any) -> torch.Tensor:
-        return self.model.step(state, si, kv)
-
-    def next_input(self, state: InfinityState, si: int, bits: torch.Tensor) -> None:
-        self.model.next_input(state, si, bits)
-
-    def decode(self, state: InfinityState) -> Optional[torch.Tensor]:
-        return None if self.vae is None else self.model.decode(state, self.vae)
-
-
-def _per_scale(values: Sequence[float], name: str, K: int) -> List[float]:
-    values = [float(v) for v in values]
-    if len(values) < K:  # upstream asserts len(cfg_list) >= len(scale_schedule)
-        raise ValueError(f"{name} has {len(values)} entries; the schedule has {K} scales")
-    return values[:K]
+def infinity_request(
+    model: InfinityTransformer,
+    vae: Any,
+    params: SamplingParams,
+    *,
+    h_div_w: float = 1.0,
+    pn: Any = None,
+    schedule: Optional[Sequence[Sequence[int]]] = None,
+    negative: Any = None,
+    cfg_insertion_layer: Sequence[int] = (0,),
+    cfg_list: Optional[Sequence[float]] = None,
+    tau_list: Optional[Sequence[float]] = None,
+) -> InfinityRequest:
+    """The request of ``params`` and the Infinity keywords: ``schedule`` (explicit), else ``scale_schedule(h_div_w,
+    pn)`` with ``pn`` defaulting to ``model.config.num_scales``; upstream's CFG weight ``w_k = params.cfg`` and
+    temperature ``tau_k = params.temperature`` at every scale unless ``cfg_list`` / ``tau_list`` are given."""
+    sched = schedule if schedule is not None else scale_schedule(h_div_w, model.config.num_scales if pn is None else pn)
+    K = len(sched)
+    return InfinityRequest(
+        model, vae, sched,
+        cfg_list=[params.cfg] * K if cfg_list is None else cfg_list,
+        tau_list=[params.temperature] * K if tau_list is None else tau_list,
+        negative=negative, cfg_insertion_layer=cfg_insertion_layer,
+    )
 
 
 @torch.no_grad()
@@ -102,41 +107,32 @@ def sample_infinity_reference(
     (h, w) or upstream's (1, h, w) entries), upstream's ``autoregressive_infer_cfg`` arguments otherwise
     (``seed`` = ``g_seed``; ``negative`` = ``negative_label_B_or_BLT``); ``ssg`` adds SSG on the bit logits.
     ``vae``: the BSQ VAE (anything with ``decode(z)``), or None to skip decoding (``images`` is None)."""
-    sched = as_schedule(schedule)
-    K = len(sched)
-    cfg_list, tau_list = _per_scale(cfg_list, "cfg_list", K), _per_scale(tau_list, "tau_list", K)
-    if min(tau_list) <= 0:
-        raise ValueError(f"tau_list entries must be > 0; got {tau_list}")
+    request = InfinityRequest(model, vae, schedule, cfg_list, tau_list, negative, cfg_insertion_layer)
+    sched = request.schedule
     top_k = max(int(top_k), 0)
     device = model.pos_start.device
     rng = None
     if seed is not None:
         rng = torch.Generator(device=device)
         rng.manual_seed(int(seed))
-    on_logits = 0 in cfg_insertion_layer
-    cfg_ts = [(w - 1.0) if (on_logits and w != 1) else 0.0 for w in cfg_list]
-    guide = Guidance(guidance_schedule(0.0, ssg, sched, device, cfg_ts=cfg_ts), ssg, ssg_guidance_reference)
-    bound = _BoundInfinity(model, vae, sched, negative, cfg_list, tuple(cfg_insertion_layer))
+    guide = Guidance(guidance_schedule(0.0, ssg, sched, device, cfg_ts=request.cfg_ts()), ssg, ssg_guidance_reference)
     logits_rec: List[torch.Tensor] = []
     cfg_rec: List[torch.Tensor] = []
 
-    def pick(si: int, logits: torch.Tensor):
-        B = bound.state.batch
-        rows, hw, d, _ = logits.shape
-        x = logits.mul(1 / tau_list[si]).reshape(rows, hw, 2 * d)
-        if rows == B:  # not mixed on logits at this scale: t = 0 on the conditional rows twice
-            x = torch.cat((x, x))
-        guided, cfg = guide(si, x)
+    def pick(si: int, logits_2B: torch.Tensor) -> Tuple[torch.Tensor, None]:
+        guided, cfg = guide(si, logits_2B)
         if not torch.isfinite(guided).all():
             raise nonfinite_logits_error(si, sched[si])
+        B, hw, C = guided.shape
         if record_logits:
-            logits_rec.append(guided.view(B, hw, d, 2).clone())
-            cfg_rec.append(cfg.view(B, hw, d, 2).clone())
+            logits_rec.append(guided.view(B, hw, C // 2, 2).clone())
+            cfg_rec.append(cfg.view(B, hw, C // 2, 2).clone())
         bits = sample_logits_reference(guided.reshape(-1, 2), top_k, float(top_p), 1.0, rng)
-        return bits.view(B, hw, d), None
+        return bits.view(B, hw, C // 2), None
 
-    images, bits = run_scales(bound, text, ConcatKVCache(model.depth), pick)
+    state = request.condition(text)
+    images, bits = run_scales(request, state, ConcatKVCache(model.depth), pick)
     return InfinitySampleOutput(
-        images=images, bits=bits, summed_codes=bound.state.summed_codes,
+        images=images, bits=bits, summed_codes=state.summed_codes,
         logits=logits_rec if record_logits else None, cfg_logits=cfg_rec if record_logits else None,
     )

@@ -8,7 +8,7 @@ or the fused kernel, :mod:`ssg_engine.ops`) and how they draw tokens.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -88,14 +88,14 @@ TokenPicker = Callable[[int, torch.Tensor], Tuple[torch.Tensor, Optional[torch.T
 
 @torch.no_grad()
 def run_scales(
-    model: NextScaleModel, labels: torch.Tensor, kv: KVStore, pick: TokenPicker
+    model: NextScaleModel, state: Any, kv: KVStore, pick: TokenPicker
 ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    """The sampling loop: images (B, 3, H, W) in [0, 1] and tokens per scale (B, h*w).
+    """The sampling loop from ``state = model.condition(cond)``: images (B, 3, H, W) in [0, 1] and tokens per scale
+    (B, h*w), or (B, h*w, C // draw_width) for models with several draws per token (Infinity's bits).
 
-    ``pick(si, logits_2B)`` does guidance and sampling and returns the tokens (B, h*w), plus optional
+    ``pick(si, logits_2B)`` does guidance and sampling and returns the tokens, plus optional
     codebook-space embeddings (B, h*w, Cvae) to feed instead of the tokens' (upstream's ``more_smooth``).
     """
-    state = model.condition(labels)
     tokens: List[torch.Tensor] = []
     for si, (h, w) in enumerate(model.scale_sizes()):
         with nvtx_range(f"scale {si} ({h}x{w})"):

@@ -143,7 +143,7 @@ def sample_reference(
         soft = gumbel_softmax_with_rng(masked.view_as(guided).mul(1 + ratio), max(0.27 * (1 - ratio * 0.95), 0.005), rng)
         return idx, soft @ var.vae.quantize.embedding.weight.unsqueeze(0)
 
-    images, tokens = run_scales(var, labels, ConcatKVCache(var.depth), pick)
+    images, tokens = run_scales(var, var.condition(labels), ConcatKVCache(var.depth), pick)
     return SampleOutput(
         images=images,
         tokens=tokens,

@@ -67,7 +67,7 @@ def test_bad_input(engine):
     with pytest.raises(ValueError, match="top_p must be in"):
         engine.generate([3], top_p=2.0)
     with pytest.raises(ValueError, match="max_batch must be a positive integer"):
-        Engine(engine.var, engine.vae, max_batch=0, device="cpu")
+        Engine(engine.model, engine.vae, max_batch=0, device="cpu")
 
 
 def test_triton_backend_matches_reference_under_interpreter(engine, tiny_models):

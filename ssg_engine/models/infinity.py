@@ -17,8 +17,10 @@ Upstream behaviour reproduced on purpose (see ``tests/golden/infinity/README.md`
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+import re
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -140,6 +142,14 @@ class TextFeatures:
     def batch(self) -> int:
         return len(self.lens)
 
+    def __getitem__(self, rows: slice) -> "TextFeatures":
+        """The prompts ``rows`` (a step-1 slice), packed."""
+        taken = range(self.batch)[rows]
+        if taken.step != 1:
+            raise ValueError("TextFeatures rows: only step-1 slices")
+        starts = [0, *itertools.accumulate(self.lens)]
+        return TextFeatures(self.kv_compact[starts[taken.start] : starts[taken.stop]], self.lens[rows])
+
     @classmethod
     def from_padded(cls, features: torch.Tensor, mask: torch.Tensor) -> "TextFeatures":
         """From padded features (B, T, Ct5) and a boolean mask (B, T) of valid tokens (a prefix of each row)."""
@@ -210,6 +220,7 @@ class InfinityConfig:
     fused_norm: bool = True
     add_lvl_embeding_only_first_block: int = 1
     pad_to_multiplier: int = 1  # teacher forcing only (see InfinityTransformer.forward)
+    num_scales: int = MAX_SCALES  # default number of scales of a sampling schedule (scale_schedule's pn)
 
     # upstream options whose released value is the only one implemented here
     _FIXED = dict(head_aln=True, cos_attn=True, swiglu=False, rms_norm=False, nm0=False, tau=1, head_depth=1,
@@ -235,6 +246,90 @@ class InfinityConfig:
     @property
     def ffn_hidden(self) -> int:
         return round(self.embed_dim * self.mlp_ratio / 256) * 256
+
+    @classmethod
+    def preset(cls, name: str, codebook_dim: int = 32) -> "InfinityConfig":
+        """A released configuration (``INFINITY_PRESETS``), with the VAE's ``codebook_dim`` (32: ``infinity_vae_d32reg``)."""
+        if name in UNSUPPORTED_PRESETS:
+            raise ValueError(f"Infinity preset {name!r}: {UNSUPPORTED_PRESETS[name]}; use one of {', '.join(INFINITY_PRESETS)}")
+        if name not in INFINITY_PRESETS:
+            raise ValueError(f"unknown Infinity preset {name!r}; use one of {', '.join(INFINITY_PRESETS)}")
+        return dataclasses.replace(INFINITY_PRESETS[name], codebook_dim=codebook_dim)
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, torch.Tensor], codebook_dim: Optional[int] = None) -> "InfinityConfig":
+        """The config an upstream ``infinity_*.pth`` state dict's shapes determine (``INFINITY_SHAPE_FIELDS``; every
+        other field takes the released value). ``codebook_dim``, if given (the VAE's d), must equal the checkpoint's."""
+        missing = [k for k in ("cfg_uncond", "pos_start", "word_embed.weight", "head.weight") if k not in sd]
+        if missing:
+            raise ValueError(f"not an Infinity state dict: {', '.join(repr(k) for k in missing)} missing")
+        flat = sorted({int(m.group(1)) for m in map(_BLOCK_KEY.match, sd) if m})
+        chunked: Dict[int, set] = {}
+        for m in filter(None, map(_CHUNK_KEY.match, sd)):
+            chunked.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+        if bool(flat) == bool(chunked):
+            raise ValueError("Infinity state dict: need blocks as either 'blocks.{i}.' or 'block_chunks.{i}.module.{j}.' keys (found "
+                             + ("both" if flat else "neither") + ")")
+        if flat:
+            depth, block_chunks, first = len(flat), 1, "blocks.0."
+        else:
+            sizes = {len(js) for js in chunked.values()}
+            if len(sizes) != 1 or len(chunked) < 2:
+                raise ValueError(f"Infinity state dict: block chunks must be 2 or more of equal size; found sizes {[len(chunked[i]) for i in sorted(chunked)]}")
+            depth, block_chunks, first = sizes.pop() * len(chunked), len(chunked), "block_chunks.0.module.0."
+        C = sd["pos_start"].shape[-1]
+        d = sd["word_embed.weight"].shape[1]
+        if tuple(sd["head.weight"].shape) != (2 * d, C):
+            raise ValueError(f"Infinity state dict: head.weight is {tuple(sd['head.weight'].shape)}, expected (2 x {d} bits, {C}); only bit labels are supported")
+        if codebook_dim is not None and codebook_dim != d:
+            raise ValueError(f"the Infinity checkpoint predicts d = {d} bits per token but codebook_dim = {codebook_dim}; use the VAE with d = {d}")
+        hidden = sd[first + "ffn.fc1.weight"].shape[0]
+        if hidden % 256:
+            raise ValueError(f"Infinity state dict: FFN width {hidden} is not a multiple of 256 (upstream rounds embed_dim x mlp_ratio to one)")
+        Ct5_maxlen = sd["cfg_uncond"].shape
+        return cls(
+            embed_dim=C, depth=depth, num_heads=sd[first + "sa.scale_mul_1H11"].shape[1],
+            mlp_ratio=4.0 if round(C * 4 / 256) * 256 == hidden else hidden / C,  # the released ratio where it fits
+            text_channels=Ct5_maxlen[1], text_maxlen=Ct5_maxlen[0], codebook_dim=d, block_chunks=block_chunks,
+            shared_aln="shared_ada_lin.1.weight" in sd,
+            cross_attn_layer_scale=1.0 if first + "ca_gamma" in sd else -1.0,  # only >= 0 (gammas stored) matters
+            pad_to_multiplier=128,  # upstream's load_infinity
+        )
+
+    def matching_presets(self) -> List[str]:
+        """Names of the presets with this config's ``INFINITY_SHAPE_FIELDS`` (any ``codebook_dim``)."""
+        fields = [f for f in INFINITY_SHAPE_FIELDS if f != "codebook_dim"]
+        return [name for name, p in INFINITY_PRESETS.items() if all(getattr(p, f) == getattr(self, f) for f in fields)]
+
+
+_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
+_CHUNK_KEY = re.compile(r"block_chunks\.(\d+)\.module\.(\d+)\.")
+# the fields a checkpoint's shapes determine (InfinityConfig.from_state_dict)
+INFINITY_SHAPE_FIELDS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "text_channels", "text_maxlen", "codebook_dim",
+                         "block_chunks", "shared_aln")
+
+
+def _released(depth: int, embed_dim: int, num_heads: int, block_chunks: int) -> InfinityConfig:
+    """Upstream ``load_infinity``'s fixed arguments (Flan-T5-XL features 2048 x 512 tokens, shared AdaLN, padding to
+    128) with a ``load_transformer`` model type's shape; d = 32 bits (``infinity_vae_d32reg.pth``)."""
+    return InfinityConfig(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=4.0, text_channels=2048,
+                          text_maxlen=512, codebook_dim=32, block_chunks=block_chunks, shared_aln=True, pad_to_multiplier=128)
+
+
+# upstream tools/run_infinity.py load_transformer's model types (infinity_2b_reg.pth is the released 2B checkpoint)
+INFINITY_PRESETS: Dict[str, InfinityConfig] = {
+    "infinity_2b": _released(32, 2048, 16, 8),
+    "infinity_layer12": _released(12, 768, 8, 4),
+    "infinity_layer16": _released(16, 1152, 12, 4),
+    "infinity_layer24": _released(24, 1536, 16, 4),
+    "infinity_layer32": _released(32, 2080, 20, 4),
+    "infinity_layer40": _released(40, 2688, 24, 4),
+    "infinity_layer48": _released(48, 3360, 28, 4),
+}
+UNSUPPORTED_PRESETS: Dict[str, str] = {
+    "infinity_8b": "Infinity-8B (depth 40, width 3584) predicts 56 bits = 4 x 14 with spatial patchify "
+                   "(apply_spatial_patchify=1, infinity_vae_d56_f8_14_patchify.pth), which is not supported",
+}
 
 
 # ---------------------------------------------------------------------------------------------- layers
@@ -310,17 +405,19 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(embed_dim, embed_dim)
 
     def kv(self, text: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Packed text (N, kv_dim) -> keys, values (N, H, hd)."""
+        """Text (N, kv_dim) packed or (B, T, kv_dim) padded -> keys, values (N, H, hd) or (B, T, H, hd)."""
         kv = F.linear(text, self.mat_kv.weight, torch.cat((self.zero_k_bias, self.v_bias)))
-        return kv.view(text.shape[0], 2, self.num_heads, self.head_dim).unbind(1)
+        return kv.view(*text.shape[:-1], 2, self.num_heads, self.head_dim).unbind(-3)
 
-    def forward(self, x: Optional[torch.Tensor], kv: Tuple[torch.Tensor, torch.Tensor], lens: Sequence[int]) -> torch.Tensor:
-        """x (B, l, C) (None for the pool), keys/values from :meth:`kv` -> (B, l, C) (the pool: (B, 1, C))."""
+    def forward(self, x: Optional[torch.Tensor], kv: Tuple[torch.Tensor, torch.Tensor], lens: Union[Sequence[int], torch.Tensor]) -> torch.Tensor:
+        """x (B, l, C) (None for the pool), keys/values from :meth:`kv` -> (B, l, C) (the pool: (B, 1, C)). ``lens``: the
+        prompt lengths of packed keys/values, or the key mask (B, T) of padded ones (:func:`masked_cross_attention`)."""
         if self.for_attn_pool:
             q = self.mat_q.to(kv[0].dtype).repeat(len(lens), 1, 1).unsqueeze(1)
         else:
             q = self.mat_q(x).view(x.shape[0], x.shape[1], self.num_heads, self.head_dim)
-        return self.proj(varlen_cross_attention(q, kv[0], kv[1], lens, self.scale))
+        attend = masked_cross_attention if torch.is_tensor(lens) else varlen_cross_attention
+        return self.proj(attend(q, kv[0], kv[1], lens, self.scale))
 
 
 class TextAttentivePool(nn.Module):
@@ -419,8 +516,8 @@ class InfinityState:
     schedule: Schedule
     cond_BD: torch.Tensor  # (rows, D)
     modulations: List[torch.Tensor]  # per block (rows, 1, 6, C)
-    ca_kv: List[Tuple[torch.Tensor, torch.Tensor]]  # per block: keys, values (N, H, hd)
-    lens: List[int]
+    ca_kv: List[Tuple[torch.Tensor, torch.Tensor]]  # per block: keys, values (N, H, hd), or (rows, T, H, hd) padded
+    lens: Union[List[int], torch.Tensor]  # prompt lengths, or the key mask (rows, T) of padded text
     rope: Tuple[torch.Tensor, torch.Tensor]  # cos, sin (L, hd/2)
     x: torch.Tensor
     summed_codes: torch.Tensor
@@ -435,7 +532,8 @@ class InfinityTransformer(nn.Module):
     Sampling follows :mod:`ssg_engine.models.family` with these differences: the scale schedule is per batch
     (``condition(text, schedule, ...)``, then ``state.schedule``; ``cache_layout(schedule)``); ``step`` returns bit
     logits (2B or B, h*w, d, 2) (see :meth:`step`) and applies CFG inserted at layer outputs itself; ``next_input`` takes bits
-    (B, h*w, d); ``decode(state, vae)`` takes the BSQ VAE (anything with ``decode(z)``).
+    (B, h*w, d); ``decode(state, vae)`` takes the BSQ VAE (anything with ``decode(z)``). :class:`InfinityRequest` binds
+    it to one call's settings as the samplers' :class:`ssg_engine.models.family.NextScaleModel`.
     """
 
     def __init__(self, cfg: InfinityConfig) -> None:
@@ -483,11 +581,11 @@ class InfinityTransformer(nn.Module):
 
     # ------------------------------------------------------------------ shared pieces
     def encode_text(self, text: TextFeatures) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Pooled condition (B, D) float32 and the cross-attention text (N, C)."""
-        if text.kv_compact.shape[1] != self.Ct5:
-            raise ValueError(f"text features have width {text.kv_compact.shape[1]}; this Infinity expects Ct5={self.Ct5}")
-        kv = self.text_norm(text.kv_compact.float())
-        cond_BD = self.text_proj_for_sos(kv, text.lens).float()
+        """Pooled condition (B, D) float32 and the cross-attention text: (N, C) packed, or (B, T, C) for PaddedText."""
+        features, lens = (text.features, text.mask) if isinstance(text, PaddedText) else (text.kv_compact, text.lens)
+        check_text_width(features, self.Ct5)
+        kv = self.text_norm(features.float())
+        cond_BD = self.text_proj_for_sos(kv, lens).float()
         return cond_BD, self.text_proj_for_ca(kv)
 
     def get_logits(self, h: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
@@ -548,25 +646,20 @@ class InfinityTransformer(nn.Module):
         cfg_insertion_layer: Sequence[int] = (0,),
     ) -> InfinityState:
         """State for B prompts: the text condition (with CFG anywhere in ``cfg_list``: B more rows, the negative
-        features or ``cfg_uncond[:len]`` per prompt), AdaLN modulations, the first scale's input, zero codes.
+        features or ``cfg_uncond[:len]`` per prompt), AdaLN modulations, the first scale's input, zero codes. ``text``: what
+        :meth:`TextFeatures.coerce` takes (varlen cross-attention), or :class:`PaddedText` (static shapes, masked).
 
         ``cfg_insertion_layer`` entries ``k < 0`` mix ``cfg * cond + (1 - cfg) * uncond`` at the output of layer
         ``depth + k`` inside :meth:`step`; entry 0 (on logits) is left to the caller (step returns both halves).
         With the batch doubled, ``step`` returns only the conditional rows where the caller does not mix the logits.
         """
-        text = TextFeatures.coerce(text)
+        text = text if isinstance(text, PaddedText) else TextFeatures.coerce(text)
         sched = as_schedule(schedule)
         B = text.batch
         guided = cfg_list is not None and any(c != 1 for c in cfg_list)
         if guided:
-            if negative is None:
-                un = torch.cat([self.cfg_uncond[:n] for n in text.lens]).to(text.kv_compact)
-                text = TextFeatures(torch.cat((text.kv_compact, un)), text.lens * 2)
-            else:
-                neg = TextFeatures.coerce(negative)
-                if neg.batch != B:
-                    raise ValueError(f"negative text has {neg.batch} prompts; expected {B}")
-                text = TextFeatures(torch.cat((text.kv_compact, neg.kv_compact.to(text.kv_compact))), text.lens + neg.lens)
+            check_text_width(text.features if isinstance(text, PaddedText) else text.kv_compact, self.Ct5)
+            text = with_negative(text, negative, self.cfg_uncond)
         layers = []
         for k in cfg_insertion_layer:
             if k > 0 or (k < 0 and self.depth + k <= 0):
@@ -577,13 +670,13 @@ class InfinityTransformer(nn.Module):
         gss = self.shared_ada_lin(cond_BD).float().contiguous()
         blocks = self.block_list()
         x = cond_BD.unsqueeze(1) + self.pos_start.expand(text.batch, 1, -1)
-        cos, sin = rope_tables(sched, self.C // self.num_heads)
+        cos, sin = device_rope_tables(sched, self.C // self.num_heads, x.device)
         H, W = sched[-1]
         return InfinityState(
             batch=B, rows=text.batch, schedule=sched, cond_BD=cond_BD,
             modulations=[b.modulation(gss) for b in blocks],
-            ca_kv=[b.ca.kv(ca_text) for b in blocks], lens=text.lens,
-            rope=(cos.to(x.device), sin.to(x.device)),
+            ca_kv=[b.ca.kv(ca_text) for b in blocks], lens=text.mask if isinstance(text, PaddedText) else text.lens,
+            rope=(cos, sin),
             x=x, summed_codes=torch.zeros(B, self.d, 1, H, W, device=x.device).contiguous(memory_format=torch.channels_last_3d),
             cfg_list=list(cfg_list) if cfg_list is not None else [1.0] * len(sched), cfg_layers=tuple(layers),
             cfg_on_logits=0 in cfg_insertion_layer,
@@ -631,3 +724,148 @@ class InfinityTransformer(nn.Module):
         as upstream); ``z`` is channels-last, as upstream's ``summed_codes.squeeze(-3)`` (the decoder's kernels differ)."""
         z = state.summed_codes.squeeze(-3).contiguous(memory_format=torch.channels_last)
         return vae.decode(z).float().clamp(-1, 1).add(1).mul(0.5)
+
+
+# ---------------------------------------------------------------------------------------------- padded text, requests
+
+
+@dataclasses.dataclass
+class PaddedText:
+    """Text features of B prompts padded to one length T (static shapes, for CUDA graphs): ``features`` (B, T, Ct5),
+    ``mask`` (B, T) bool, True on each prompt's tokens (a prefix of its row, at least one)."""
+
+    features: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def batch(self) -> int:
+        return self.features.shape[0]
+
+    def __getitem__(self, rows: slice) -> "PaddedText":
+        return PaddedText(self.features[rows], self.mask[rows])
+
+    @classmethod
+    def pad(cls, text: TextFeatures, length: int) -> "PaddedText":
+        """Packed ``text`` (prompts of at most ``length`` tokens) padded with zeros to ``length`` tokens per prompt."""
+        lens = torch.tensor(text.lens, device=text.kv_compact.device)
+        mask = torch.arange(length, device=lens.device)[None] < lens[:, None]
+        features = text.kv_compact.new_zeros(text.batch, length, text.kv_compact.shape[1])
+        features[mask] = text.kv_compact
+        return cls(features, mask)
+
+
+def masked_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """:func:`varlen_cross_attention` on padded keys/values (static shapes, for CUDA graphs): q (B, Lq, H, hd), k/v
+    (B, T, H, hd), key mask (B, T) -> (B, Lq, H*hd); the same bfloat16 rounding of q, k, v and the output, masked keys
+    get zero weight. Equal up to float32 summation order (which can move a bfloat16 rounding of the output by one ulp)."""
+    B, Lq, H, hd = q.shape
+    q = q.to(torch.bfloat16).float().transpose(1, 2)
+    k, v = (t.to(torch.bfloat16).float().transpose(1, 2) for t in (k, v))
+    scores = (torch.matmul(q, k.transpose(-1, -2)) * scale).masked_fill(~mask[:, None, None, :], float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1), v).transpose(1, 2)
+    return out.to(torch.bfloat16).float().reshape(B, Lq, H * hd)
+
+
+def check_text_width(features: torch.Tensor, Ct5: int) -> None:
+    """``ValueError`` unless the text features (..., width) have the model's width ``Ct5``."""
+    if features.shape[-1] != Ct5:
+        raise ValueError(f"text features have width {features.shape[-1]}; this Infinity expects Ct5={Ct5}")
+
+
+def with_negative(text: Union[TextFeatures, PaddedText], negative: Any, cfg_uncond: torch.Tensor) -> Union[TextFeatures, PaddedText]:
+    """``text`` with B more rows for CFG: the ``negative`` prompts (the same form as ``text``; packed: anything
+    :meth:`TextFeatures.coerce` takes) or, without them, ``cfg_uncond[:len]`` for each prompt."""
+    if isinstance(text, PaddedText):
+        neg = negative if negative is not None else PaddedText(
+            cfg_uncond[: text.features.shape[1]].to(text.features).expand_as(text.features), text.mask
+        )
+        if not isinstance(neg, PaddedText) or neg.features.shape[1:] != text.features.shape[1:]:
+            raise ValueError(f"negative text: pad it like the prompts, to {tuple(text.features.shape[1:])} per prompt")
+    elif negative is None:
+        neg = TextFeatures(torch.cat([cfg_uncond[:n] for n in text.lens]).to(text.kv_compact), text.lens)
+    else:
+        neg = TextFeatures.coerce(negative)
+    if neg.batch != text.batch:
+        raise ValueError(f"negative text has {neg.batch} prompts; expected {text.batch} (one per prompt)")
+    check_text_width(neg.features if isinstance(neg, PaddedText) else neg.kv_compact, cfg_uncond.shape[1])
+    if isinstance(text, PaddedText):
+        return PaddedText(torch.cat((text.features, neg.features)), torch.cat((text.mask, neg.mask)))
+    return TextFeatures(torch.cat((text.kv_compact, neg.kv_compact.to(text.kv_compact))), text.lens + neg.lens)
+
+
+_DEVICE_ROPE: Dict[Tuple[Schedule, int, torch.device], Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def device_rope_tables(schedule: Schedule, head_dim: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rope_tables` on ``device``, kept per (schedule, head_dim, device): no host-to-device copy per batch
+    (none inside a CUDA graph capture)."""
+    key = (schedule, head_dim, torch.device(device))
+    if key not in _DEVICE_ROPE:
+        _DEVICE_ROPE[key] = tuple(t.to(device) for t in rope_tables(schedule, head_dim))  # type: ignore[assignment]
+    return _DEVICE_ROPE[key]
+
+
+def per_scale(values: Sequence[float], name: str, K: int) -> List[float]:
+    """The first ``K`` of ``values`` as floats (upstream asserts ``len(values) >= K``)."""
+    values = [float(v) for v in values]
+    if len(values) < K:
+        raise ValueError(f"{name} has {len(values)} entries; the schedule has {K} scales: give one per scale")
+    return values[:K]
+
+
+@dataclasses.dataclass
+class InfinityRequest:
+    """An Infinity model bound to one call's schedule, CFG and temperature lists, negative prompts (``negative``: as
+    the text given to :meth:`condition`; None: ``cfg_uncond``) and VAE (None: no decoding), as a
+    :class:`ssg_engine.models.family.NextScaleModel` for the samplers.
+
+    :meth:`step` gives (2B, h*w, 2d) float32 logits: the model's bit logits times ``1 / tau_k`` (upstream's order:
+    temperature, then CFG), flattened over (bit, side); where the logits are not mixed at a scale the model returns
+    the conditional rows only and they are given twice, with CFG weight ``cfg_ts()[k] = 0``. Tokens are bits
+    (B, h*w, d) (``draw_width`` 2: one categorical draw per bit).
+    """
+
+    model: InfinityTransformer
+    vae: Any
+    schedule: Sequence[Sequence[int]]
+    cfg_list: Sequence[float]
+    tau_list: Sequence[float]
+    negative: Any = None
+    cfg_insertion_layer: Sequence[int] = (0,)
+    draw_width: ClassVar[int] = 2
+
+    def __post_init__(self) -> None:
+        self.schedule = as_schedule(self.schedule)
+        K = len(self.schedule)
+        self.cfg_list, self.tau_list = per_scale(self.cfg_list, "cfg_list", K), per_scale(self.tau_list, "tau_list", K)
+        if min(self.tau_list) <= 0:
+            raise ValueError(f"tau_list entries must be > 0; got {self.tau_list}")
+        self.cfg_insertion_layer = tuple(int(k) for k in self.cfg_insertion_layer)
+
+    def cfg_ts(self) -> List[float]:
+        """The CFG weight ``t_k = w_k - 1`` guidance applies to the logits of each scale (0 where they are not mixed)."""
+        on_logits = 0 in self.cfg_insertion_layer
+        return [(w - 1.0) if (on_logits and w != 1) else 0.0 for w in self.cfg_list]
+
+    def scale_sizes(self) -> List[Tuple[int, int]]:
+        return list(self.schedule)
+
+    def cache_layout(self) -> Tuple[int, int, int, int]:
+        return self.model.cache_layout(self.schedule)
+
+    def condition(self, text: Any) -> InfinityState:
+        return self.model.condition(
+            text, self.schedule, negative=self.negative, cfg_list=self.cfg_list, cfg_insertion_layer=self.cfg_insertion_layer
+        )
+
+    def step(self, state: InfinityState, si: int, kv: KVStore) -> torch.Tensor:
+        logits = self.model.step(state, si, kv)
+        rows, hw, d, _ = logits.shape
+        x = logits.mul(1 / self.tau_list[si]).reshape(rows, hw, 2 * d)
+        return torch.cat((x, x)) if rows == state.batch else x
+
+    def next_input(self, state: InfinityState, si: int, bits: torch.Tensor) -> None:
+        self.model.next_input(state, si, bits)
+
+    def decode(self, state: InfinityState) -> Optional[torch.Tensor]:
+        return None if self.vae is None else self.model.decode(state, self.vae)

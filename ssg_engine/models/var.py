@@ -254,6 +254,11 @@ class VARTransformer(nn.Module):
     def cache_layout(self) -> Tuple[int, int, int, int]:
         return self.depth, self.num_heads, self.L, self.C // self.num_heads
 
+    @property
+    def draw_width(self) -> int:
+        """Logits per categorical draw: one draw over the V codebook entries per token."""
+        return self.V
+
     def condition(self, labels: torch.Tensor) -> VARState:
         """State for labels (B,) int64: class embeddings of the labels and of the unconditional class, their
         AdaLN modulations (once per batch, not per scale), the first scale's input, a zero latent."""
