@@ -48,6 +48,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "plot": ["matplotlib"],
+        "text": ["transformers>=4.56", "sentencepiece"],  # ssg_engine.text (Flan-T5 features for Infinity)
         "dev": ["pytest", "pytest-benchmark", "ninja", "pybind11", "matplotlib", "scipy"],
     },
     entry_points={"console_scripts": ["ssg-engine=ssg_engine.cli:main"]},

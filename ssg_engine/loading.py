@@ -1,13 +1,16 @@
-"""Loading the public checkpoints (``.pth`` plain state dicts, or ``.safetensors``) without random init."""
+"""Loading the public checkpoints (``.pth`` plain state dicts, or ``.safetensors``) without random init: VAR with its
+VQ-VAE (``load_models``) and Infinity with its BSQ VAE (``load_infinity``)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from .config import PRESET_DEPTHS, ModelConfig, infer_config, matching_presets, preset_key
+from .models.bsq_vae import BSQVAE, load_bsq_vae
+from .models.infinity import InfinityConfig, InfinityTransformer
 from .models.var import level_buffers
 from .sampler import VAR
 from .models.vqvae import VQVAE
@@ -15,6 +18,12 @@ from .models.vqvae import VQVAE
 ConfigLike = Union[None, str, Path, ModelConfig, Mapping[str, object]]
 StateLike = Union[str, Path, Mapping[str, torch.Tensor]]
 _CKPT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+# A key only each family's state dict holds (checkpoint_family), and the family's name in messages.
+FAMILY_KEYS = {"var": "pos_1LC", "vqvae": "quantize.embedding.weight", "infinity": "cfg_uncond", "bsq_vae": "encoder.conv_in.conv.weight"}
+FAMILY_NAMES = {"var": "VAR", "vqvae": "VQ-VAE", "infinity": "Infinity", "bsq_vae": "BSQ VAE"}
+# Where upstream files nest the state dict: the BSQ VAE's {"vae": sd}, Infinity's training checkpoint (its model part,
+# as upstream's save_slim_model takes it).
+_WRAPPERS = (("vae",), ("trainer", "gpt_fsdp"))
 
 
 class CheckpointError(ValueError):
@@ -46,8 +55,20 @@ def check_state_dict(sd: object, what: str) -> Dict[str, torch.Tensor]:
     raise CheckpointError(f"{what} does not hold a state dict (a flat mapping from names to tensors){hint}")
 
 
+def _unwrap(obj: Any) -> Any:
+    """The state dict inside one of upstream's wrappers (``_WRAPPERS``), else ``obj`` itself."""
+    for keys in _WRAPPERS:
+        inner = obj
+        for key in keys:
+            inner = inner.get(key) if isinstance(inner, Mapping) else None
+        if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            return inner
+    return obj
+
+
 def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
-    """Read a plain state dict from a ``torch.save`` file (zip or legacy; ``weights_only=True``) or a safetensors file.
+    """Read a state dict from a ``torch.save`` file (zip or legacy; ``weights_only=True``) or a safetensors file: plain,
+    or in one of upstream's wrappers (``{"vae": sd}``, ``{"trainer": {"gpt_fsdp": sd}}``).
 
     The format is recognised from the file's content, not its name.
     """
@@ -74,7 +95,30 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
     except Exception as e:  # torch and safetensors raise many error types
         kind = "safetensors file" if fmt == "safetensors" else "torch checkpoint"
         raise CheckpointError(f"{path} is not a readable {kind}: {e}") from e
-    return check_state_dict(sd, str(path))
+    return check_state_dict(_unwrap(sd), str(path))
+
+
+def checkpoint_family(state_dict: Mapping[str, Any]) -> Optional[str]:
+    """``"var"``, ``"vqvae"``, ``"infinity"`` or ``"bsq_vae"`` from the keys of a state dict; None if not exactly one fits."""
+    found = [family for family, key in FAMILY_KEYS.items() if key in state_dict]
+    return found[0] if len(found) == 1 else None
+
+
+def expect_family(state_dict: Mapping[str, Any], family: str, what: str) -> None:
+    """``CheckpointError`` naming ``what`` (a file or an argument) if ``state_dict`` is of another known family than
+    ``family``; an unknown one is left to the loader, whose key check says what is wrong."""
+    found = checkpoint_family(state_dict)
+    if found is None or found == family:
+        return
+    infinity = {"infinity", "bsq_vae"}
+    if (found in infinity) == (family in infinity):
+        fix = "the transformer and the VAE checkpoints are swapped; give each in its place"
+    elif found in infinity:
+        fix = "load it with load_infinity (command line: --family infinity)"
+    else:
+        fix = "load it with load_models (command line: --family var)"
+    found_name, name = (("an " if n == "infinity" else "a ") + FAMILY_NAMES[n] for n in (found, family))
+    raise CheckpointError(f"{what} is {found_name} checkpoint, not {name} one; {fix}")
 
 
 def resolve_config(config: ConfigLike, var_state: Optional[Mapping[str, torch.Tensor]], vae_state: Optional[Mapping[str, torch.Tensor]]) -> ModelConfig:
@@ -125,13 +169,17 @@ def build_models(cfg: ModelConfig, device: Union[str, torch.device] = "meta") ->
     return vae, var
 
 
-def _state(ckpt: StateLike, name: str) -> Dict[str, torch.Tensor]:
-    """The state dict of a checkpoint path or (checked) mapping given as argument ``name``."""
+def _state(ckpt: StateLike, name: str, family: str) -> Dict[str, torch.Tensor]:
+    """The state dict of a checkpoint path or (checked) mapping given as argument ``name``, of ``family`` (see
+    ``expect_family``)."""
     if isinstance(ckpt, Mapping):
-        return check_state_dict(ckpt, name)
-    if not isinstance(ckpt, (str, Path)):
+        sd = check_state_dict(_unwrap(ckpt), name)
+    elif not isinstance(ckpt, (str, Path)):
         raise TypeError(f"{name} must be a checkpoint path or a state dict, got {type(ckpt).__name__}")
-    return read_state_dict(ckpt)
+    else:
+        sd = read_state_dict(ckpt)
+    expect_family(sd, family, str(ckpt) if isinstance(ckpt, (str, Path)) else name)
+    return sd
 
 
 def load_models(
@@ -147,7 +195,7 @@ def load_models(
     ``ModelConfig`` fields, or a ``ModelConfig``.
     The VQ-VAE stays float32 (it decodes in float32); the VAR is cast to ``dtype``. Both are in eval mode.
     """
-    var_state, vae_state = _state(var_ckpt, "var_ckpt"), _state(vae_ckpt, "vae_ckpt")
+    var_state, vae_state = _state(var_ckpt, "var_ckpt", "var"), _state(vae_ckpt, "vae_ckpt", "vqvae")
     cfg = resolve_config(config, var_state, vae_state)
     vae, var = build_models(cfg, "meta")
     vae_state = dict(vae_state)
@@ -160,6 +208,62 @@ def load_models(
     var = var.to(device=device, dtype=dtype).eval().requires_grad_(False)
     var.attach_vae(vae)
     return vae, var
+
+
+InfinityConfigLike = Union[None, str, InfinityConfig, Mapping[str, Any]]
+# buffers of older code that upstream Infinity.load_state_dict removes from a checkpoint before loading
+_STALE_INFINITY_BUFFERS = ("lvl_1L", "attn_bias_for_masking", "Infinity_visible_kvlen", "Infinity_invisible_qlen")
+
+
+def load_infinity(
+    model_path: StateLike,
+    vae_path: StateLike,
+    config: InfinityConfigLike = None,
+    device: Union[str, torch.device] = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Tuple[InfinityTransformer, BSQVAE]:
+    """Load (infinity, vae) from upstream files (``infinity_*.pth`` plain or as a training checkpoint, safetensors, or
+    our own saved state dicts) or state dicts, e.g. ``infinity_2b_reg.pth`` with ``infinity_vae_d32reg.pth``.
+
+    ``config``: None (inferred from the shapes, ``InfinityConfig.from_state_dict``), a preset name (``INFINITY_PRESETS``),
+    a dict of ``InfinityConfig`` fields or upstream ``Infinity(...)`` keywords, or an ``InfinityConfig``; the bits per
+    token must be the VAE's ``codebook_dim``. The model is built on the meta device, filled strictly (``load_upstream``;
+    only the stale buffers upstream's own ``load_state_dict`` drops are ignored) and cast to ``dtype``; the VAE stays
+    float32. Both are in eval mode.
+    """
+    model_state = {k: v for k, v in _state(model_path, "model_path", "infinity").items() if k not in _STALE_INFINITY_BUFFERS}
+    vae_state = _state(vae_path, "vae_path", "bsq_vae")
+    what = str(model_path) if isinstance(model_path, (str, Path)) else "model_path"
+    try:
+        vae = load_bsq_vae(vae_state, device=device)
+    except ValueError as e:
+        raise CheckpointError(f"{vae_path if isinstance(vae_path, (str, Path)) else 'vae_path'}: {e}") from None
+    d = vae.config.codebook_dim
+    if isinstance(config, InfinityConfig):
+        cfg = config
+    elif isinstance(config, str):
+        cfg = InfinityConfig.preset(config, codebook_dim=d)
+    elif isinstance(config, Mapping):
+        cfg = InfinityConfig.from_upstream(config, codebook_dim=d)
+    elif config is None:
+        try:
+            cfg = InfinityConfig.from_state_dict(model_state)
+        except ValueError as e:
+            raise CheckpointError(f"{what}: {e}") from None
+    else:
+        raise TypeError(f"config must be None, a preset name, a dict or an InfinityConfig; got {type(config).__name__}")
+    if cfg.codebook_dim != d:
+        patchify = " (4 x the VAE's: spatial patchify, as Infinity-8B; not supported)" if cfg.codebook_dim == 4 * d else ""
+        raise CheckpointError(f"{what} predicts {cfg.codebook_dim} bits per token{patchify} but the VAE has codebook_dim {d}; "
+                              "give the VAE the model was trained with (infinity_2b_reg.pth: infinity_vae_d32reg.pth)")
+    with torch.device("meta"):
+        model = InfinityTransformer(cfg)
+    model.to_empty(device=device)  # every parameter and buffer is in the strictly checked state dict
+    try:
+        model.load_upstream(model_state)
+    except ValueError as e:
+        raise CheckpointError(f"{what}: {e}") from None
+    return model.to(dtype=dtype).eval().requires_grad_(False), vae
 
 
 def random_models(

@@ -30,7 +30,7 @@ LAYERS: Dict[str, List[str]] = {
     "guidance": ["guidance", "params"],
     "kernels": ["kernels.*", "ops"],
     "samplers": ["pipeline", "sampler", "infinity_sampler", "engine"],
-    "api": [PACKAGE, "loading", "api", "pretrained", "analysis", "imaging", "costs", "plan"],
+    "api": [PACKAGE, "loading", "text", "api", "pretrained", "analysis", "imaging", "costs", "plan"],
     "training and evaluation": ["training.*", "eval.*"],
     "command line": ["cli.*"],
 }
