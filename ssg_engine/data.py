@@ -1,4 +1,4 @@
-"""Fashion-MNIST: IDX reader, class names, and image preparation for the 32x32 VQ-VAE / VAR.
+"""Fashion-MNIST: IDX reader, class names, text prompts, and image preparation for the 32x32 VQ-VAE / VAR.
 
 The data set is the Debian package ``dataset-fashion-mnist`` (files under
 ``/usr/share/datasets/fashion-mnist/``); ``SSG_ENGINE_FASHION_MNIST`` overrides that folder.
@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -32,6 +33,36 @@ _ALIASES: Dict[str, int] = {
     "bags": 8,
     "ankleboot": 9, "ankle boot": 9, "ankle_boot": 9, "boot": 9, "boots": 9, "ankle-boots": 9,
 }
+
+# Text prompts of the text-to-image (Infinity) model: a class phrase in a template. The model trains on the
+# TRAIN_TEMPLATES; the HELD_OUT_TEMPLATES are for evaluation only (their words are in the vocabulary, untrained).
+CLASS_PHRASES: Tuple[str, ...] = (
+    "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
+)
+TRAIN_TEMPLATES: Tuple[str, ...] = (
+    "a {}", "a photo of a {}", "an image of a {}", "a {} on a dark background", "a photo of the {}",
+    "a black and white photo of a {}", "a small {}", "the {}",
+)
+HELD_OUT_TEMPLATES: Tuple[str, ...] = ("a picture of a {}", "a grayscale {}", "one {}")
+
+
+def make_prompt(label: int, template: str) -> str:
+    """The prompt for class ``label`` in ``template`` (one ``{}``), with ``a`` -> ``an`` before a vowel."""
+    if not 0 <= int(label) < len(CLASS_PHRASES):
+        raise ValueError(f"label {label} out of range [0, {len(CLASS_PHRASES)})")
+    return re.sub(r"\ba(?= [aeiou])", "an", template.format(CLASS_PHRASES[int(label)]))
+
+
+def prompt_words(prompt: str) -> List[str]:
+    """The words of a prompt: lowercase, split on anything that is not a letter."""
+    return re.findall(r"[a-z]+", prompt.lower())
+
+
+def prompt_vocabulary() -> Tuple[str, ...]:
+    """Every word of every prompt of every template (train and held-out), sorted."""
+    prompts = [make_prompt(y, t) for t in TRAIN_TEMPLATES + HELD_OUT_TEMPLATES for y in range(len(CLASS_PHRASES))]
+    return tuple(sorted({w for p in prompts for w in prompt_words(p)}))
+
 
 _SPLIT_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

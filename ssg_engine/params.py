@@ -60,3 +60,9 @@ class SamplingParams:
     def replace(self, **changes: Any) -> "SamplingParams":
         """A copy with ``changes`` applied (validated again); unknown names raise ``TypeError``."""
         return dataclasses.replace(self, **changes)
+
+
+# Upstream Infinity's release settings (FoundationVision/Infinity 4c27bbb: ``predict.py`` cfg 3 and tau 0.5,
+# ``gen_one_img`` top-k 900 and top-p 0.97, CFG on the logits): for an Infinity model, ``cfg`` is the CFG weight
+# ``w`` of every scale (1 = off) and ``temperature`` the ``tau`` of every scale.
+INFINITY_UPSTREAM = SamplingParams(cfg=3.0, top_k=900, top_p=0.97, temperature=0.5)

@@ -1,8 +1,11 @@
-"""The small Fashion-MNIST VQ-VAE + VAR shipped with the package (see assets/fashion_mnist/MODEL_CARD.md)."""
+"""The small Fashion-MNIST models shipped with the package: the class-conditional VQ-VAE + VAR
+(assets/fashion_mnist/MODEL_CARD.md) and the text-to-image BSQ VAE + Infinity + text encoder
+(assets/fashion_mnist_infinity/MODEL_CARD.md)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Tuple, Union
+from typing import Any, Tuple, Union
 
 import torch
 
@@ -12,6 +15,13 @@ PRETRAINED_DIR = Path(__file__).resolve().parent / "assets" / "fashion_mnist"
 _FILES = ("vae.safetensors", "var.safetensors", "config.json")
 # The model card's sampling settings (MODEL_CARD.md: they looked best on this model); the CLI's defaults for it.
 SAMPLING = SamplingParams(cfg=2.0, top_k=128, top_p=0.95)
+
+
+INFINITY_DIR = Path(__file__).resolve().parent / "assets" / "fashion_mnist_infinity"
+_INFINITY_FILES = ("vae.safetensors", "infinity.safetensors", "text_encoder.safetensors", "config.json")
+# The Infinity model card's sampling settings: ``cfg`` is Infinity's CFG weight w (the same on every scale; 1 = off),
+# ``temperature`` its tau; no top-k / top-p. The CLI's defaults for that model.
+INFINITY_SAMPLING = SamplingParams(cfg=3.0, top_k=0, top_p=0.0, temperature=1.0)
 
 
 def pretrained_files() -> Tuple[Path, Path, Path]:
@@ -41,3 +51,42 @@ def class_names() -> tuple:
     from .data import FASHION_MNIST_CLASSES
 
     return tuple(FASHION_MNIST_CLASSES)
+
+
+def load_infinity_folder(folder: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Tuple[Any, Any, Any]:
+    """(InfinityTransformer, BSQVAE, TextEncoder) from a folder written by ``train_fashion_mnist_infinity``, in float32
+    and eval mode on ``device``; FileNotFoundError naming the missing files."""
+    from safetensors.torch import load_file
+
+    from .models.bsq_vae import BSQVAEConfig, load_bsq_vae
+    from .models.infinity import InfinityConfig, InfinityTransformer
+    from .models.text_encoder import TextEncoderConfig, load_text_encoder
+
+    folder = Path(folder)
+    missing = [f for f in _INFINITY_FILES if not (folder / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"the Infinity model folder {folder} is incomplete: {', '.join(missing)} missing. "
+            + ("Reinstall the package (in a git clone: `git checkout ssg_engine/assets`), or train" if folder == INFINITY_DIR else "Train")
+            + " a model with `ssg-engine train --family infinity --dataset fashion-mnist --out my_model/`."
+        )
+    cfg = json.loads((folder / "config.json").read_text())
+    vae = load_bsq_vae(load_file(str(folder / "vae.safetensors")), BSQVAEConfig(**cfg["vae"]), device=device)
+    model = InfinityTransformer(InfinityConfig(**cfg["infinity"]))
+    model.load_upstream({k: v.float() for k, v in load_file(str(folder / "infinity.safetensors")).items()})
+    text_encoder = load_text_encoder(folder / "text_encoder.safetensors", TextEncoderConfig.from_dict(cfg["text_encoder"]), device)
+    return model.to(device).eval().requires_grad_(False), vae, text_encoder
+
+
+def infinity_folder_schedule(folder: Union[str, Path] = INFINITY_DIR) -> Tuple[Tuple[int, int], ...]:
+    """The scale schedule ((h, w) per scale) of an Infinity model folder (its config.json's ``schedule``)."""
+    from .models.infinity import scale_schedule
+
+    sched = json.loads((Path(folder) / "config.json").read_text())["schedule"]
+    return scale_schedule(sched["h_div_w"], sched["num_scales"])
+
+
+def load_pretrained_infinity(device: Union[str, torch.device] = "cpu") -> Tuple[Any, Any, Any]:
+    """The shipped Fashion-MNIST text-to-image model: (InfinityTransformer, BSQVAE, TextEncoder), float32, eval mode;
+    its schedule is ``infinity_folder_schedule()``, its sampling settings ``INFINITY_SAMPLING``."""
+    return load_infinity_folder(INFINITY_DIR, device)

@@ -16,8 +16,8 @@ from typing import Callable, List, NoReturn, Optional, Sequence, Tuple
 import torch
 
 from ..guidance import DEFAULT_BETA, DSE_INTERPS, PRIORS, SSG
-from ..params import SamplingParams
-from ..pretrained import SAMPLING, load_pretrained
+from ..params import INFINITY_UPSTREAM, SamplingParams
+from ..pretrained import INFINITY_SAMPLING, SAMPLING, load_pretrained
 
 
 class UsageError(ValueError):
@@ -162,24 +162,49 @@ def check_output_dir(path: str, flag: str) -> None:
 # ----------------------------------------------------------------------------- model flags
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """--var/--vae (default: the shipped model), --config/--preset/--patch-nums (checkpoints only), --device."""
-    p.add_argument("--var", help="VAR checkpoint (.pth or .safetensors); default: the shipped Fashion-MNIST model")
-    p.add_argument("--vae", help="VQ-VAE checkpoint (.pth or .safetensors)")
+FAMILIES = ("var", "infinity")
+
+
+def add_model_args(p: argparse.ArgumentParser, infinity: bool = False) -> None:
+    """--var/--vae (default: the shipped model), --config/--preset/--patch-nums (checkpoints only), --device; with
+    ``infinity`` also --family (var | infinity) and --text-encoder."""
+    if infinity:
+        p.add_argument("--family", choices=FAMILIES, default="var",
+                       help="var: class-conditional VAR (index tokens); infinity: text-to-image Infinity (bitwise tokens)")
+    p.add_argument("--var", help="transformer checkpoint (.pth or .safetensors): a VAR, or with --family infinity an Infinity "
+                                 "(infinity_*.pth); default: the shipped Fashion-MNIST model of the family")
+    p.add_argument("--vae", help="its VAE checkpoint: VQ-VAE (VAR) or BSQ VAE (Infinity, e.g. infinity_vae_d32reg.pth)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--config", help="model config JSON for --var/--vae (default: inferred from the checkpoints)")
-    g.add_argument("--preset", help="d16 | d20 | d24 | d30 | d36, for --var/--vae")
+    g.add_argument("--preset", help="for --var/--vae: d16 | d20 | d24 | d30 | d36" + (
+        "; Infinity: infinity_2b | infinity_layer12 .. infinity_layer48" if infinity else ""))
     g.add_argument("--patch-nums", type=patch_nums_arg, default=None,
-                   help="comma-separated scales, for --var/--vae whose token count matches no preset")
+                   help="comma-separated scales, for VAR --var/--vae whose token count matches no preset")
+    if infinity:
+        p.add_argument("--text-encoder", default=None,
+                       help="Infinity --var/--vae: a local folder with google/flan-t5-xl's files (pip install 'ssg-engine[text]'); "
+                            "the shipped model has its own")
     p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
 
 
+def model_family(args: argparse.Namespace) -> str:
+    """The --family of a command that has the flag, else ``"var"``."""
+    return getattr(args, "family", "var")
+
+
 def check_model_args(args: argparse.Namespace) -> None:
-    """--var and --vae come together; --config/--preset/--patch-nums only with them (never silently ignored)."""
+    """--var and --vae come together; --config/--preset/--patch-nums/--text-encoder only with them, and only the
+    family's (never silently ignored)."""
     if bool(args.var) != bool(args.vae):
         raise UsageError("give both --var and --vae, or neither (the shipped Fashion-MNIST model)")
+    text_encoder = getattr(args, "text_encoder", None)
+    if model_family(args) == "var" and text_encoder is not None:
+        raise UsageError("--text-encoder is for text-conditional models; add --family infinity, or drop it")
+    if model_family(args) == "infinity" and args.patch_nums is not None:
+        raise UsageError("--patch-nums describes VAR checkpoints; an Infinity schedule is --h-div-w and --pn")
     if not args.var:
-        for flag, value in (("--config", args.config), ("--preset", args.preset), ("--patch-nums", args.patch_nums)):
+        for flag, value in (("--config", args.config), ("--preset", args.preset), ("--patch-nums", args.patch_nums),
+                            ("--text-encoder", text_encoder)):
             if value is not None:
                 raise UsageError(f"{flag} describes --var/--vae checkpoints; the shipped model has its own config: drop {flag} or give --var and --vae")
 
@@ -188,7 +213,7 @@ def load_from_args(args: argparse.Namespace, dtype: torch.dtype = torch.float32,
     """(vae, var) from --var/--vae (with --config/--preset/--patch-nums), or the shipped Fashion-MNIST model; on
     ``device`` (default: --device), the VAR in ``dtype``."""
     from ..config import infer_config
-    from ..loading import load_models, read_state_dict
+    from ..loading import expect_family, load_models, read_state_dict
 
     check_model_args(args)
     device = device or args.device
@@ -197,14 +222,48 @@ def load_from_args(args: argparse.Namespace, dtype: torch.dtype = torch.float32,
     config = Path(args.config) if args.config else args.preset
     if config is None and args.patch_nums:
         var_state, vae_state = read_state_dict(args.var), read_state_dict(args.vae)
+        expect_family(var_state, "var", args.var)
         config = infer_config(var_state, vae_state, args.patch_nums)
         return load_models(var_state, vae_state, config=config, device=device, dtype=dtype)
     return load_models(args.var, args.vae, config=config, device=device, dtype=dtype)
 
 
+def load_infinity_from_args(args: argparse.Namespace, device: Optional[str] = None):
+    """(model, vae, text encoder or None) from --var/--vae (with --config/--preset) and --text-encoder, or the shipped
+    Fashion-MNIST text-to-image model (with its own text encoder); float32 on ``device`` (default: --device)."""
+    import json
+
+    from ..loading import load_infinity
+    from ..pretrained import load_pretrained_infinity
+
+    check_model_args(args)
+    device = device or args.device
+    if not args.var:
+        return load_pretrained_infinity(device=device)
+    config = args.preset
+    if args.config:
+        try:
+            config = json.loads(Path(args.config).read_text())
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--config {args.config}: not valid JSON ({e}); give an Infinity config file") from None
+    model, vae = load_infinity(args.var, args.vae, config=config, device=device)
+    text_encoder = None
+    if args.text_encoder:
+        from ..text import T5TextEncoder
+
+        try:
+            text_encoder = T5TextEncoder(args.text_encoder, device=device)
+        except ImportError as e:
+            raise UsageError(f"--text-encoder: {e}") from None
+    return model, vae, text_encoder
+
+
 def model_sampling(args: argparse.Namespace) -> SamplingParams:
-    """The sampling settings of the model the flags name: the shipped model's card (``pretrained.SAMPLING``), or
-    upstream's protocol (``SamplingParams()``) for --var/--vae checkpoints."""
+    """The sampling settings of the model the flags name: the shipped model's card (``pretrained.SAMPLING``, or
+    ``INFINITY_SAMPLING`` with --family infinity), or upstream's protocol (``SamplingParams()``; Infinity:
+    ``params.INFINITY_UPSTREAM``) for --var/--vae checkpoints."""
+    if model_family(args) == "infinity":
+        return INFINITY_UPSTREAM if args.var else INFINITY_SAMPLING
     return SamplingParams() if args.var else SAMPLING
 
 
@@ -221,7 +280,9 @@ def model_default_help(name: str) -> str:
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     """--cfg/--top-k/--top-p/--temperature (unset: the model's ``SamplingParams``) and --ssg-*."""
-    p.add_argument("--cfg", type=float_arg(-CFG_MAX, CFG_MAX), default=None, help=f"CFG scale, |cfg| <= {CFG_MAX:g}; {model_default_help('cfg')}")
+    p.add_argument("--cfg", type=float_arg(-CFG_MAX, CFG_MAX), default=None,
+                   help=f"CFG scale, |cfg| <= {CFG_MAX:g} (Infinity: the CFG weight w of every scale, 1 = off, and --temperature "
+                        f"is its tau); {model_default_help('cfg')}")
     p.add_argument("--top-k", type=int_arg(0, INT32_MAX), default=None, help=f"0 disables it; {model_default_help('top_k')}")
     p.add_argument("--top-p", type=float_arg(0.0, 1.0), default=None, help=f"in [0, 1], 0 disables it; {model_default_help('top_p')}")
     p.add_argument("--temperature", type=float_arg(TEMPERATURE_MIN, TEMPERATURE_MAX), default=None,

@@ -9,11 +9,11 @@ from typing import Any
 
 from ..eval import ablation, fid_sample
 from ..files import portable_path
-from ..pretrained import SAMPLING, pretrained_files
+from ..pretrained import INFINITY_SAMPLING, SAMPLING, pretrained_files
 from .common import (
-    CFG_MAX, INT32_MAX, SSG_BETA_MAX, TEMPERATURE_MAX, TEMPERATURE_MIN, add_model_args, add_sampling_args, check_output_dir,
-    check_output_file, float_arg, int_arg, load_from_args, model_default_help, model_sampling, parse_floats, resolve_ssg_args,
-    sampling_from_args,
+    CFG_MAX, INT32_MAX, SSG_BETA_MAX, TEMPERATURE_MAX, TEMPERATURE_MIN, UsageError, add_model_args, add_sampling_args,
+    check_output_dir, check_output_file, float_arg, int_arg, load_from_args, load_infinity_from_args, model_default_help,
+    model_family, model_sampling, parse_floats, resolve_ssg_args, sampling_from_args,
 )
 
 
@@ -21,12 +21,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_output_dir(args.out_dir, "--out-dir")
     betas = parse_floats(args.betas, "--betas", -SSG_BETA_MAX, SSG_BETA_MAX)
     temperatures = parse_floats(args.temperatures, "--temperatures", TEMPERATURE_MIN, TEMPERATURE_MAX)
-    vae, var = load_from_args(args)
-    desc = f"{portable_path(args.var)} + {portable_path(args.vae)}" if args.var else "shipped pretrained Fashion-MNIST VAR (ssg_engine.pretrained)"
+    card = model_sampling(args)  # the model's settings for the flags left unset
+    cfg, top_k, top_p = (card_value if flag is None else flag for flag, card_value in
+                         ((args.cfg, card.cfg), (args.top_k, card.top_k), (args.top_p, card.top_p)))
+    text_encoder = None
+    if model_family(args) == "infinity":
+        model, vae, text_encoder = load_infinity_from_args(args)
+        if text_encoder is None:
+            raise UsageError("eval --family infinity asks for prompts: give --text-encoder FOLDER with --var/--vae")
+        what = "shipped pretrained Fashion-MNIST text-to-image Infinity (ssg_engine.pretrained)"
+    else:
+        vae, model = load_from_args(args)
+        what = "shipped pretrained Fashion-MNIST VAR (ssg_engine.pretrained)"
+    desc = f"{portable_path(args.var)} + {portable_path(args.vae)}" if args.var else what
     priors = [p for v in args.priors for p in v.split(",") if p]
     ablation.run_ablation(
-        var, vae, args.out_dir, samples=args.samples, seeds=args.seeds, betas=betas,
-        temperatures=temperatures, priors=priors, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+        model, vae, args.out_dir, text_encoder=text_encoder, samples=args.samples, seeds=args.seeds, betas=betas,
+        temperatures=temperatures, priors=priors, cfg=cfg, top_k=top_k, top_p=top_p,
         batch_size=args.batch_size, fid_arms=args.fid_arms, inception_ref_n=args.inception_ref_n,
         inception_batch_size=args.inception_batch_size, classifier=args.classifier, cache=args.cache_dir,
         spectrum_temperature=args.spectrum_temperature, resume=args.resume, model_desc=desc,
@@ -60,17 +71,19 @@ def add_parsers(sub: Any) -> None:
         "eval", help="SSG ablation table (classifier accuracy, FD-classifier, Inception FID) + spectrum PNG",
         description=ablation.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_model_args(p)
+    add_model_args(p, infinity=True)
     p.add_argument("--samples", type=int_arg(4), default=1000, help="class-balanced samples per arm per seed")
     p.add_argument("--seeds", type=int_arg(1), default=3)
     p.add_argument("--betas", nargs="+", default=[str(b) for b in ablation.DEFAULT_BETAS], help="SSG strengths (space- or comma-separated)")
     p.add_argument("--temperatures", nargs="+", default=[str(t) for t in ablation.DEFAULT_TEMPERATURES],
                    help="the temperature grid, used for every arm")
     p.add_argument("--priors", nargs="+", default=list(ablation.DEFAULT_PRIORS), help="SSG priors: dse and the ablations bilinear bicubic nearest area")
-    p.add_argument("--cfg", type=float_arg(-CFG_MAX, CFG_MAX), default=SAMPLING.cfg,
-                   help=f"default: the shipped model's card settings (cfg {SAMPLING.cfg:g}, top-k {SAMPLING.top_k}, top-p {SAMPLING.top_p:g})")
-    p.add_argument("--top-k", type=int_arg(0, INT32_MAX), default=SAMPLING.top_k)
-    p.add_argument("--top-p", type=float_arg(0.0, 1.0), default=SAMPLING.top_p)
+    p.add_argument("--cfg", type=float_arg(-CFG_MAX, CFG_MAX), default=None,
+                   help=f"default: the model card's settings (shipped VAR: cfg {SAMPLING.cfg:g}, top-k {SAMPLING.top_k}, top-p "
+                        f"{SAMPLING.top_p:g}; shipped Infinity: cfg (w) {INFINITY_SAMPLING.cfg:g}, top-k {INFINITY_SAMPLING.top_k}, "
+                        f"top-p {INFINITY_SAMPLING.top_p:g}), or upstream's for --var/--vae")
+    p.add_argument("--top-k", type=int_arg(0, INT32_MAX), default=None)
+    p.add_argument("--top-p", type=float_arg(0.0, 1.0), default=None)
     p.add_argument("--batch-size", type=int_arg(1), default=100)
     p.add_argument("--fid-arms", choices=["main", "all", "none"], default="main", help="arms scored with Inception FID/KID (main: baseline + DSE)")
     p.add_argument("--inception-ref-n", type=int_arg(1), default=10000, help="test images for the Inception reference statistics")

@@ -7,7 +7,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, List
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -15,25 +15,116 @@ from ..guidance import DEFAULT_BETA
 from ..params import SamplingParams
 from .common import (
     INT64_MAX, UsageError, add_batch_args, add_model_args, add_sampling_args, check_output_dir, check_output_file,
-    int_arg, labels_from_args, load_from_args, model_sampling, resolve_ssg_args, sampling_from_args,
+    float_arg, int_arg, labels_from_args, load_from_args, load_infinity_from_args, model_family, model_sampling,
+    resolve_ssg_args, sampling_from_args,
 )
 
 UPSCALE_MAX = 64  # a 32 px image upscaled 64x is 2048 px; more only makes huge PNGs
 PNG = (".png",)
 
 
-def sample_batches(var, vae, labels: List[int], params: SamplingParams, batch_size: int, desc: str) -> torch.Tensor:
-    """Images for ``labels`` in batches of ``batch_size``; batch ``i`` uses seed ``params.seed + i``."""
+Conditions = Union[List[int], Any]  # class labels, or TextFeatures of one prompt per image
+
+
+def sample_batches(model, vae, conditions: Conditions, n: int, params: SamplingParams, batch_size: int, desc: str,
+                   **family: Any) -> torch.Tensor:
+    """Images for the ``n`` ``conditions`` (labels, or text features sliced by prompt) in batches of ``batch_size``;
+    batch ``i`` uses seed ``params.seed + i``; ``family``: Infinity keywords of ``generate`` (schedule, negative)."""
     from tqdm import tqdm
 
     from ..api import generate
 
-    chunks = [labels[i : i + batch_size] for i in range(0, len(labels), batch_size)]
+    starts = range(0, n, batch_size)
     images = []
-    with tqdm(chunks, desc=desc, unit="batch", file=sys.stderr) as bar:  # closed (its last line drawn) before an error is reported
-        for i, chunk in enumerate(bar):
-            images.append(generate(var, vae, chunk, params, seed=params.seed + i))
+    with tqdm(starts, desc=desc, unit="batch", file=sys.stderr) as bar:  # closed (its last line drawn) before an error is reported
+        for i, start in enumerate(bar):
+            stop = min(start + batch_size, n)
+            extra = {k: (v[start:stop] if k == "negative" else v) for k, v in family.items()}
+            images.append(generate(model, vae, conditions[start:stop], params, seed=params.seed + i, **extra))
     return torch.cat(images)
+
+
+def parse_pn(text: Optional[str]) -> Union[None, int, str]:
+    """--pn as a number of scales or one of Infinity's total-pixel names."""
+    if text is None:
+        return None
+    return int(text) if text.isdigit() else text
+
+
+def read_text_features(path: str, Ct5: int):
+    """--text-features FILE.pt: ``{"kv_compact": (N, Ct5), "lens": (B,)}``, ``{"features": (B, T, Ct5), "mask": (B, T)}``
+    or upstream's ``(kv_compact, lens, cu_seqlens_k, max_seqlen_k)``, as TextFeatures of width ``Ct5``."""
+    from ..models.infinity import TextFeatures
+
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"--text-features {path}: no such file; give a .pt file saved with torch.save")
+    try:
+        obj = torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as e:  # any unreadable file is a user error here
+        raise UsageError(f"--text-features {path}: not a torch.save file ({type(e).__name__}); save the features with torch.save") from None
+    if isinstance(obj, dict) and {"kv_compact", "lens"} <= set(obj):
+        obj = (obj["kv_compact"], obj["lens"], TextFeatures(obj["kv_compact"], [int(n) for n in obj["lens"]]).cu_seqlens, 0)
+    elif isinstance(obj, dict) and {"features", "mask"} <= set(obj):
+        obj = (obj["features"], obj["mask"])
+    try:
+        text = TextFeatures.coerce(obj)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--text-features {path}: {e}; save {{'kv_compact': (N, C), 'lens': [..]}} or {{'features': (B, T, C), 'mask': (B, T)}}") from None
+    if text.kv_compact.shape[1] != Ct5:
+        raise UsageError(f"--text-features {path}: features have width {text.kv_compact.shape[1]}, this model takes {Ct5} (its text encoder's); "
+                         "encode the prompts with the model's text encoder")
+    return TextFeatures(text.kv_compact.float(), text.lens)
+
+
+def check_family_flags(args: argparse.Namespace) -> None:
+    """Each family's conditioning flags only with that family (never silently ignored)."""
+    infinity_flags = {"--prompt": args.prompt, "--text-features": args.text_features, "--negative-prompt": args.negative_prompt,
+                      "--h-div-w": args.h_div_w, "--pn": args.pn, "--per-prompt": args.per_prompt}
+    if model_family(args) == "var":
+        given = [f for f, v in infinity_flags.items() if v is not None]
+        if given:
+            raise UsageError(f"{given[0]} is for text-to-image models; add --family infinity")
+        return
+    if args.classes is not None or args.per_class != 1:
+        raise UsageError("--classes/--per-class are for class-conditional models; with --family infinity give --prompt (and --per-prompt)")
+    if args.prompt and args.text_features:
+        raise UsageError("give --prompt or --text-features, not both")
+    if args.text_features and args.negative_prompt:
+        raise UsageError("--negative-prompt needs a text encoder to encode it; with --text-features leave it out")
+
+
+def infinity_conditions(args: argparse.Namespace, model, text_encoder) -> Tuple[Any, int, Dict[str, Any]]:
+    """(text features of every image, image count, Infinity keywords) from --prompt/--text-features, --per-prompt,
+    --negative-prompt, --h-div-w and --pn; everything is checked (and every prompt encoded) before sampling."""
+    from ..data import CLASS_PHRASES, TRAIN_TEMPLATES, make_prompt
+    from ..models.infinity import TextFeatures, scale_schedule
+
+    per = args.per_prompt or 1
+    if args.text_features:
+        text = read_text_features(args.text_features, model.Ct5)
+        rows = [i for i in range(text.batch) for _ in range(per)]
+        starts = [0, *torch.tensor(text.lens).cumsum(0).tolist()]
+        text = TextFeatures(torch.cat([text.kv_compact[starts[i] : starts[i + 1]] for i in rows]), [text.lens[i] for i in rows])
+    else:
+        if text_encoder is None:
+            raise UsageError("--family infinity with --var/--vae needs --text-encoder FOLDER (Flan-T5) or --text-features FILE.pt")
+        prompts = args.prompt or [make_prompt(c, TRAIN_TEMPLATES[0]) for c in range(len(CLASS_PHRASES))]
+        try:
+            text = text_encoder.encode([p for p in prompts for _ in range(per)])
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"--prompt: {e}") from None
+    family: Dict[str, Any] = {}
+    try:
+        family["schedule"] = scale_schedule(args.h_div_w or 1.0, parse_pn(args.pn) or model.config.num_scales)
+    except ValueError as e:
+        raise UsageError(f"--h-div-w/--pn: {e}") from None
+    if args.negative_prompt:
+        try:
+            family["negative"] = text_encoder.encode([args.negative_prompt] * text.batch)
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"--negative-prompt: {e}") from None
+    return text, text.batch, family
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -42,23 +133,30 @@ def cmd_sample(args: argparse.Namespace) -> int:
     check_output_file(args.out, PNG, "--out")
     if args.out_dir is not None:
         check_output_dir(args.out_dir, "--out-dir")
+    check_family_flags(args)
     resolve_ssg_args(args)
     beta = DEFAULT_BETA if args.compare and args.ssg_beta is None else args.ssg_beta
     params = sampling_from_args(args, model_sampling(args), beta)
-    vae, var = load_from_args(args)
-    labels = labels_from_args(args, var.num_classes)
-    last_seed = params.seed + math.ceil(len(labels) / args.batch_size) - 1
+    if model_family(args) == "infinity":
+        model, vae, text_encoder = load_infinity_from_args(args)
+        conditions, n, family = infinity_conditions(args, model, text_encoder)
+        nrow = args.per_prompt if (args.per_prompt or 1) > 1 else None
+    else:
+        vae, model = load_from_args(args)
+        conditions = labels_from_args(args, model.num_classes)
+        n, family = len(conditions), {}
+        nrow = args.per_class if args.per_class > 1 else None
+    last_seed = params.seed + math.ceil(n / args.batch_size) - 1
     if last_seed > INT64_MAX:
         raise UsageError(f"--seed {params.seed}: the last batch's seed {last_seed} passes 2**63 - 1; give a smaller --seed")
-    nrow = args.per_class if args.per_class > 1 else None
     t0 = time.perf_counter()
     if args.compare:
-        base = sample_batches(var, vae, labels, params.replace(ssg=None), args.batch_size, "baseline")
-        guided = sample_batches(var, vae, labels, params, args.batch_size, f"SSG beta={beta:g}")
+        base = sample_batches(model, vae, conditions, n, params.replace(ssg=None), args.batch_size, "baseline", **family)
+        guided = sample_batches(model, vae, conditions, n, params, args.batch_size, f"SSG beta={beta:g}", **family)
         grid = side_by_side([make_grid(base, nrow), make_grid(guided, nrow)])
         images = torch.cat([base, guided])
     else:
-        images = sample_batches(var, vae, labels, params, args.batch_size, "sampling")
+        images = sample_batches(model, vae, conditions, n, params, args.batch_size, "sampling", **family)
         grid = make_grid(images, nrow)
     dt = time.perf_counter() - t0
     upscale = args.upscale or max(1, 128 // images.shape[-1])
@@ -100,10 +198,22 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
     """Register ``sample`` and ``spectrum`` on the ``ssg-engine`` subparsers."""
-    p = sub.add_parser("sample", help="sample class-conditional images into a PNG grid")
-    add_model_args(p)
+    p = sub.add_parser("sample", help="sample class-conditional (VAR) or text-conditional (--family infinity) images into a PNG grid")
+    add_model_args(p, infinity=True)
     add_sampling_args(p)
     add_batch_args(p)
+    p.add_argument("--prompt", action="append", default=None,
+                   help="--family infinity: a prompt (repeat the flag for more; default: one per Fashion-MNIST class with the "
+                        "shipped model)")
+    p.add_argument("--per-prompt", type=int_arg(1), default=None, help="--family infinity: images per prompt (one grid row per prompt)")
+    p.add_argument("--text-features", default=None,
+                   help="--family infinity: precomputed text features (.pt: {'kv_compact': (N, C), 'lens': [..]} or "
+                        "{'features': (B, T, C), 'mask': (B, T)}) instead of --prompt")
+    p.add_argument("--negative-prompt", default=None, help="--family infinity: negative prompt for CFG (default: the learned empty text)")
+    p.add_argument("--h-div-w", type=float_arg(0.1, 10.0), default=None,
+                   help="--family infinity: height / width, one of Infinity's ratios (default 1.0)")
+    p.add_argument("--pn", default=None,
+                   help="--family infinity: number of scales or 0.06M | 0.25M | 0.60M | 1M (default: the model's)")
     p.add_argument("--compare", action="store_true", help="baseline and SSG side by side, same seeds, one PNG")
     p.add_argument("--out", default="grid.png", help="grid PNG path (missing folders are created)")
     p.add_argument("--out-dir", default=None, help="also write one PNG per image here (created if missing)")

@@ -1,4 +1,5 @@
-"""``ssg-engine eval``: the SSG ablation table and the spectral evidence, on the Fashion-MNIST VAR.
+"""``ssg-engine eval``: the SSG ablation table and the spectral evidence, on a Fashion-MNIST model: the class-conditional
+VAR, or the text-conditional Infinity-family model (``--family infinity``).
 
 Arms (every arm is run at every temperature of ``--temperatures``, so no arm gets a temperature the
 others do not):
@@ -9,7 +10,10 @@ others do not):
   (the ablations), for each beta.
 
 Per arm and seed: ``--samples`` class-balanced samples (labels ``i % num_classes``) drawn in batches
-whose seeds depend only on (seed, batch index), so all arms share the same random numbers. Metrics:
+whose seeds depend only on (seed, batch index), so all arms share the same random numbers. A text-conditional
+model is asked for sample ``i`` with the prompt of class ``i % 10`` in held-out template
+``(i // 10) % len(HELD_OUT_TEMPLATES)`` (``ssg_engine.data``: templates never seen in training); its ``cfg`` is
+Infinity's CFG weight ``w`` and its temperature Infinity's ``tau``, at every scale. Metrics:
 
 - ``acc``: accuracy of our Fashion-MNIST classifier on the samples w.r.t. the class asked for;
 - ``fd_cls``: Fréchet distance in the classifier's 128-d penultimate space to the 10k test images;
@@ -94,17 +98,34 @@ def batch_seed(seed: int, batch: int) -> int:
     return int(seed) * 1_000_003 + int(batch)
 
 
+def num_classes(model, text_encoder=None) -> int:
+    """Classes the ablation asks for: the VAR's labels, or the 10 Fashion-MNIST classes named in prompts."""
+    from ..data import CLASS_PHRASES
+
+    return len(CLASS_PHRASES) if text_encoder is not None else model.num_classes
+
+
+def held_out_prompts(labels: torch.Tensor) -> List[str]:
+    """The prompt of sample ``i``: class ``labels[i]`` in held-out template ``(i // 10) % len(HELD_OUT_TEMPLATES)``."""
+    from ..data import HELD_OUT_TEMPLATES, make_prompt
+
+    return [make_prompt(int(y), HELD_OUT_TEMPLATES[(i // 10) % len(HELD_OUT_TEMPLATES)]) for i, y in enumerate(labels)]
+
+
 @torch.no_grad()
-def sample_arm(var, vae, arm: Arm, n: int, seed: int, batch_size: int, cfg: float, top_k: int, top_p: float):
-    """(images (n, 3, H, W) float32 on CPU in [0, 1], labels (n,) int64) for ``arm``."""
+def sample_arm(model, vae, arm: Arm, n: int, seed: int, batch_size: int, cfg: float, top_k: int, top_p: float, text_encoder=None):
+    """(images (n, 3, H, W) float32 on CPU in [0, 1], labels (n,) int64) for ``arm``: class labels for a VAR, held-out
+    prompts (``held_out_prompts``) encoded by ``text_encoder`` for a text-conditional model."""
     from ..api import generate
 
-    labels = torch.arange(n) % var.num_classes
+    labels = torch.arange(n) % num_classes(model, text_encoder)
+    conditions = labels if text_encoder is None else held_out_prompts(labels)
+    extra = {} if text_encoder is None else {"text_encoder": text_encoder}
     out = []
     for b, i in enumerate(range(0, n, batch_size)):
         img = generate(
-            var, vae, labels[i : i + batch_size], cfg=cfg, top_k=top_k, top_p=top_p,
-            temperature=arm.temperature, seed=batch_seed(seed, b), ssg=arm.ssg(),
+            model, vae, conditions[i : i + batch_size], cfg=cfg, top_k=top_k, top_p=top_p,
+            temperature=arm.temperature, seed=batch_seed(seed, b), ssg=arm.ssg(), **extra,
         )
         out.append(img.float().cpu())
     return torch.cat(out), labels
@@ -198,10 +219,12 @@ def _summary(values: List[float]) -> Dict[str, float]:
 # ----------------------------------------------------------------------------- stored results
 
 
-def model_fingerprint(var, vae) -> str:
-    """sha256 (16 hex digits) of the VAR's config and both models' weights: the model, whatever files it came from."""
-    h = hashlib.sha256(json.dumps(var.config.to_dict(), sort_keys=True).encode())
-    for module in (var, vae):
+def model_fingerprint(model, vae, text_encoder=None) -> str:
+    """sha256 (16 hex digits) of the model's config and the weights of the model, the VAE and the text encoder (if
+    any): the model, whatever files it came from."""
+    config = model.config.to_dict() if hasattr(model.config, "to_dict") else dataclasses.asdict(model.config)
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for module in (model, vae) + ((text_encoder,) if text_encoder is not None else ()):
         for name, t in sorted(module.state_dict().items()):
             t = t.detach().cpu().contiguous()
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
@@ -245,10 +268,11 @@ def load_run(path: Path, key: Dict[str, object]) -> Optional[Dict[str, object]]:
 
 
 def run_ablation(
-    var,
+    model,
     vae,
     out_dir,
     *,
+    text_encoder=None,
     samples: int = 1000,
     seeds: int = 3,
     betas: Sequence[float] = DEFAULT_BETAS,
@@ -268,20 +292,22 @@ def run_ablation(
     model_desc: str = "",
     log=print,
 ) -> Dict[str, object]:
-    """Run the ablation table of ``var``/``vae`` into ``out_dir`` (see the module docstring; ``resume`` reuses the
-    stored (arm, seed) results whose settings match); returns what ``ablation.json`` holds."""
+    """Run the ablation table of ``model``/``vae`` into ``out_dir`` (see the module docstring; ``resume`` reuses the
+    stored (arm, seed) results whose settings match); returns what ``ablation.json`` holds. ``text_encoder``: the
+    text-conditional model's encoder (``encode(prompts) -> TextFeatures``); None for a class-conditional VAR."""
     from .classifier import classify, dataset_images01, load_classifier, reference_features
     from .metrics import fid_from_features, fid_from_stats, inception_features, kernel_inception_distance, precision_recall
 
-    if var.num_classes > 10:
-        raise ValueError(f"eval scores with a Fashion-MNIST classifier (10 classes); this model has {var.num_classes} classes")
+    classes = num_classes(model, text_encoder)
+    if classes > 10:
+        raise ValueError(f"eval scores with a Fashion-MNIST classifier (10 classes); this model has {classes} classes")
     if samples < 4 or seeds < 1:
         raise ValueError("need --samples >= 4 and --seeds >= 1")
     if fid_arms not in ("main", "all", "none"):
         raise ValueError(f"fid_arms must be main | all | none, got {fid_arms!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = str(var.lvl_1L.device)
+    device = str(next(model.parameters()).device)
     arms = build_arms(betas, temperatures, priors)
     settings = {
         "samples_per_arm_per_seed": samples, "seeds": seeds, "betas": list(map(float, betas)),
@@ -289,6 +315,10 @@ def run_ablation(
         "top_p": top_p, "batch_size": batch_size, "fid_arms": fid_arms, "inception_ref_n": inception_ref_n,
         "model": model_desc, "sampler": "Engine (CUDA)" if device.startswith("cuda") else "reference (CPU)",
     }
+    if text_encoder is not None:
+        from ..data import HELD_OUT_TEMPLATES
+
+        settings["conditioning"] = f"prompts of the held-out templates {list(HELD_OUT_TEMPLATES)}; cfg = w, temperature = tau"
     json_path = out_dir / "ablation.json"
     runs_dir = out_dir / RUNS_DIR
     if resume and json_path.is_file() and not runs_dir.is_dir():
@@ -305,15 +335,16 @@ def run_ablation(
     ref_inc = None
     if fid_arms != "none":
         ref_inc = inception_reference(inception_ref_n, cache, inception_batch_size, device)
-    settings["model_fingerprint"] = model_fingerprint(var, vae)
+    settings["model_fingerprint"] = model_fingerprint(model, vae, text_encoder)
     common_key = {
         "format": 1, "model": settings["model_fingerprint"], "sampler": settings["sampler"], "samples": samples,
         "batch_size": batch_size, "cfg": cfg, "top_k": top_k, "top_p": top_p, "classifier": cls_info["weights_hash"],
+        **({"conditioning": settings["conditioning"]} if text_encoder is not None else {}),
     }
 
     def score_seed(arm: Arm, seed: int, want_fid: bool) -> Dict[str, object]:
         """Sample ``arm`` with ``seed`` and score it: the metrics, and (seed 0) the images' spectrum."""
-        images, labels = sample_arm(var, vae, arm, samples, seed, batch_size, cfg, top_k, top_p)
+        images, labels = sample_arm(model, vae, arm, samples, seed, batch_size, cfg, top_k, top_p, text_encoder)
         logits, feats = classify(cls_model, images)
         pred = logits.argmax(1)
         lab = labels.numpy()
@@ -324,7 +355,7 @@ def run_ablation(
         m = {
             "seed": seed,
             "acc": float((pred == lab).mean()),
-            "acc_per_class": [float((pred[lab == c] == c).mean()) for c in range(var.num_classes) if (lab == c).any()],
+            "acc_per_class": [float((pred[lab == c] == c).mean()) for c in range(classes) if (lab == c).any()],
             "fd_cls": fid_from_stats(feats, ref_cls),
             "precision": prec,
             "recall": rec,

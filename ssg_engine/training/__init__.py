@@ -1,12 +1,16 @@
-"""Training: the multi-scale VQ-VAE, then the VAR, on Fashion-MNIST (CPU-sized).
+"""Training on Fashion-MNIST (CPU-sized): the multi-scale VQ-VAE, then the VAR; or the BSQ VAE, then the Infinity
+transformer with its text encoder.
 
-``train_fashion_mnist(out_dir, ...)`` runs both stages and writes ``vae.safetensors``,
-``var.safetensors``, ``config.json`` and ``metrics.json`` (``out_dir`` appears only complete: see
-``staged_output_dir``); ``ssg-engine train --dataset fashion-mnist --out DIR`` (``ssg_engine.cli.train``) calls it.
+``train_fashion_mnist(out_dir, ...)`` runs both VAR stages and writes ``vae.safetensors``,
+``var.safetensors``, ``config.json`` and ``metrics.json``; ``train_fashion_mnist_infinity(out_dir, ...)`` writes
+``vae.safetensors``, ``infinity.safetensors``, ``text_encoder.safetensors`` (float16), ``config.json`` and
+``metrics.json``. ``out_dir`` appears only complete (see ``staged_output_dir``); ``ssg-engine train --family
+{var,infinity} --dataset fashion-mnist --out DIR`` (``ssg_engine.cli.train``) calls them.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -14,18 +18,25 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
 from ..config import ModelConfig
+from ..models.bsq_vae import BSQVAEConfig
+from ..models.infinity import InfinityConfig, scale_schedule
+from ..models.text_encoder import TextEncoderConfig
+from .bsq_trainer import evaluate_bsq_vae, train_bsq_vae
+from .infinity_trainer import encode_bits, evaluate_infinity, init_infinity_weights, train_infinity
 from .var_trainer import evaluate_var, init_var_weights, tokenize, train_var
 from .vqvae_trainer import evaluate_vae, train_vqvae
 
 __all__ = [
     "FASHION_MNIST_CONFIG", "train_fashion_mnist", "train_vqvae", "train_var",
     "evaluate_vae", "evaluate_var", "init_var_weights", "tokenize", "seed_everything",
+    "InfinityRecipe", "FASHION_MNIST_INFINITY", "train_fashion_mnist_infinity", "train_bsq_vae", "evaluate_bsq_vae",
+    "train_infinity", "evaluate_infinity", "init_infinity_weights", "encode_bits",
 ]
 
 # Chosen by measurement on 2 shared CPU cores (see ssg_engine/assets/fashion_mnist/MODEL_CARD.md).
@@ -100,11 +111,12 @@ def _count(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def _save_safetensors(module: torch.nn.Module, path: Path) -> None:
+def _save_safetensors(module: torch.nn.Module, path: Path, dtype: torch.dtype = torch.float32) -> None:
+    """The module's state dict as safetensors, floating-point tensors in ``dtype``."""
     from safetensors.torch import save_file
 
     sd = {
-        k: (v.detach().float() if v.is_floating_point() else v.detach()).contiguous().clone()
+        k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous().clone()
         for k, v in module.state_dict().items()
     }
     save_file(sd, str(path))
@@ -229,6 +241,162 @@ def train_fashion_mnist(
                 "train_eval": var_train_eval,
                 "val": {"n_images": int(n_val), **var_val_eval},
                 "history": var_res["history"],
+            },
+            "total_wall_s": round(time.perf_counter() - t_all, 2),
+        }
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class InfinityRecipe:
+    """Architecture of the Fashion-MNIST text-to-image model: BSQ VAE (32x32 -> 8x8 latent of ``bits`` bits),
+    Infinity transformer, text encoder, and the schedule (``h_div_w``, ``num_scales``: 5 scales = (1..8)^2)."""
+
+    bits: int = 16
+    vae_base_ch: int = 32
+    embed_dim: int = 128
+    depth: int = 4
+    num_heads: int = 4
+    text_width: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    text_maxlen: int = 16
+    cond_drop_rate: float = 0.1
+    h_div_w: float = 1.0
+    num_scales: int = 5
+
+    def vae_config(self) -> BSQVAEConfig:
+        return BSQVAEConfig(codebook_dim=self.bits, base_ch=self.vae_base_ch, num_res_blocks=1,
+                            encoder_ch_mult=(1, 2, 2), decoder_ch_mult=(1, 2, 2), patch_size=4)
+
+    def text_config(self) -> TextEncoderConfig:
+        from ..data import prompt_vocabulary
+
+        return TextEncoderConfig(prompt_vocabulary(), self.text_width, self.text_layers, self.text_heads, self.text_maxlen)
+
+    def infinity_config(self) -> InfinityConfig:
+        return InfinityConfig(embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads, mlp_ratio=4.0,
+                              text_channels=self.text_width, text_maxlen=self.text_maxlen, codebook_dim=self.bits)
+
+    def schedule(self) -> Tuple[Tuple[int, int, int], ...]:
+        """The scale schedule as upstream's (1, h, w) entries."""
+        return tuple((1, h, w) for h, w in scale_schedule(self.h_div_w, self.num_scales))
+
+
+# Chosen by measurement on 2 shared CPU cores (see ssg_engine/assets/fashion_mnist_infinity/MODEL_CARD.md).
+FASHION_MNIST_INFINITY = InfinityRecipe()
+
+
+def train_fashion_mnist_infinity(
+    out_dir: Union[str, Path],
+    seed: int = 0,
+    vae_steps: int = 800,
+    infinity_steps: int = 1000,
+    batch_size: int = 32,
+    infinity_batch_size: int = 64,
+    recipe: InfinityRecipe = FASHION_MNIST_INFINITY,
+    vae_lr: float = 1e-3,
+    infinity_lr: float = 1e-3,
+    num_threads: Optional[int] = 2,
+    data_root: Optional[Union[str, Path]] = None,
+    train_limit: Optional[int] = None,
+    eval_limit: Optional[int] = None,
+    infinity_train_images: Optional[int] = None,
+    progress: bool = True,
+    force: bool = False,
+) -> Dict[str, Any]:
+    """Train the BSQ VAE, then the Infinity transformer and text encoder jointly, on Fashion-MNIST; write the
+    weights (float16), ``config.json`` and ``metrics.json`` into ``out_dir`` (appears only complete, see
+    ``staged_output_dir``; an existing non-empty one is refused unless ``force``).
+
+    ``train_limit`` / ``eval_limit`` cap the train / test images (None: all); ``infinity_train_images`` caps how many
+    train images are encoded to bits for the transformer (None: steps * batch). Deterministic for a seed.
+    Returns the metrics dict (also written to ``metrics.json``).
+    """
+    from ..data import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, load_fashion_mnist, prepare_images
+    from ..models.bsq_vae import BSQVAE
+    from ..models.infinity import InfinityTransformer
+    from ..models.text_encoder import TextEncoder
+    from ..pretrained import INFINITY_SAMPLING
+
+    _check_positive(
+        vae_steps=vae_steps, var_steps=infinity_steps, batch_size=batch_size, var_batch_size=infinity_batch_size,
+        train_images=train_limit, eval_images=eval_limit, var_train_images=infinity_train_images,
+    )
+    t_all = time.perf_counter()
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    seed_everything(seed)
+    sched = recipe.schedule()
+    with staged_output_dir(Path(out_dir), force) as folder:
+        xtr_u8, ytr = load_fashion_mnist("train", data_root)
+        xte_u8, yte = load_fashion_mnist("test", data_root)
+        xtr, ytr = prepare_images(xtr_u8[:train_limit]), ytr[:train_limit]
+        xte, yte = prepare_images(xte_u8[:eval_limit]), yte[:eval_limit]
+
+        # ---------------------------------------------------------------- stage 1: BSQ VAE
+        vae = BSQVAE(recipe.vae_config())
+        vae_res = train_bsq_vae(vae, xtr, sched, vae_steps, batch_size=batch_size, lr=vae_lr, seed=seed, progress=progress)
+        vae_eval = evaluate_bsq_vae(vae, xte, sched)
+        if progress:
+            print(f"BSQ VAE: {vae_steps} steps in {vae_res['wall_s']:.0f} s; test PSNR {vae_eval['psnr']} dB, "
+                  f"bit entropy {vae_eval['bit_usage']['mean_entropy']}", flush=True)
+
+        # ---------------------------------------------------------------- stage 2: Infinity + text encoder
+        ibs = infinity_batch_size
+        n_bits = min(xtr.shape[0], max(ibs, infinity_steps * ibs), infinity_train_images or xtr.shape[0])
+        t = time.perf_counter()
+        bits_tr = encode_bits(vae, xtr[:n_bits], sched)
+        n_val = min(xte.shape[0], 1000)
+        bits_te = encode_bits(vae, xte[:n_val], sched)
+        encode_s = time.perf_counter() - t
+        seed_everything(seed + 1)
+        text_encoder = TextEncoder(recipe.text_config())
+        model = InfinityTransformer(recipe.infinity_config())
+        init_infinity_weights(model)
+        inf_res = train_infinity(model, text_encoder, vae, bits_tr, ytr[:n_bits], TRAIN_TEMPLATES, sched, infinity_steps,
+                                 batch_size=ibs, lr=infinity_lr, cond_drop_rate=recipe.cond_drop_rate, seed=seed, progress=progress)
+        n_tr_eval = min(n_bits, 1000)
+        evals = {
+            "train": evaluate_infinity(model, text_encoder, vae, bits_tr[:n_tr_eval], ytr[:n_tr_eval], TRAIN_TEMPLATES, sched),
+            "val": evaluate_infinity(model, text_encoder, vae, bits_te, yte[:n_val], TRAIN_TEMPLATES, sched),
+            "val_held_out_templates": evaluate_infinity(model, text_encoder, vae, bits_te, yte[:n_val], HELD_OUT_TEMPLATES, sched),
+        }
+        _save_safetensors(vae, folder / "vae.safetensors", torch.float16)
+        _save_safetensors(model, folder / "infinity.safetensors", torch.float16)
+        _save_safetensors(text_encoder, folder / "text_encoder.safetensors", torch.float16)
+        config = {
+            "family": "infinity",
+            "vae": dataclasses.asdict(recipe.vae_config()),
+            "infinity": dataclasses.asdict(recipe.infinity_config()),
+            "text_encoder": recipe.text_config().to_dict(),
+            "schedule": {"h_div_w": recipe.h_div_w, "num_scales": recipe.num_scales},
+            "sampling": {"cfg": INFINITY_SAMPLING.cfg, "temperature": INFINITY_SAMPLING.temperature,
+                         "top_k": INFINITY_SAMPLING.top_k, "top_p": INFINITY_SAMPLING.top_p},
+        }
+        (folder / "config.json").write_text(json.dumps(config, indent=1))
+        metrics: Dict[str, Any] = {
+            "dataset": "fashion-mnist",
+            "seed": seed,
+            "recipe": dataclasses.asdict(recipe),
+            "torch": torch.__version__,
+            "machine": f"{platform.machine()} cpu, {torch.get_num_threads()} threads",
+            "vae": {
+                "steps": vae_steps, "batch_size": batch_size, "lr": vae_lr, "params": _count(vae),
+                "train_wall_s": vae_res["wall_s"],
+                "train_final_ema": {k: round(v, 5) for k, v in (vae_res["final_ema"] or {}).items()},
+                "test": {"n_images": int(xte.shape[0]), **vae_eval},
+                "history": vae_res["history"],
+            },
+            "infinity": {
+                "steps": infinity_steps, "batch_size": ibs, "lr": infinity_lr,
+                "train_images_encoded": int(n_bits), "encode_wall_s": round(encode_s, 2),
+                "params": _count(model), "text_encoder_params": _count(text_encoder),
+                "train_wall_s": inf_res["wall_s"],
+                "train_final_ema_ce": round(float(inf_res["final_ema_ce"] or 0.0), 5),
+                **evals,
+                "history": inf_res["history"],
             },
             "total_wall_s": round(time.perf_counter() - t_all, 2),
         }

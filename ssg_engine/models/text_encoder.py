@@ -1,0 +1,140 @@
+"""A small word-level text encoder trained jointly with a text-to-image model (no pretrained weights).
+
+Prompts are lowercased and split on anything that is not a letter; each word is looked up in a fixed vocabulary,
+embedded, given a learned position, and passed through a few pre-norm transformer encoder layers (bidirectional,
+padding masked). :meth:`TextEncoder.encode` returns the packed :class:`~ssg_engine.models.infinity.TextFeatures`
+(``kv_compact`` (N, width), ``lens``): the interface Flan-T5's features feed into the Infinity transformer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data import prompt_words
+from .infinity import TextFeatures
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoderConfig:
+    """``vocab``: the known words (index = token id); ``width``: feature width (Infinity's ``text_channels``);
+    ``layers``/``heads``: transformer encoder layers and attention heads; ``max_len``: most words per prompt."""
+
+    vocab: Tuple[str, ...]
+    width: int = 128
+    layers: int = 2
+    heads: int = 4
+    max_len: int = 16
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "vocab", tuple(str(w) for w in self.vocab))
+        if not self.vocab or len(set(self.vocab)) != len(self.vocab) or any(prompt_words(w) != [w] for w in self.vocab):
+            raise ValueError("TextEncoderConfig.vocab must be distinct lowercase words (letters only)")
+        if min(self.width, self.layers, self.heads, self.max_len) < 1 or self.width % self.heads:
+            raise ValueError(f"invalid TextEncoderConfig: width, layers, heads, max_len must be positive, width % heads == 0 ({self})")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {**dataclasses.asdict(self), "vocab": list(self.vocab)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TextEncoderConfig":
+        return cls(**{**d, "vocab": tuple(d["vocab"])})
+
+    def to_json(self, path: Union[str, Path]) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def from_json(cls, path: Union[str, Path]) -> "TextEncoderConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm self-attention + GELU MLP (4x), both residual."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        """x (B, T, C), key_mask (B, 1, 1, T) True where a key may be attended -> (B, T, C)."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+        x = x + self.proj(a.transpose(1, 2).reshape(B, T, C))
+        return x + self.mlp(self.norm2(x))
+
+
+class TextEncoder(nn.Module):
+    """Word embedding + learned positions + ``layers`` encoder layers + a final LayerNorm."""
+
+    def __init__(self, cfg: TextEncoderConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.index = {w: i for i, w in enumerate(cfg.vocab)}
+        self.tok_embed = nn.Embedding(len(cfg.vocab), cfg.width)
+        self.pos_embed = nn.Parameter(torch.zeros(cfg.max_len, cfg.width))
+        self.layers = nn.ModuleList([EncoderLayer(cfg.width, cfg.heads) for _ in range(cfg.layers)])
+        self.norm = nn.LayerNorm(cfg.width)
+        nn.init.normal_(self.tok_embed.weight, std=0.02)
+        nn.init.normal_(self.pos_embed, std=0.02)
+
+    def token_ids(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, List[int]]:
+        """Token ids (B, T) padded with 0, T the longest prompt, and each prompt's length; ``ValueError`` for an
+        empty list, a prompt without words, one longer than ``max_len`` words, or an unknown word (the message
+        lists the vocabulary)."""
+        if isinstance(prompts, str) or not len(prompts):
+            raise ValueError("prompts: give a non-empty list of prompt strings")
+        rows = []
+        for p in prompts:
+            words = prompt_words(p)
+            if not words:
+                raise ValueError(f"prompt {p!r} has no words; the text encoder needs at least one")
+            if len(words) > self.config.max_len:
+                raise ValueError(f"prompt {p!r} has {len(words)} words; this text encoder takes at most {self.config.max_len}")
+            unknown = [w for w in words if w not in self.index]
+            if unknown:
+                raise ValueError(
+                    f"prompt {p!r}: unknown word(s) {', '.join(repr(w) for w in unknown)}; "
+                    f"the vocabulary is: {' '.join(self.config.vocab)}"
+                )
+            rows.append([self.index[w] for w in words])
+        lens = [len(r) for r in rows]
+        ids = torch.zeros(len(rows), max(lens), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+        return ids.to(self.pos_embed.device), lens
+
+    def forward(self, ids: torch.Tensor, lens: Sequence[int]) -> torch.Tensor:
+        """Token ids (B, T) and lengths -> features (B, T, width) (rows past a prompt's length are padding)."""
+        T = ids.shape[1]
+        valid = torch.arange(T, device=ids.device)[None] < torch.tensor(lens, device=ids.device)[:, None]
+        x = self.tok_embed(ids) + self.pos_embed[:T]
+        for layer in self.layers:
+            x = layer(x, valid[:, None, None, :])
+        return self.norm(x)
+
+    def encode(self, prompts: Sequence[str]) -> TextFeatures:
+        """Packed features of ``prompts``: ``kv_compact`` (sum of word counts, width), ``lens`` (B,)."""
+        ids, lens = self.token_ids(prompts)
+        x = self(ids, lens)
+        valid = torch.arange(ids.shape[1], device=ids.device)[None] < torch.tensor(lens, device=ids.device)[:, None]
+        return TextFeatures(x[valid], lens)
+
+
+def load_text_encoder(weights: Union[str, Path], config: TextEncoderConfig, device: Union[str, torch.device] = "cpu") -> TextEncoder:
+    """A ``TextEncoder`` of ``config`` with the safetensors ``weights`` (as float32), in eval mode on ``device``."""
+    from safetensors.torch import load_file
+
+    enc = TextEncoder(config)
+    enc.load_state_dict({k: v.float() for k, v in load_file(str(weights)).items()}, strict=True)
+    return enc.to(device).eval().requires_grad_(False)
