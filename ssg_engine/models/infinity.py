@@ -186,17 +186,13 @@ def varlen_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, le
     """Upstream's flash-attn varlen cross-attention in float32: q (B, Lq, H, hd), k/v (N, H, hd) packed by ``lens``
     -> (B, Lq, H*hd). Inputs and output are rounded to bfloat16 (and back), each row attends to its own prompt."""
     B, Lq, H, hd = q.shape
-    q = q.reshape(B * Lq, H, hd).to(torch.bfloat16).float()
+    q = q.to(torch.bfloat16).float().transpose(1, 2)  # B H Lq hd
     k, v = k.to(torch.bfloat16).float(), v.to(torch.bfloat16).float()
-    out = torch.empty(B * Lq, H, hd, dtype=torch.float32, device=q.device)
-    start = 0
-    for b, n in enumerate(lens):
-        qb = q[b * Lq : (b + 1) * Lq].transpose(0, 1)  # H Lq hd
-        kb, vb = k[start : start + n].transpose(0, 1), v[start : start + n].transpose(0, 1)
-        p = torch.softmax(torch.matmul(qb, kb.transpose(-1, -2)) * scale, dim=-1)
-        out[b * Lq : (b + 1) * Lq] = torch.matmul(p, vb).transpose(0, 1)
-        start += n
-    return out.to(torch.bfloat16).float().reshape(B, Lq, H * hd)
+    outs = []  # one prompt at a time; split/stack (no slice assignment) keeps training's backward cheap
+    for qb, kb, vb in zip(q.unbind(0), k.split(list(lens)), v.split(list(lens))):
+        p = torch.softmax(torch.matmul(qb, kb.permute(1, 2, 0)) * scale, dim=-1)
+        outs.append(torch.matmul(p, vb.transpose(0, 1)))
+    return torch.stack(outs).transpose(1, 2).to(torch.bfloat16).float().reshape(B, Lq, H * hd)
 
 
 # ---------------------------------------------------------------------------------------------- config
