@@ -1,9 +1,10 @@
-"""Shared fixtures: the golden tiny model in tests/golden/ (read-only; see tests/golden/README.md)."""
+"""Shared fixtures and helpers: the golden tiny models in tests/golden/ (read-only; see tests/golden/README.md)."""
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+from typing import Dict
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden"
 TINY = GOLDEN / "var_tiny"
+INFINITY_GOLDEN = GOLDEN / "infinity"
+INFINITY_CONFIGS = ("sq_d16", "wide_d8")
 
 
 def _require(path: Path) -> Path:
@@ -84,3 +87,37 @@ def kernel_test_settings():
         else "compiled-kernel check: run with TRITON_INTERPRET=0 (the interpreter is on)",
     )
     return interpret, device, requires_gpu
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``): on a shared, busy CPU
+    two threads wait for each other far longer than they compute."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def golden_infinity_config(name: str):
+    """The InfinityConfig of golden configuration ``name`` (from its config.json: upstream's keywords and the VAE's d)."""
+    from ssg_engine.models.infinity import InfinityConfig
+
+    c = json.loads((_require(INFINITY_GOLDEN / name) / "config.json").read_text())
+    return InfinityConfig.from_upstream(c["infinity"], c["vae"]["vae_model"]["codebook_dim"])
+
+
+def load_golden_infinity(name: str):
+    """(model loaded with upstream's weights, eval mode; the golden tensors) of golden configuration ``name``."""
+    from safetensors.torch import load_file
+
+    from ssg_engine.models.infinity import InfinityTransformer
+
+    model = InfinityTransformer(golden_infinity_config(name)).eval()
+    model.load_upstream(torch.load(INFINITY_GOLDEN / name / "infinity.pth", weights_only=True))
+    return model, load_file(str(INFINITY_GOLDEN / name / "golden.safetensors"))
+
+
+def packed(T: Dict[str, torch.Tensor], prefix: str) -> tuple:
+    """Upstream's (kv_compact, lens, cu_seqlens_k, max_seqlen_k) from the golden tensors ``prefix.*``."""
+    return T[f"{prefix}.kv_compact"], T[f"{prefix}.lens"], T[f"{prefix}.cu_seqlens_k"], int(T[f"{prefix}.lens"].max())

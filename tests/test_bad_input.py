@@ -97,13 +97,7 @@ ERROR_CASES: List[Tuple[str, List[str], List[str]]] = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared, busy CPU two threads wait for each other far longer than they compute."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fill(argv: List[str], tmp: Path, tiny: Path) -> List[str]:

@@ -7,21 +7,16 @@ from typing import List
 
 import pytest
 import torch
+from conftest import INFINITY_GOLDEN
 from PIL import Image
 
 from ssg_engine.cli import main
 
-GOLDEN = Path(__file__).resolve().parent / "golden" / "infinity"
-SQ = ["--family", "infinity", "--var", str(GOLDEN / "sq_d16" / "infinity.pth"), "--vae", str(GOLDEN / "sq_d16" / "vae.pth")]
+SQ = ["--family", "infinity", "--var", str(INFINITY_GOLDEN / "sq_d16" / "infinity.pth"), "--vae", str(INFINITY_GOLDEN / "sq_d16" / "vae.pth")]
 CT5 = 256  # sq_d16's text width
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def features_file(tmp: Path, lens: List[int], width: int = CT5, padded: bool = False) -> Path:
@@ -82,7 +77,7 @@ BAD = [
     ("pn-unknown", ["sample", *SQ, "--text-features", "{feats}", "--pn", "2M"], ["--pn", "2M"]),
     ("negative-with-features", ["sample", *SQ, "--text-features", "{feats}", "--negative-prompt", "blur"], ["--negative-prompt", "text encoder"]),
     ("prompt-and-features", ["sample", *SQ, "--text-features", "{feats}", "--prompt", "x"], ["--prompt or --text-features"]),
-    ("infinity-ckpt-as-var", ["sample", "--var", str(GOLDEN / "sq_d16" / "infinity.pth"), "--vae", str(GOLDEN / "sq_d16" / "vae.pth")],
+    ("infinity-ckpt-as-var", ["sample", *SQ[2:]],
      ["Infinity", "--family infinity"]),
     ("patch-nums-with-infinity", ["sample", *SQ, "--patch-nums", "1,2"], ["--patch-nums", "--h-div-w"]),
     ("text-encoder-missing-folder", ["sample", *SQ, "--text-encoder", "{tmp}/no_t5"], ["text encoder folder not found", "flan-t5-xl"]),

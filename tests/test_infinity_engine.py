@@ -7,39 +7,31 @@ from typing import Any, Dict
 
 import pytest
 import torch
-from conftest import GOLDEN, rel_err
+from conftest import INFINITY_CONFIGS as CONFIGS
+from conftest import INFINITY_GOLDEN as INF
+from conftest import load_golden_infinity, packed, rel_err
 
 from ssg_engine import SSG, SamplingParams, generate
 from ssg_engine.engine import Engine
 from ssg_engine.infinity_sampler import sample_infinity_reference
 from ssg_engine.models.bsq_vae import load_bsq_vae
 from ssg_engine.models.infinity import (
-    InfinityConfig, InfinityTransformer, PaddedText, TextFeatures, masked_cross_attention, scale_schedule,
+    PaddedText, TextFeatures, masked_cross_attention, scale_schedule,
     varlen_cross_attention,
 )
 
-INF = GOLDEN / "infinity"
-CONFIGS = ["sq_d16", "wide_d8"]
 
 
 @pytest.fixture(scope="module")
 def setups() -> Dict[str, Dict[str, Any]]:
     """Per golden config: the model, its VAE, the golden tensors and a float32 CPU Engine on them."""
-    from safetensors.torch import load_file
-
     out = {}
     for name in CONFIGS:
-        c = json.loads((INF / name / "config.json").read_text())
-        model = InfinityTransformer(InfinityConfig.from_upstream(c["infinity"], c["vae"]["vae_model"]["codebook_dim"])).eval()
-        model.load_upstream(torch.load(INF / name / "infinity.pth", weights_only=True))
+        model, T = load_golden_infinity(name)
         vae = load_bsq_vae(INF / name / "vae.pth")
         engine = Engine(model, vae, max_batch=4, device="cpu", dtype=torch.float32, cuda_graphs=False, backend="reference")
-        out[name] = dict(model=model, vae=vae, T=load_file(str(INF / name / "golden.safetensors")), engine=engine)
+        out[name] = dict(model=model, vae=vae, T=T, engine=engine)
     return out
-
-
-def packed(T: Dict[str, torch.Tensor], prefix: str) -> tuple:
-    return T[f"{prefix}.kv_compact"], T[f"{prefix}.lens"], T[f"{prefix}.cu_seqlens_k"], int(T[f"{prefix}.lens"].max())
 
 
 def request_of(T: Dict[str, torch.Tensor], name: str, run: int) -> Dict[str, Any]:

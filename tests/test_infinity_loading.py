@@ -9,7 +9,9 @@ from typing import Dict
 
 import pytest
 import torch
-from conftest import GOLDEN, TINY, rel_err
+from conftest import INFINITY_CONFIGS as CONFIGS
+from conftest import INFINITY_GOLDEN as INF
+from conftest import TINY, golden_infinity_config, rel_err
 
 from ssg_engine.cli import main
 from ssg_engine.loading import CheckpointError, checkpoint_family, load_infinity, load_models, read_state_dict
@@ -20,13 +22,6 @@ from ssg_engine.models.infinity import (
     InfinityTransformer,
 )
 
-INF = GOLDEN / "infinity"
-CONFIGS = ["sq_d16", "wide_d8"]
-
-
-def golden_config(name: str) -> InfinityConfig:
-    c = json.loads((INF / name / "config.json").read_text())
-    return InfinityConfig.from_upstream(c["infinity"], c["vae"]["vae_model"]["codebook_dim"])
 
 
 def meta_state(cfg: InfinityConfig) -> Dict[str, torch.Tensor]:
@@ -66,26 +61,26 @@ def test_unknown_and_unsupported_presets():
 def test_config_from_golden_checkpoint(name):
     sd = read_state_dict(INF / name / "infinity.pth")
     cfg = InfinityConfig.from_state_dict(sd)
-    assert cfg == golden_config(name)
+    assert cfg == golden_infinity_config(name)
     assert cfg.matching_presets() == []
     with pytest.raises(ValueError, match=f"predicts d = {cfg.codebook_dim} bits per token but codebook_dim = 7"):
         InfinityConfig.from_state_dict(sd, codebook_dim=7)
 
 
 def test_inference_from_both_block_layouts_and_options():
-    base = golden_config("sq_d16")
+    base = golden_infinity_config("sq_d16")
     for cfg in (dataclasses.replace(base, block_chunks=1), dataclasses.replace(base, shared_aln=False, mlp_ratio=6.0),
                 dataclasses.replace(base, cross_attn_layer_scale=1.0, depth=4, block_chunks=2)):
         assert InfinityConfig.from_state_dict(meta_state(cfg)) == cfg
 
 
 def test_inference_errors():
-    sd = meta_state(golden_config("sq_d16"))
+    sd = meta_state(golden_infinity_config("sq_d16"))
     with pytest.raises(ValueError, match=r"not an Infinity state dict: 'cfg_uncond' missing"):
         InfinityConfig.from_state_dict({k: v for k, v in sd.items() if k != "cfg_uncond"})
     with pytest.raises(ValueError, match=r"'blocks.\{i\}.' or 'block_chunks.\{i\}.module.\{j\}.' keys \(found neither\)"):
         InfinityConfig.from_state_dict({k: v for k, v in sd.items() if "block" not in k})
-    uneven = {k: v for k, v in meta_state(dataclasses.replace(golden_config("sq_d16"), depth=4, block_chunks=2)).items()
+    uneven = {k: v for k, v in meta_state(dataclasses.replace(golden_infinity_config("sq_d16"), depth=4, block_chunks=2)).items()
               if not k.startswith("block_chunks.1.module.1.")}
     with pytest.raises(ValueError, match=r"block chunks must be 2 or more of equal size; found sizes \[2, 1\]"):
         InfinityConfig.from_state_dict(uneven)
@@ -100,7 +95,7 @@ def test_load_infinity_reproduces_golden_logits(name):
     from safetensors.torch import load_file
 
     model, vae = load_infinity(INF / name / "infinity.pth", INF / name / "vae.pth")
-    assert not model.training and not vae.training and model.config == golden_config(name)
+    assert not model.training and not vae.training and model.config == golden_infinity_config(name)
     T = load_file(str(INF / name / "golden.safetensors"))
     text = (T["text.kv_compact"], T["text.lens"], T["text.cu_seqlens_k"], int(T["text.lens"].max()))
     schedule = json.loads((INF / name / "config.json").read_text())["scale_schedule"]
@@ -114,7 +109,7 @@ def test_load_infinity_wrapped_safetensors_and_configs(tmp_path: Path):
     torch.save({"trainer": {"gpt_fsdp": sd}}, tmp_path / "train.pth")  # upstream's training checkpoint
     save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "m.safetensors"))
     vae = INF / "sq_d16" / "vae.pth"
-    cfg = golden_config("sq_d16")
+    cfg = golden_infinity_config("sq_d16")
     upstream_kwargs = json.loads((INF / "sq_d16" / "config.json").read_text())["infinity"]
     stale = {**sd, "lvl_1L": torch.zeros(1, 5)}  # a buffer of older code, which upstream's load_state_dict drops too
     for model_path, config in ((tmp_path / "train.pth", None), (tmp_path / "m.safetensors", cfg), (sd, dataclasses.asdict(cfg)),
@@ -163,7 +158,7 @@ def test_checkpoint_family():
 def test_info_names_infinity_and_its_config(capsys):
     assert main(["info", str(INF / "wide_d8" / "infinity.pth")]) == 0
     info = json.loads(capsys.readouterr().out)
-    cfg = golden_config("wide_d8")
+    cfg = golden_infinity_config("wide_d8")
     assert info["kind"] == "Infinity" and info["matching_presets"] == []
     assert info["config"] == {f: getattr(cfg, f) for f in INFINITY_SHAPE_FIELDS}
     assert main(["info", str(INF / "wide_d8" / "vae.pth")]) == 0

@@ -6,7 +6,9 @@ from typing import Any, Dict, Tuple
 
 import pytest
 import torch
-from conftest import GOLDEN, rel_err
+from conftest import INFINITY_CONFIGS as CONFIGS
+from conftest import INFINITY_GOLDEN as INF
+from conftest import TINY, golden_infinity_config, load_golden_infinity, packed, rel_err
 
 from ssg_engine.models.infinity import (
     InfinityConfig,
@@ -20,30 +22,13 @@ from ssg_engine.models.bsq_vae import bits_to_codes
 from ssg_engine.sampler import ConcatKVCache
 
 TOL = 1e-5
-CONFIGS = ["sq_d16", "wide_d8"]
-INF = GOLDEN / "infinity"
-
-
-def build(name: str) -> InfinityTransformer:
-    """A fresh model for configuration ``name`` (random init, not loaded)."""
-    c = json.loads((INF / name / "config.json").read_text())
-    return InfinityTransformer(InfinityConfig.from_upstream(c["infinity"], c["vae"]["vae_model"]["codebook_dim"])).eval()
 
 
 @pytest.fixture(scope="module", params=CONFIGS)
 def case(request) -> Tuple[str, InfinityTransformer, Dict[str, torch.Tensor], Dict[str, Any]]:
-    from safetensors.torch import load_file
-
     name = request.param
-    model = build(name)
-    model.load_upstream(torch.load(INF / name / "infinity.pth", weights_only=True))
-    config = json.loads((INF / name / "config.json").read_text())
-    return name, model, load_file(str(INF / name / "golden.safetensors")), config
-
-
-def packed(T: Dict[str, torch.Tensor], prefix: str) -> tuple:
-    """Upstream's (kv_compact, lens, cu_seqlens_k, max_seqlen_k) from the golden tensors ``prefix.*``."""
-    return T[f"{prefix}.kv_compact"], T[f"{prefix}.lens"], T[f"{prefix}.cu_seqlens_k"], int(T[f"{prefix}.lens"].max())
+    model, T = load_golden_infinity(name)
+    return name, model, T, json.loads((INF / name / "config.json").read_text())
 
 
 @torch.no_grad()
@@ -145,11 +130,11 @@ def test_decode_with_bsq_vae(case):
 
 
 def test_wrong_state_dict_is_one_clear_line():
-    model = build("wide_d8")
+    model = InfinityTransformer(golden_infinity_config("wide_d8")).eval()
     with pytest.raises(ValueError) as e:
         model.load_upstream(torch.load(INF / "sq_d16" / "infinity.pth", weights_only=True))
     assert "\n" not in str(e.value) and "not an Infinity state dict" in str(e.value) and "wrong shapes" in str(e.value)
-    var = torch.load(GOLDEN / "var_tiny" / "var.pth", weights_only=True)
+    var = torch.load(TINY / "var.pth", weights_only=True)
     with pytest.raises(ValueError, match=r"^not an Infinity state dict.*missing.*unexpected[^\n]*$"):
         model.load_upstream(var)
 

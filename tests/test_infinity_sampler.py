@@ -6,34 +6,22 @@ from typing import Any, Dict, Tuple
 
 import pytest
 import torch
-from conftest import GOLDEN, rel_err
+from conftest import INFINITY_CONFIGS as CONFIGS
+from conftest import INFINITY_GOLDEN as INF
+from conftest import load_golden_infinity, packed, rel_err
 
 from ssg_engine.guidance import SSG, dse_reference, prior_operator
 from ssg_engine.infinity_sampler import sample_infinity_reference
 from ssg_engine.kernels.ssg_guidance import ssg_guidance_reference
 from ssg_engine.models.bsq_vae import load_bsq_vae
-from ssg_engine.models.infinity import InfinityConfig, InfinityTransformer
+from ssg_engine.models.infinity import InfinityTransformer
 
 TOL = 1e-5
-INF = GOLDEN / "infinity"
-CONFIGS = ["sq_d16", "wide_d8"]
 
 
 @pytest.fixture(scope="module")
 def models() -> Dict[str, Tuple[InfinityTransformer, Dict[str, torch.Tensor]]]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for name in CONFIGS:
-        c = json.loads((INF / name / "config.json").read_text())
-        model = InfinityTransformer(InfinityConfig.from_upstream(c["infinity"], c["vae"]["vae_model"]["codebook_dim"])).eval()
-        model.load_upstream(torch.load(INF / name / "infinity.pth", weights_only=True))
-        out[name] = (model, load_file(str(INF / name / "golden.safetensors")))
-    return out
-
-
-def packed(T: Dict[str, torch.Tensor], prefix: str) -> tuple:
-    return T[f"{prefix}.kv_compact"], T[f"{prefix}.lens"], T[f"{prefix}.cu_seqlens_k"], int(T[f"{prefix}.lens"].max())
+    return {name: load_golden_infinity(name) for name in CONFIGS}
 
 
 def run_args(T: Dict[str, torch.Tensor], name: str, run: int) -> Dict[str, Any]:

@@ -83,7 +83,8 @@ def test_tiny_run_writes_a_loadable_deterministic_folder(tiny_runs):
     assert sorted(p.name for p in folder.iterdir()) == [
         "config.json", "infinity.safetensors", "metrics.json", "text_encoder.safetensors", "vae.safetensors"]
     cfg = json.loads((folder / "config.json").read_text())
-    assert cfg["schedule"] == {"h_div_w": 1.0, "num_scales": 5} and cfg["infinity"]["codebook_dim"] == 8
+    assert cfg["schedule"] == {"h_div_w": 1.0, "num_scales": 5} and cfg["infinity"]["num_scales"] == 5
+    assert cfg["infinity"]["codebook_dim"] == 8
     for k in ("train", "val", "val_held_out_templates"):
         assert 0.0 <= metrics[0]["infinity"][k]["bit_acc"] <= 1.0
     for name in ("vae", "infinity", "text_encoder"):
