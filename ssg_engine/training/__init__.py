@@ -277,7 +277,8 @@ class InfinityRecipe:
 
     def infinity_config(self) -> InfinityConfig:
         return InfinityConfig(embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads, mlp_ratio=4.0,
-                              text_channels=self.text_width, text_maxlen=self.text_maxlen, codebook_dim=self.bits)
+                              text_channels=self.text_width, text_maxlen=self.text_maxlen, codebook_dim=self.bits,
+                              num_scales=self.num_scales)
 
     def schedule(self) -> Tuple[Tuple[int, int, int], ...]:
         """The scale schedule as upstream's (1, h, w) entries."""

@@ -98,7 +98,8 @@ def evaluate_infinity(
 ) -> Dict[str, float]:
     """Teacher-forced bit cross-entropy and bit accuracy (conditional, no dropout), prompts cycling ``templates``."""
     was = model.training, text_encoder.training
-    model.eval(), text_encoder.eval()
+    model.eval()
+    text_encoder.eval()
     tot, acc, n = 0.0, 0.0, 0
     for i in range(0, bits.shape[0], batch_size):
         b = bits[i : i + batch_size]
@@ -107,7 +108,8 @@ def evaluate_infinity(
         tot += float(F.cross_entropy(logits.reshape(-1, 2), tgt.reshape(-1), reduction="sum"))
         acc += float((logits.argmax(-1) == tgt).sum())
         n += tgt.numel()
-    model.train(was[0]), text_encoder.train(was[1])
+    model.train(was[0])
+    text_encoder.train(was[1])
     return {"ce": round(tot / n, 5), "bit_acc": round(acc / n, 5)}
 
 
@@ -136,7 +138,8 @@ def train_infinity(
 
     gen = torch.Generator().manual_seed(seed)
     vae.eval().requires_grad_(False)
-    model.train(), text_encoder.train()
+    model.train()
+    text_encoder.train()
     decay, no_decay = [], []
     for name, p in [*model.named_parameters(), *(("text." + n, p) for n, p in text_encoder.named_parameters())]:
         (no_decay if p.ndim < 2 or "embed" in name or "pos_" in name or "cfg_uncond" in name or "ada_gss" in name else decay).append(p)
@@ -170,5 +173,6 @@ def train_infinity(
             hist["bit_acc"].append(round(float((logits.argmax(-1) == bits[idx].long()).float().mean()), 5))
             hist["lr"].append(cur_lr)
             bar.set_postfix(ce=f"{ema:.4f}", lr=f"{cur_lr:.2e}")
-    model.eval(), text_encoder.eval()
+    model.eval()
+    text_encoder.eval()
     return {"history": hist, "steps_done": steps, "final_ema_ce": ema, "wall_s": round(time.perf_counter() - t0, 2)}
