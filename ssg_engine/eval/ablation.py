@@ -447,7 +447,8 @@ def markdown_table(results: Dict[str, object]) -> str:
         f"Model: {st['model'] or '(given checkpoints)'}; sampler: {st['sampler']}; cfg {st['cfg']}, top-k {st['top_k']}, "
         f"top-p {st['top_p']}; {st['samples_per_arm_per_seed']} class-balanced samples per arm per seed, "
         f"{st['seeds']} seed(s); mean ± std over seeds. Classifier: test accuracy "
-        f"{results['classifier'].get('test_accuracy')} (weights {results['classifier'].get('weights_hash')}).",
+        f"{results['classifier'].get('test_accuracy')} (weights {results['classifier'].get('weights_hash')})."
+        + (f" Conditioning: {st['conditioning']}." if "conditioning" in st else ""),
         "",
         "| arm | T | prior | beta | acc ↑ | FD-cls ↓ | precision ↑ | recall ↑ | FID ↓ | KID ↓ |",
         "|---|---|---|---|---|---|---|---|---|---|",
