@@ -22,6 +22,9 @@ _INFINITY_FILES = ("vae.safetensors", "infinity.safetensors", "text_encoder.safe
 # The Infinity model card's sampling settings: ``cfg`` is Infinity's CFG weight w (the same on every scale; 1 = off),
 # ``temperature`` its tau; no top-k / top-p. The CLI's defaults for that model.
 INFINITY_SAMPLING = SamplingParams(cfg=3.0, top_k=0, top_p=0.0, temperature=1.0)
+# The SSG strength measured best on that model (DSE prior, lowest classifier Frechet distance at tau 1 among betas
+# 0.1 ... 1: bench/results/quality/infinity/README.md); the default beta (0.5) hurts it. The CLI's beta for it.
+INFINITY_SSG_BETA = 0.15
 
 
 def pretrained_files() -> Tuple[Path, Path, Path]:
@@ -60,7 +63,6 @@ def load_infinity_folder(folder: Union[str, Path], device: Union[str, torch.devi
 
     from .models.bsq_vae import BSQVAEConfig, load_bsq_vae
     from .models.infinity import InfinityConfig, InfinityTransformer
-    from .models.text_encoder import TextEncoderConfig, load_text_encoder
 
     folder = Path(folder)
     missing = [f for f in _INFINITY_FILES if not (folder / f).is_file()]
@@ -74,8 +76,16 @@ def load_infinity_folder(folder: Union[str, Path], device: Union[str, torch.devi
     vae = load_bsq_vae(load_file(str(folder / "vae.safetensors")), BSQVAEConfig(**cfg["vae"]), device=device)
     model = InfinityTransformer(InfinityConfig(**cfg["infinity"]))
     model.load_upstream({k: v.float() for k, v in load_file(str(folder / "infinity.safetensors")).items()})
-    text_encoder = load_text_encoder(folder / "text_encoder.safetensors", TextEncoderConfig.from_dict(cfg["text_encoder"]), device)
-    return model.to(device).eval().requires_grad_(False), vae, text_encoder
+    return model.to(device).eval().requires_grad_(False), vae, folder_text_encoder(folder, device)
+
+
+def folder_text_encoder(folder: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Any:
+    """The small text encoder of a folder written by ``train_fashion_mnist_infinity`` (float32, eval mode)."""
+    from .models.text_encoder import TextEncoderConfig, load_text_encoder
+
+    folder = Path(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    return load_text_encoder(folder / "text_encoder.safetensors", TextEncoderConfig.from_dict(cfg["text_encoder"]), device)
 
 
 def infinity_folder_schedule(folder: Union[str, Path] = INFINITY_DIR) -> Tuple[Tuple[int, int], ...]:

@@ -96,3 +96,33 @@ def test_bad_infinity_command_lines(argv, words, tmp_path, capsys, monkeypatch):
     for w in words:
         assert w in line, (w, line)
     assert not list(tmp_path.glob("*.png"))
+
+
+# ----------------------------------------------------------------------------- the shipped text-to-image model
+
+
+def test_shipped_model_runs_with_no_other_argument(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--family", "infinity", "--prompt", "a sneaker", "--per-prompt", "3", "--compare", "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out and out.is_file()
+
+
+def test_shipped_model_unknown_word_lists_the_vocabulary(tmp_path, capsys):
+    rc = main(["sample", "--family", "infinity", "--prompt", "a red fox", "--out", str(tmp_path / "g.png")])
+    line = error_line(rc, capsys.readouterr().err)
+    assert "--prompt" in line and "red" in line and "sneaker" in line and "ankle" in line
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_trained_folder_through_var_vae_config_and_text_encoder_flags(tmp_path, capsys):
+    """A folder written by ``train --family infinity`` (here the shipped one): --var/--vae/--config/--text-encoder give
+    the same images as the shipped default."""
+    from ssg_engine.pretrained import INFINITY_DIR
+
+    common = ["sample", "--family", "infinity", "--prompt", "a bag", "--prompt", "one coat", "--upscale", "1",
+              "--cfg", "3", "--temperature", "1", "--top-k", "0", "--top-p", "0"]
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    assert main([*common, "--out", str(a)]) == 0
+    assert main([*common, "--var", str(INFINITY_DIR / "infinity.safetensors"), "--vae", str(INFINITY_DIR / "vae.safetensors"),
+                 "--config", str(INFINITY_DIR / "config.json"), "--text-encoder", str(INFINITY_DIR), "--out", str(b)]) == 0
+    assert a.read_bytes() == b.read_bytes()

@@ -17,7 +17,7 @@ import torch
 
 from ..guidance import DEFAULT_BETA, DSE_INTERPS, PRIORS, SSG
 from ..params import INFINITY_UPSTREAM, SamplingParams
-from ..pretrained import INFINITY_SAMPLING, SAMPLING, load_pretrained
+from ..pretrained import INFINITY_SAMPLING, INFINITY_SSG_BETA, SAMPLING, load_pretrained
 
 
 class UsageError(ValueError):
@@ -182,8 +182,8 @@ def add_model_args(p: argparse.ArgumentParser, infinity: bool = False) -> None:
                    help="comma-separated scales, for VAR --var/--vae whose token count matches no preset")
     if infinity:
         p.add_argument("--text-encoder", default=None,
-                       help="Infinity --var/--vae: a local folder with google/flan-t5-xl's files (pip install 'ssg-engine[text]'); "
-                            "the shipped model has its own")
+                       help="Infinity --var/--vae: a local folder with google/flan-t5-xl's files (pip install 'ssg-engine[text]'), "
+                            "or a folder written by `train --family infinity`; the shipped model has its own")
     p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
 
 
@@ -246,16 +246,34 @@ def load_infinity_from_args(args: argparse.Namespace, device: Optional[str] = No
             config = json.loads(Path(args.config).read_text())
         except json.JSONDecodeError as e:
             raise UsageError(f"--config {args.config}: not valid JSON ({e}); give an Infinity config file") from None
+        if isinstance(config, dict) and isinstance(config.get("infinity"), dict):  # a `train --family infinity` folder's
+            config = config["infinity"]
     model, vae = load_infinity(args.var, args.vae, config=config, device=device)
-    text_encoder = None
-    if args.text_encoder:
-        from ..text import T5TextEncoder
+    return model, vae, text_encoder_from_args(args, device)
 
-        try:
-            text_encoder = T5TextEncoder(args.text_encoder, device=device)
-        except ImportError as e:
-            raise UsageError(f"--text-encoder: {e}") from None
-    return model, vae, text_encoder
+
+def text_encoder_from_args(args: argparse.Namespace, device: str):
+    """--text-encoder FOLDER: a folder written by ``train --family infinity`` (its small text encoder), else a Flan-T5
+    folder (``ssg_engine.text``); None without the flag."""
+    if not args.text_encoder:
+        return None
+    folder = Path(args.text_encoder)
+    if (folder / "text_encoder.safetensors").is_file():
+        from ..pretrained import folder_text_encoder
+
+        return folder_text_encoder(folder, device)
+    from ..text import T5TextEncoder
+
+    try:
+        return T5TextEncoder(folder, device=device)
+    except ImportError as e:
+        raise UsageError(f"--text-encoder: {e}") from None
+
+
+def model_ssg_beta(args: argparse.Namespace) -> float:
+    """The SSG beta used when SSG is asked for without --ssg-beta: the shipped Infinity model's card value
+    (``pretrained.INFINITY_SSG_BETA``), else the default ``guidance.DEFAULT_BETA``."""
+    return INFINITY_SSG_BETA if model_family(args) == "infinity" and not args.var else DEFAULT_BETA
 
 
 def model_sampling(args: argparse.Namespace) -> SamplingParams:
@@ -288,7 +306,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float_arg(TEMPERATURE_MIN, TEMPERATURE_MAX), default=None,
                    help=f"in [{TEMPERATURE_MIN:g}, {TEMPERATURE_MAX:g}]; {model_default_help('temperature')}")
     p.add_argument("--ssg-beta", type=float_arg(-SSG_BETA_MAX, SSG_BETA_MAX), default=None,
-                   help=f"SSG strength, |beta| <= {SSG_BETA_MAX:g} (off when not given; --compare, --ssg-prior and --ssg-interp use {DEFAULT_BETA:g})")
+                   help=f"SSG strength, |beta| <= {SSG_BETA_MAX:g} (off when not given; --compare, --ssg-prior and --ssg-interp use "
+                        f"{DEFAULT_BETA:g}, or the model card's: {INFINITY_SSG_BETA:g} for the shipped Infinity model)")
     p.add_argument("--ssg-prior", choices=PRIORS, default=None, help="SSG prior (default dse); turns SSG on")
     p.add_argument("--ssg-interp", choices=DSE_INTERPS, default=None, help="DSE interpolation (default bilinear); turns SSG on")
 
@@ -297,8 +316,8 @@ def resolve_ssg_args(args: argparse.Namespace) -> None:
     """--ssg-prior/--ssg-interp without --ssg-beta turn SSG on with the default beta (said in one line on stderr)."""
     given = [f for f, v in (("--ssg-prior", args.ssg_prior), ("--ssg-interp", args.ssg_interp)) if v is not None]
     if given and args.ssg_beta is None:
-        args.ssg_beta = DEFAULT_BETA
-        print(f"note: {' and '.join(given)} without --ssg-beta: SSG on with the default beta {DEFAULT_BETA:g}", file=sys.stderr)
+        args.ssg_beta = model_ssg_beta(args)
+        print(f"note: {' and '.join(given)} without --ssg-beta: SSG on with the default beta {args.ssg_beta:g}", file=sys.stderr)
     args.ssg_prior = args.ssg_prior or "dse"
     args.ssg_interp = args.ssg_interp or "bilinear"
 

@@ -11,11 +11,10 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from ..guidance import DEFAULT_BETA
 from ..params import SamplingParams
 from .common import (
     INT64_MAX, UsageError, add_batch_args, add_model_args, add_sampling_args, check_output_dir, check_output_file,
-    float_arg, int_arg, labels_from_args, load_from_args, load_infinity_from_args, model_family, model_sampling,
+    float_arg, int_arg, labels_from_args, load_from_args, load_infinity_from_args, model_family, model_sampling, model_ssg_beta,
     resolve_ssg_args, sampling_from_args,
 )
 
@@ -135,7 +134,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         check_output_dir(args.out_dir, "--out-dir")
     check_family_flags(args)
     resolve_ssg_args(args)
-    beta = DEFAULT_BETA if args.compare and args.ssg_beta is None else args.ssg_beta
+    beta = model_ssg_beta(args) if args.compare and args.ssg_beta is None else args.ssg_beta
     params = sampling_from_args(args, model_sampling(args), beta)
     if model_family(args) == "infinity":
         model, vae, text_encoder = load_infinity_from_args(args)
@@ -177,7 +176,7 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
     if args.json is not None:
         check_output_file(args.json, (".json",), "--json")
     resolve_ssg_args(args)
-    beta = args.ssg_beta if args.ssg_beta is not None else DEFAULT_BETA
+    beta = args.ssg_beta if args.ssg_beta is not None else model_ssg_beta(args)
     guided = sampling_from_args(args, model_sampling(args), beta)
     vae, var = load_from_args(args)
     labels = torch.tensor(labels_from_args(args, var.num_classes), device=var.lvl_1L.device)
