@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.bsq_vae import DOWN_MODE, UP_MODE, BSQVAE
-from .vqvae_trainer import cosine_lr, psnr, shuffled_batches
+from .vqvae_trainer import cosine_lr, psnr, set_lr, shuffled_batches
 
 
 def _entropy(p: torch.Tensor) -> torch.Tensor:
@@ -131,8 +131,7 @@ def train_bsq_vae(
             flip = torch.rand(x.shape[0], generator=gen) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         cur_lr = cosine_lr(step, steps, warmup, lr)
-        for g in opt.param_groups:
-            g["lr"] = cur_lr
+        set_lr(opt, cur_lr)
         z, aux, _ = quantize_train(vae.encoder(x), schedule, inv_temperature)
         rec = vae.decoder(z)
         l1, l2 = (rec - x).abs().mean(), (rec - x).square().mean()

@@ -21,7 +21,7 @@ from ..data import make_prompt
 from ..models.bsq_vae import BSQVAE
 from ..models.infinity import InfinityTransformer, TextFeatures
 from ..models.text_encoder import TextEncoder
-from .vqvae_trainer import cosine_lr, shuffled_batches
+from .vqvae_trainer import adamw_decay_groups, cosine_lr, set_lr, shuffled_batches
 
 Schedule3 = Sequence[Sequence[int]]  # (1, h, w) entries
 
@@ -140,13 +140,11 @@ def train_infinity(
     vae.eval().requires_grad_(False)
     model.train()
     text_encoder.train()
-    decay, no_decay = [], []
-    for name, p in [*model.named_parameters(), *(("text." + n, p) for n, p in text_encoder.named_parameters())]:
-        (no_decay if p.ndim < 2 or "embed" in name or "pos_" in name or "cfg_uncond" in name or "ada_gss" in name else decay).append(p)
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95)
+    opt = adamw_decay_groups(
+        [*model.named_parameters(), *(("text." + n, p) for n, p in text_encoder.named_parameters())], lr, weight_decay,
+        lambda n, p: p.ndim < 2 or "embed" in n or "pos_" in n or "cfg_uncond" in n or "ada_gss" in n,
     )
-    params = decay + no_decay
+    params = [p for g in opt.param_groups for p in g["params"]]
     hist: Dict[str, list] = {"step": [], "loss": [], "bit_acc": [], "lr": []}
     ema: Optional[float] = None
     t0 = time.perf_counter()
@@ -155,8 +153,7 @@ def train_infinity(
     for step in bar:
         idx = next(batches)
         cur_lr = cosine_lr(step, steps, warmup, lr)
-        for g in opt.param_groups:
-            g["lr"] = cur_lr
+        set_lr(opt, cur_lr)
         text = text_encoder.encode(prompts_for(labels[idx], templates, gen))
         text = drop_text(model, text, torch.rand(len(idx), generator=gen) < cond_drop_rate)
         logits, loss = bit_loss(model, vae, text, bits[idx], schedule)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..models.var import VARTransformer
 from ..models.vqvae import VQVAE
-from .vqvae_trainer import _sched_step, cosine_lr, shuffled_batches
+from .vqvae_trainer import _sched_step, adamw_decay_groups, cosine_lr, set_lr, shuffled_batches
 
 
 @torch.no_grad()
@@ -120,14 +120,8 @@ def train_var(
     gen = torch.Generator().manual_seed(seed)
     vae.eval().requires_grad_(False)
     var.train()
-    decay, no_decay = [], []
-    for n, p in var.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "pos_" in n or "emb" in n or "scale_mul" in n else decay).append(p)
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.95),
+    opt = adamw_decay_groups(
+        var.named_parameters(), lr, weight_decay, lambda n, p: p.ndim < 2 or "pos_" in n or "emb" in n or "scale_mul" in n
     )
     N = tokens.shape[0]
     hist: Dict[str, list] = {"step": [], "loss": [], "lr": []}
@@ -139,8 +133,7 @@ def train_var(
     for step in bar:
         idx = next(batches)
         cur_lr = cosine_lr(_sched_step(step, steps, t0, time_budget_s), steps, warmup, lr)
-        for g in opt.param_groups:
-            g["lr"] = cur_lr
+        set_lr(opt, cur_lr)
         loss = var_loss(var, vae, labels[idx], tokens[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -146,6 +146,24 @@ def cosine_lr(step: int, total: int, warmup: int, base: float, final_ratio: floa
     return base * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's learning rate to ``lr``."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def adamw_decay_groups(
+    named_parameters: Iterable[Tuple[str, torch.Tensor]], lr: float, weight_decay: float, no_decay: Callable[[str, torch.Tensor], bool]
+) -> torch.optim.AdamW:
+    """AdamW (betas 0.9, 0.95) with ``weight_decay`` on the trainable parameters, except those where ``no_decay(name,
+    p)`` holds (weight decay 0); the decayed group first."""
+    decay, rest = [], []
+    for name, p in named_parameters:
+        if p.requires_grad:
+            (rest if no_decay(name, p) else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+
+
 def _sched_step(step: int, steps: int, t0: float, budget: Optional[float]) -> int:
     """Schedule position: the step, or (with a wall-time budget) the larger of step and elapsed-time progress."""
     if budget is None or budget <= 0:
@@ -204,8 +222,7 @@ def train_vqvae(
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         cur_lr = cosine_lr(_sched_step(step, steps, t0, time_budget_s), steps, warmup, lr)
-        for g in opt.param_groups:
-            g["lr"] = cur_lr
+        set_lr(opt, cur_lr)
         f = vae.quant_conv(vae.encoder(x))
         f_st, vq_loss, ids, rests = quantize_train(vae, f)
         rec = vae.decoder(vae.post_quant_conv(f_st))
