@@ -107,6 +107,27 @@ def staged_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
         os.rename(partial, out)
 
 
+def _start(num_threads: Optional[int], seed: int) -> float:
+    """Set the intra-op threads (None: leave them) and every seed; the start time."""
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    seed_everything(seed)
+    return time.perf_counter()
+
+
+def _fashion_mnist_splits(data_root: Optional[Union[str, Path]], train_limit: Optional[int], eval_limit: Optional[int],
+                          size: int = 32, channels: int = 3) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Train images, train labels, test images, test labels: images (N, channels, size, size) in [-1, 1], each split
+    capped at its limit (None: all)."""
+    from ..data import load_fashion_mnist, prepare_images
+
+    out = []
+    for split, limit in (("train", train_limit), ("test", eval_limit)):
+        x, y = load_fashion_mnist(split, data_root)
+        out += [prepare_images(x[:limit], size, channels), y[:limit]]
+    return out[0], out[1], out[2], out[3]
+
+
 def _count(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
@@ -153,28 +174,17 @@ def train_fashion_mnist(
     (this makes the run timing-dependent; leave them None for a deterministic run).
     Returns the metrics dict (also written to ``metrics.json``).
     """
-    from ..data import load_fashion_mnist, prepare_images
     from ..models import VQVAE, VARTransformer
 
     _check_positive(
         vae_steps=vae_steps, var_steps=var_steps, batch_size=batch_size, var_batch_size=var_batch_size,
         train_images=train_limit, eval_images=eval_limit, var_train_images=var_train_images,
     )
-    t_all = time.perf_counter()
-    if num_threads:
-        torch.set_num_threads(num_threads)
-    seed_everything(seed)
+    t_all = _start(num_threads, seed)
     cfg = config or FASHION_MNIST_CONFIG
     size = cfg.image_size
     with staged_output_dir(Path(out_dir), force) as folder:
-        xtr_u8, ytr = load_fashion_mnist("train", data_root)
-        xte_u8, yte = load_fashion_mnist("test", data_root)
-        if train_limit:
-            xtr_u8, ytr = xtr_u8[:train_limit], ytr[:train_limit]
-        if eval_limit:
-            xte_u8, yte = xte_u8[:eval_limit], yte[:eval_limit]
-        xtr = prepare_images(xtr_u8, size, cfg.in_channels)
-        xte = prepare_images(xte_u8, size, cfg.in_channels)
+        xtr, ytr, xte, yte = _fashion_mnist_splits(data_root, train_limit, eval_limit, size, cfg.in_channels)
 
         # ---------------------------------------------------------------- stage 1: VQ-VAE
         vae = VQVAE(cfg)
@@ -315,7 +325,7 @@ def train_fashion_mnist_infinity(
     train images are encoded to bits for the transformer (None: steps * batch). Deterministic for a seed.
     Returns the metrics dict (also written to ``metrics.json``).
     """
-    from ..data import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, load_fashion_mnist, prepare_images
+    from ..data import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES
     from ..models.bsq_vae import BSQVAE
     from ..models.infinity import InfinityTransformer
     from ..models.text_encoder import TextEncoder
@@ -325,16 +335,10 @@ def train_fashion_mnist_infinity(
         vae_steps=vae_steps, var_steps=infinity_steps, batch_size=batch_size, var_batch_size=infinity_batch_size,
         train_images=train_limit, eval_images=eval_limit, var_train_images=infinity_train_images,
     )
-    t_all = time.perf_counter()
-    if num_threads:
-        torch.set_num_threads(num_threads)
-    seed_everything(seed)
+    t_all = _start(num_threads, seed)
     sched = recipe.schedule()
     with staged_output_dir(Path(out_dir), force) as folder:
-        xtr_u8, ytr = load_fashion_mnist("train", data_root)
-        xte_u8, yte = load_fashion_mnist("test", data_root)
-        xtr, ytr = prepare_images(xtr_u8[:train_limit]), ytr[:train_limit]
-        xte, yte = prepare_images(xte_u8[:eval_limit]), yte[:eval_limit]
+        xtr, ytr, xte, yte = _fashion_mnist_splits(data_root, train_limit, eval_limit)
 
         # ---------------------------------------------------------------- stage 1: BSQ VAE
         vae = BSQVAE(recipe.vae_config())
