@@ -216,6 +216,8 @@ def test_ctrl_c_is_one_line_and_leaves_no_file(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "ssg_engine.cli", "sample", "--device", "cpu", "--per-class", "50", "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
+        # Ctrl-C as in a terminal: a job started in the background inherits SIGINT ignored, and Python keeps it so
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     seen, deadline = b"", time.monotonic() + 120
     while b"sampling:" not in seen and time.monotonic() < deadline:  # tqdm's first bar: sampling has started
