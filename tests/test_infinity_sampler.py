@@ -126,3 +126,16 @@ def test_bad_lists_are_clear_errors(models):
         sample_infinity_reference(model, None, **dict(args, cfg_list=[1.0, 1.0]))
     with pytest.raises(ValueError, match="tau_list"):
         sample_infinity_reference(model, None, **dict(args, tau_list=[0.0] * 7))
+
+
+def test_prompt_longer_than_the_unconditional_text_is_a_clear_error(models):
+    """CFG pairs each prompt with ``cfg_uncond[:len]``: a longer prompt is one ValueError line, not a shape traceback."""
+    from ssg_engine.models.infinity import TextFeatures
+
+    model, _ = models["sq_d16"]
+    n = model.config.text_maxlen + 8
+    text = TextFeatures(torch.randn(n, model.Ct5), [n])
+    with pytest.raises(ValueError, match=rf"^text: a prompt has {n} tokens.*text_maxlen={n - 8}; shorten the prompt[^\n]*$"):
+        sample_infinity_reference(model, None, text, [(1, 1), (2, 2)], cfg_list=[3.0] * 2, tau_list=[1.0] * 2, seed=0)
+    out = sample_infinity_reference(model, None, text, [(1, 1), (2, 2)], cfg_list=[1.0] * 2, tau_list=[1.0] * 2, seed=0)
+    assert out.bits[1].shape == (1, 4, model.d)  # without CFG no unconditional text is needed (as upstream)

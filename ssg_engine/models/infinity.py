@@ -778,6 +778,9 @@ def with_negative(text: Union[TextFeatures, PaddedText], negative: Any, cfg_unco
         if not isinstance(neg, PaddedText) or neg.features.shape[1:] != text.features.shape[1:]:
             raise ValueError(f"negative text: pad it like the prompts, to {tuple(text.features.shape[1:])} per prompt")
     elif negative is None:
+        if max(text.lens) > cfg_uncond.shape[0]:
+            raise ValueError(f"text: a prompt has {max(text.lens)} tokens, the unconditional text for CFG covers text_maxlen="
+                             f"{cfg_uncond.shape[0]}; shorten the prompt (upstream truncates to text_maxlen) or give negative=")
         neg = TextFeatures(torch.cat([cfg_uncond[:n] for n in text.lens]).to(text.kv_compact), text.lens)
     else:
         neg = TextFeatures.coerce(negative)
