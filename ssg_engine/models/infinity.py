@@ -17,6 +17,7 @@ Upstream behaviour reproduced on purpose (see ``tests/golden/infinity/README.md`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import re
@@ -792,16 +793,12 @@ def with_negative(text: Union[TextFeatures, PaddedText], negative: Any, cfg_unco
     return TextFeatures(torch.cat((text.kv_compact, neg.kv_compact.to(text.kv_compact))), text.lens + neg.lens)
 
 
-_DEVICE_ROPE: Dict[Tuple[Schedule, int, torch.device], Tuple[torch.Tensor, torch.Tensor]] = {}
-
-
+@functools.lru_cache(maxsize=64)
 def device_rope_tables(schedule: Schedule, head_dim: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """:func:`rope_tables` on ``device``, kept per (schedule, head_dim, device): no host-to-device copy per batch
-    (none inside a CUDA graph capture)."""
-    key = (schedule, head_dim, torch.device(device))
-    if key not in _DEVICE_ROPE:
-        _DEVICE_ROPE[key] = tuple(t.to(device) for t in rope_tables(schedule, head_dim))  # type: ignore[assignment]
-    return _DEVICE_ROPE[key]
+    """:func:`rope_tables` on ``device``, cached (LRU of 64; ``device_rope_tables.cache_clear()`` frees them): no
+    host-to-device copy per batch (none inside a CUDA graph capture)."""
+    cos, sin = rope_tables(schedule, head_dim)
+    return cos.to(device), sin.to(device)
 
 
 def per_scale(values: Sequence[float], name: str, K: int) -> List[float]:
