@@ -63,7 +63,7 @@ def read_text_features(path: str, Ct5: int):
     except Exception as e:  # any unreadable file is a user error here
         raise UsageError(f"--text-features {path}: not a torch.save file ({type(e).__name__}); save the features with torch.save") from None
     if isinstance(obj, dict) and {"kv_compact", "lens"} <= set(obj):
-        obj = (obj["kv_compact"], obj["lens"], TextFeatures(obj["kv_compact"], [int(n) for n in obj["lens"]]).cu_seqlens, 0)
+        obj = TextFeatures(obj["kv_compact"], [int(n) for n in obj["lens"]])
     elif isinstance(obj, dict) and {"features", "mask"} <= set(obj):
         obj = (obj["features"], obj["mask"])
     try:
@@ -102,9 +102,8 @@ def infinity_conditions(args: argparse.Namespace, model, text_encoder) -> Tuple[
     per = args.per_prompt or 1
     if args.text_features:
         text = read_text_features(args.text_features, model.Ct5)
-        rows = [i for i in range(text.batch) for _ in range(per)]
-        starts = [0, *torch.tensor(text.lens).cumsum(0).tolist()]
-        text = TextFeatures(torch.cat([text.kv_compact[starts[i] : starts[i + 1]] for i in rows]), [text.lens[i] for i in rows])
+        prompts = [text[i : i + 1] for i in range(text.batch) for _ in range(per)]
+        text = TextFeatures(torch.cat([p.kv_compact for p in prompts]), [n for p in prompts for n in p.lens])
     else:
         if text_encoder is None:
             raise UsageError("--family infinity with --var/--vae needs --text-encoder FOLDER (Flan-T5) or --text-features FILE.pt")
