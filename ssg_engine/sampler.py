@@ -101,13 +101,16 @@ def sample_reference(
     more_smooth: bool = False,
     forced_tokens: Optional[List[torch.Tensor]] = None,
     record_logits: bool = False,
+    per_scale_conditioning: bool = False,
     **overrides: Any,
 ) -> SampleOutput:
     """Sample ``B`` images with the upstream-exact loop; ``params`` (or keyword overrides such as ``seed=``,
     ``cfg=``, ``ssg=``) give the settings; ``seed=None`` draws from the global generator, as upstream.
 
     ``forced_tokens``: tokens per scale (B, pn^2) to feed instead of sampling (to compare logits between
-    implementations). ``record_logits`` keeps each step's logits in the output.
+    implementations). ``record_logits`` keeps each step's logits in the output. ``per_scale_conditioning``
+    recomputes the AdaLN conditioning at every scale, as upstream's blocks do (same numbers, upstream's cost; for
+    ``bench/bench_e2e.py``'s upstream-shaped arm).
     """
     params = resolve_params(params, overrides)
     B = as_number(B, "batch size B", "a positive integer", integer=True, valid=lambda v: v > 0)
@@ -122,7 +125,12 @@ def sample_reference(
     cfg_logits: List[torch.Tensor] = []
     sampled_logits: List[torch.Tensor] = []
 
+    state = var.condition(labels)
+    cond_BD = var.class_embeddings(labels) if per_scale_conditioning else None
+
     def pick(si: int, logits_2B: torch.Tensor):
+        if cond_BD is not None and si + 1 < len(sizes):  # the next scale's conditioning, recomputed as upstream does
+            state.modulations, state.head_scale, state.head_shift = var.adaln_conditioning(cond_BD)
         guided, cfg = guide(si, logits_2B)
         if params.temperature != 1.0:
             guided = guided / params.temperature
@@ -143,7 +151,7 @@ def sample_reference(
         soft = gumbel_softmax_with_rng(masked.view_as(guided).mul(1 + ratio), max(0.27 * (1 - ratio * 0.95), 0.005), rng)
         return idx, soft @ var.vae.quantize.embedding.weight.unsqueeze(0)
 
-    images, tokens = run_scales(var, var.condition(labels), ConcatKVCache(var.depth), pick)
+    images, tokens = run_scales(var, state, ConcatKVCache(var.depth), pick)
     return SampleOutput(
         images=images,
         tokens=tokens,

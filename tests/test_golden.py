@@ -36,14 +36,21 @@ def test_teacher_forcing_input_and_logits(tiny_models, golden):
     assert rel_err(logits, golden["tf.logits"]) < TOL
 
 
+@pytest.mark.parametrize("per_scale_conditioning", [False, True], ids=["hoisted", "per-scale"])
 @pytest.mark.parametrize("run", [0, 1])
-def test_autoregressive_sampling_matches_upstream(tiny_models, golden, ar_args, run):
+def test_autoregressive_sampling_matches_upstream(tiny_models, golden, ar_args, run, per_scale_conditioning, monkeypatch):
+    """Also with the AdaLN conditioning recomputed at every scale, as upstream's blocks do (bench_e2e's
+    upstream-shaped arm): once per scale then, once per batch otherwise."""
     _, var = tiny_models
     a = ar_args[run]
+    calls = []
+    adaln_conditioning = var.adaln_conditioning
+    monkeypatch.setattr(var, "adaln_conditioning", lambda cond_BD: calls.append(1) or adaln_conditioning(cond_BD))
     out = sample_reference(
         var, a["B"], torch.tensor(a["label"]), seed=a["g_seed"], cfg=a["cfg"], top_k=a["top_k"], top_p=a["top_p"],
-        record_logits=True,
+        record_logits=True, per_scale_conditioning=per_scale_conditioning,
     )
+    assert len(calls) == (N_SCALES if per_scale_conditioning else 1)
     for si in range(N_SCALES):
         assert torch.equal(out.tokens[si], golden[f"ar{run}.idx.{si}"]), f"tokens differ at scale {si}"
         assert rel_err(out.cfg_logits[si], golden[f"ar{run}.guided_logits.{si}"]) < TOL, f"logits at scale {si}"

@@ -259,22 +259,33 @@ class VARTransformer(nn.Module):
         """Logits per categorical draw: one draw over the V codebook entries per token."""
         return self.V
 
+    def class_embeddings(self, labels: torch.Tensor) -> torch.Tensor:
+        """Class embeddings (2B, C) of labels (B,) int64, then of the unconditional class (CFG's second half)."""
+        return self.class_emb(torch.cat((labels, torch.full_like(labels, self.num_classes)), dim=0))
+
+    def adaln_conditioning(self, cond_BD: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """AdaLN conditioning from class embeddings (2B, C): every block's modulation (2B, 1, 6, C), the head's
+        ``1 + scale`` and ``shift`` (2B, 1, C). :meth:`condition` computes it once per batch; upstream recomputes it
+        at every scale (``sample_reference(per_scale_conditioning=True)`` does the same, to bench that cost)."""
+        shared = self.shared_ada_lin(cond_BD)
+        head_scale, head_shift = self.head_nm.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2)
+        return [block.modulation(shared) for block in self.blocks], head_scale.add(1), head_shift
+
     def condition(self, labels: torch.Tensor) -> VARState:
         """State for labels (B,) int64: class embeddings of the labels and of the unconditional class, their
         AdaLN modulations (once per batch, not per scale), the first scale's input, a zero latent."""
         B = labels.shape[0]
-        cond_BD = self.class_emb(torch.cat((labels, torch.full_like(labels, self.num_classes)), dim=0))
-        shared = self.shared_ada_lin(cond_BD)
-        head_scale, head_shift = self.head_nm.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2)
+        cond_BD = self.class_embeddings(labels)
+        modulations, head_scale, head_shift = self.adaln_conditioning(cond_BD)
         lvl_pos = self.lvl_pos()
         x = cond_BD.unsqueeze(1).expand(2 * B, self.first_l, -1) + self.pos_start.expand(2 * B, self.first_l, -1)
         side = self.patch_nums[-1]
         vae_weight = self.vae.quantize.embedding.weight
         return VARState(
             batch=B,
-            modulations=[block.modulation(shared) for block in self.blocks],
+            modulations=modulations,
             attn_constants=[block.attn.constants() for block in self.blocks],
-            head_scale=head_scale.add(1),
+            head_scale=head_scale,
             head_shift=head_shift,
             lvl_pos=lvl_pos,
             x=x + lvl_pos[:, : self.first_l],
