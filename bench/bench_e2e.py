@@ -1,21 +1,33 @@
-"""End-to-end sampling throughput: upstream-style eager loop vs Engine (no graphs) vs Engine (CUDA graphs).
+"""End-to-end sampling throughput of four methods, side by side:
+
+* ``upstream_shaped``: shaped like upstream VAR's inference (its demo): float32 weights under float16 autocast with
+  the cast cache on (the demo freezes its weights, and autocast caches only casts of weights that require grad, so
+  every use re-casts, as there), the AdaLN conditioning recomputed at every scale, a ``torch.cat`` KV cache
+  (``sample_reference(per_scale_conditioning=True)`` on a float32 copy of the model). "x upstream" means this arm.
+* ``reference_eager``: our reference loop (``sample_reference``: conditioning once per batch, ``torch.cat`` cache) on
+  the bf16 weights, under bf16 autocast;
+* ``engine_eager`` / ``engine_graphs``: the Engine without / with CUDA graphs.
 
 GPU: VAR-d16 and VAR-d30 shapes with random bf16 weights, B in {1, 16, 64}, cfg 1.5, top-k 900,
 top-p 0.96, SSG off and on; images/s end to end (transformer + VAE decode) and transformer only
 (end to end minus the method's own VQ-VAE decode time), against the analytic floor
 (``ssg_engine.costs``: per-stage roofline at the measured bf16 matmul rate and copy bandwidth).
-The decode is timed per method in that method's dtype, on the same random latent: upstream eager decodes
-its own float32 VQ-VAE under bf16 autocast (as upstream's demo runs it), the Engine in ``engine.vae_dtype``
-(its decoder, channels-last). A transformer-only time that would be zero or negative (decode measured
-longer than the whole run: noise) is reported as null with a ``note``.
-CPU (``--cpu``): the shipped Fashion-MNIST model in float32, reference sampler vs Engine (no graphs) side by
-side in one run, B in {1, 4, 16, 64}; the summary holds the Engine / reference throughput ratios.
+The decode is timed per method in that method's dtype, on the same random latent: the two eager loops decode
+a float32 VQ-VAE under their autocast, the Engine in ``engine.vae_dtype`` (its decoder, channels-last).
+A transformer-only time that would be zero or negative (decode measured longer than the whole run: noise) is
+reported as null with a ``note``. A batch size that runs out of device memory is a ``"skipped"`` row (with the
+error), and the next model still runs.
+CPU (``--cpu``): the shipped Fashion-MNIST model in float32, the eager loops vs Engine (no graphs) side by
+side in one run, B in {1, 4, 16, 64}, no autocast; the summary holds the throughput ratios.
 ``--smoke``: the golden tiny model, no speed claims (its floor is the H200 datasheet's, to exercise the code).
 
-Each row is written to ``--out`` as soon as it is measured (atomically: the file is always complete JSON,
-``"complete": false`` until the end), so a run stopped by a timeout keeps what it measured.
+Each row is written as soon as it is measured: to ``--out`` (atomically: the file is always complete JSON,
+``"complete": false`` until the end) and appended to ``--rows`` (JSON Lines, ``bench/rows.py``: a ``run`` line with
+the settings, rates and floor GPU, one ``row`` per measurement, ``done`` at the end), so a run stopped by a
+timeout keeps what it measured.
 
     python bench/bench_e2e.py --out bench/results/e2e.json                 # GPU
+    python bench/bench_e2e.py --models d16 --rows OUT/e2e.jsonl            # GPU, one model, rows as they come
     python bench/bench_e2e.py --cpu --out bench/results/e2e_cpu.json       # CPU: Engine vs reference sampler
     python bench/bench_e2e.py --smoke --out /tmp/e2e_smoke.json            # CPU smoke test
 """
@@ -34,6 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from env_info import environment  # noqa: E402
+from rows import RowWriter  # noqa: E402
 
 from ssg_engine import SSG, ModelConfig, costs, load_models, random_models, sample_reference  # noqa: E402
 from ssg_engine.engine import Engine  # noqa: E402
@@ -41,6 +54,9 @@ from ssg_engine.files import atomic_write_json  # noqa: E402
 from ssg_engine.pretrained import SAMPLING, load_pretrained  # noqa: E402
 
 GOLDEN_TINY = Path(__file__).resolve().parents[1] / "tests" / "golden" / "var_tiny"
+UPSTREAM = "upstream_shaped"  # the method "x upstream" ratios divide by
+# autocast of each eager loop on CUDA (upstream's demo: float16; our reference loop: bf16); the Engine runs without
+AUTOCAST = {"upstream_shaped": torch.float16, "reference_eager": torch.bfloat16}
 
 
 def timed(fn: Callable[[], object], repeats: int, warmup: int, cuda: bool) -> float:
@@ -61,9 +77,10 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int, cuda: bool) -> fl
 
 def timed_side_by_side(runs: Dict[str, Callable[[], object]], repeats: int, warmup: int, cuda: bool) -> Dict[str, float]:
     """Median seconds of each run, the runs interleaved repeat by repeat so that they share the machine's noise
-    (upstream's eager loop under bf16 autocast on CUDA, as its demo runs it)."""
+    (each eager loop under its ``AUTOCAST`` dtype on CUDA, the cast cache on as in upstream's demo)."""
     def run(method: str) -> float:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and method == "upstream_eager"):
+        dtype = AUTOCAST.get(method, torch.bfloat16)
+        with torch.autocast("cuda", dtype=dtype, enabled=cuda and method in AUTOCAST, cache_enabled=True):
             return timed(runs[method], 1, 0, cuda)
 
     for method in runs:
@@ -110,28 +127,32 @@ def bench_model(
     top_k: int = 900, on_row: Callable[[dict], None] = lambda row: None,
 ) -> List[dict]:
     """Rows (model, B, SSG off/on, method) of end-to-end and transformer-only throughput; each row is handed to
-    ``on_row`` as soon as it is measured."""
+    ``on_row`` as soon as it is measured. A batch size that runs out of device memory is handed over as a
+    ``"skipped"`` row instead (``kind`` key) and the larger ones are not tried."""
     cuda = device.startswith("cuda")
     rows = []
-    # upstream decodes its own VQ-VAE as loaded (float32; bf16 autocast on CUDA): copied before the Engines cast
-    # the shared one's decoder to their vae dtype
+    # the eager loops decode their own VQ-VAE as loaded (float32; under autocast on CUDA): copied before the Engines
+    # cast the shared one's decoder to their vae dtype
     upstream_vae = copy.deepcopy(vae)
+    upstream_var = copy.deepcopy(var).float()  # upstream's float32 weights (frozen, as its demo freezes them)
     engines = {
         "engine_eager": Engine(var, vae, max_batch=max(batches), device=device, dtype=var.head.weight.dtype, cuda_graphs=False),
     }
     if cuda:
         engines["engine_graphs"] = Engine(var, vae, max_batch=max(batches), device=device, dtype=var.head.weight.dtype, cuda_graphs=True)
-    vaes = {"upstream_eager": upstream_vae, **{ename: eng.vae for ename, eng in engines.items()}}
-    decode_dtype = {"upstream_eager": "bfloat16 (autocast)" if cuda else str(upstream_vae.post_quant_conv.weight.dtype).removeprefix("torch.")}
+    vaes = {UPSTREAM: upstream_vae, "reference_eager": upstream_vae, **{ename: eng.vae for ename, eng in engines.items()}}
+    models = {UPSTREAM: upstream_var}
+    decode_dtype = {method: f"{str(AUTOCAST[method]).removeprefix('torch.')} (autocast)" if cuda
+                    else str(upstream_vae.post_quant_conv.weight.dtype).removeprefix("torch.") for method in AUTOCAST}
     engine_vae_dtype = torch.float32
     for ename, eng in engines.items():
         engine_vae_dtype = getattr(eng, "vae_dtype", torch.float32)
         decode_dtype[ename] = str(engine_vae_dtype).removeprefix("torch.")
 
     def with_vae(method: str, fn: Callable[[], object]) -> Callable[[], object]:
-        """``fn`` with the method's VQ-VAE attached to the shared VAR (its decode step uses it)."""
+        """``fn`` with the method's VQ-VAE attached to the method's VAR (its decode step uses it)."""
         def run():
-            var.attach_vae(vaes[method])
+            models.get(method, var).attach_vae(vaes[method])
             return fn()
         return run
 
@@ -142,25 +163,41 @@ def bench_model(
         return lambda: model.fhat_to_img(f_in).float().add_(1).mul_(0.5)
 
     top_k = min(top_k, var.V)
+    def sample(B: int, labels: torch.Tensor, ssg: Optional[SSG]) -> Dict[str, Callable[[], object]]:
+        settings = dict(seed=0, cfg=1.5, top_k=top_k, top_p=0.96, ssg=ssg)
+        runs = {
+            UPSTREAM: lambda: sample_reference(upstream_var, B, labels, per_scale_conditioning=True, **settings),
+            "reference_eager": lambda: sample_reference(var, B, labels, **settings),
+        }
+        for ename, eng in engines.items():
+            runs[ename] = lambda eng=eng: eng.generate(labels, **settings)
+        return {method: with_vae(method, fn) for method, fn in runs.items()}
+
+    def measure(B: int) -> None:
+        labels = torch.arange(B, device=device) % var.num_classes
+        f_hat = torch.randn(B, var.Cvae, var.patch_nums[-1], var.patch_nums[-1], device=device)
+        with torch.inference_mode():
+            decode_s = timed_side_by_side({method: decode(method, f_hat) for method in vaes}, repeats, warmup, cuda)
+        for ssg_name, ssg in (("off", None), ("on", SSG(beta=0.5))):
+            seconds = timed_side_by_side(sample(B, labels, ssg), repeats, warmup, cuda)
+            floor = analytic_floor(var.config, B, floor_gpu, ssg is not None, engine_vae_dtype) if floor_gpu else None
+            for method, s in seconds.items():
+                row = measured_row(name, B, ssg_name, method, s, decode_s[method], decode_dtype[method], floor)
+                rows.append(row)
+                on_row(row)
+                print(row_line(row), flush=True)
+
     try:
         for B in batches:
-            labels = torch.arange(B, device=device) % var.num_classes
-            f_hat = torch.randn(B, var.Cvae, var.patch_nums[-1], var.patch_nums[-1], device=device)
-            with torch.inference_mode():
-                decode_s = timed_side_by_side({method: decode(method, f_hat) for method in vaes}, repeats, warmup, cuda)
-            for ssg_name, ssg in (("off", None), ("on", SSG(beta=0.5))):
-                runs = {
-                    "upstream_eager": with_vae("upstream_eager", lambda: sample_reference(var, B, labels, seed=0, cfg=1.5, top_k=top_k, top_p=0.96, ssg=ssg)),
-                }
-                for ename, eng in engines.items():
-                    runs[ename] = with_vae(ename, lambda eng=eng: eng.generate(labels, cfg=1.5, top_k=top_k, top_p=0.96, seed=0, ssg=ssg))
-                seconds = timed_side_by_side(runs, repeats, warmup, cuda)
-                floor = analytic_floor(var.config, B, floor_gpu, ssg is not None, engine_vae_dtype) if floor_gpu else None
-                for method, s in seconds.items():
-                    row = measured_row(name, B, ssg_name, method, s, decode_s[method], decode_dtype[method], floor)
-                    rows.append(row)
-                    on_row(row)
-                    print(row_line(row), flush=True)
+            try:
+                measure(B)
+                continue
+            except torch.cuda.OutOfMemoryError as error:
+                note = f"out of device memory at B={B} ({str(error).splitlines()[0][:200]}); larger batches not tried"
+            torch.cuda.empty_cache()  # after the except block, whose traceback held the failed run's tensors
+            on_row({"kind": "skipped", "model": name, "B": B, "note": note})
+            print(f"{name} B={B}: {note}", flush=True)
+            break
     finally:
         var.attach_vae(vae)
     return rows
@@ -172,7 +209,7 @@ def measured_row(model: str, B: int, ssg: str, method: str, seconds: float, deco
     measured as long as the whole run), and the floor with the fractions of it reached."""
     transformer_s = seconds - decode_s
     row = {
-        "model": model, "B": B, "ssg": ssg, "method": method, "seconds": seconds, "images_per_s": B / seconds,
+        "kind": "row", "model": model, "B": B, "ssg": ssg, "method": method, "seconds": seconds, "images_per_s": B / seconds,
         "decode_seconds": decode_s, "decode_dtype": decode_dtype,
         "transformer_only_seconds": transformer_s if transformer_s > 0 else None,
         "transformer_only_images_per_s": B / transformer_s if transformer_s > 0 else None,
@@ -200,16 +237,16 @@ def row_line(row: dict) -> str:
 
 
 def summarize(rows: List[dict]) -> Dict[str, float]:
-    """Speedups of graphs vs upstream eager, and SSG overhead, per (model, B)."""
+    """Speedups of the other methods vs the upstream-shaped loop, and SSG overhead, per (model, B)."""
     out = {}
-    get = {(r["model"], r["B"], r["ssg"], r["method"]): r["seconds"] for r in rows}
+    get = {(r["model"], r["B"], r["ssg"], r["method"]): r["seconds"] for r in rows if r.get("kind", "row") == "row"}
     for (model, B, ssg, method), s in get.items():
-        if method == "upstream_eager" and ssg == "off":
-            for m in ("engine_eager", "engine_graphs"):
+        if method == UPSTREAM and ssg == "off":
+            for m in ("reference_eager", "engine_eager", "engine_graphs"):
                 for setting in ("off", "on"):
-                    if (model, B, setting, m) in get and (model, B, setting, "upstream_eager") in get:
+                    if (model, B, setting, m) in get and (model, B, setting, UPSTREAM) in get:
                         suffix = "" if setting == "off" else "_ssg"
-                        out[f"{model}_B{B}_{m}{suffix}_speedup_vs_upstream"] = get[(model, B, setting, "upstream_eager")] / get[(model, B, setting, m)]
+                        out[f"{model}_B{B}_{m}{suffix}_speedup_vs_upstream"] = get[(model, B, setting, UPSTREAM)] / get[(model, B, setting, m)]
         if ssg == "off" and (model, B, "on", method) in get:
             out[f"{model}_B{B}_{method}_ssg_overhead"] = get[(model, B, "on", method)] / s - 1
     return out
@@ -224,6 +261,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="CPU smoke test on the golden tiny model (no speed claims)")
     ap.add_argument("--cpu", action="store_true", help="CPU: the shipped model, reference sampler vs Engine, B 1/4/16/64")
     ap.add_argument("--out", default=None, help="JSON, rewritten (atomically) after every measured row")
+    ap.add_argument("--rows", default=None, help="JSON Lines (bench/rows.py), appended: the run, then each row as it is measured")
     args = ap.parse_args()
     cuda = torch.cuda.is_available() and not (args.smoke or args.cpu)
     device = "cuda" if cuda else "cpu"
@@ -244,6 +282,8 @@ def main() -> None:
         "settings": {"batches": batches, "repeats": repeats, "warmup": warmup, "cfg": 1.5, "top_p": 0.96},
         "rows": [], "summary": {},
     }
+    lines = RowWriter(args.rows)
+    lines.write("run", **{k: v for k, v in report.items() if k not in ("rows", "summary", "complete")})
 
     def write() -> None:
         if args.out:
@@ -252,6 +292,7 @@ def main() -> None:
     def on_row(row: dict) -> None:
         report["rows"].append(row)
         report["summary"] = summarize(report["rows"])
+        lines.write(**row)
         write()
 
     write()
@@ -269,6 +310,7 @@ def main() -> None:
         bench_model("tiny", vae, var, batches, device, repeats, warmup, floor_gpu, on_row=on_row)
     report["complete"] = True
     write()
+    lines.write("done", summary=report["summary"])
     print(json.dumps(report["summary"], indent=1))
     if args.out:
         print(f"wrote {args.out}")
