@@ -11,6 +11,10 @@ more shared memory than the arch has.
 
     python bench/aot_compile.py --arch 80 90 --out bench/results/aot      # everything (minutes)
     python bench/aot_compile.py --arch 90 --quick --out /tmp/aot          # one configuration per kernel
+    python bench/aot_compile.py --arch 90 --jobs 16 --out /tmp/aot        # 16 compiles at a time
+
+Each compile also lands in Triton's cache, so a JIT launch with the same compile key on that arch loads it
+(``bench/device_check.sh`` precompiles this way before timing).
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ import argparse  # noqa: E402
 import itertools  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
+import multiprocessing  # noqa: E402
+import queue  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -205,8 +211,48 @@ def problems(row: dict) -> List[str]:
     return out
 
 
-def compile_all(cases: Sequence[Case], archs: Sequence[int], log=print) -> List[dict]:
-    """One row per distinct compile key and arch, with the launches that share it."""
+def _compile_share(specs: Sequence[Tuple[int, CompileSpec, int]], results: "multiprocessing.Queue") -> None:
+    """A forked worker: compile its share of (index, spec, arch) and put (index, row) on ``results``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, spec, arch in specs:
+            results.put((i, compile_row(spec, arch, Path(tmp))))
+
+
+def compile_rows(specs: Sequence[Tuple[CompileSpec, int]], jobs: int) -> Iterator[Tuple[int, dict]]:
+    """(index, ``compile_row``) of every (spec, arch) in completion order, ``jobs`` forked processes compiling at
+    once (1: in this process, in order). A worker that dies loses its remaining specs: they come back as failed rows."""
+    if jobs <= 1:
+        with tempfile.TemporaryDirectory() as tmp:
+            for i, (spec, arch) in enumerate(specs):
+                yield i, compile_row(spec, arch, Path(tmp))
+        return
+    ctx = multiprocessing.get_context("fork")  # forked: the workers inherit the specs, nothing is pickled but rows
+    results = ctx.Queue()
+    workers = [ctx.Process(target=_compile_share, args=([(i, *specs[i]) for i in range(j, len(specs), jobs)], results), daemon=True)
+               for j in range(min(jobs, len(specs)))]
+    for w in workers:
+        w.start()
+    pending = set(range(len(specs)))
+    while pending:
+        try:
+            i, row = results.get(timeout=1)
+        except queue.Empty:
+            if any(w.is_alive() for w in workers):
+                continue
+            break
+        pending.discard(i)
+        yield i, row
+    for w in workers:
+        w.join()
+    for i in sorted(pending):
+        spec, arch = specs[i]
+        yield i, {"kernel": spec.kernel.__name__.strip("_"), "arch": arch, "num_warps": spec.options["num_warps"],
+                  "pointers": {n: t for n, t in spec.signature.items() if t.startswith("*")}, "constexprs": {},
+                  "specialized_to_constant": {}, "int_args": {}, "compiled": False, "error": "compile worker died (see its output above)"}
+
+
+def compile_all(cases: Sequence[Case], archs: Sequence[int], log=print, jobs: int = 1) -> List[dict]:
+    """One row per distinct compile key and arch, with the launches that share it; ``jobs`` compiles at a time."""
     groups: Dict[Tuple[int, str], Tuple[CompileSpec, List[Case]]] = {}
     per_bucket: Dict[tuple, set] = defaultdict(set)  # (bucket, arch) -> compile keys
     for case in cases:
@@ -214,18 +260,18 @@ def compile_all(cases: Sequence[Case], archs: Sequence[int], log=print) -> List[
             spec = compile_spec(case.launch, arch)
             groups.setdefault((arch, spec.key), (spec, []))[1].append(case)
             per_bucket[case.bucket, arch].add(spec.key)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, ((arch, _), (spec, members)) in enumerate(groups.items()):
-            row = compile_row(spec, arch, Path(tmp))
-            row.update(
-                key=spec.key, launches=len(members), example=members[0].describe(),
-                presets=sorted({c.preset for c in members}, key=PRESETS.index),
-                max_variants_per_bucket=max(len(per_bucket[c.bucket, arch]) for c in members),
-            )
-            rows.append(row)
-            state = "; ".join(problems(row)) or f"{row['registers']} regs, {row['sass_instructions']} SASS"
-            log(f"[{i + 1}/{len(groups)}] sm_{arch} {row['kernel']} {row['constexprs']} w{row['num_warps']}: {state}")
+    entries = list(groups.items())
+    rows: List[Optional[dict]] = [None] * len(entries)
+    for done, (i, row) in enumerate(compile_rows([(spec, arch) for (arch, _), (spec, _) in entries], jobs)):
+        (arch, _), (spec, members) = entries[i]
+        row.update(
+            key=spec.key, launches=len(members), example=members[0].describe(),
+            presets=sorted({c.preset for c in members}, key=PRESETS.index),
+            max_variants_per_bucket=max(len(per_bucket[c.bucket, arch]) for c in members),
+        )
+        rows[i] = row
+        state = "; ".join(problems(row)) or f"{row['registers']} regs, {row['sass_instructions']} SASS"
+        log(f"[{done + 1}/{len(groups)}] sm_{arch} {row['kernel']} {row['constexprs']} w{row['num_warps']}: {state}")
     return rows
 
 
@@ -269,13 +315,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one configuration per kernel (the CI test)")
     ap.add_argument("--dtypes", nargs="+", choices=[str(d).removeprefix("torch.") for d in DTYPES], default=None,
                     help="input dtypes of the full set (default: all)")
+    ap.add_argument("--jobs", type=int, default=1, help="compiles at a time, in forked processes (default 1)")
     args = ap.parse_args(argv)
     dtypes = DTYPES if args.dtypes is None else [getattr(torch, d) for d in args.dtypes]
     cases = quick_cases() if args.quick else [
         *guidance_cases(PRESETS, BATCHES, dtypes), *sampling_cases(PRESETS, BATCHES, dtypes)
     ]
     print(f"{len(cases)} launches -> compiling for sm_{', sm_'.join(map(str, args.arch))}", flush=True)
-    rows = compile_all(cases, args.arch, log=lambda line: print(line, flush=True))
+    rows = compile_all(cases, args.arch, log=lambda line: print(line, flush=True), jobs=args.jobs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "aot_kernels.json").write_text(json.dumps(rows, indent=1) + "\n")

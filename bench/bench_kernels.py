@@ -19,7 +19,8 @@ copy (2 bytes moved per byte copied).
     TRITON_INTERPRET=1 python bench/bench_kernels.py --smoke --out /tmp/k.json  # CPU: correctness only
 
 ``--smoke`` (the default without CUDA) runs tiny shapes on the Triton interpreter and
-checks the kernels against the baselines; it records no timings.
+checks the kernels against the baselines; it records no timings. ``--rows`` appends JSON Lines
+(``bench/rows.py``): the run's settings first, then each case's row as soon as it is measured.
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ TOP_K, TOP_P, TEMPERATURE = 900, 0.95, 1.0
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=None, help="write results as JSON here")
+    p.add_argument("--out", default=None, help="write results as JSON here (at the end)")
+    p.add_argument("--rows", default=None, help="append JSON Lines here: the run, then each row as it is measured")
     p.add_argument("--smoke", action="store_true", default=None, help="interpreter, tiny shapes, no timings")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--reps", type=int, default=50)
@@ -212,17 +214,14 @@ def main() -> None:
     os.environ["TRITON_INTERPRET"] = "1" if args.smoke else "0"
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from env_info import environment
+    from rows import RowWriter
 
     device = "cpu" if args.smoke else "cuda"
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --smoke (interpreter, no timings)")
     copy_gbps = None if args.smoke else copy_bandwidth_gbps(args.warmup, args.reps)
-    results = [run_guidance(c, args, device, copy_gbps) for c in guidance_cases(args.smoke)]
-    results += [run_sampler(c, args, device, copy_gbps) for c in sampler_cases(args.smoke)]
     if copy_gbps is not None:
-        print(f"device copy bandwidth: {copy_gbps:.0f} GB/s")
-    print_table(results, args.smoke)
-
+        print(f"device copy bandwidth: {copy_gbps:.0f} GB/s", flush=True)
     report = dict(
         smoke=args.smoke,
         env=dict(environment(), interpreter=os.environ.get("TRITON_INTERPRET") == "1"),
@@ -234,8 +233,17 @@ def main() -> None:
             copy="2 * 1 GiB per device-to-device copy",
         ),
         copy_bandwidth_GBps=copy_gbps,
-        results=results,
     )
+    lines = RowWriter(args.rows)
+    lines.write("run", **report)
+    results = []
+    for run, cases in ((run_guidance, guidance_cases(args.smoke)), (run_sampler, sampler_cases(args.smoke))):
+        for case in cases:
+            results.append(run(case, args, device, copy_gbps))
+            lines.write("row", **results[-1])
+    print_table(results, args.smoke)
+    report["results"] = results
+    lines.write("done")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
