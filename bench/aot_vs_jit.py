@@ -18,9 +18,13 @@ its cubin with ``cuobjdump`` instead of loading it on a device.
     python bench/aot_vs_jit.py --out-dir OUT/aot                  # on a GPU, every configuration
     python bench/aot_vs_jit.py --dtypes bfloat16 float32 --out-dir OUT/aot   # the device check's subset
     python bench/aot_vs_jit.py --dry-run --quick --out-dir /tmp/aot   # CPU: plumbing only
+    python bench/aot_vs_jit.py --aot-dir PRE --jobs 16 --rows OUT/aot.jsonl   # AOT rows compiled earlier
 
 Writes ``aot_vs_jit.json`` (and ``aot_compile.py``'s ``aot_kernels.json`` / ``.md``) into ``--out-dir``; exits 1
-when a configuration differs or fails on either side.
+when a configuration differs or fails on either side. ``--jobs`` runs ``aot_compile.py --jobs``; ``--aot-dir``
+takes an ``aot_kernels.json`` compiled earlier for this arch and flags (``bench/device_check.sh`` precompiles
+while other steps run) instead of compiling again. ``--rows`` appends JSON Lines (``bench/rows.py``): each JIT
+configuration as it is compiled (``jit``), then each comparison (``row``) and the counts (``done``).
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import aot_compile  # noqa: E402  (sets TRITON_ALWAYS_COMPILE=1)
 from env_info import environment  # noqa: E402
+from rows import RowWriter  # noqa: E402
 
 from ssg_engine.files import atomic_write_json  # noqa: E402
 from ssg_engine.kernels import KernelLaunch  # noqa: E402
@@ -162,6 +167,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"], default=None,
                     help="input dtypes of the full set (aot_compile.py --dtypes; default: all)")
     ap.add_argument("--dry-run", action="store_true", help=f"no GPU: check the plumbing (sm_{DRY_RUN_ARCH}, AOT on both sides)")
+    ap.add_argument("--jobs", type=int, default=1, help="compiles at a time on the AOT side (aot_compile.py --jobs)")
+    ap.add_argument("--aot-dir", default=None, help="use this aot_compile.py output (same arch and flags) instead of compiling")
+    ap.add_argument("--rows", default=None, help="append JSON Lines here as configurations are compiled and compared")
     args = ap.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
         print("no CUDA device: run with --dry-run (plumbing only)", file=sys.stderr)
@@ -172,12 +180,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report = {"mode": "dry-run" if args.dry_run else "device", "arch": arch, "quick": args.quick, "dtypes": args.dtypes,
               "environment": environment(),
               "rows": [], "matched": 0, "mismatched": 0, "errors": []}
+    lines = RowWriter(args.rows)
+    lines.write("run", **{k: v for k, v in report.items() if k not in ("rows", "matched", "mismatched", "errors")})
     start = time.perf_counter()
-    cmd = [sys.executable, str(HERE / "aot_compile.py"), "--arch", str(arch), "--out", str(out)]
+    aot_dir = out if args.aot_dir is None else Path(args.aot_dir)
+    cmd = [sys.executable, str(HERE / "aot_compile.py"), "--arch", str(arch), "--out", str(out), "--jobs", str(args.jobs)]
     cmd += ["--quick"] if args.quick else ["--dtypes", *args.dtypes] if args.dtypes else []
-    print(f"AOT: {' '.join(cmd[1:])} (in the background)", flush=True)
     aot_log_file = tempfile.TemporaryFile(mode="w+")  # not a pipe: nobody reads it until the JIT side is done
-    aot_proc = subprocess.Popen(cmd, stdout=aot_log_file, stderr=subprocess.STDOUT, text=True)
+    aot_proc = None
+    if args.aot_dir is None:
+        print(f"AOT: {' '.join(cmd[1:])} (in the background)", flush=True)
+        aot_proc = subprocess.Popen(cmd, stdout=aot_log_file, stderr=subprocess.STDOUT, text=True)
+    else:
+        print(f"AOT: the rows in {aot_dir / 'aot_kernels.json'} (compiled earlier)", flush=True)
 
     jit: Dict[str, dict] = {}
     device = "cpu" if args.dry_run else "cuda"
@@ -198,20 +213,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except Exception as error:  # noqa: BLE001 - every failure is reported, the others still run
             entry["error"] = f"{type(error).__name__}: {str(error)[:1000]}"
         jit[key] = entry
+        lines.write("jit", key=key, **entry)
         print(f"  [{i + 1}/{len(reps)}] {case.kernel} {case.describe()}: "
               + (entry.get("error") or f"{entry['registers']} regs, {entry['spill_bytes']} B spill, {entry['shared_bytes']} B shared"), flush=True)
 
-    aot_proc.wait()
+    aot_returncode = 0 if aot_proc is None else aot_proc.wait()
     aot_log_file.seek(0)
     aot_log = aot_log_file.read()
-    report["aot_returncode"] = aot_proc.returncode
-    aot_json = out / "aot_kernels.json"
+    report["aot_returncode"] = aot_returncode
+    aot_json = aot_dir / "aot_kernels.json"
     if not aot_json.is_file():
-        report["errors"].append(f"aot_compile.py wrote no {aot_json} (exit {aot_proc.returncode}): {aot_log[-2000:]}")
+        report["errors"].append(f"aot_compile.py wrote no {aot_json} (exit {aot_returncode}): {aot_log[-2000:]}")
         aot_rows = []
     else:
         aot_rows = [r for r in json.loads(aot_json.read_text()) if r["arch"] == arch]
-    if aot_proc.returncode:
+    if aot_returncode:
         print(aot_log[-3000:], file=sys.stderr)
     for aot in aot_rows:
         key = aot.get("key")
@@ -227,13 +243,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             row["problems"] = compare(row["aot"], row["jit"])
         row["match"] = not row["problems"]
         report["rows"].append(row)
+        lines.write("row", **row)
     for key, entry in jit.items():  # JIT configurations the AOT run did not have
         report["rows"].append({"kernel": entry["kernel"], "example": entry["example"], "aot": None, "jit": entry,
                                "problems": ["not among aot_compile.py's configurations"], "match": False})
+        lines.write("row", **report["rows"][-1])
     report["matched"] = sum(r["match"] for r in report["rows"])
     report["mismatched"] = len(report["rows"]) - report["matched"]
     report["seconds"] = round(time.perf_counter() - start, 1)
     atomic_write_json(out / "aot_vs_jit.json", report)
+    lines.write("done", **{k: report[k] for k in ("mode", "arch", "matched", "mismatched", "errors", "seconds")})
 
     print(f"{'kernel':20} {'example':45} {'AOT regs':>8} {'JIT regs':>8} {'spill A/J':>11} {'shared A/J':>13}  result")
     for r in report["rows"]:
