@@ -227,6 +227,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         aot_rows = []
     else:
         aot_rows = [r for r in json.loads(aot_json.read_text()) if r["arch"] == arch]
+        if args.aot_dir is not None:  # compiled earlier, perhaps for more flags (all dtypes): this run's configurations
+            aot_rows = [r for r in aot_rows if r.get("key") in reps]
     if aot_returncode:
         print(aot_log[-3000:], file=sys.stderr)
     for aot in aot_rows:
