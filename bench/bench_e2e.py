@@ -163,6 +163,7 @@ def bench_model(
         return lambda: model.fhat_to_img(f_in).float().add_(1).mul_(0.5)
 
     top_k = min(top_k, var.V)
+
     def sample(B: int, labels: torch.Tensor, ssg: Optional[SSG]) -> Dict[str, Callable[[], object]]:
         settings = dict(seed=0, cfg=1.5, top_k=top_k, top_p=0.96, ssg=ssg)
         runs = {
