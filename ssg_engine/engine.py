@@ -1,6 +1,6 @@
 """The fast sampling engine: a static KV cache, conditioning once per batch, fused per-scale ops, no host sync
 inside the loop, and on CUDA the whole scale loop + decode captured as a CUDA graph per batch-size bucket (and, for
-Infinity, per schedule and CFG/temperature lists).
+Infinity, per schedule and where CFG applies; the cfg/temperature values are device tensors).
 
 One Engine for both model families (:mod:`ssg_engine.models.family`): class-conditional VAR (labels) and
 text-conditional Infinity (text features: packed, as the reference sampler, or padded to the model's ``text_maxlen``
@@ -373,7 +373,8 @@ class _StaticBatch:
         return _tensors(cond) + (_tensors(model.negative) if isinstance(model, InfinityRequest) else ())
 
     def _fill(self, model: NextScaleModel, cond: Cond, seed: int, params: SamplingParams) -> None:
-        """Stage ``cond`` (and negative text), ``seed`` and the request's numbers into the static buffers."""
+        """Stage ``cond`` (and negative text; on the host, see :meth:`Engine.bind`), ``seed`` and the request's numbers
+        into the static buffers."""
         K = self.cfg_t.numel()
         numbers = self.engine._cfg_ts(model, params) + (params.ssg.step_betas(K) if params.ssg is not None else [0.0] * K)
         if isinstance(model, InfinityRequest):
@@ -385,11 +386,8 @@ class _StaticBatch:
             return
         self._copied.synchronize()  # the previous replay's copies have left the staging buffers
         for static, host, new in zip(self._static, self._staging, values):
-            if new.device.type == "cpu":
-                host.copy_(new)
-                static.copy_(host, non_blocking=True)
-            else:
-                static.copy_(new)
+            host.copy_(new)
+            static.copy_(host, non_blocking=True)
         self._copied.record()
 
     def replay(self, model: NextScaleModel, cond: Cond, seed: int, params: SamplingParams) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor]:

@@ -12,10 +12,11 @@ Two implementations, same API, same errors, same contents (tested against each o
   (:mod:`ssg_engine.extension`);
 * :class:`PyStaticKVCache`, used (with one warning giving the reason) only when the extension cannot be built.
 
-The device write is one custom op, ``torch.ops.ssg_engine.kv_write_`` (schema ``KV_WRITE_SCHEMA``, as ``csrc/kv_cache.cpp`` defines it: mutates exactly the
-two caches, with a fake impl, so ``torch.compile`` traces it): the extension's C++ kernel, or the same op defined here
-in Python when the extension is absent. The Engine writes through :func:`write_and_read` (the op and two views, no
-pybind call), ``PyStaticKVCache.write`` through the op after its checks.
+The device write is one custom op, ``torch.ops.ssg_engine.kv_write_`` (schema ``KV_WRITE_SCHEMA``, as
+``csrc/kv_cache.cpp`` defines it: it mutates exactly the two caches; with a fake impl, so ``torch.compile`` traces
+it): the extension's C++ kernel, or the same op defined here in Python when the extension is absent. The Engine
+writes through :func:`write_and_read` (the op and two views, no pybind call), ``PyStaticKVCache.write`` through the
+op after its checks.
 """
 from __future__ import annotations
 
