@@ -109,6 +109,25 @@ def test_cfg_and_tau_sweep_reuses_one_batch(static_engine, insertion):
     assert len(engine._graphs) == 3
 
 
+@torch.no_grad()
+def test_var_cfg_and_beta_sweep_reuses_one_batch(tiny_dir):
+    """VAR's static batch: labels, seed, cfg and SSG betas refilled per replay, each equal to the loop with those
+    Python numbers; one batch for the whole sweep."""
+    from ssg_engine import load_models
+
+    vae, var = load_models(tiny_dir / "var.pth", tiny_dir / "vae.pth", config=tiny_dir / "config.json")
+    engine = Engine(var, vae, max_batch=4, device="cpu", dtype=torch.float32, cuda_graphs=False, backend="reference")
+    engine.cuda_graphs = True  # no capture on CPU: _StaticBatch runs the loop on its buffers
+    for labels, seed, cfg, beta in (([1, 2, 3], 0, 1.5, 0.5), ([4, 5, 6], 1, 1.5, 0.5), ([1, 2, 3], 0, 4.0, 0.5), ([1, 2, 3], 0, 1.5, 0.9)):
+        params = SamplingParams(cfg=cfg, top_k=100, top_p=0.95, seed=seed, ssg=SSG(beta=beta))
+        images, tokens = engine.generate(labels, params)
+        model, cond, params = engine.bind(torch.tensor(labels + [0]), params)
+        eager_images, eager_tokens, _ = engine.run_batch(cond, torch.tensor([seed]), params, model=model)
+        assert all(torch.equal(a, b[:3]) for a, b in zip(tokens, eager_tokens)), (labels, seed, cfg, beta)
+        assert torch.equal(images, eager_images[:3])
+    assert len(engine._graphs) == 1
+
+
 # ----------------------------------------------------------------------------- KV writes: one custom op
 
 
