@@ -1,6 +1,6 @@
 """The fast sampling engine: a static KV cache, conditioning once per batch, fused per-scale ops, no host sync
 inside the loop, and on CUDA the whole scale loop + decode captured as a CUDA graph per batch-size bucket (and, for
-Infinity, per schedule and CFG/temperature lists).
+Infinity, per schedule and where CFG applies; the cfg/temperature values are device tensors).
 
 One Engine for both model families (:mod:`ssg_engine.models.family`): class-conditional VAR (labels) and
 text-conditional Infinity (text features: packed, as the reference sampler, or padded to the model's ``text_maxlen``
@@ -22,10 +22,10 @@ from . import ops
 from .backend import resolve_backend
 from .guidance import cfg_ratio
 from .infinity_sampler import family_keywords, infinity_request
-from .kv_cache import StaticKVCache
+from .kv_cache import StaticKVCache, write_and_read
 from .models.bsq_vae import BSQVAE
 from .models.family import NextScaleModel
-from .models.infinity import MAX_SCALES, InfinityRequest, InfinityTransformer, PaddedText, TextFeatures
+from .models.infinity import MAX_SCALES, InfinityRequest, InfinityTransformer, PaddedText, RequestTensors, TextFeatures
 from .models.var import VARTransformer
 from .models.vqvae import VQVAE
 from .params import SamplingParams, check_seed
@@ -88,15 +88,21 @@ def _tensors(cond: Optional[Cond]) -> Tuple[torch.Tensor, ...]:
     return () if cond is None else (cond.features, cond.mask) if isinstance(cond, PaddedText) else (cond,)
 
 
-def _static(cond: Optional[Cond]) -> Optional[Cond]:
-    """A buffer of ``cond``'s shapes for a captured graph (refilled with :func:`_tensors` copies before each replay)."""
-    return None if cond is None else PaddedText(cond.features.clone(), cond.mask.clone()) if isinstance(cond, PaddedText) else cond.clone()
+def _static(cond: Optional[Cond], device: torch.device) -> Optional[Cond]:
+    """A buffer of ``cond``'s shapes on ``device`` for a captured graph (refilled from :func:`_tensors` before each replay)."""
+    if cond is None:
+        return None
+    if isinstance(cond, PaddedText):
+        return PaddedText(torch.empty_like(cond.features, device=device), torch.empty_like(cond.mask, device=device))
+    return torch.empty_like(cond, device=device)
 
 
 def _request_key(model: NextScaleModel) -> tuple:
-    """What a captured graph bakes in of an Infinity request (VAR: nothing)."""
+    """What a captured graph bakes in of an Infinity request (VAR: nothing): the schedule and where CFG applies (which
+    scales have ``w_k != 1``, at which layers, with negative text or not). The values of ``cfg_list`` and ``tau_list``
+    are device tensors refilled before each replay (:class:`RequestTensors`)."""
     if isinstance(model, InfinityRequest):
-        return model.schedule, tuple(model.cfg_list), tuple(model.tau_list), model.cfg_insertion_layer, model.negative is not None
+        return model.schedule, tuple(w != 1 for w in model.cfg_list), model.cfg_insertion_layer, model.negative is not None
     return ()
 
 
@@ -153,7 +159,7 @@ class Engine:
         num_scales = MAX_SCALES if self.infinity else len(model.patch_nums)
         self.offsets = [torch.tensor([si], dtype=torch.long, device=self.device) for si in range(num_scales)]
         self._kv: Optional[StaticKVCache] = None
-        self._graphs: "collections.OrderedDict[tuple, _CapturedBatch]" = collections.OrderedDict()
+        self._graphs: "collections.OrderedDict[tuple, _StaticBatch]" = collections.OrderedDict()
         self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None  # one memory pool for all graphs
 
     # ------------------------------------------------------------------ public
@@ -163,26 +169,29 @@ class Engine:
 
     def bind(self, cond: Any, params: SamplingParams, **family: Any) -> Tuple[NextScaleModel, Cond, SamplingParams]:
         """What :meth:`run_batch` takes for a request: the model bound to it (VAR: itself; Infinity: an
-        :class:`InfinityRequest`, ``family`` = the Infinity keywords, see :func:`infinity_request`), the condition on the
-        device (labels (n,); text packed, or padded to ``text_maxlen`` when capturing graphs) and the params the sampler applies (Infinity: temperature
-        1, as ``params.temperature`` becomes ``tau_list``, applied before CFG)."""
+        :class:`InfinityRequest`, ``family`` = the Infinity keywords, see :func:`infinity_request`), the condition
+        (labels (n,), or text: packed) on the device, or with CUDA graphs on the host (text padded to ``text_maxlen``)
+        until a captured batch stages it, and the params the sampler applies (Infinity: temperature 1, as
+        ``params.temperature`` becomes ``tau_list``, applied before CFG)."""
+        # with graphs the condition stays on the host until a captured batch stages it (pinned, non-blocking)
+        home = torch.device("cpu") if self.cuda_graphs else self.device
         if not self.infinity:
             family_keywords(family, text_conditional=False)
-            return self.model, class_labels(cond, self.model.num_classes, self.device), params
+            return self.model, class_labels(cond, self.model.num_classes, home), params
 
         maxlen = self.model.config.text_maxlen
 
-        def on_device(text: Any) -> Union[TextFeatures, PaddedText]:
+        def at_home(text: Any) -> Union[TextFeatures, PaddedText]:
             packed = TextFeatures.coerce(text)
             if max(packed.lens) > maxlen:
                 raise ValueError(f"text: a prompt has {max(packed.lens)} tokens; this model takes at most text_maxlen={maxlen}")
-            packed = TextFeatures(packed.kv_compact.to(self.device), packed.lens)
+            packed = TextFeatures(packed.kv_compact.to(home), packed.lens)
             return PaddedText.pad(packed, maxlen) if self.cuda_graphs else packed
 
         if family.get("negative") is not None:
-            family["negative"] = on_device(family["negative"])
+            family["negative"] = at_home(family["negative"])
         request = infinity_request(self.model, self.vae, params, **family)
-        text = on_device(cond)
+        text = at_home(cond)
         if request.negative is not None and request.negative.batch != text.batch:
             raise ValueError(f"negative has {request.negative.batch} prompts; give one per prompt ({text.batch})")
         return request, text, params.replace(temperature=1.0)
@@ -240,13 +249,13 @@ class Engine:
             schedule = guidance_schedule(0.0, params.ssg, model.scale_sizes(), self.device, cfg_ts=self._cfg_ts(model, params))
         guide = Guidance(schedule, params.ssg, functools.partial(ops.ssg_guidance, backend=self.backend))
         kv = self._kv_cache(2 * _rows(cond), model.cache_layout())
+        k_cache, v_cache = kv.k_cache, kv.v_cache
         width = model.draw_width
         nonfinite: List[torch.Tensor] = []
         self.last_logits = []
 
         def store(layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> Tuple[torch.Tensor, torch.Tensor]:
-            kv.write(layer, start, k.to(self.dtype), v.to(self.dtype))
-            return kv.read(layer, k.shape[0], start + k.shape[2])
+            return write_and_read(k_cache, v_cache, layer, start, k.to(self.dtype), v.to(self.dtype))
 
         def pick(si: int, logits_2B: torch.Tensor):
             guided, cfg = guide(si, logits_2B)
@@ -296,57 +305,96 @@ class Engine:
         padded = _pad_rows(cond, b)
         if isinstance(model, InfinityRequest):
             model = dataclasses.replace(model, negative=_pad_rows(model.negative, b))
-        seed_t = torch.tensor([seed], dtype=torch.long, device=self.device)
         if self.cuda_graphs:
             self._kv_cache(2 * b, model.cache_layout())  # grow (and drop stale graphs) before looking a graph up
             key = (b, graph_key(params, len(model.scale_sizes())), _request_key(model))
-            graph = self._graphs.pop(key, None) or _CapturedBatch(self, model, padded, params)
+            graph = self._graphs.pop(key, None) or _StaticBatch(self, model, padded, params)
             self._graphs[key] = graph  # most recently used last
             while len(self._graphs) > self.max_graphs:
                 self._graphs.popitem(last=False)
-            img, tok, bad = graph.replay(model, padded, seed_t, params)
+            img, tok, bad = graph.replay(model, padded, seed, params)
         else:
-            img, tok, bad = self.run_batch(padded, seed_t, params, model=model)
+            img, tok, bad = self.run_batch(padded, torch.tensor([seed], dtype=torch.long, device=self.device), params, model=model)
         return img[:n].clone(), [t[:n].clone() for t in tok], bad.clone()
 
 
-class _CapturedBatch:
-    """One CUDA graph of ``Engine.run_batch`` for a bucket, a ``graph_key`` and (Infinity) a request's schedule and
-    lists; the condition (labels, or padded text and negative text), the seed, the CFG weights and the SSG betas are
-    static device buffers refilled before each replay."""
+class _StaticBatch:
+    """One CUDA graph of ``Engine.run_batch`` for a bucket, a ``graph_key`` and (Infinity) a ``_request_key``, and
+    everything it reads, held for its lifetime: the static device buffers refilled before each replay (the condition:
+    labels, or padded text and negative text; the seed; one float32 buffer of the CFG weights ``cfg_t`` (K,), the SSG
+    betas (K,) and, for Infinity, the request's cfg/tau numbers (3K,), see :class:`RequestTensors`), the guidance
+    ``schedule`` with its prior operators, Infinity's RoPE tables (``model.tensors.rope``), the KV cache and the scale
+    offsets. Nothing a replay reads lives only in a cache (``guidance._cached_operator`` or ``device_rope_tables``), whose
+    eviction would free it under the graph.
+
+    Host values reach the buffers through pinned staging buffers by non-blocking copies; a CUDA event recorded after
+    them is waited for before the staging buffers are rewritten. On a CPU engine (tests) nothing is captured and
+    :meth:`replay` runs the loop on the static buffers."""
 
     def __init__(self, engine: Engine, model: NextScaleModel, cond: Cond, params: SamplingParams) -> None:
         self.engine = engine
         device = engine.device
-        self.cond = _static(cond)
-        self.model = dataclasses.replace(model, negative=_static(model.negative)) if isinstance(model, InfinityRequest) else model
+        capture = device.type == "cuda"
+        K = len(model.scale_sizes())
+        self.kv = engine._kv_cache(2 * _rows(cond), model.cache_layout())
+        self.offsets = engine.offsets
+        self.cond = _static(cond, device)
         self.seed = torch.zeros(1, dtype=torch.long, device=device)
+        infinity = isinstance(model, InfinityRequest)
+        self.floats = torch.zeros((5 if infinity else 2) * K, dtype=torch.float32, device=device)
+        self.cfg_t, self.beta = self.floats[:K], self.floats[K : 2 * K]
+        if infinity:
+            tensors = RequestTensors.from_buffer(model, self.floats[2 * K :])
+            self.model = dataclasses.replace(model, negative=_static(model.negative, device), tensors=tensors)
+        else:
+            self.model = model
         template = guidance_schedule(0.0, params.ssg, model.scale_sizes(), device, cfg_ts=engine._cfg_ts(model, params))
-        self.cfg_t = torch.zeros(len(template), dtype=torch.float32, device=device)
-        self.beta = torch.zeros(len(template), dtype=torch.float32, device=device)
-        schedule = [ScaleGuidance(self.cfg_t[si], self.beta[si] if g.operator is not None else 0.0, g.operator) for si, g in enumerate(template)]
-        self._fill(engine._cfg_ts(model, params), params)
-        run = functools.partial(engine.run_batch, self.cond, self.seed, params, model=self.model, schedule=schedule)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up compiles the Triton kernels and fills caches outside capture
-            for _ in range(2):
-                run()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=engine._graph_pool):
-            self.images, self.tokens, self.nonfinite = run()
+        self.schedule = [ScaleGuidance(self.cfg_t[si], self.beta[si] if g.operator is not None else 0.0, g.operator) for si, g in enumerate(template)]
+        self._static = self._buffers(self.model, self.cond) + (self.seed, self.floats)
+        self._staging = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in self._static) if capture else None
+        self._copied = torch.cuda.Event() if capture else None
+        self._fill(model, cond, 0, params)
+        self._run = run = functools.partial(engine.run_batch, self.cond, self.seed, params, model=self.model, schedule=self.schedule)
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        if capture:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up compiles the Triton kernels and fills caches outside capture
+                for _ in range(2):
+                    run()
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=engine._graph_pool):
+                self.images, self.tokens, self.nonfinite = run()
 
-    def _fill(self, cfg_ts: Sequence[float], params: SamplingParams) -> None:
+    @staticmethod
+    def _buffers(model: NextScaleModel, cond: Cond) -> Tuple[torch.Tensor, ...]:
+        """The condition's tensors, then (Infinity) the negative text's."""
+        return _tensors(cond) + (_tensors(model.negative) if isinstance(model, InfinityRequest) else ())
+
+    def _fill(self, model: NextScaleModel, cond: Cond, seed: int, params: SamplingParams) -> None:
+        """Stage ``cond`` (and negative text; on the host, see :meth:`Engine.bind`), ``seed`` and the request's numbers
+        into the static buffers."""
         K = self.cfg_t.numel()
-        self.cfg_t.copy_(torch.tensor(cfg_ts))
-        self.beta.copy_(torch.tensor(params.ssg.step_betas(K) if params.ssg is not None else [0.0] * K))
+        numbers = self.engine._cfg_ts(model, params) + (params.ssg.step_betas(K) if params.ssg is not None else [0.0] * K)
+        if isinstance(model, InfinityRequest):
+            numbers += RequestTensors.values(model)
+        values = self._buffers(model, cond) + (torch.tensor([seed], dtype=torch.long), torch.tensor(numbers, dtype=torch.float32))
+        if self._staging is None:
+            for static, new in zip(self._static, values):
+                static.copy_(new)
+            return
+        self._copied.synchronize()  # the previous replay's copies have left the staging buffers
+        for static, host, new in zip(self._static, self._staging, values):
+            host.copy_(new)
+            static.copy_(host, non_blocking=True)
+        self._copied.record()
 
-    def replay(self, model: NextScaleModel, cond: Cond, seed: torch.Tensor, params: SamplingParams) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor]:
-        negatives = (self.model.negative, model.negative) if isinstance(model, InfinityRequest) else (None, None)
-        for static, new in zip(_tensors(self.cond) + _tensors(negatives[0]), _tensors(cond) + _tensors(negatives[1])):
-            static.copy_(new)
-        self.seed.copy_(seed)
-        self._fill(self.engine._cfg_ts(model, params), params)
+    def replay(self, model: NextScaleModel, cond: Cond, seed: int, params: SamplingParams) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor]:
+        """Images, tokens and the non-finite flags of ``cond`` (``seed``, ``params``, ``model``'s numbers) from the
+        captured graph (CPU: the loop on the static buffers)."""
+        self._fill(model, cond, seed, params)
+        if self.graph is None:
+            return self._run()
         self.graph.replay()
         return self.images, self.tokens, self.nonfinite

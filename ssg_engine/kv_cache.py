@@ -8,9 +8,15 @@ over. Every argument is checked on the host; misuse raises :class:`KVCacheError`
 
 Two implementations, same API, same errors, same contents (tested against each other):
 
-* the C++ extension (``StaticKVCache`` of ``ssg_engine._C``; the device write is the custom op
-  ``torch.ops.ssg_engine.kv_write_``), built at install or at first use (:mod:`ssg_engine.extension`);
+* the C++ extension (``StaticKVCache`` of ``ssg_engine._C``), built at install or at first use
+  (:mod:`ssg_engine.extension`);
 * :class:`PyStaticKVCache`, used (with one warning giving the reason) only when the extension cannot be built.
+
+The device write is one custom op, ``torch.ops.ssg_engine.kv_write_`` (schema ``KV_WRITE_SCHEMA``, as
+``csrc/kv_cache.cpp`` defines it: it mutates exactly the two caches; with a fake impl, so ``torch.compile`` traces
+it): the extension's C++ kernel, or the same op defined here in Python when the extension is absent. The Engine
+writes through :func:`write_and_read` (the op and two views, no pybind call), ``PyStaticKVCache.write`` through the
+op after its checks.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ import torch
 
 from .extension import load_extension
 
-__all__ = ["KVCacheError", "StaticKVCache", "PyStaticKVCache", "extension_available"]
+__all__ = ["KVCacheError", "StaticKVCache", "PyStaticKVCache", "extension_available", "write_and_read"]
 
 
 class KVCacheError(ValueError):
@@ -31,6 +37,33 @@ class KVCacheError(ValueError):
 _C, _IMPORT_ERROR = load_extension()  # installed build, else built with ninja at first use, else (None, reason)
 if _C is not None:
     _C._set_exception_type(KVCacheError)
+
+KV_WRITE_SCHEMA = "(Tensor(a!) k_cache, Tensor(b!) v_cache, int layer, int start, Tensor k, Tensor v) -> ()"
+
+if _C is None:  # the extension's op, in Python: one write path whichever cache is in use
+    torch.library.define("ssg_engine::kv_write_", KV_WRITE_SCHEMA)
+
+    @torch.library.impl("ssg_engine::kv_write_", "CompositeExplicitAutograd")
+    def _kv_write_python(k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        n, l = k.shape[0], k.shape[2]
+        k_cache[layer, :n, :, start : start + l].copy_(k)
+        v_cache[layer, :n, :, start : start + l].copy_(v)
+
+
+@torch.library.register_fake("ssg_engine::kv_write_")
+def _kv_write_fake(k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Writes in place, returns nothing: nothing to allocate."""
+
+
+def write_and_read(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``k``, ``v`` (n, H, l, D) written at positions ``[start, start + l)`` of rows ``:n`` of ``layer`` of the caches
+    (num_layers, batch, H, max_len, D) by ``torch.ops.ssg_engine.kv_write_``; returns the K, V views
+    (n, H, start + l, D). No host checks (the caller's shapes come from the model's cache layout)."""
+    torch.ops.ssg_engine.kv_write_(k_cache, v_cache, layer, start, k, v)
+    n, end = k.shape[0], start + k.shape[2]
+    return k_cache[layer, :n, :, :end], v_cache[layer, :n, :, :end]
 
 
 def extension_available() -> bool:
@@ -84,11 +117,10 @@ class PyStaticKVCache:
                 )
         if v.shape != k.shape:
             raise KVCacheError(f"write: v has shape {_fmt_shape(v.shape)}, k has {_fmt_shape(k.shape)}")
-        n, l = k.shape[0], k.shape[2]
+        l = k.shape[2]
         if start < 0 or start + l > self.max_len:
             raise KVCacheError(f"write: positions [{start}, {start + l}) are outside the cache's [0, {self.max_len})")
-        self.k_cache[layer, :n, :, start : start + l].copy_(k)
-        self.v_cache[layer, :n, :, start : start + l].copy_(v)
+        torch.ops.ssg_engine.kv_write_(self.k_cache, self.v_cache, layer, start, k, v)
 
     def read(self, layer: int, n: int, length: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """K, V views (n, H, length, D): rows ``:n``, positions ``[0, length)`` of ``layer``."""

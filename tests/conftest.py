@@ -121,3 +121,17 @@ def load_golden_infinity(name: str):
 def packed(T: Dict[str, torch.Tensor], prefix: str) -> tuple:
     """Upstream's (kv_compact, lens, cu_seqlens_k, max_seqlen_k) from the golden tensors ``prefix.*``."""
     return T[f"{prefix}.kv_compact"], T[f"{prefix}.lens"], T[f"{prefix}.cu_seqlens_k"], int(T[f"{prefix}.lens"].max())
+
+
+# The Engine's graph path against its eager path on a GPU, per Engine dtype. Logits (relative error, given the same
+# tokens): float32 differs only in summation order (padded vs packed text: <= 2e-4 measured on CPU; 5x margin);
+# bfloat16 adds roundings of 2^-8 through the blocks (the bf16-vs-fp32 bound of tests/test_engine.py). Greedy
+# tokens/bits: the fraction that agree, since a logit difference can flip a near-tie (and every later scale with it).
+GRAPH_LOGITS_REL_TOL = {torch.float32: 1e-3, torch.bfloat16: 3e-2}
+GREEDY_AGREEMENT = {torch.float32: 0.99, torch.bfloat16: 0.95}
+
+
+def agreement(a, b) -> float:
+    """Fraction of equal entries over two lists of token (or bit) tensors of equal shapes."""
+    assert [x.shape for x in a] == [y.shape for y in b]
+    return sum(int((x == y).sum()) for x, y in zip(a, b)) / sum(x.numel() for x in a)

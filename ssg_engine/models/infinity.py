@@ -505,7 +505,8 @@ class InfinityState:
     the accumulated BSQ codes at the last scale's size (channels-last like upstream's, so that the interpolations
     and the next input's embedding run the same kernels); ``cfg_list``/``cfg_layers`` the CFG mixing applied at the
     output of the listed (absolute) layers inside :meth:`InfinityTransformer.step`; ``cfg_on_logits``: whether the
-    caller mixes the logits (then ``step`` returns both halves at scales with cfg != 1).
+    caller mixes the logits (then ``step`` returns both halves at scales with cfg != 1); ``cfg_weights``: None (mix
+    with ``cfg_list``'s numbers) or device tensors (w_k, 1 - w_k), each (K,), that a captured graph reads instead.
     """
 
     batch: int
@@ -521,6 +522,7 @@ class InfinityState:
     cfg_list: Sequence[float]
     cfg_layers: Tuple[int, ...]
     cfg_on_logits: bool
+    cfg_weights: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
 
 class InfinityTransformer(nn.Module):
@@ -641,6 +643,7 @@ class InfinityTransformer(nn.Module):
         negative: Any = None,
         cfg_list: Optional[Sequence[float]] = None,
         cfg_insertion_layer: Sequence[int] = (0,),
+        tensors: Optional["RequestTensors"] = None,
     ) -> InfinityState:
         """State for B prompts: the text condition (with CFG anywhere in ``cfg_list``: B more rows, the negative
         features or ``cfg_uncond[:len]`` per prompt), AdaLN modulations, the first scale's input, zero codes. ``text``: what
@@ -649,6 +652,8 @@ class InfinityTransformer(nn.Module):
         ``cfg_insertion_layer`` entries ``k < 0`` mix ``cfg * cond + (1 - cfg) * uncond`` at the output of layer
         ``depth + k`` inside :meth:`step`; entry 0 (on logits) is left to the caller (step returns both halves).
         With the batch doubled, ``step`` returns only the conditional rows where the caller does not mix the logits.
+        ``tensors`` (a captured graph's): the layer CFG weights and RoPE tables to read instead of ``cfg_list``'s
+        numbers and the cached tables (``cfg_list`` still decides where CFG applies).
         """
         text = text if isinstance(text, PaddedText) else TextFeatures.coerce(text)
         sched = as_schedule(schedule)
@@ -667,7 +672,7 @@ class InfinityTransformer(nn.Module):
         gss = self.shared_ada_lin(cond_BD).float().contiguous()
         blocks = self.block_list()
         x = cond_BD.unsqueeze(1) + self.pos_start.expand(text.batch, 1, -1)
-        cos, sin = device_rope_tables(sched, self.C // self.num_heads, x.device)
+        cos, sin = device_rope_tables(sched, self.C // self.num_heads, x.device) if tensors is None else tensors.rope
         H, W = sched[-1]
         return InfinityState(
             batch=B, rows=text.batch, schedule=sched, cond_BD=cond_BD,
@@ -676,7 +681,7 @@ class InfinityTransformer(nn.Module):
             rope=(cos, sin),
             x=x, summed_codes=torch.zeros(B, self.d, 1, H, W, device=x.device).contiguous(memory_format=torch.channels_last_3d),
             cfg_list=list(cfg_list) if cfg_list is not None else [1.0] * len(sched), cfg_layers=tuple(layers),
-            cfg_on_logits=0 in cfg_insertion_layer,
+            cfg_on_logits=0 in cfg_insertion_layer, cfg_weights=None if tensors is None else (tensors.cfg, tensors.uncond),
         )
 
     def step(self, state: InfinityState, si: int, kv: KVStore) -> torch.Tensor:
@@ -701,7 +706,8 @@ class InfinityTransformer(nn.Module):
                 x = self.add_level(x, si)
             x = block(x, state.modulations[layer], lambda x_, i=layer, a=block.sa: attention(x_, i, a), state.ca_kv[layer], state.lens)
             if cfg != 1 and layer in state.cfg_layers:
-                x = cfg * x[:B] + (1 - cfg) * x[B:]
+                w_cond, w_uncond = (cfg, 1 - cfg) if state.cfg_weights is None else (state.cfg_weights[0][si], state.cfg_weights[1][si])
+                x = w_cond * x[:B] + w_uncond * x[B:]
                 x = torch.cat((x, x))
         rows = state.rows if state.cfg_on_logits and cfg != 1 else B
         logits = self.get_logits(x[:rows], state.cond_BD[:rows])
@@ -810,10 +816,36 @@ def per_scale(values: Sequence[float], name: str, K: int) -> List[float]:
 
 
 @dataclasses.dataclass
+class RequestTensors:
+    """What a captured graph of a request reads from device memory instead of Python numbers (refilled before each
+    replay, so a cfg or tau sweep reuses one graph) or cached tables (held here for the graph's lifetime): per scale
+    ``cfg`` = w_k, ``uncond`` = 1 - w_k and ``inv_tau`` = 1 / tau_k, each (K,) float32 (computed in float64 on the host
+    and rounded once, as the Python numbers are), and the RoPE tables ``rope`` (cos, sin) (L, hd/2)."""
+
+    cfg: torch.Tensor
+    uncond: torch.Tensor
+    inv_tau: torch.Tensor
+    rope: Tuple[torch.Tensor, torch.Tensor]
+
+    @staticmethod
+    def values(request: "InfinityRequest") -> List[float]:
+        """The request's numbers in the order of :meth:`from_buffer`'s views (3K floats)."""
+        return [*request.cfg_list, *(1 - w for w in request.cfg_list), *(1 / t for t in request.tau_list)]
+
+    @classmethod
+    def from_buffer(cls, request: "InfinityRequest", buffer: torch.Tensor) -> "RequestTensors":
+        """Views of ``buffer`` (3K,) float32 (filled with :meth:`values`) and the request's RoPE tables on its device."""
+        cfg, uncond, inv_tau = buffer.view(3, len(request.schedule))
+        model = request.model
+        return cls(cfg, uncond, inv_tau, device_rope_tables(request.schedule, model.C // model.num_heads, buffer.device))
+
+
+@dataclasses.dataclass
 class InfinityRequest:
     """An Infinity model bound to one call's schedule, CFG and temperature lists, negative prompts (``negative``: as
     the text given to :meth:`condition`; None: ``cfg_uncond``) and VAE (None: no decoding), as a
-    :class:`ssg_engine.models.family.NextScaleModel` for the samplers.
+    :class:`ssg_engine.models.family.NextScaleModel` for the samplers. ``tensors``: None, or the device tensors a
+    captured graph reads instead of the lists' numbers and the cached RoPE tables (:class:`RequestTensors`).
 
     :meth:`step` gives (2B, h*w, 2d) float32 logits: the model's bit logits times ``1 / tau_k`` (upstream's order:
     temperature, then CFG), flattened over (bit, side); where the logits are not mixed at a scale the model returns
@@ -828,6 +860,7 @@ class InfinityRequest:
     tau_list: Sequence[float]
     negative: Any = None
     cfg_insertion_layer: Sequence[int] = (0,)
+    tensors: Optional[RequestTensors] = None
     draw_width: ClassVar[int] = 2
 
     def __post_init__(self) -> None:
@@ -851,13 +884,14 @@ class InfinityRequest:
 
     def condition(self, text: Any) -> InfinityState:
         return self.model.condition(
-            text, self.schedule, negative=self.negative, cfg_list=self.cfg_list, cfg_insertion_layer=self.cfg_insertion_layer
+            text, self.schedule, negative=self.negative, cfg_list=self.cfg_list, cfg_insertion_layer=self.cfg_insertion_layer,
+            tensors=self.tensors,
         )
 
     def step(self, state: InfinityState, si: int, kv: KVStore) -> torch.Tensor:
         logits = self.model.step(state, si, kv)
         rows, hw, d, _ = logits.shape
-        x = logits.mul(1 / self.tau_list[si]).reshape(rows, hw, 2 * d)
+        x = logits.mul(1 / self.tau_list[si] if self.tensors is None else self.tensors.inv_tau[si]).reshape(rows, hw, 2 * d)
         return torch.cat((x, x)) if rows == state.batch else x
 
     def next_input(self, state: InfinityState, si: int, bits: torch.Tensor) -> None:
