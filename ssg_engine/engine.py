@@ -114,8 +114,10 @@ class Engine:
     for ``max_batch`` up front; ``kv_cache_bytes()``), and at most ``max_graphs`` captured graphs are kept
     (least recently used dropped), all in one shared memory pool. The reference backend syncs the host, so it
     runs without graphs. VAR runs in ``dtype``; its VQ-VAE decodes in ``vae_dtype`` (default: ``dtype``),
-    channels-last, inside the captured graph, its quantizer keeping the accumulated latent in float32. Infinity keeps
-    its float32 weights and runs under ``torch.autocast(dtype)`` (as upstream), KV cache in ``dtype``.
+    channels-last, inside the captured graph, its quantizer keeping the accumulated latent in float32. Infinity samples
+    with ``model.inference_copy(dtype, device)`` (``self.model``; the model given stays ``self.source_model``, as it
+    is): its linear weights cast once to ``dtype``, the rest float32 as upstream, run under ``torch.autocast(dtype)``
+    with no weight re-cast per scale; KV cache in ``dtype``.
     """
 
     def __init__(
@@ -131,6 +133,7 @@ class Engine:
         vae_dtype: Optional[torch.dtype] = None,
     ) -> None:
         check_family(model, vae, "Engine(var, vae)")
+        self.source_model = model  # the model given (Infinity samples with a copy in dtype: self.model)
         self.max_batch = as_number(max_batch, "max_batch", "a positive integer", integer=True, valid=lambda v: v > 0)
         self.max_graphs = as_number(max_graphs, "max_graphs", "a positive integer", integer=True, valid=lambda v: v > 0)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -140,7 +143,7 @@ class Engine:
         if self.infinity:
             if vae_dtype is not None:
                 raise ValueError("vae_dtype applies to VAR's VQ-VAE; leave it None for Infinity (its VAE runs under autocast to dtype)")
-            self.model, self.vae = model.to(device=self.device).eval(), vae.to(device=self.device).eval()
+            self.model, self.vae = model.inference_copy(dtype, self.device), vae.to(device=self.device).eval()
         else:
             self.vae_dtype = dtype if vae_dtype is None else vae_dtype
             self.model = model.to(device=self.device, dtype=dtype).eval()
