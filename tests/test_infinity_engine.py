@@ -127,6 +127,25 @@ def test_bf16_engine_logits_close_to_reference_and_equal_to_autocast_of_source(s
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("name,run", [("sq_d16", 1), ("wide_d8", 0)])
+def test_bf16_engine_padded_text_close_to_reference(setups, bf16_engines, name, run):
+    """The graphs' text path in bfloat16 (padded text, masked SDPA cross-attention on bfloat16 q, k, v) given the
+    reference's bits: within BF16_TOLERANCE of the float32 reference."""
+    s, engine = setups[name], bf16_engines[name]
+    kw = request_of(s["T"], name, run)
+    text = packed(s["T"], "text")
+    ref = sample_infinity_reference(s["model"], s["vae"], text, top_k=0, top_p=0.9, seed=3, record_logits=True, **kw)
+    pad = lambda t: PaddedText.pad(TextFeatures.coerce(t), s["model"].config.text_maxlen)  # noqa: E731
+    request, _, params = engine.bind(text, SamplingParams(top_k=0, top_p=0.9), **kw)
+    request.negative = None if kw["negative"] is None else pad(kw["negative"])
+    images, _, bad = engine.run_batch(pad(text), torch.tensor([0]), params, model=request, forced_tokens=ref.bits, record_logits=True)
+    assert not bad.any()
+    for si, (_, sampled_l) in enumerate(engine.last_logits):
+        assert rel_err(sampled_l.view_as(ref.logits[si]), ref.logits[si]) < BF16_TOLERANCE["logits"], f"scale {si}"
+    assert rel_err(images.float(), ref.images) < BF16_TOLERANCE["images"]
+
+
+@torch.no_grad()
 def test_bf16_engine_casts_no_weight_per_batch(setups, bf16_engines):
     """Weight casts in one batch: none with the Engine's copy; with the float32 model under autocast (the negative
     control) at least one per block and scale (the QKV weight), every batch."""
