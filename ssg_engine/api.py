@@ -39,7 +39,7 @@ class EngineCache:
         device, dtype = _placement(model)
         key = (id(model), id(vae), str(device), dtype)
         engine = self._engines.pop(key, None)
-        if engine is None or engine.model is not model or engine.vae is not vae:
+        if engine is None or engine.source_model is not model or engine.vae is not vae:
             engine = Engine(model, vae, max_batch=max_batch, device=device, dtype=dtype)
         self._engines[key] = engine
         while len(self._engines) > self.max_engines:

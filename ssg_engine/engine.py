@@ -23,6 +23,7 @@ from .backend import resolve_backend
 from .guidance import cfg_ratio
 from .infinity_sampler import family_keywords, infinity_request
 from .kv_cache import StaticKVCache, write_and_read
+from .memory import CONTEXT_BYTES, GiB, MemoryPlan, infinity_plan, itemsize, largest_batch
 from .models.bsq_vae import BSQVAE
 from .models.family import NextScaleModel
 from .models.infinity import MAX_SCALES, InfinityRequest, InfinityTransformer, PaddedText, RequestTensors, TextFeatures
@@ -109,7 +110,8 @@ def _request_key(model: NextScaleModel) -> tuple:
 class Engine:
     """Batch sampler for a loaded model pair: (VARTransformer, VQVAE) or (InfinityTransformer, BSQVAE).
 
-    ``Engine(model, vae, max_batch=64, device="cuda", dtype=torch.bfloat16, cuda_graphs=True, backend="auto")``;
+    ``Engine(model, vae, max_batch=64, device="cuda", dtype=torch.bfloat16, cuda_graphs=True, backend="auto",
+    device_memory=None)``;
     ``engine.generate(cond, params)`` (or keyword overrides: ``cfg=``, ``seed=``, ``ssg=`` ...; for Infinity also
     ``h_div_w=``, ``pn=``, ``schedule=``, ``negative=``, ``cfg_insertion_layer=``, ``cfg_list=``, ``tau_list=``) returns
     ``images (B, 3, H, W)`` in [0, 1] and the tokens per scale (VAR: (B, pn^2); Infinity: bits (B, h*w, d)).
@@ -120,8 +122,13 @@ class Engine:
     for ``max_batch`` up front; ``kv_cache_bytes()``), and at most ``max_graphs`` captured graphs are kept
     (least recently used dropped), all in one shared memory pool. The reference backend syncs the host, so it
     runs without graphs. VAR runs in ``dtype``; its VQ-VAE decodes in ``vae_dtype`` (default: ``dtype``),
-    channels-last, inside the captured graph, its quantizer keeping the accumulated latent in float32. Infinity keeps
-    its float32 weights and runs under ``torch.autocast(dtype)`` (as upstream), KV cache in ``dtype``.
+    channels-last, inside the captured graph, its quantizer keeping the accumulated latent in float32. Infinity samples
+    with ``model.inference_copy(dtype, device)`` (``self.model``; the model given stays ``self.source_model``, as it
+    is): its linear weights cast once to ``dtype``, the rest float32 as upstream, run under ``torch.autocast(dtype)``
+    with no weight re-cast per scale; KV cache in ``dtype``. Infinity batches are checked against its memory plan
+    (:func:`ssg_engine.memory.infinity_plan`) before anything is allocated: a bucket that does not fit
+    ``device_memory`` bytes (default: the CUDA device's total; None on CPU, no check) is one ``ValueError`` naming
+    the largest ``max_batch`` that fits.
     """
 
     def __init__(
@@ -135,10 +142,14 @@ class Engine:
         backend: str = "auto",
         max_graphs: int = 8,
         vae_dtype: Optional[torch.dtype] = None,
+        device_memory: Optional[int] = None,
     ) -> None:
         check_family(model, vae, "Engine(var, vae)")
+        self.source_model = model  # the model given (Infinity samples with a copy in dtype: self.model)
         self.max_batch = as_number(max_batch, "max_batch", "a positive integer", integer=True, valid=lambda v: v > 0)
         self.max_graphs = as_number(max_graphs, "max_graphs", "a positive integer", integer=True, valid=lambda v: v > 0)
+        if device_memory is not None:
+            device_memory = as_number(device_memory, "device_memory", "a positive integer (bytes)", integer=True, valid=lambda v: v > 0)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.backend = resolve_backend(backend, self.device)  # an unknown or unusable backend fails here
         self.dtype = dtype
@@ -146,7 +157,7 @@ class Engine:
         if self.infinity:
             if vae_dtype is not None:
                 raise ValueError("vae_dtype applies to VAR's VQ-VAE; leave it None for Infinity (its VAE runs under autocast to dtype)")
-            self.model, self.vae = model.to(device=self.device).eval(), vae.to(device=self.device).eval()
+            self.model, self.vae = model.inference_copy(dtype, self.device), vae.to(device=self.device).eval()
         else:
             self.vae_dtype = dtype if vae_dtype is None else vae_dtype
             self.model = model.to(device=self.device, dtype=dtype).eval()
@@ -155,6 +166,9 @@ class Engine:
                 part.to(dtype=self.vae_dtype, memory_format=torch.channels_last)
             self.model.attach_vae(self.vae)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and self.backend == "triton"
+        if device_memory is None and self.device.type == "cuda":
+            device_memory = torch.cuda.get_device_properties(self.device).total_memory
+        self.device_memory = device_memory
         self.buckets = batch_buckets(self.max_batch)
         num_scales = MAX_SCALES if self.infinity else len(model.patch_nums)
         self.offsets = [torch.tensor([si], dtype=torch.long, device=self.device) for si in range(num_scales)]
@@ -299,9 +313,35 @@ class Engine:
             self._kv = StaticKVCache(layers, rows, heads, length, head_dim, self.dtype, self.device)
         return self._kv
 
+    def _check_memory(self, request: InfinityRequest, b: int) -> None:
+        """``ValueError``, before anything is allocated, when the memory plan of a bucket of ``b`` images at the
+        request's schedule (with the KV cache as it would grow) does not fit ``device_memory`` (None: no check)."""
+        if self.device_memory is None:
+            return
+        layers, heads, length, head_dim = request.cache_layout()
+        rows = max(2 * b, self._kv.batch if self._kv is not None else 0)
+        length = max(length, self._kv.max_len if self._kv is not None else 0)
+
+        def plan_of(n: int) -> MemoryPlan:
+            return infinity_plan(self.model.config, request.schedule, self.dtype, n, vae=self.vae.config)
+
+        needed = dataclasses.replace(plan_of(b), kv_cache=2 * layers * rows * heads * length * head_dim * itemsize(self.dtype))
+        if needed.fits(self.device_memory):
+            return
+        fit = largest_batch(plan_of, self.device_memory, limit=self.max_batch)
+        h, w = request.schedule[-1]
+        advice = f"use max_batch={fit} or less" if fit else "not even one image fits: use a smaller pn or h_div_w schedule"
+        raise ValueError(
+            f"max_batch={self.max_batch}: a batch of {b} images at a {len(request.schedule)}-scale schedule ending at {h}x{w} needs "
+            f"{needed.total / GiB:.1f} GiB (+{CONTEXT_BYTES / GiB:.0f} GiB CUDA context), the device has {self.device_memory / GiB:.1f} GiB; "
+            f"{advice} (see ssg_engine.plan / ssg-engine plan)"
+        )
+
     def _run_chunk(self, model: NextScaleModel, cond: Cond, params: SamplingParams, seed: int) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor]:
         n = _rows(cond)
         b = next(size for size in self.buckets if size >= n)
+        if isinstance(model, InfinityRequest):
+            self._check_memory(model, b)
         padded = _pad_rows(cond, b)
         if isinstance(model, InfinityRequest):
             model = dataclasses.replace(model, negative=_pad_rows(model.negative, b))

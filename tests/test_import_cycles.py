@@ -26,7 +26,7 @@ COMPILED_MODULES = {f"{PACKAGE}._C"}
 # which re-exports the API.
 LAYERS: Dict[str, List[str]] = {
     "foundation": ["config", "files", "cache", "extension", "profiling", "backend", "data", "validation"],
-    "models": ["models.*", "kv_cache"],
+    "models": ["models.*", "kv_cache", "memory"],
     "guidance": ["guidance", "params"],
     "kernels": ["kernels.*", "ops"],
     "samplers": ["pipeline", "sampler", "infinity_sampler", "engine"],

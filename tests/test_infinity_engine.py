@@ -3,13 +3,15 @@ graphs): the same logits given the same bits, the same greedy bits, the padded t
 from __future__ import annotations
 
 import json
-from typing import Any, Dict
+import dataclasses
+from typing import Any, Dict, List
 
 import pytest
 import torch
 from conftest import INFINITY_CONFIGS as CONFIGS
 from conftest import INFINITY_GOLDEN as INF
 from conftest import GRAPH_LOGITS_REL_TOL, GREEDY_AGREEMENT, agreement, load_golden_infinity, packed, rel_err
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ssg_engine import SSG, SamplingParams, generate
 from ssg_engine.engine import Engine
@@ -19,6 +21,30 @@ from ssg_engine.models.infinity import (
     PaddedText, TextFeatures, masked_cross_attention, scale_schedule,
     varlen_cross_attention,
 )
+
+
+# Engine in bfloat16 (linear weights cast once, autocast) vs the float32 reference sampler given the same bits,
+# norm-relative error (rel_err). bfloat16 keeps 8 significant bits (unit roundoff 2^-9 = 2.0e-3); each block rounds
+# its linear inputs, weights and outputs, and the errors add over the blocks and scales: measured on the golden
+# models at most 6.7e-3 (logits) and 8.7e-3 (images, decoded under bf16 autocast); the bounds leave about 3x.
+BF16_TOLERANCE = {"logits": 2e-2, "images": 3e-2}
+
+
+class CastSpy(TorchDispatchMode):
+    """Counts copies that cast one of ``tensors`` (``aten.to`` / ``aten._to_copy`` returning new storage), e.g. the
+    casts autocast makes of float32 weights at every use."""
+
+    def __init__(self, tensors: List[torch.Tensor]) -> None:
+        super().__init__()
+        self.storages = {t.untyped_storage().data_ptr() for t in tensors}
+        self.casts = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        source = args[0].untyped_storage().data_ptr() if args and torch.is_tensor(args[0]) else None
+        if func.overloadpacket in (torch.ops.aten.to, torch.ops.aten._to_copy) and source in self.storages:
+            self.casts += out.untyped_storage().data_ptr() != source
+        return out
 
 
 
@@ -62,6 +88,77 @@ def test_logits_match_reference_given_same_bits(setups, name, run, ssg):
         assert rel_err(cfg_l.view_as(ref.cfg_logits[si]), ref.cfg_logits[si]) < 1e-5, f"cfg logits at scale {si}"
         assert rel_err(sampled_l.view_as(ref.logits[si]), ref.logits[si]) < 1e-5, f"sampled logits at scale {si}"
     assert rel_err(images, ref.images) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def bf16_engines(setups) -> Dict[str, Engine]:
+    """Per golden config: a bfloat16 CPU Engine (autocast, as on CUDA) on the float32 golden model."""
+    return {name: Engine(s["model"], s["vae"], max_batch=4, device="cpu", dtype=torch.bfloat16, cuda_graphs=False, backend="reference")
+            for name, s in setups.items()}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name,run", RUNS)
+def test_bf16_engine_logits_close_to_reference_and_equal_to_autocast_of_source(setups, bf16_engines, name, run):
+    """The bfloat16 Engine samples with its copy (linear weights cast once): its logits given the reference's bits
+    are within BF16_TOLERANCE of the float32 reference, and bit-identical to the model given run under autocast
+    (which re-casts every weight at every use): casting once changes no value. The model given is left as it was."""
+    s, engine = setups[name], bf16_engines[name]
+    assert engine.source_model is s["model"] and engine.model is not s["model"]
+    assert engine.model.block_list()[0].sa.mat_qkv.weight.dtype == torch.bfloat16
+    assert engine.model.head.weight.dtype == engine.model.block_list()[0].ada_gss.dtype == torch.float32
+    assert s["model"].block_list()[0].sa.mat_qkv.weight.dtype == torch.float32
+    kw = request_of(s["T"], name, run)
+    text = packed(s["T"], "text")
+    ref = sample_infinity_reference(s["model"], s["vae"], text, top_k=0, top_p=0.9, seed=3, record_logits=True, **kw)
+    request, cond, params = engine.bind(text, SamplingParams(top_k=0, top_p=0.9), **kw)
+    runs = []
+    for model in (engine.model, engine.source_model):
+        images, _, bad = engine.run_batch(cond, torch.tensor([0]), params, model=dataclasses.replace(request, model=model),
+                                          forced_tokens=ref.bits, record_logits=True)
+        runs.append((images.clone(), [sampled.clone() for _, sampled in engine.last_logits]))
+    (images, logits), (src_images, src_logits) = runs
+    assert not bad.any()
+    for si, (got, expected) in enumerate(zip(logits, ref.logits)):
+        assert rel_err(got.view_as(expected), expected) < BF16_TOLERANCE["logits"], f"scale {si}"
+        assert torch.equal(got, src_logits[si]), f"scale {si}: casting once changed a value"
+    assert rel_err(images.float(), ref.images) < BF16_TOLERANCE["images"]
+    assert torch.equal(images, src_images)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name,run", [("sq_d16", 1), ("wide_d8", 0)])
+def test_bf16_engine_padded_text_close_to_reference(setups, bf16_engines, name, run):
+    """The graphs' text path in bfloat16 (padded text, masked SDPA cross-attention on bfloat16 q, k, v) given the
+    reference's bits: within BF16_TOLERANCE of the float32 reference."""
+    s, engine = setups[name], bf16_engines[name]
+    kw = request_of(s["T"], name, run)
+    text = packed(s["T"], "text")
+    ref = sample_infinity_reference(s["model"], s["vae"], text, top_k=0, top_p=0.9, seed=3, record_logits=True, **kw)
+    pad = lambda t: PaddedText.pad(TextFeatures.coerce(t), s["model"].config.text_maxlen)  # noqa: E731
+    request, _, params = engine.bind(text, SamplingParams(top_k=0, top_p=0.9), **kw)
+    request.negative = None if kw["negative"] is None else pad(kw["negative"])
+    images, _, bad = engine.run_batch(pad(text), torch.tensor([0]), params, model=request, forced_tokens=ref.bits, record_logits=True)
+    assert not bad.any()
+    for si, (_, sampled_l) in enumerate(engine.last_logits):
+        assert rel_err(sampled_l.view_as(ref.logits[si]), ref.logits[si]) < BF16_TOLERANCE["logits"], f"scale {si}"
+    assert rel_err(images.float(), ref.images) < BF16_TOLERANCE["images"]
+
+
+@torch.no_grad()
+def test_bf16_engine_casts_no_weight_per_batch(setups, bf16_engines):
+    """Weight casts in one batch: none with the Engine's copy; with the float32 model under autocast (the negative
+    control) at least one per block and scale (the QKV weight), every batch."""
+    s, engine = setups["sq_d16"], bf16_engines["sq_d16"]
+    request, cond, params = engine.bind(packed(s["T"], "text"), SamplingParams(top_k=1), pn=5)
+    casts = {}
+    for label, model in (("copy", engine.model), ("source", engine.source_model)):
+        spy = CastSpy(list(model.parameters()) + list(model.buffers()))
+        with spy:
+            engine.run_batch(cond, torch.tensor([0]), params, model=dataclasses.replace(request, model=model))
+        casts[label] = spy.casts
+    assert casts["copy"] == 0
+    assert casts["source"] >= s["model"].depth * 5, casts
 
 
 @torch.no_grad()
@@ -140,6 +237,36 @@ def test_masked_cross_attention_equals_varlen():
     kp, vp = (torch.zeros(len(lens), T, H, hd).masked_scatter(mask[..., None, None], t) for t in (k, v))
     expected = varlen_cross_attention(q, k, v, lens, hd**-0.5)
     assert rel_err(masked_cross_attention(q, kp, vp, mask, hd**-0.5), expected) < 1e-6
+
+
+class OutputShapes(TorchDispatchMode):
+    """Records the shape of every tensor an op returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.shapes.update(tuple(t.shape) for t in (out if isinstance(out, (tuple, list)) else (out,)) if torch.is_tensor(t))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_cross_attention_materializes_no_scores(dtype):
+    """One SDPA with a boolean key mask: no (B, H, Lq, T) score tensor; bfloat16 inputs (the Engine's, under autocast)
+    give the varlen result within one bfloat16 rounding of the output (2^-8 relative, norm-wise well below it)."""
+    g = torch.Generator().manual_seed(2)
+    lens, T, H, hd, Lq = [2, 11, 6], 16, 4, 24, 7
+    q = torch.randn(len(lens), Lq, H, hd, generator=g)
+    k, v = torch.randn(sum(lens), H, hd, generator=g), torch.randn(sum(lens), H, hd, generator=g)
+    mask = torch.arange(T)[None] < torch.tensor(lens)[:, None]
+    kp, vp = (torch.zeros(len(lens), T, H, hd).masked_scatter(mask[..., None, None], t) for t in (k, v))
+    spy = OutputShapes()
+    with torch.inference_mode(), spy:
+        out = masked_cross_attention(q.to(dtype), kp.to(dtype), vp.to(dtype), mask, hd**-0.5)
+    assert (len(lens), H, Lq, T) not in spy.shapes
+    assert rel_err(out, varlen_cross_attention(q, k, v, lens, hd**-0.5)) < 2**-8
 
 
 @torch.no_grad()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ssg_engine import SamplingParams
 from ssg_engine.engine import Engine
 from ssg_engine.plan import CONTEXT_BYTES, GiB, plan
 from ssg_engine.pretrained import PRETRAINED_DIR, load_pretrained
@@ -60,3 +61,103 @@ def test_plan_command_prints_the_roofline_floor(capsys):
 
     assert main(["plan", "--preset", "d16", "--batch-size", "16", "--gpu", "h200"]) == 0
     assert "roofline floor on H200 SXM" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- Infinity
+
+
+@pytest.fixture(scope="module")
+def golden_infinity():
+    from conftest import INFINITY_GOLDEN, load_golden_infinity, packed
+
+    from ssg_engine.models.bsq_vae import load_bsq_vae
+
+    model, T = load_golden_infinity("sq_d16")
+    return model, load_bsq_vae(INFINITY_GOLDEN / "sq_d16" / "vae.pth"), packed(T, "text")
+
+
+@torch.no_grad()
+def test_infinity_plan_matches_the_engine(golden_infinity):
+    """The exact lines (weights of the Engine's copy and VAE, KV cache, text keys/values) equal what a bfloat16
+    Engine holds after a batch of 2 at a 5-scale schedule."""
+    from ssg_engine.memory import infinity_plan
+    from ssg_engine.models.infinity import PaddedText, scale_schedule
+
+    model, vae, text = golden_infinity
+    engine = Engine(model, vae, max_batch=2, device="cpu", dtype=torch.bfloat16, cuda_graphs=False, backend="reference")
+    sched = scale_schedule(1.0, 5)
+    p = infinity_plan(model.config, sched, torch.bfloat16, 2, vae=vae.config)
+    engine.generate(text, top_k=1, pn=5, cfg=2.0)
+    assert p.kv_cache == engine.kv_cache_bytes()
+    held = sum(t.numel() * t.element_size() for m in (engine.model, engine.vae) for t in list(m.parameters()) + list(m.buffers()))
+    assert p.weights == held
+    request, padded, _ = engine.bind(text, SamplingParams(cfg=2.0), pn=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the copy runs under autocast, as in the Engine
+        state = request.condition(PaddedText.pad(padded, model.config.text_maxlen))
+    assert p.condition == sum(t.numel() * t.element_size() for k, v in state.ca_kv for t in (k, v)) + sum(
+        m.numel() * m.element_size() for m in state.modulations)
+
+
+def test_infinity_2b_at_1m_kv_per_row_and_largest_batch():
+    """Infinity-2B at 1M (1:1, 10521 tokens): 2.76 GB of bf16 KV per cache row (two per image with CFG); at most 11
+    images fit 80 GiB, 64 do not."""
+    from ssg_engine.memory import infinity_plan, largest_batch
+    from ssg_engine.models.infinity import scale_schedule
+
+    sched = scale_schedule(1.0, "1M")
+    one = infinity_plan("infinity_2b", sched, torch.bfloat16, 1)
+    assert one.kv_cache == 2 * 32 * 2 * 10521 * 2048 * 2 and round(one.kv_cache / 2 / 1e9, 2) == 2.76
+    assert not plan("infinity_2b", 64, pn="1M").fits(80 * GiB)
+    assert largest_batch(lambda b: plan("infinity_2b", b, pn="1M", h_div_w=1.0), 80 * GiB) == 11
+    assert plan("infinity_2b", 11).fits(80 * GiB) and not plan("infinity_2b", 12).fits(80 * GiB)
+    assert plan("infinity_2b", 8, pn="0.25M").total < plan("infinity_2b", 8, pn="1M").total
+
+
+def test_infinity_plan_bad_input():
+    with pytest.raises(ValueError, match="infinity_8b.*not supported"):
+        plan("infinity_8b", 1)
+    with pytest.raises(ValueError, match="pn='9M'"):
+        plan("infinity_2b", 1, pn="9M")
+    with pytest.raises(ValueError, match="pn=.*applies to Infinity"):
+        plan("d16", 1, pn="1M")
+    with pytest.raises(ValueError, match="batch must be a positive integer"):
+        plan("infinity_2b", 0)
+
+
+@torch.no_grad()
+def test_engine_refuses_a_bucket_the_plan_says_does_not_fit(golden_infinity):
+    """With device_memory set to what a batch of 2 needs, max_batch 4 with 3 prompts (bucket 4) is one ValueError
+    naming max_batch and the largest that fits, before anything is allocated; max_batch 2 runs."""
+    from ssg_engine.memory import CONTEXT_BYTES, infinity_plan
+    from ssg_engine.models.infinity import TextFeatures, scale_schedule
+
+    model, vae, text = golden_infinity
+    text = TextFeatures.coerce(text)
+    three = TextFeatures(torch.cat([text.kv_compact, text.kv_compact[: text.lens[0]]]), text.lens + text.lens[:1])
+    budget = infinity_plan(model.config, scale_schedule(1.0, 4), torch.bfloat16, 2, vae=vae.config).total + CONTEXT_BYTES
+    big = Engine(model, vae, max_batch=4, device="cpu", dtype=torch.bfloat16, cuda_graphs=False, backend="reference", device_memory=budget)
+    with pytest.raises(ValueError, match=r"max_batch=4: a batch of 4 images .* use max_batch=2 or less") as e:
+        big.generate(three, top_k=1, pn=4)
+    assert "\n" not in str(e.value) and big.kv_cache_bytes() == 0
+    with pytest.raises(ValueError, match="not even one image fits"):
+        Engine(model, vae, max_batch=1, device="cpu", dtype=torch.bfloat16, cuda_graphs=False, backend="reference",
+               device_memory=CONTEXT_BYTES).generate(text[:1], top_k=1, pn=4)
+    small = Engine(model, vae, max_batch=2, device="cpu", dtype=torch.bfloat16, cuda_graphs=False, backend="reference", device_memory=budget)
+    images, _ = small.generate(three, top_k=1, pn=4)
+    assert images.shape[0] == 3
+    with pytest.raises(ValueError, match="device_memory must be a positive integer"):
+        Engine(model, vae, max_batch=2, device="cpu", device_memory=0)
+
+
+def test_plan_command_infinity(capsys):
+    from ssg_engine.cli import main
+
+    assert main(["plan", "--preset", "infinity_2b", "--pn", "1M", "--h-div-w", "1.0", "--batch-size", "16", "--gpu-memory", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "KV cache" in out and "condition (text keys/values)" in out and "does NOT fit in 80.0 GiB" in out
+    assert "largest batch that fits: 11" in out
+    for argv, flag in ((["--preset", "infinity_2b", "--pn", "9M"], "--pn"), (["--preset", "d16", "--pn", "1M"], "--pn"),
+                       (["--preset", "infinity_2b", "--gpu", "h100"], "--gpu")):
+        assert main(["plan", *argv]) == 2
+        err = capsys.readouterr().err
+        assert flag in err and err.count("\n") == 1, err

@@ -1,22 +1,40 @@
 """``ssg-engine plan``: the memory one Engine batch needs (weights, KV cache, logits, activations, decode), whether it
-fits a GPU, and (``--gpu``) its roofline floor from the cost model, before loading anything."""
+fits a GPU and the largest batch that does, and (``--gpu``, VAR) its roofline floor from the cost model, before
+loading anything. VAR presets or a config JSON; Infinity presets with ``--pn`` and ``--h-div-w``."""
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
 from .bench import DTYPES
-from .common import float_arg, int_arg
+from .common import UsageError, float_arg, int_arg
+from .sample import parse_pn
+
+VAR_PRESETS = ["d16", "d20", "d24", "d30", "d36"]
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from ..config import ModelConfig
+    from ..memory import largest_batch
+    from ..models.infinity import INFINITY_PRESETS
     from ..plan import GiB, plan
 
-    config = ModelConfig.from_json(args.config) if args.config else ModelConfig.preset(args.preset)
-    gpu_bytes = int(args.gpu_memory * GiB) if args.gpu_memory is not None else None
+    infinity = args.preset in INFINITY_PRESETS
+    if not infinity and (args.pn is not None or args.h_div_w is not None):
+        raise UsageError(f"--pn/--h-div-w: Infinity presets only ({', '.join(INFINITY_PRESETS)}); VAR's scales are in its config")
+    if infinity and args.gpu:
+        raise UsageError("--gpu: the roofline (ssg_engine.costs) covers VAR presets only; drop --gpu for an Infinity preset")
+    config = ModelConfig.from_json(args.config) if args.config else args.preset if infinity else ModelConfig.preset(args.preset)
+    family = dict(pn=parse_pn(args.pn), h_div_w=args.h_div_w or 1.0) if infinity else {}
     dtype = DTYPES[args.dtype]
-    print(plan(config, args.batch_size, dtype).table(gpu_bytes))
+    try:
+        memory = plan(config, args.batch_size, dtype, **family)
+    except ValueError as e:  # an --h-div-w or --pn not in Infinity's table
+        raise UsageError(f"--h-div-w/--pn: {e}") from None
+    gpu_bytes = int(args.gpu_memory * GiB) if args.gpu_memory is not None else None
+    print(memory.table(gpu_bytes))
+    if gpu_bytes is not None:
+        print(f"largest batch that fits: {largest_batch(lambda b: plan(config, b, dtype, **family), gpu_bytes)}")
     if args.gpu:
         from ..costs import GPUS, roofline, stage_costs
 
@@ -28,13 +46,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Any) -> None:
+    from ..models.infinity import INFINITY_PRESETS
+
     p = sub.add_parser("plan", help="memory of one Engine batch (weights, KV cache, logits, activations, decode); does it fit a GPU?")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--preset", default="d16", choices=["d16", "d20", "d24", "d30", "d36"], help="public model (default d16)")
-    g.add_argument("--config", help="model config JSON instead of a preset")
+    g.add_argument("--preset", default="d16", choices=VAR_PRESETS + list(INFINITY_PRESETS), help="public model (default d16)")
+    g.add_argument("--config", help="VAR model config JSON instead of a preset")
     p.add_argument("--batch-size", type=int_arg(1), default=64, help="images per batch (CFG doubles the rows)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="the VAR's dtype (the VQ-VAE decodes in float32)")
-    p.add_argument("--gpu-memory", type=float_arg(0.5, 1e5), default=None, help="GPU memory in GiB: say whether the batch fits")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16",
+                   help="the model's dtype (VAR: the VQ-VAE decodes in it; Infinity: its linear weights and autocast)")
+    p.add_argument("--pn", default=None, help="Infinity: number of scales or 0.06M | 0.25M | 0.60M | 1M (default: 1M)")
+    p.add_argument("--h-div-w", type=float_arg(0.1, 10.0), default=None, help="Infinity: height / width, one of its ratios (default 1.0)")
+    p.add_argument("--gpu-memory", type=float_arg(0.5, 1e5), default=None,
+                   help="GPU memory in GiB: say whether the batch fits, and the largest batch that does")
     p.add_argument("--gpu", choices=["h200", "h100", "a100", "rtx4090"], default=None,
-                   help="also print the roofline floor on this GPU (ssg_engine.costs: FLOPs and bytes per stage)")
+                   help="VAR: also print the roofline floor on this GPU (ssg_engine.costs: FLOPs and bytes per stage)")
     p.set_defaults(func=cmd_plan)

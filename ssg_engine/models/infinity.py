@@ -16,6 +16,7 @@ Upstream behaviour reproduced on purpose (see ``tests/golden/infinity/README.md`
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import itertools
@@ -588,8 +589,44 @@ class InfinityTransformer(nn.Module):
         return cond_BD, self.text_proj_for_ca(kv)
 
     def get_logits(self, h: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
-        """Final AdaLN + head in float32: (B, l, C) -> (B, l, 2d)."""
-        return self.head(self.head_nm(h.float(), cond_BD.float()))
+        """Final AdaLN + head in float32 with autocast off (as upstream): (B, l, C) -> (B, l, 2d)."""
+        with torch.autocast(h.device.type, enabled=False):
+            return self.head(self.head_nm(h.float(), cond_BD.float()))
+
+    def shared_modulation(self, cond_BD: torch.Tensor) -> torch.Tensor:
+        """The shared AdaLN projection (B, 1, 6, C) in float32 with autocast off (as upstream) from the condition
+        (B, D); without ``shared_aln`` the condition itself (each block projects it)."""
+        with torch.autocast(cond_BD.device.type, enabled=False):
+            return self.shared_ada_lin(cond_BD.float()).float().contiguous()
+
+    def low_precision_tensors(self) -> List[torch.Tensor]:
+        """The parameters and buffers :meth:`inference_copy` casts: those autocast would cast to its dtype at every
+        use (the weights and biases of every linear layer run under autocast, the biases and the pooling query the
+        attention layers pass to linear/attention themselves). Not cast (used in float32, as upstream): the head and
+        its AdaLN, ``shared_ada_lin`` (autocast off), the blocks' ``ada_gss``, ``scale_mul_1H11`` and ``ca_gamma``,
+        every norm, the embeddings of levels and ``pos_start``, ``cfg_uncond``."""
+        float32_modules = (self.head, self.head_nm, self.shared_ada_lin)
+        kept = {id(t) for m in float32_modules for t in itertools.chain(m.parameters(), m.buffers())}
+        linears = [m for m in self.modules() if isinstance(m, nn.Linear)]
+        attention = [m for m in self.modules() if isinstance(m, (SelfAttention, CrossAttention))]
+        tensors = [t for m in linears for t in m.parameters()]
+        tensors += [getattr(a, n) for a in attention for n in ("q_bias", "v_bias", "zero_k_bias") if hasattr(a, n)]
+        tensors += [a.mat_q for a in attention if isinstance(getattr(a, "mat_q", None), nn.Parameter)]
+        return [t for t in tensors if id(t) not in kept]
+
+    def inference_copy(self, dtype: torch.dtype, device: Union[str, torch.device]) -> "InfinityTransformer":
+        """A copy for sampling on ``device`` under ``torch.autocast(dtype)``, in eval mode without gradients, whose
+        :meth:`low_precision_tensors` are cast once to ``dtype`` (upstream casts its blocks with ``block.bfloat16()``):
+        the same values autocast's cast cache would give, so no weight is re-cast at every scale (autocast then finds
+        them in ``dtype``). Every other tensor is moved to ``device`` as it is, shared with this model where it is
+        there already. A snapshot: later changes to this model's weights do not reach it."""
+        device = torch.device(device)
+        cast = {id(t) for t in self.low_precision_tensors()}
+        memo: Dict[int, Any] = {}
+        for tensor in itertools.chain(self.parameters(), self.buffers()):
+            moved = tensor.detach().to(device=device, dtype=dtype if id(tensor) in cast and tensor.is_floating_point() else None)
+            memo[id(tensor)] = nn.Parameter(moved, requires_grad=False) if isinstance(tensor, nn.Parameter) else moved
+        return copy.deepcopy(self, memo).eval()
 
     def lvl_rows(self, schedule: Schedule) -> torch.Tensor:
         """Each token's scale index (L,)."""
@@ -610,7 +647,7 @@ class InfinityTransformer(nn.Module):
         if tuple(x_BLC_wo_prefix.shape) != (text.batch, L - 1, self.d):
             raise ValueError(f"x_BLC_wo_prefix must be ({text.batch}, {L - 1}, {self.d}); got {tuple(x_BLC_wo_prefix.shape)}")
         cond_BD, ca_text = self.encode_text(text)
-        gss = self.shared_ada_lin(cond_BD)
+        gss = self.shared_modulation(cond_BD)
         sos = cond_BD.unsqueeze(1) + self.pos_start.expand(B, 1, -1)
         x = torch.cat((sos, self.word_embed(x_BLC_wo_prefix.float())), dim=1)
         lvl = self.lvl_rows(sched).to(x.device)
@@ -669,7 +706,7 @@ class InfinityTransformer(nn.Module):
             if k < 0:
                 layers.append(self.depth + k)
         cond_BD, ca_text = self.encode_text(text)
-        gss = self.shared_ada_lin(cond_BD).float().contiguous()
+        gss = self.shared_modulation(cond_BD)
         blocks = self.block_list()
         x = cond_BD.unsqueeze(1) + self.pos_start.expand(text.batch, 1, -1)
         cos, sin = device_rope_tables(sched, self.C // self.num_heads, x.device) if tensors is None else tensors.rope
@@ -760,12 +797,12 @@ class PaddedText:
 def masked_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """:func:`varlen_cross_attention` on padded keys/values (static shapes, for CUDA graphs): q (B, Lq, H, hd), k/v
     (B, T, H, hd), key mask (B, T) -> (B, Lq, H*hd); the same bfloat16 rounding of q, k, v and the output, masked keys
-    get zero weight. Equal up to float32 summation order (which can move a bfloat16 rounding of the output by one ulp)."""
+    get zero weight. One ``scaled_dot_product_attention`` with the boolean key mask broadcast as (B, 1, 1, T): no
+    (B, H, Lq, T) score matrix is materialized. Equal up to float32 summation order (which can move a bfloat16
+    rounding of the output by one ulp)."""
     B, Lq, H, hd = q.shape
-    q = q.to(torch.bfloat16).float().transpose(1, 2)
-    k, v = (t.to(torch.bfloat16).float().transpose(1, 2) for t in (k, v))
-    scores = (torch.matmul(q, k.transpose(-1, -2)) * scale).masked_fill(~mask[:, None, None, :], float("-inf"))
-    out = torch.matmul(torch.softmax(scores, dim=-1), v).transpose(1, 2)
+    q, k, v = (t.to(torch.bfloat16).to(t.dtype).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale).transpose(1, 2)
     return out.to(torch.bfloat16).float().reshape(B, Lq, H * hd)
 
 

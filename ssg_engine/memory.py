@@ -1,0 +1,126 @@
+"""Memory plans: the bytes one Engine batch holds, computed from a config before loading anything, and the largest
+batch that fits a device. :class:`MemoryPlan` is shared by both families (VAR's plan is ``ssg_engine.plan.plan``);
+:func:`infinity_plan` is Infinity's, used by ``ssg_engine.plan`` and by the Engine's guard (it refuses a batch the
+plan says will not fit, before allocating).
+
+Infinity, ``B`` images (``2B`` rows: the Engine always runs CFG's two halves), schedule with ``L`` tokens, last scale
+``l`` tokens (``H x W`` latent), width ``C``, ``d`` bits, text padded to ``T = text_maxlen``:
+
+- weights: the Engine's copy (``InfinityTransformer.inference_copy``: linear weights in ``dtype``, the rest float32)
+  and the BSQ VAE (float32), counted on the meta device; a float32 model given on the same device adds its own;
+- KV cache: K and V for every layer, ``2B`` rows, ``L`` tokens, ``C`` (exact: the Engine's static cache);
+- condition: the cross-attention keys and values of every block, ``2 * depth * 2B * T * C`` in ``dtype`` (padded
+  text, as with CUDA graphs; exact), and the AdaLN modulations ``depth * 2B * 6C`` float32;
+- logits: at the last scale the head's ``(2B, l, 2d)`` float32 output, its temperature-scaled copy, the guided and
+  CFG logits ``(B, l, 2d)`` and the previous scale's ``(B, l_prev, 2d)`` kept for the prior;
+- activations: one block at the last scale, ``2B * l * (6 + 2 * mlp_ratio) * C`` elements in ``dtype`` (an estimate,
+  as VAR's; no attention scores: self- and cross-attention run as SDPA);
+- decode: the VAE decoder's peak, about four feature maps of the full-resolution level (``4 * B * base_ch *
+  decoder_ch_mult[0] * (16H) * (16W)`` elements in ``dtype``, an estimate).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from .models.bsq_vae import BSQVAE, BSQVAEConfig
+from .models.infinity import INFINITY_PRESETS, InfinityConfig, InfinityTransformer, as_schedule
+
+GiB = 1 << 30
+CONTEXT_BYTES = 1 * GiB  # CUDA context, cuBLAS workspaces, allocator fragmentation
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    """Bytes per element of ``dtype``."""
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def module_bytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Parameters and buffers of ``module`` with its floating-point tensors in ``dtype`` (integer buffers as they are)."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() * (itemsize(dtype) if t.is_floating_point() else t.element_size()) for t in tensors)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes held by the Engine for one batch (see ``ssg_engine.plan`` and this module's docstring for what each line
+    counts); ``condition`` is what the batch's conditioning holds for the whole loop (Infinity's text keys/values)."""
+
+    batch: int
+    dtype: torch.dtype
+    weights: int
+    kv_cache: int
+    logits: int
+    activations: int
+    decode: int
+    condition: int = 0
+
+    @property
+    def total(self) -> int:
+        """Peak: weights + KV cache + condition + the larger of (last-scale logits + activations) and the decode."""
+        return self.weights + self.kv_cache + self.condition + max(self.logits + self.activations, self.decode)
+
+    def fits(self, gpu_bytes: int) -> bool:
+        return self.total + CONTEXT_BYTES <= gpu_bytes
+
+    def table(self, gpu_bytes: Union[int, None] = None) -> str:
+        rows = [("weights", self.weights), ("KV cache", self.kv_cache)]
+        rows += [("condition (text keys/values)", self.condition)] if self.condition else []
+        rows += [("logits (last scale)", self.logits), ("activations (one block, last scale)", self.activations),
+                 ("VAE decode", self.decode), ("peak total", self.total)]
+        lines = [f"batch {self.batch}, {str(self.dtype).removeprefix('torch.')}"]
+        lines += [f"  {name:<38} {value / GiB:8.2f} GiB" for name, value in rows]
+        if gpu_bytes is not None:
+            verdict = "fits" if self.fits(gpu_bytes) else "does NOT fit"
+            lines.append(f"  {verdict} in {gpu_bytes / GiB:.1f} GiB (keeping {CONTEXT_BYTES / GiB:.0f} GiB for the CUDA context)")
+        return "\n".join(lines)
+
+
+def infinity_plan(
+    config: Union[str, InfinityConfig], schedule: Sequence[Sequence[int]], dtype: torch.dtype = torch.bfloat16, batch: int = 1,
+    vae: Optional[BSQVAEConfig] = None,
+) -> MemoryPlan:
+    """The memory plan of ``batch`` images of Infinity ``config`` (a preset name such as ``"infinity_2b"`` or an
+    ``InfinityConfig``) sampled at ``schedule`` ((h, w) per scale, e.g. ``scale_schedule(1.0, "1M")``) by an Engine in
+    ``dtype``, with the BSQ VAE ``vae`` (default: the released one for the config's ``codebook_dim``)."""
+    cfg = InfinityConfig.preset(config) if isinstance(config, str) else config
+    if not isinstance(cfg, InfinityConfig):
+        raise TypeError(f"config must be an Infinity preset name ({', '.join(INFINITY_PRESETS)}) or an InfinityConfig; got {type(config).__name__}")
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch <= 0:
+        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    sched = as_schedule(schedule)
+    vae_cfg = BSQVAEConfig.released(cfg.codebook_dim) if vae is None else vae
+    with torch.device("meta"):
+        model, vae_model = InfinityTransformer(cfg), BSQVAE(vae_cfg)
+    low = model.low_precision_tensors()
+    weights = module_bytes(model, torch.float32) - sum(t.numel() for t in low) * (4 - itemsize(dtype))
+    size, rows, C, two_d = itemsize(dtype), 2 * batch, cfg.embed_dim, 2 * cfg.codebook_dim
+    L = sum(h * w for h, w in sched)
+    last = sched[-1][0] * sched[-1][1]
+    prev = sched[-2][0] * sched[-2][1] if len(sched) > 1 else 0
+    H, W = (n * vae_cfg.patch_size for n in sched[-1])
+    return MemoryPlan(
+        batch=batch,
+        dtype=dtype,
+        weights=weights + module_bytes(vae_model, torch.float32),
+        kv_cache=2 * cfg.depth * rows * L * C * size,
+        condition=2 * cfg.depth * rows * cfg.text_maxlen * C * size + cfg.depth * rows * 6 * C * 4,
+        logits=(2 * rows * last + 2 * batch * last + batch * prev) * two_d * 4,
+        activations=int(rows * last * (6 + 2 * cfg.mlp_ratio) * C * size),
+        decode=4 * batch * vae_cfg.base_ch * vae_cfg.decoder_ch_mult[0] * H * W * size,
+    )
+
+
+def largest_batch(plan_of: Callable[[int], MemoryPlan], gpu_bytes: int, limit: int = 4096) -> int:
+    """The largest batch ``b <= limit`` whose plan ``plan_of(b)`` fits ``gpu_bytes`` (0 if not even one image does);
+    plans grow with the batch, so a bisection."""
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if plan_of(mid).fits(gpu_bytes):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
