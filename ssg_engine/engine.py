@@ -248,16 +248,27 @@ class Engine:
             kv.write(layer, start, k.to(self.dtype), v.to(self.dtype))
             return kv.read(layer, k.shape[0], start + k.shape[2])
 
+        bitwise = width == 2  # Infinity: every draw is one bit, a Bernoulli draw fused into guidance
+        draw_bits = functools.partial(
+            ops.guide_and_sample_bits, top_k=params.top_k, top_p=params.top_p, temperature=params.temperature, seed=seed, backend=self.backend
+        )
+
         def pick(si: int, logits_2B: torch.Tensor):
-            guided, cfg = guide(si, logits_2B)
-            # a device flag, no sync: max |logit| / T is NaN or inf iff some sampled logit is (NaN propagates)
-            nonfinite.append(~torch.isfinite(torch.linalg.vector_norm(guided, float("inf")) / params.temperature))
-            if self.backend == "reference" and nonfinite[-1]:  # it syncs every scale anyway; fail before its draw does
+            if bitwise:
+                bits, flag, cfg, guided = guide.guide_and_draw(si, logits_2B, functools.partial(draw_bits, offset=self.offsets[si]), record_logits)
+                nonfinite.append(flag[0])
+            else:
+                guided, cfg = guide(si, logits_2B)
+                # a device flag, no sync: max |logit| / T is NaN or inf iff some sampled logit is (NaN propagates)
+                nonfinite.append(~torch.isfinite(torch.linalg.vector_norm(guided, float("inf")) / params.temperature))
+            if self.backend == "reference" and nonfinite[-1]:  # it syncs every scale anyway; fail at the first bad scale
                 raise nonfinite_logits_error(si, model.scale_sizes()[si])
             if record_logits:
                 self.last_logits.append((cfg.clone(), guided / params.temperature))
             if forced_tokens is not None:
                 return forced_tokens[si].to(self.device), None
+            if bitwise:
+                return bits, None
             b, hw, C = guided.shape
             draws = guided.view(b, hw * C // width, width)
             idx = ops.sample_logits(draws, params.top_k, params.top_p, params.temperature, seed, self.offsets[si], backend=self.backend)
