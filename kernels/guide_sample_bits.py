@@ -25,7 +25,7 @@ draws. No fp32 ``guided`` round trip through memory, no int64 tokens. Randomness
 ``seed``, counter ``(bit index, offset_lo, offset_hi, 0)``, bit index ``(b * N + n) * d + j``), the counters and the
 rule ``bit = u * (m0 + m1) >= m0`` (``m = exp(x - max)`` over the kept sides) of
 :func:`ssg_engine.kernels.sampling.sample_logits_triton` on the rows ``guided.view(-1, 2)``: the same seed and
-offset draw the same bits as guidance followed by that sampler. ``seed`` and ``offset`` (int64, (1,)) are read on
+offset draw the same bits as guidance followed by that sampler (with top-p, up to the boundary rounding below). ``seed`` and ``offset`` (int64, (1,)) are read on
 the device (CUDA-graph safe); ``temperature``, ``top_k``, ``top_p`` are Python numbers baked into the launch.
 
 Deviations from the reference: the draw (Philox instead of ``torch.multinomial``; the same distribution); on an

@@ -106,7 +106,7 @@ class Engine:
     ``Engine(model, vae, max_batch=64, device="cuda", dtype=torch.bfloat16, cuda_graphs=True, backend="auto")``;
     ``engine.generate(cond, params)`` (or keyword overrides: ``cfg=``, ``seed=``, ``ssg=`` ...; for Infinity also
     ``h_div_w=``, ``pn=``, ``schedule=``, ``negative=``, ``cfg_insertion_layer=``, ``cfg_list=``, ``tau_list=``) returns
-    ``images (B, 3, H, W)`` in [0, 1] and the tokens per scale (VAR: (B, pn^2); Infinity: bits (B, h*w, d)).
+    ``images (B, 3, H, W)`` in [0, 1] and the tokens per scale (VAR: (B, pn^2) int64; Infinity: bits (B, h*w, d) uint8).
     Requests larger than ``max_batch`` are split (chunk ``i`` uses seed ``seed + i``); each chunk is padded up to
     a bucket (``batch_buckets``).
 
