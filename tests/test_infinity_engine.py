@@ -98,6 +98,26 @@ def test_greedy_bits_identical(setups, name, run, ssg):
 
 
 @torch.no_grad()
+def test_engine_draws_bits_with_the_fused_op(setups, monkeypatch):
+    """Every Infinity scale is one ops.guide_and_sample_bits call (guidance + Bernoulli bits), never 2-way rows through
+    ops.sample_logits; the bits come back as uint8."""
+    from ssg_engine import ops
+
+    fused_calls, sampler_calls = [], []
+    for name, calls in (("guide_and_sample_bits", fused_calls), ("sample_logits", sampler_calls)):
+
+        def spy(*args, _original=getattr(ops, name), _calls=calls, **kwargs):
+            _calls.append(kwargs["backend"])
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(ops, name, spy)
+    s = setups["wide_d8"]
+    _, bits = s["engine"].generate(packed(s["T"], "text"), h_div_w=0.5, pn=4, top_k=0, top_p=0.9, seed=1, ssg=SSG(beta=0.5))
+    assert fused_calls == ["reference"] * 4 and sampler_calls == []
+    assert all(b.dtype == torch.uint8 and b.shape[-1] == 8 for b in bits)
+
+
+@torch.no_grad()
 def test_ssg_beta_zero_is_no_ssg_and_params_map_to_lists(setups):
     """SSG(beta=0) gives the bits of ssg=None; cfg/temperature without lists are upstream's w and tau at every scale."""
     s = setups["wide_d8"]
