@@ -25,8 +25,9 @@ draws. No fp32 ``guided`` round trip through memory, no int64 tokens. Randomness
 ``seed``, counter ``(bit index, offset_lo, offset_hi, 0)``, bit index ``(b * N + n) * d + j``), the counters and the
 rule ``bit = u * (m0 + m1) >= m0`` (``m = exp(x - max)`` over the kept sides) of
 :func:`ssg_engine.kernels.sampling.sample_logits_triton` on the rows ``guided.view(-1, 2)``: the same seed and
-offset draw the same bits as guidance followed by that sampler (with top-p, up to the boundary rounding below). ``seed`` and ``offset`` (int64, (1,)) are read on
-the device (CUDA-graph safe); ``temperature``, ``top_k``, ``top_p`` are Python numbers baked into the launch.
+offset draw the same bits as guidance followed by that sampler (with top-p, up to the boundary rounding below).
+All math is fp32. ``seed`` and ``offset`` (int64, (1,)) are read on the device (CUDA-graph safe); ``temperature``,
+``top_k``, ``top_p`` are Python numbers baked into the launch (the Engine's graph key holds them).
 
 Deviations from the reference: the draw (Philox instead of ``torch.multinomial``; the same distribution); on an
 exact tie ``x0 == x1`` top-p keeps both sides (the reference's sort drops one of them when ``top_p <= 0.5``, the
