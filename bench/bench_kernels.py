@@ -1,10 +1,14 @@
-"""Kernel benchmarks at VAR-d16 shapes: fused CFG+SSG guidance and the top-k/top-p sampler.
+"""Kernel benchmarks at VAR-d16 shapes: fused CFG+SSG guidance and the top-k/top-p sampler; at Infinity-2B shapes:
+guidance fused with the bit draw.
 
 * guidance: ``ssg_guidance_triton`` (one pass, prior tile in registers) vs the unfused
   PyTorch path (upstream CFG ``(1+t)*l[:B] - t*l[B:]``, a ``torch.matmul`` prior, SSG);
 * sampler: ``sample_logits_triton`` vs upstream VAR's sampler written inline below
   (``topk`` threshold mask, ascending sort / softmax / cumsum top-p mask, softmax,
   ``torch.multinomial``);
+* bits: ``guide_sample_bits_triton`` (guidance + one Bernoulli draw per bit, uint8 bits) vs the Engine's path before
+  the fusion (``ssg_guidance_triton``, the non-finite flag, ``sample_logits_triton`` on 2-way rows, int64 tokens) on
+  Infinity-2B's 1M schedule (d = 32 bits, V = 64 channels), bf16 logits and an fp32 prev as under the Engine's autocast;
 
 at every scale of patch_nums (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), V=4096, B in {1, 16, 64},
 plus a 4096 x 4096 sampler case. CUDA-event timing, median of ``--reps`` after ``--warmup``.
@@ -12,6 +16,7 @@ plus a 4096 x 4096 sampler case. CUDA-event timing, median of ``--reps`` after `
 Byte model (the minimum each op must move; used for GB/s of both implementations):
   guidance = logits (2B*N*V*s) + prev (B*M*V*s) + operator (N*M*4) + guided and cfg (2*B*N*V*4)
   sampler  = logits (R*V*s) + tokens (R*8)
+  bits     = logits (2B*N*V*s) + prev (B*M*V*4) + operator (N*M*4) + cfg (B*N*V*4) + bits (B*N*V/2)
 where s is the input element size. %copy compares with a measured 1 GiB device-to-device
 copy (2 bytes moved per byte copied).
 
@@ -38,6 +43,7 @@ VOCAB = 4096
 BATCHES = (1, 16, 64)
 CFG_T, BETA = 4.0, 0.5
 TOP_K, TOP_P, TEMPERATURE = 900, 0.95, 1.0
+BITS_D, BITS_BATCHES = 32, (16,)  # Infinity-2B: d = 32 bits per token; one batch keeps the device step short
 
 
 def parse_args() -> argparse.Namespace:
@@ -128,6 +134,13 @@ def sampler_cases(smoke: bool) -> List[Dict]:
     return cases + [dict(rows=4096, V=VOCAB, label="4096x4096")]
 
 
+def bits_cases(smoke: bool) -> List[Dict]:
+    from ssg_engine.models.infinity import scale_schedule
+
+    schedule, batches, d = (scale_schedule(1.0, 3), (1, 2), 8) if smoke else (scale_schedule(1.0, "1M"), BITS_BATCHES, BITS_D)
+    return [dict(B=B, hw_prev=schedule[i - 1] if i else None, hw=hw, V=2 * d) for B in batches for i, hw in enumerate(schedule)]
+
+
 def run_guidance(case: Dict, args, device: str, copy_gbps: Optional[float]) -> Dict:
     from ssg_engine.kernels.ssg_guidance import ssg_guidance_triton
 
@@ -178,6 +191,46 @@ def run_sampler(case: Dict, args, device: str, copy_gbps: Optional[float]) -> Di
     return row
 
 
+def bits_unfused(logits_2B, prev, operator, seed, offset):
+    """The Engine's Infinity pick before the fusion: guidance, the non-finite flag, a 2-way sampler, int64 tokens."""
+    from ssg_engine.kernels.sampling import sample_logits_triton
+    from ssg_engine.kernels.ssg_guidance import ssg_guidance_triton
+
+    guided, cfg = ssg_guidance_triton(logits_2B, prev, operator, CFG_T, BETA)
+    nonfinite = ~torch.isfinite(torch.linalg.vector_norm(guided, float("inf")) / TEMPERATURE)
+    B, N, V = guided.shape
+    tokens = sample_logits_triton(guided.view(-1, 2), TOP_K, TOP_P, TEMPERATURE, seed, offset).clamp_(0, 1)
+    return tokens.view(B, N, V // 2), nonfinite, cfg
+
+
+def run_bits(case: Dict, args, device: str, copy_gbps: Optional[float]) -> Dict:
+    from ssg_engine.kernels.guide_sample_bits import guide_sample_bits_triton
+
+    B, (h, w), V = case["B"], case["hw"], case["V"]
+    N, M = h * w, (case["hw_prev"][0] * case["hw_prev"][1] if case["hw_prev"] else 0)
+    g = torch.Generator(device=device).manual_seed(B * 100 + N)
+    logits = (torch.randn(2 * B, N, V, generator=g, device=device) * 2).to(torch.bfloat16)
+    prev = torch.randn(B, M, V, generator=g, device=device) if M else None
+    operator = torch.rand(N, M, generator=g, device=device) if M else None
+    if operator is not None:
+        operator /= operator.sum(1, keepdim=True)
+    seed = torch.tensor([1234], dtype=torch.int64, device=device)
+    offset = torch.zeros(1, dtype=torch.int64, device=device)
+    n_bytes = 2 * B * N * V * 2 + B * N * V * 4 + B * N * V // 2 + ((prev.numel() + operator.numel()) * 4 if M else 0)
+
+    fused = lambda: guide_sample_bits_triton(logits, prev, operator, CFG_T, BETA, TOP_K, TOP_P, TEMPERATURE, seed, offset)  # noqa: E731
+    unfused = lambda: bits_unfused(logits, prev, operator, seed, offset)  # noqa: E731
+    (bits, _, cfg, _), (tokens, _, cfg_ref) = fused(), unfused()
+    # same Philox counters and draw rule: equal bits but where one rounding puts a bit across the top-p cut
+    row = dict(op="bits", **case, N=N, M=M, bytes=n_bytes, rel_err_cfg=rel_err(cfg, cfg_ref),
+               bits_agree=(bits.long() == tokens).float().mean().item())
+    if not args.smoke:
+        row["fused_ms"] = cuda_time_ms(fused, args.warmup, args.reps)
+        row["baseline_ms"] = cuda_time_ms(unfused, args.warmup, args.reps)
+        add_rates(row, copy_gbps)
+    return row
+
+
 def add_rates(row: Dict, copy_gbps: float) -> None:
     row["fused_GBps"] = row["bytes"] / row["fused_ms"] / 1e6
     row["fused_pct_copy"] = 100 * row["fused_GBps"] / copy_gbps
@@ -191,6 +244,7 @@ def print_table(results: List[Dict], smoke: bool) -> None:
         print(head)
         for r in results:
             check = (f"rel_err guided {r['rel_err_guided']:.1e} cfg {r['rel_err_cfg']:.1e}" if r["op"] == "guidance"
+                     else f"rel_err cfg {r['rel_err_cfg']:.1e} bits agree {r['bits_agree']:.4f}" if r["op"] == "bits"
                      else f"in mask: kernel {r['kernel_in_mask']} upstream {r['baseline_in_mask']}")
             print(f"{r['op']:9} {case_label(r):26} {check:>40}")
         return
@@ -205,6 +259,9 @@ def case_label(r: Dict) -> str:
     if r["op"] == "guidance":
         scale = f"pn {r['pn_prev']}->{r['pn']}" if r["pn_prev"] else f"pn {r['pn']} no prior"
         return f"B={r['B']} {scale} N={r['N']} M={r['M']}"
+    if r["op"] == "bits":
+        scale = f"{tuple(r['hw_prev'])}->{tuple(r['hw'])}" if r["hw_prev"] else f"{tuple(r['hw'])} no prior"
+        return f"B={r['B']} {scale} d={r['V'] // 2}"
     return f"{r['label']} V={r['V']}"
 
 
@@ -226,10 +283,11 @@ def main() -> None:
         smoke=args.smoke,
         env=dict(environment(), interpreter=os.environ.get("TRITON_INTERPRET") == "1"),
         settings=dict(cfg_t=CFG_T, beta=BETA, top_k=TOP_K, top_p=TOP_P, temperature=TEMPERATURE,
-                      warmup=args.warmup, reps=args.reps, dtype="float32"),
+                      warmup=args.warmup, reps=args.reps, dtype="float32 (bits: bfloat16 logits, float32 prev)"),
         byte_model=dict(
             guidance="2B*N*V*s logits + B*M*V*s prev + N*M*4 operator + 2*B*N*V*4 outputs",
             sampler="R*V*s logits + R*8 tokens",
+            bits="2B*N*V*2 bf16 logits + B*M*V*4 prev + N*M*4 operator + B*N*V*4 cfg + B*N*V/2 uint8 bits",
             copy="2 * 1 GiB per device-to-device copy",
         ),
         copy_bandwidth_GBps=copy_gbps,
@@ -237,7 +295,8 @@ def main() -> None:
     lines = RowWriter(args.rows)
     lines.write("run", **report)
     results = []
-    for run, cases in ((run_guidance, guidance_cases(args.smoke)), (run_sampler, sampler_cases(args.smoke))):
+    for run, cases in ((run_guidance, guidance_cases(args.smoke)), (run_sampler, sampler_cases(args.smoke)),
+                       (run_bits, bits_cases(args.smoke))):
         for case in cases:
             results.append(run(case, args, device, copy_gbps))
             lines.write("row", **results[-1])

@@ -186,12 +186,13 @@ def kernels_section(path: Path) -> List[str]:
         lines += [f"**Partial**: stopped after {len(results)} cases (timeout or error).", ""]
     if report.get("smoke"):
         ok = sum(1 for r in results if (r["op"] == "guidance" and max(r["rel_err_guided"], r["rel_err_cfg"]) < 1e-4)
-                 or (r["op"] == "sampler" and r["kernel_in_mask"]))
+                 or (r["op"] == "sampler" and r["kernel_in_mask"])
+                 or (r["op"] == "bits" and r["rel_err_cfg"] < 1e-4 and r["bits_agree"] > 0.99))
         return lines + [f"Smoke run (interpreter, no timings): {ok}/{len(results)} cases agree with the baselines."]
     if report.get("copy_bandwidth_GBps"):
         lines.append(f"Device copy bandwidth {report['copy_bandwidth_GBps']:.0f} GB/s (the floor of a memory-bound kernel).")
     lines += ["", "| op | cases | speedup vs baseline: median (min - max) | fused kernel, % of copy bandwidth: median (max) |", "|---|---|---|---|"]
-    for op in ("guidance", "sampler"):
+    for op in ("guidance", "sampler", "bits"):
         sel = [r for r in results if r["op"] == op and "speedup" in r]
         if sel:
             sp, cp = [r["speedup"] for r in sel], [r["fused_pct_copy"] for r in sel]

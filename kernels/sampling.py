@@ -86,6 +86,20 @@ def _from_key(key):
 
 
 @jit()
+def philox_uniform(seed_ptr, offset_ptr, counter):
+    """One ``u ~ U[0, 1)`` per logical index in ``counter`` (any shape): Philox with key ``seed`` and counter
+    ``(counter, offset_lo, offset_hi, 0)``; ``seed``/``offset`` are read on the device (graph-safe)."""
+    seed = tl.load(seed_ptr)
+    offset = tl.load(offset_ptr)
+    c0 = counter.to(tl.uint32)
+    zero = c0 * 0
+    off_lo = zero + (offset & 0xFFFFFFFF).to(tl.uint32)
+    off_hi = zero + ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    bits, _, _, _ = tl.philox(seed, c0, off_lo, off_hi, zero)
+    return tl.uint_to_uniform_float(bits)
+
+
+@jit()
 def _chunk(x_first, row_ptr, row_mask, start, cols0, V, stride_v, temperature, ONE_CHUNK: tl.constexpr):
     """Columns ``start + cols0`` of the scaled rows: (BLOCK_R, BLOCK_V) fp32, -inf past V."""
     cols = start + cols0
@@ -199,14 +213,7 @@ def _sample_kernel(
         last = tl.maximum(last, tl.max(tl.where(kept, cols[None, :], -1), axis=1))
 
     # inverse CDF over the kept entries in index order
-    seed = tl.load(seed_ptr)
-    offset = tl.load(offset_ptr)
-    c0 = rows.to(tl.uint32)
-    zero = c0 * 0
-    off_lo = zero + (offset & 0xFFFFFFFF).to(tl.uint32)
-    off_hi = zero + ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    bits, _, _, _ = tl.philox(seed, c0, off_lo, off_hi, zero)
-    target = tl.uint_to_uniform_float(bits) * z_kept
+    target = philox_uniform(seed_ptr, offset_ptr, rows) * z_kept
     token = tl.full((BLOCK_R,), V, tl.int32)
     running = tl.zeros((BLOCK_R,), tl.float32)
     for start in range(0, V, BLOCK_V):

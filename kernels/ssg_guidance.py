@@ -39,6 +39,56 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MIN_DOT_BLOCK = 16  # tl.dot needs every tile dimension >= 16
 
 
+@jit()
+def guide_tile(
+    logits_ptr, prev_ptr, op_ptr, t_ptr, beta_ptr,
+    b, B, M, offs_n, offs_v, mask_n, mask_v,
+    stride_lb, stride_ln, stride_lv,
+    stride_pb, stride_pm, stride_pv,
+    stride_on, stride_om,
+    stride_t, stride_beta,
+    t_val, beta_val,
+    HAS_PRIOR: tl.constexpr, T_IS_TENSOR: tl.constexpr, BETA_IS_TENSOR: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """(cfg, guided) float32 (BLOCK_N, BLOCK_V) tiles of image ``b`` at tokens ``offs_n`` and channels ``offs_v``
+    (the spec's formula; every kernel that guides a scale computes its tile here)."""
+    # prior tile first, so the logits tiles are not held live across the M loop
+    prior = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    if HAS_PRIOR:
+        for m0 in range(0, M, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < M
+            op = tl.load(
+                op_ptr + offs_n[:, None] * stride_on + offs_m[None, :] * stride_om,
+                mask=mask_n[:, None] & mask_m[None, :], other=0.0,
+            ).to(tl.float32)
+            prev = tl.load(
+                prev_ptr + b * stride_pb + offs_m[:, None] * stride_pm + offs_v[None, :] * stride_pv,
+                mask=mask_m[:, None] & mask_v[None, :], other=0.0,
+            ).to(tl.float32)
+            prior = tl.dot(op, prev, prior, input_precision=PRECISION)
+
+    if T_IS_TENSOR:
+        t = tl.load(t_ptr + b * stride_t)
+    else:
+        t = t_val
+    mask = mask_n[:, None] & mask_v[None, :]
+    tile = offs_n[:, None] * stride_ln + offs_v[None, :] * stride_lv
+    cond = tl.load(logits_ptr + b * stride_lb + tile, mask=mask, other=0.0).to(tl.float32)
+    uncond = tl.load(logits_ptr + (b + B) * stride_lb + tile, mask=mask, other=0.0).to(tl.float32)
+    cfg = (1.0 + t) * cond - t * uncond
+
+    guided = cfg
+    if HAS_PRIOR:
+        if BETA_IS_TENSOR:
+            beta = tl.load(beta_ptr + b * stride_beta)
+        else:
+            beta = beta_val
+        guided = cfg + beta * (cfg - prior)
+    return cfg, guided
+
+
 # B, N and M only bound masks and loops: specializing on their value (== 1, % 16) would compile
 # several variants per batch bucket for nothing. stride_on is M (the operator is contiguous): its
 # % 16 specialization applies to 2 of 9 prior scales, each at the price of a compile. The strides
@@ -62,41 +112,17 @@ def _ssg_guidance_kernel(
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_n = offs_n < N
     mask_v = offs_v < V
+    cfg, guided = guide_tile(
+        logits_ptr, prev_ptr, op_ptr, t_ptr, beta_ptr,
+        b, B, M, offs_n, offs_v, mask_n, mask_v,
+        stride_lb, stride_ln, stride_lv,
+        stride_pb, stride_pm, stride_pv,
+        stride_on, stride_om,
+        stride_t, stride_beta,
+        t_val, beta_val,
+        HAS_PRIOR, T_IS_TENSOR, BETA_IS_TENSOR, PRECISION, BLOCK_N, BLOCK_M, BLOCK_V,
+    )
     mask = mask_n[:, None] & mask_v[None, :]
-
-    # prior tile first, so the logits tiles are not held live across the M loop
-    prior = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    if HAS_PRIOR:
-        for m0 in range(0, M, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            mask_m = offs_m < M
-            op = tl.load(
-                op_ptr + offs_n[:, None] * stride_on + offs_m[None, :] * stride_om,
-                mask=mask_n[:, None] & mask_m[None, :], other=0.0,
-            ).to(tl.float32)
-            prev = tl.load(
-                prev_ptr + b * stride_pb + offs_m[:, None] * stride_pm + offs_v[None, :] * stride_pv,
-                mask=mask_m[:, None] & mask_v[None, :], other=0.0,
-            ).to(tl.float32)
-            prior = tl.dot(op, prev, prior, input_precision=PRECISION)
-
-    if T_IS_TENSOR:
-        t = tl.load(t_ptr + b * stride_t)
-    else:
-        t = t_val
-    tile = offs_n[:, None] * stride_ln + offs_v[None, :] * stride_lv
-    cond = tl.load(logits_ptr + b * stride_lb + tile, mask=mask, other=0.0).to(tl.float32)
-    uncond = tl.load(logits_ptr + (b + B) * stride_lb + tile, mask=mask, other=0.0).to(tl.float32)
-    cfg = (1.0 + t) * cond - t * uncond
-
-    guided = cfg
-    if HAS_PRIOR:
-        if BETA_IS_TENSOR:
-            beta = tl.load(beta_ptr + b * stride_beta)
-        else:
-            beta = beta_val
-        guided = cfg + beta * (cfg - prior)
-
     out = b * N * V + offs_n[:, None] * V + offs_v[None, :]
     tl.store(cfg_ptr + out, cfg, mask=mask)
     tl.store(guided_ptr + out, guided, mask=mask)
@@ -125,7 +151,7 @@ def _check_scalar(name: str, value: Scalar, batch: int, device: torch.device) ->
     raise ValueError(f"{name} must be a real number or a tensor; got {type(value).__name__}")
 
 
-def _check_inputs(
+def check_guidance_inputs(
     logits_2B: torch.Tensor,
     prev: Optional[torch.Tensor],
     operator: Optional[torch.Tensor],
@@ -176,7 +202,7 @@ def ssg_guidance_reference(
     beta: Scalar,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """PyTorch specification. logits_2B (2B, N, V), prev (B, M, V), operator (N, M) -> (guided, cfg), (B, N, V) fp32."""
-    batch, has_prior, t_tensor, beta_tensor = _check_inputs(logits_2B, prev, operator, cfg_t, beta)
+    batch, has_prior, t_tensor, beta_tensor = check_guidance_inputs(logits_2B, prev, operator, cfg_t, beta)
     t = t_tensor.reshape(batch, 1, 1) if t_tensor is not None else float(cfg_t)
     logits = logits_2B.float()
     cfg = (1 + t) * logits[:batch] - t * logits[batch:]
@@ -187,53 +213,52 @@ def ssg_guidance_reference(
     return cfg + b * (cfg - prior), cfg
 
 
-def _pow2_clamp(x: int, lo: int, hi: int) -> int:
+def pow2_clamp(x: int, lo: int, hi: int) -> int:
+    """The power of two >= ``x``, clamped to [lo, hi] (tile sizes)."""
     return max(lo, min(hi, triton.next_power_of_2(x)))
 
 
-def ssg_guidance_launch(
+def check_kernel_dtypes(**tensors: Optional[torch.Tensor]) -> None:
+    """Raise ``ValueError`` naming the first given tensor whose dtype the kernels do not read (None: not read)."""
+    for name, x in tensors.items():
+        if x is not None and x.dtype not in _KERNEL_DTYPES:
+            raise ValueError(f"{name} dtype {x.dtype} is not supported by the kernel; use float32, bfloat16 or float16")
+
+
+def guide_tile_args(
     logits_2B: torch.Tensor,
     prev: Optional[torch.Tensor],
     operator: Optional[torch.Tensor],
     cfg_t: Scalar,
     beta: Scalar,
     allow_tf32: bool = False,
-) -> Tuple[Optional[KernelLaunch], torch.Tensor, torch.Tensor]:
-    """Validate, allocate ``(guided, cfg)`` (B, N, V) fp32 and choose the kernel configuration.
-
-    The only code that decides tile sizes and warps: :func:`ssg_guidance_triton` runs the
-    launch, ``bench/aot_compile.py`` compiles it (meta tensors work). The launch is None when
-    N or V is 0 (nothing to compute).
-    """
-    batch, has_prior, t_tensor, beta_tensor = _check_inputs(logits_2B, prev, operator, cfg_t, beta)
-    for name, x in (("logits_2B", logits_2B), ("prev", prev), ("operator", operator)):
-        if has_prior or name == "logits_2B":
-            if x.dtype not in _KERNEL_DTYPES:
-                raise ValueError(f"{name} dtype {x.dtype} is not supported by the kernel; use float32, bfloat16 or float16")
+) -> Tuple[Tuple[torch.Tensor, ...], Tuple[Union[int, float], ...], dict]:
+    """Validate the guidance inputs and choose the tiles of :func:`guide_tile` (the one place that does, for every
+    kernel guiding a scale). Returns ``(pointers, sizes, constexprs)``: ``logits, prev, op, t, beta``; ``B, N, M, V``,
+    the strides, ``t_val, beta_val``; the ``HAS_*``/``*_IS_TENSOR`` switches, ``PRECISION`` and ``BLOCK_N/M/V``."""
+    batch, has_prior, t_tensor, beta_tensor = check_guidance_inputs(logits_2B, prev, operator, cfg_t, beta)
+    check_kernel_dtypes(logits_2B=logits_2B, prev=prev if has_prior else None, operator=operator if has_prior else None)
     _, n, v = _shape(logits_2B)
-    guided = torch.empty((batch, n, v), dtype=torch.float32, device=logits_2B.device)
-    cfg = torch.empty_like(guided)
-    if n == 0 or v == 0:
-        return None, guided, cfg
-
     if has_prior:
         m = prev.shape[1]
         # 32x16x64 fp32 tiles with 4 warps: no spills on sm_80/sm_90 (bench/results/aot/)
-        block_n = _pow2_clamp(n, _MIN_DOT_BLOCK, 32)
+        block_n = pow2_clamp(n, _MIN_DOT_BLOCK, 32)
         block_m = _MIN_DOT_BLOCK
-        block_v = _pow2_clamp(v, _MIN_DOT_BLOCK, 64)
+        block_v = pow2_clamp(v, _MIN_DOT_BLOCK, 64)
         prev_arg, op_arg = prev, operator
         prev_strides, op_strides = prev.stride(), operator.stride()
     else:  # elementwise only: no dot-shape constraint, wide V tiles
         m, block_m = 0, 1
-        block_n = _pow2_clamp(n, 1, 16)
-        block_v = _pow2_clamp(v, 16, 2048 // block_n)
+        block_n = pow2_clamp(n, 1, 16)
+        block_v = pow2_clamp(v, 16, 2048 // block_n)
         prev_arg, op_arg = logits_2B, logits_2B  # never read
         prev_strides, op_strides = (0, 0, 0), (0, 0)
-    t_arg = t_tensor if t_tensor is not None else guided  # dummy pointer when t is a number
-    beta_arg = beta_tensor if beta_tensor is not None else guided
-    args = (
-        logits_2B, prev_arg, op_arg, t_arg, beta_arg, guided, cfg,
+    pointers = (
+        logits_2B, prev_arg, op_arg,
+        t_tensor if t_tensor is not None else logits_2B,  # a dummy pointer when t is a number (never read)
+        beta_tensor if beta_tensor is not None else logits_2B,
+    )
+    sizes = (
         batch, n, m, v,
         *logits_2B.stride(),
         *prev_strides,
@@ -248,8 +273,31 @@ def ssg_guidance_launch(
         PRECISION="tf32" if allow_tf32 else "ieee",
         BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_V=block_v,
     )
-    grid = (triton.cdiv(v, block_v), triton.cdiv(n, block_n), batch)
-    return KernelLaunch(_ssg_guidance_kernel, grid, args, constexprs, num_warps=4), guided, cfg
+    return pointers, sizes, constexprs
+
+
+def ssg_guidance_launch(
+    logits_2B: torch.Tensor,
+    prev: Optional[torch.Tensor],
+    operator: Optional[torch.Tensor],
+    cfg_t: Scalar,
+    beta: Scalar,
+    allow_tf32: bool = False,
+) -> Tuple[Optional[KernelLaunch], torch.Tensor, torch.Tensor]:
+    """Validate, allocate ``(guided, cfg)`` (B, N, V) fp32 and choose the kernel configuration.
+
+    The only code that decides the grid and warps (tiles: :func:`guide_tile_args`): :func:`ssg_guidance_triton`
+    runs the launch, ``bench/aot_compile.py`` compiles it (meta tensors work). The launch is None when
+    N or V is 0 (nothing to compute).
+    """
+    pointers, sizes, constexprs = guide_tile_args(logits_2B, prev, operator, cfg_t, beta, allow_tf32)
+    batch, n, _, v = sizes[:4]
+    guided = torch.empty((batch, n, v), dtype=torch.float32, device=logits_2B.device)
+    cfg = torch.empty_like(guided)
+    if n == 0 or v == 0:
+        return None, guided, cfg
+    grid = (triton.cdiv(v, constexprs["BLOCK_V"]), triton.cdiv(n, constexprs["BLOCK_N"]), batch)
+    return KernelLaunch(_ssg_guidance_kernel, grid, (*pointers, guided, cfg, *sizes), constexprs, num_warps=4), guided, cfg
 
 
 def ssg_guidance_triton(

@@ -69,7 +69,7 @@ def generate(
     **overrides: Any,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:
     """Sample one image per label (VAR + VQVAE) or prompt (Infinity + BSQVAE): images (B, 3, H, W) in [0, 1], and
-    the tokens per scale if ``return_tokens`` (VAR: (B, pn^2); Infinity: bits (B, h*w, d)).
+    the tokens per scale if ``return_tokens`` (VAR: (B, pn^2); Infinity: bits (B, h*w, d), uint8 from the Engine, int64 from the reference sampler).
 
     ``cond``: class labels for VAR; for Infinity text features (anything ``TextFeatures.coerce`` takes, e.g.
     ``(features (B, T, Ct5), mask (B, T))``), or prompts (a list of str) with ``text_encoder`` (anything with

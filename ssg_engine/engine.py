@@ -14,7 +14,7 @@ import collections
 import dataclasses
 import functools
 import math
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 
@@ -114,7 +114,7 @@ class Engine:
     device_memory=None)``;
     ``engine.generate(cond, params)`` (or keyword overrides: ``cfg=``, ``seed=``, ``ssg=`` ...; for Infinity also
     ``h_div_w=``, ``pn=``, ``schedule=``, ``negative=``, ``cfg_insertion_layer=``, ``cfg_list=``, ``tau_list=``) returns
-    ``images (B, 3, H, W)`` in [0, 1] and the tokens per scale (VAR: (B, pn^2); Infinity: bits (B, h*w, d)).
+    ``images (B, 3, H, W)`` in [0, 1] and the tokens per scale (VAR: (B, pn^2) int64; Infinity: bits (B, h*w, d) uint8).
     Requests larger than ``max_batch`` are split (chunk ``i`` uses seed ``seed + i``); each chunk is padded up to
     a bucket (``batch_buckets``).
 
@@ -271,16 +271,27 @@ class Engine:
         def store(layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> Tuple[torch.Tensor, torch.Tensor]:
             return write_and_read(k_cache, v_cache, layer, start, k.to(self.dtype), v.to(self.dtype))
 
+        bitwise = width == 2  # Infinity: every draw is one bit, a Bernoulli draw fused into guidance
+        draw_bits = functools.partial(
+            ops.guide_and_sample_bits, top_k=params.top_k, top_p=params.top_p, temperature=params.temperature, seed=seed, backend=self.backend
+        )
+
         def pick(si: int, logits_2B: torch.Tensor):
-            guided, cfg = guide(si, logits_2B)
-            # a device flag, no sync: max |logit| / T is NaN or inf iff some sampled logit is (NaN propagates)
-            nonfinite.append(~torch.isfinite(torch.linalg.vector_norm(guided, float("inf")) / params.temperature))
-            if self.backend == "reference" and nonfinite[-1]:  # it syncs every scale anyway; fail before its draw does
+            if bitwise:
+                bits, flag, cfg, guided = guide.guide_and_draw(si, logits_2B, functools.partial(draw_bits, offset=self.offsets[si]), record_logits)
+                nonfinite.append(flag[0])
+            else:
+                guided, cfg = guide(si, logits_2B)
+                # a device flag, no sync: max |logit| / T is NaN or inf iff some sampled logit is (NaN propagates)
+                nonfinite.append(~torch.isfinite(torch.linalg.vector_norm(guided, float("inf")) / params.temperature))
+            if self.backend == "reference" and nonfinite[-1]:  # it syncs every scale anyway; fail at the first bad scale
                 raise nonfinite_logits_error(si, model.scale_sizes()[si])
             if record_logits:
                 self.last_logits.append((cfg.clone(), guided / params.temperature))
             if forced_tokens is not None:
                 return forced_tokens[si].to(self.device), None
+            if bitwise:
+                return bits, None
             b, hw, C = guided.shape
             draws = guided.view(b, hw * C // width, width)
             idx = ops.sample_logits(draws, params.top_k, params.top_p, params.temperature, seed, self.offsets[si], backend=self.backend)

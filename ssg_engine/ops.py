@@ -68,7 +68,51 @@ def sample_logits(
         if resolve_backend(backend, logits.device) == "triton":
             tokens = impl.sample_logits_triton(rows, top_k, top_p, temperature, seed, offset)
         else:
-            generator = torch.Generator(device=logits.device)
-            generator.manual_seed((int(seed) * _SEED_MIX + int(offset)) % 2**64)
-            tokens = impl.sample_logits_reference(rows, top_k, top_p, temperature, generator)
+            tokens = impl.sample_logits_reference(rows, top_k, top_p, temperature, _generator(seed, offset))
     return tokens.reshape(logits.shape[:-1])
+
+
+def guide_and_sample_bits(
+    logits_2B: torch.Tensor,
+    prev: Optional[torch.Tensor],
+    operator: Optional[torch.Tensor],
+    cfg_t: Scalar,
+    beta: Scalar,
+    top_k: int,
+    top_p: float,
+    temperature: float,
+    seed: torch.Tensor,
+    offset: torch.Tensor,
+    *,
+    write_cfg: bool = True,
+    write_guided: bool = False,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """CFG + SSG, then one Bernoulli draw per bit: logits_2B (2B, N, V = 2d) -> (bits (B, N, d) uint8, nonfinite (1,)
+    bool, cfg (B, N, V) fp32 if ``write_cfg``, guided (B, N, V) fp32 if ``write_guided``; else None).
+
+    See :mod:`ssg_engine.kernels.guide_sample_bits`. Randomness as :func:`sample_logits`: the reference backend
+    draws the bits that ``ssg_guidance`` followed by ``sample_logits`` draws on the bit rows.
+    """
+    from ssg_engine.kernels import guide_sample_bits as impl
+
+    with nvtx_range("guide_and_sample_bits"):
+        if resolve_backend(backend, logits_2B.device) == "triton":
+            return impl.guide_sample_bits_triton(
+                logits_2B, prev, operator, cfg_t, beta, top_k, top_p, temperature, seed, offset,
+                write_cfg=write_cfg, write_guided=write_guided,
+            )
+        from ssg_engine.kernels.sampling import check_seed_offset
+
+        check_seed_offset(seed, offset, logits_2B.device)
+        return impl.guide_sample_bits_reference(
+            logits_2B, prev, operator, cfg_t, beta, top_k, top_p, temperature, _generator(seed, offset),
+            write_cfg=write_cfg, write_guided=write_guided,
+        )
+
+
+def _generator(seed: torch.Tensor, offset: torch.Tensor) -> torch.Generator:
+    """The reference backend's generator on ``seed``'s device, seeded with ``seed * 1_000_003 + offset`` (a host read)."""
+    generator = torch.Generator(device=seed.device)
+    generator.manual_seed((int(seed) * _SEED_MIX + int(offset)) % 2**64)
+    return generator

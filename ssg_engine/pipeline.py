@@ -18,6 +18,8 @@ from .profiling import nvtx_range
 
 Scalar = Union[float, torch.Tensor]
 GuidanceOp = Callable[..., Tuple[torch.Tensor, torch.Tensor]]  # (logits_2B, prev, operator, cfg_t, beta) -> (guided, cfg)
+# (logits_2B, prev, operator, cfg_t, beta, *, write_cfg, write_guided) -> (tokens, nonfinite, cfg or None, guided or None)
+GuideAndDrawOp = Callable[..., Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]]
 
 
 class NonFiniteLogitsError(ValueError, FloatingPointError):
@@ -81,6 +83,20 @@ class Guidance:
         guided, cfg = self.op(logits_2B, self.prev if g.operator is not None else None, g.operator, g.cfg_t, g.beta)
         self.prev = guided if self.prior_from_guided else cfg
         return guided, cfg
+
+    def guide_and_draw(
+        self, si: int, logits_2B: torch.Tensor, op: GuideAndDrawOp, record: bool = False
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The same step with an op that also draws (``ops.guide_and_sample_bits``): it writes ``cfg``/``guided``
+        only where a later scale's prior or ``record`` needs them. Returns the op's (tokens, nonfinite, cfg, guided)."""
+        g = self.schedule[si]
+        keep = any(later.operator is not None for later in self.schedule[si + 1 :])
+        out = op(
+            logits_2B, self.prev if g.operator is not None else None, g.operator, g.cfg_t, g.beta,
+            write_cfg=record or (keep and not self.prior_from_guided), write_guided=record or (keep and self.prior_from_guided),
+        )
+        self.prev = out[3] if self.prior_from_guided else out[2]
+        return out
 
 
 TokenPicker = Callable[[int, torch.Tensor], Tuple[torch.Tensor, Optional[torch.Tensor]]]

@@ -190,8 +190,28 @@ def test_greedy_bits_identical(setups, name, run, ssg):
     ref = sample_infinity_reference(s["model"], s["vae"], text, top_k=1, seed=0, ssg=ssg, **kw)
     images, bits = s["engine"].generate(text, top_k=1, top_p=0.0, seed=7, ssg=ssg, **kw)
     for si, (a, b) in enumerate(zip(bits, ref.bits)):
-        assert a.shape == b.shape and torch.equal(a, b), f"scale {si}"
+        assert a.shape == b.shape and a.dtype == torch.uint8 and torch.equal(a.long(), b), f"scale {si}"
     assert rel_err(images, ref.images) < 1e-5
+
+
+@torch.no_grad()
+def test_engine_draws_bits_with_the_fused_op(setups, monkeypatch):
+    """Every Infinity scale is one ops.guide_and_sample_bits call (guidance + Bernoulli bits), never 2-way rows through
+    ops.sample_logits; the bits come back as uint8."""
+    from ssg_engine import ops
+
+    fused_calls, sampler_calls = [], []
+    for name, calls in (("guide_and_sample_bits", fused_calls), ("sample_logits", sampler_calls)):
+
+        def spy(*args, _original=getattr(ops, name), _calls=calls, **kwargs):
+            _calls.append(kwargs["backend"])
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(ops, name, spy)
+    s = setups["wide_d8"]
+    _, bits = s["engine"].generate(packed(s["T"], "text"), h_div_w=0.5, pn=4, top_k=0, top_p=0.9, seed=1, ssg=SSG(beta=0.5))
+    assert fused_calls == ["reference"] * 4 and sampler_calls == []
+    assert all(b.dtype == torch.uint8 and b.shape[-1] == 8 for b in bits)
 
 
 @torch.no_grad()
@@ -203,7 +223,7 @@ def test_ssg_beta_zero_is_no_ssg_and_params_map_to_lists(setups):
     base = s["engine"].generate(text, top_k=1, top_p=0.0, h_div_w=0.5, pn=5, cfg=2.5, temperature=0.8, cfg_insertion_layer=(0, -1))
     off = s["engine"].generate(text, top_k=1, top_p=0.0, h_div_w=0.5, pn=5, cfg=2.5, temperature=0.8, cfg_insertion_layer=(0, -1), ssg=SSG(beta=0.0))
     ref = sample_infinity_reference(s["model"], s["vae"], text, sched, cfg_list=[2.5] * 5, tau_list=[0.8] * 5, top_k=1, cfg_insertion_layer=(0, -1))
-    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(base[1], off[1], ref.bits))
+    assert all(torch.equal(a, b) and torch.equal(a.long(), c) for a, b, c in zip(base[1], off[1], ref.bits))
     assert torch.equal(base[0], off[0])
 
 
@@ -224,7 +244,7 @@ def test_padded_text_chunks_and_buckets(setups):
         one = TextFeatures(features[start : start + n], [n])
         ref = sample_infinity_reference(s["model"], None, one, scale_schedule(1.0, 4), top_k=1, negative=TextFeatures(neg[start : start + n], [n]),
                                         **{k: v for k, v in kw.items() if k != "pn"})
-        assert all(torch.equal(a[b : b + 1], r) for a, r in zip(bits, ref.bits)), f"prompt {b}"
+        assert all(torch.equal(a[b : b + 1].long(), r) for a, r in zip(bits, ref.bits)), f"prompt {b}"
 
 
 @torch.no_grad()
@@ -318,7 +338,7 @@ def test_generate_one_signature(setups, tiny_models):
 
     assert torch.equal(generate(s["model"], s["vae"], ["a red fox", "a cat"], text_encoder=Encoder(), **kw), images)
     _, engine_bits = generate(s["model"], s["vae"], text, engine=s["engine"], return_tokens=True, **kw)
-    assert all(torch.equal(a, b) for a, b in zip(engine_bits, bits))
+    assert all(torch.equal(a.long(), b) for a, b in zip(engine_bits, bits))  # the Engine's bits are uint8
     vae, var = tiny_models
     assert generate(var, vae, [1, 2], top_k=1, seed=0).shape == (2, 3, 128, 128)
 
@@ -352,7 +372,7 @@ def test_bad_input_is_one_clear_error(setups, tiny_models):
 
 @torch.no_grad()
 def test_triton_backend_greedy_bits_under_interpreter(setups):
-    """The fused guidance and the sort-free sampler on 2-way rows (CPU interpreter in CI) give the reference's greedy bits."""
+    """The fused guidance + Bernoulli bit draw (ops.guide_and_sample_bits; CPU interpreter in CI) gives the reference's greedy bits."""
     pytest.importorskip("triton", reason="triton not installed")
     import os
 
@@ -368,7 +388,7 @@ def test_triton_backend_greedy_bits_under_interpreter(setups):
         _, bits = engine.generate(text, h_div_w=0.5, pn=4, top_k=1, top_p=0.0, ssg=SSG(beta=0.8), **kw)
     finally:
         engine.backend = "reference"
-    assert all(torch.equal(a, b) for a, b in zip(bits, ref.bits))
+    assert all(torch.equal(a.long(), b) for a, b in zip(bits, ref.bits))
 
 
 # ----------------------------------------------------------------------------- GPU only (bench/device_check.sh)
