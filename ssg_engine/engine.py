@@ -310,6 +310,12 @@ class Engine:
         return img[:n].clone(), [t[:n].clone() for t in tok], bad.clone()
 
 
+def device_schedule(template: Sequence[ScaleGuidance], cfg_t: torch.Tensor, beta: torch.Tensor) -> List[ScaleGuidance]:
+    """The schedule a captured graph runs: ``template``'s prior operators, with the CFG weight and SSG beta of scale
+    ``si`` read from ``cfg_t[si]`` / ``beta[si]`` of the (K,) float32 device buffers refilled before each replay."""
+    return [ScaleGuidance(cfg_t[si], beta[si] if g.operator is not None else 0.0, g.operator) for si, g in enumerate(template)]
+
+
 class _CapturedBatch:
     """One CUDA graph of ``Engine.run_batch`` for a bucket, a ``graph_key`` and (Infinity) a request's schedule and
     lists; the condition (labels, or padded text and negative text), the seed, the CFG weights and the SSG betas are
@@ -324,7 +330,7 @@ class _CapturedBatch:
         template = guidance_schedule(0.0, params.ssg, model.scale_sizes(), device, cfg_ts=engine._cfg_ts(model, params))
         self.cfg_t = torch.zeros(len(template), dtype=torch.float32, device=device)
         self.beta = torch.zeros(len(template), dtype=torch.float32, device=device)
-        schedule = [ScaleGuidance(self.cfg_t[si], self.beta[si] if g.operator is not None else 0.0, g.operator) for si, g in enumerate(template)]
+        schedule = device_schedule(template, self.cfg_t, self.beta)
         self._fill(engine._cfg_ts(model, params), params)
         run = functools.partial(engine.run_batch, self.cond, self.seed, params, model=self.model, schedule=schedule)
         stream = torch.cuda.Stream()
