@@ -49,15 +49,16 @@ TWIN_DEPTH = 2  # layers of each preset's twin
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # (family, preset, pn, h_div_w) of each shape class. VAR: d16..d30 share the 256 px shapes (V = 4096, scales, head
 # dim 64), d36 is the 512 px class. Infinity: every released preset has V = 2 (bits x 32) and its own width and heads;
-# a schedule's token counts come from its aspect ratio (smaller pixel counts run a prefix of the 1M schedule, the same
-# scales). The first of each family is swept over every setting, the others over the core ones.
-SHAPES = (
-    *(("var", preset, "", 1.0) for preset in ("d16", "d20", "d24", "d30", "d36")),
-    *(("infinity", preset, "1M", 1.0) for preset in INFINITY_PRESETS),
-    *(("infinity", "infinity_2b", "1M", ratio) for ratio in sorted(RATIO_TABLE) if ratio != 1.0),
+# a schedule's token counts come from its aspect ratio (h/w and w/h have the same counts; smaller pixel counts run a
+# prefix of the 1M schedule, the same scales).
+SWEPT = (("var", "d16", "", 1.0), ("infinity", "infinity_2b", "1M", 1.0))  # every setting
+CORE = (("var", "d36", "", 1.0), *(("infinity", "infinity_2b", "1M", r) for r in sorted(RATIO_TABLE) if r > 1.0))
+OTHERS = (  # the default setting (bf16, B = 64, SSG, eager and graph): same shapes as above, other widths
+    *(("var", preset, "", 1.0) for preset in ("d20", "d24", "d30")),
+    *(("infinity", preset, "1M", 1.0) for preset in INFINITY_PRESETS if preset != "infinity_2b"),
     ("infinity", "infinity_2b", "0.06M", 1.0),
 )
-SWEPT = {("var", "d16", "", 1.0), ("infinity", "infinity_2b", "1M", 1.0)}
+SHAPES = SWEPT + CORE + OTHERS
 FILTERS = ((0, 0.0), (1, 0.0), (900, 0.0), (0, 0.96), (900, 0.96))  # (top_k, top_p)
 DEFAULT_FILTER = (900, 0.96)
 
@@ -95,8 +96,9 @@ def all_runs(quick: bool = False) -> List[Run]:
     buckets = [1 << i for i in range(MAX_BATCH.bit_length())]
     runs: Dict[Run, None] = {}  # ordered, without repeats
     for shape in SHAPES:
-        # core: bf16 (the default dtype) at B = 1 and 64, SSG on/off, eager and graph, default filter
-        settings = [("bfloat16", b, ssg, DEFAULT_FILTER) for b in (1, MAX_BATCH) for ssg in (False, True)]
+        settings = [("bfloat16", MAX_BATCH, True, DEFAULT_FILTER)]
+        if shape in SWEPT + CORE:  # bf16 (the default dtype) at B = 1 and 64, SSG on/off, default filter
+            settings += [("bfloat16", b, ssg, DEFAULT_FILTER) for b in (1, MAX_BATCH) for ssg in (False, True)]
         if shape in SWEPT:  # every filter at B = 64, every bucket, fp16 and fp32
             settings += [("bfloat16", MAX_BATCH, ssg, f) for ssg in (False, True) for f in FILTERS]
             settings += [("bfloat16", b, True, DEFAULT_FILTER) for b in buckets]

@@ -18,7 +18,15 @@ from pathlib import Path
 
 import pytest
 
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the in-process recorder test runs the kernel on CPU
 pytest.importorskip("triton", reason="the AOT gate compiles the Triton kernels")
+import torch  # noqa: E402
+
+from conftest import kernel_test_settings  # noqa: E402
+from ssg_engine.kernels import record_launches  # noqa: E402
+from ssg_engine.kernels.ssg_guidance import ssg_guidance_launch, ssg_guidance_reference  # noqa: E402
+
+INTERPRET, DEVICE, _ = kernel_test_settings()
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "aot"
@@ -38,6 +46,42 @@ def _describe(config: dict) -> str:
     consts = {name: spec for name, ty, spec in config["args"] if ty == "constexpr"}
     types = {name: f"{ty}{'/16' if spec == 'D' else ''}" for name, ty, spec in config["args"] if ty != "constexpr"}
     return f"{config['kernel']} warps={config['num_warps']} {consts} {types}"
+
+
+def _recorded_args(launch) -> dict:
+    with record_launches(execute=False) as recorder:
+        launch.run()
+    (config,) = recorder.configs
+    return {name: (ty, spec) for name, ty, spec in config["args"]}
+
+
+def test_record_launches_records_what_triton_specializes():
+    """Alignment from the view's byte offset, ints == 1 as constants, do_not_specialize honoured; execute=False
+    launches nothing; outside the block nothing is recorded and the kernel runs."""
+    logits = torch.randn(33, device=DEVICE)[1:].view(2, 2, 8)  # 4 B past an aligned base
+    t = torch.tensor([0.5, 1.5, 2.5], device=DEVICE)
+    launch, guided, cfg = ssg_guidance_launch(logits, None, None, t[1], 0.0)  # t[1]: a graph's cfg_t[si] view
+    args = _recorded_args(launch)
+    assert args["logits_ptr"] == ("*fp32", "")  # unaligned: not divisible by 16
+    assert args["guided_ptr"] == ("*fp32", "D")  # a fresh allocation
+    assert args["t_ptr"] == ("*fp32", "")  # do_not_specialize_on_alignment: never "D"
+    assert args["stride_t"] == ("i32", None) and args["B"] == ("i32", None)  # do_not_specialize
+    assert args["stride_lv"] == ("constexpr", 1) and args["V"] == ("i32", "")  # 1 -> constant; 8 % 16 != 0
+    assert args["T_IS_TENSOR"] == ("constexpr", True) and args["HAS_PRIOR"] == ("constexpr", False)
+    aligned = [ssg_guidance_launch(torch.randn(2, 2, 16, device=DEVICE), None, None, t[si], 0.0)[0] for si in (0, 1)]
+    args0, args1 = map(_recorded_args, aligned)
+    assert args0["logits_ptr"] == ("*fp32", "D") and args0["V"] == ("i32", "D")
+    assert args0 == args1  # t[0] (aligned) and t[1] (4 B off) compile to one variant
+
+    guided.fill_(float("nan"))
+    with record_launches(execute=False):
+        launch.run()
+    assert guided.isnan().all()  # recorded, not launched
+    with record_launches() as recorder:
+        launch.run()
+    assert len(recorder.configs) == 1
+    want, _ = ssg_guidance_reference(logits, None, None, t[1], 0.0)
+    torch.testing.assert_close(guided, want)
 
 
 @pytest.mark.parametrize("interpret", ["1", "0"], ids=["TRITON_INTERPRET=1", "TRITON_INTERPRET=0"])
