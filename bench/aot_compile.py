@@ -1,20 +1,20 @@
 """Ahead-of-time compile gate for the Triton kernels, on a CPU (the triton wheel ships ptxas).
 
-Every launch configuration the launchers choose for the public models (VAR d16/d20/d24/d30 at
-256 px, d36 at 512 px, V = 4096; B in {1, 16, 64}; every scale; fp32/bf16/fp16 inputs; SSG prior
-on/off; top-k/top-p on/off) is derived by the launchers' own ``*_launch`` functions on meta
-tensors, specialized exactly as ``JITFunction.run`` would (do_not_specialize included), deduped by
-compile key and compiled to cubin for each ``--arch``. Per compiled configuration it records the
-registers, local memory (spills; ptxas puts them in the stack frame), shared memory, SASS
-instruction count and compile seconds, and how many engine launches share it. Exits 1 when a configuration fails to compile, spills, or needs
-more shared memory than the arch has.
+The sweep is what the Engine launches: every configuration ``bench/engine_launches.py`` recorded while running the
+Engine (fake tensors) for every family, preset shape class, bucket, dtype and setting (``engine_launches.json``),
+plus the launchers' own ranges (VAR d16..d36, V = 4096; B in {1, 16, 64}; every scale; fp32/bf16/fp16; SSG prior
+on/off; top-k/top-p on/off) derived by their ``*_launch`` functions on meta tensors. Both are specialized exactly
+as ``JITFunction.run`` would (``ssg_engine.kernels.launch_config``: do_not_specialize, pointer alignment), deduped
+and compiled to cubin for each ``--arch``. Per compiled configuration it records the registers, local memory
+(spills; ptxas puts them in the stack frame), shared memory, SASS instruction count and compile seconds. Exits 1
+when a configuration fails to compile, spills, or needs more shared memory than the arch has.
 
-    python bench/aot_compile.py --arch 80 90 --out bench/results/aot      # everything (minutes)
-    python bench/aot_compile.py --arch 90 --quick --out /tmp/aot          # one configuration per kernel
-    python bench/aot_compile.py --arch 90 --jobs 16 --out /tmp/aot        # 16 compiles at a time
+    python bench/engine_launches.py --out bench/results/aot                      # the Engine's launches
+    python bench/aot_compile.py --arch 80 90 --out bench/results/aot --jobs 2    # everything (minutes)
+    python bench/aot_compile.py --arch 90 --quick --out /tmp/aot                 # one configuration per kernel
 
 Each compile also lands in Triton's cache, so a JIT launch with the same compile key on that arch loads it
-(``bench/device_check.sh`` precompiles this way before timing).
+(``bench/device_check.sh`` precompiles this way, ``--jobs 16``, before timing).
 """
 from __future__ import annotations
 
@@ -24,11 +24,12 @@ os.environ["TRITON_INTERPRET"] = "0"  # the interpreter's kernel objects cannot 
 os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # honest compile seconds, never a cache hit
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import importlib  # noqa: E402
 import itertools  # noqa: E402
+import multiprocessing  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
-import multiprocessing  # noqa: E402
-import queue  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -43,11 +44,11 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.compiler.compiler import make_backend  # noqa: E402
-from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
 
 from ssg_engine.config import ModelConfig  # noqa: E402
 from ssg_engine.guidance import cfg_ratio  # noqa: E402
-from ssg_engine.kernels import KernelLaunch  # noqa: E402
+from ssg_engine.kernels import KernelLaunch, config_key, launch_config  # noqa: E402
 from ssg_engine.kernels.sampling import sample_logits_launch  # noqa: E402
 from ssg_engine.kernels.ssg_guidance import ssg_guidance_launch  # noqa: E402
 
@@ -119,43 +120,65 @@ def sampling_cases(presets: Sequence[str], batches: Sequence[int], dtypes: Seque
 
 
 def quick_cases() -> List[Case]:
-    """One configuration per kernel: d16's last scale at B=64, fp32, prior and top-k + top-p on."""
+    """d16's last scale at B=64, fp32, prior and top-k + top-p on; and the sampler on Infinity-2B's last 1M scale
+    (64 x 64 tokens x 32 bits, rows of V = 2, B=1, top-p on), the configuration with the most rows per program."""
     guidance = [c for c in guidance_cases(["d16"], [64], [torch.float32]) if c.setting == "ssg"]
     sampling = [c for c in sampling_cases(["d16"], [64], [torch.float32]) if c.setting == "top-k+top-p"]
-    return [guidance[-1], sampling[-1]]
+    seed = torch.zeros(1, dtype=torch.int64, device="meta")
+    bits = torch.empty(64 * 64 * 32, 2, device="meta")
+    launch, _ = sample_logits_launch(bits, 0, 0.96, 1.0, seed, seed)
+    return [guidance[-1], sampling[-1], Case("sample_logits", "infinity_2b", 1, "float32", "top-p", 12, launch)]
 
 
-@dataclasses.dataclass(frozen=True)
-class CompileSpec:
-    """What ``JITFunction.run`` hands to ``triton.compile`` for a launch."""
-
-    kernel: JITFunction
-    signature: Dict[str, str]
-    constexprs: Dict[Tuple[int, ...], object]
-    attrs: Dict[Tuple[int, ...], list]
-    options: Dict[str, object]
-
-    @property
-    def key(self) -> str:
-        """Equal for launches that compile to the same binary (per arch)."""
-        src = ASTSource(self.kernel, self.signature, self.constexprs, self.attrs)
-        return f"{src.hash()}-{self.options['num_warps']}"
+def launch_key(launch: KernelLaunch) -> str:
+    """Equal for launches that compile to the same binary (on every arch)."""
+    return config_key(launch_config(launch))
 
 
-def compile_spec(launch: KernelLaunch, arch: int) -> CompileSpec:
-    """Specialize the launch's arguments as the JIT does at run time.
+def launcher_configs(cases: Sequence[Case]) -> Dict[str, dict]:
+    """``{config_key: launch_config}`` of the launchers' own enumeration, each with the case it came from."""
+    out: Dict[str, dict] = {}
+    for case in cases:
+        config = launch_config(case.launch)
+        out.setdefault(config_key(config), {**config, "example": f"{case.kernel} {case.describe()} (launcher range)"})
+    return out
 
-    Uses triton's own binder (``create_function_from_signature``) and ``JITFunction._pack_args``,
-    internals of triton 3.x (checked with 3.9.0), so ``do_not_specialize`` is honoured exactly.
-    """
-    kernel = launch.kernel
+
+def engine_configs(path: Path) -> Tuple[Dict[str, dict], Dict[str, int]]:
+    """The configurations ``bench/engine_launches.py`` recorded (``{key: config}``, examples filled in) and the
+    most distinct configurations of one kernel that one batch run launches (what a CUDA graph compiles), per kernel."""
+    data = json.loads(path.read_text())
+    configs = {key: dict(config) for key, config in data["configs"].items()}
+    variants: Dict[str, int] = defaultdict(int)
+    for run in data["runs"]:
+        per_kernel: Dict[str, int] = defaultdict(int)
+        for key in run["configs"]:
+            per_kernel[configs[key]["kernel"]] += 1
+            configs[key].setdefault("example", _describe_run(run))
+            configs[key]["engine_runs"] = configs[key].get("engine_runs", 0) + 1
+        for kernel, n in per_kernel.items():
+            variants[kernel] = max(variants[kernel], n)
+    return configs, dict(variants)
+
+
+def _describe_run(run: dict) -> str:
+    shape = f" {run['pn']} h/w={run['h_div_w']}" if run["family"] == "infinity" else ""
+    return (f"Engine {run['preset']}{shape} B={run['bucket']} {run['dtype']} {'ssg' if run['ssg'] else 'no ssg'} "
+            f"top_k={run['top_k']} top_p={run['top_p']} {'graph' if run['graph'] else 'eager'}")
+
+
+def compile_inputs(config: dict, arch: int):
+    """``(JITFunction, ASTSource, options)`` of a :func:`launch_config`, as ``JITFunction._pack_args`` builds them."""
+    module, name = config["kernel"].split(":")
+    kernel = getattr(importlib.import_module(module), name)
     if not isinstance(kernel, JITFunction):
         raise RuntimeError(f"{kernel!r} is not a JITFunction: import triton with TRITON_INTERPRET=0 (run this script as its own process)")
     backend = make_backend(GPUTarget("cuda", arch, 32))
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound, specialization, kwargs = binder(*launch.args, **launch.constexprs, num_warps=launch.num_warps)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, kwargs)
-    return CompileSpec(kernel, signature, constexprs, attrs, options.__dict__)
+    signature = {arg: ty for arg, ty, _ in config["args"]}
+    constexprs = {(i,): spec for i, (_, ty, spec) in enumerate(config["args"]) if ty == "constexpr"}
+    attrs = {(i,): backend.parse_attr(spec) for i, (_, ty, spec) in enumerate(config["args"]) if ty != "constexpr" and isinstance(spec, str)}
+    options = backend.parse_options({"num_warps": config["num_warps"]}).__dict__
+    return kernel, ASTSource(kernel, signature, constexprs, attrs), options
 
 
 def resource_usage(cubin: Path) -> Dict[str, int]:
@@ -170,32 +193,36 @@ def sass_instructions(cubin: Path) -> int:
     return len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", text, flags=re.M))
 
 
-def compile_row(spec: CompileSpec, arch: int, workdir: Path) -> dict:
-    """Compile for ``sm_<arch>`` and measure; ``compiled`` is False (with ``error``) on a compile failure."""
-    constexprs = {spec.kernel.arg_names[k[0]]: v for k, v in spec.constexprs.items()}
-    ints = {name: ty + ("/16" if spec.attrs.get((i,)) else "") for i, (name, ty) in enumerate(spec.signature.items()) if ty[0] == "i"}
+def compile_row(job: Tuple[str, dict, int]) -> dict:
+    """Compile one configuration for ``sm_<arch>`` and measure; ``compiled`` is False (with ``error``) on a failure."""
+    key, config, arch = job
+    kernel, source, options = compile_inputs(config, arch)
+    args = config["args"]
     row = {
-        "kernel": spec.kernel.__name__.strip("_"), "arch": arch, "num_warps": spec.options["num_warps"],
-        "pointers": {name: ty for name, ty in spec.signature.items() if ty.startswith("*")},
-        "constexprs": {k: v for k, v in constexprs.items() if k.isupper()},
-        "specialized_to_constant": {k: v for k, v in constexprs.items() if not k.isupper()},
-        "int_args": ints,
+        "kernel": kernel.__name__.strip("_"), "arch": arch, "num_warps": config["num_warps"], "key": key,
+        "pointers": {name: ty for name, ty, _ in args if ty.startswith("*")},
+        "unaligned_pointers": [name for name, ty, spec in args if ty.startswith("*") and spec != "D"],
+        "constexprs": {name: spec for name, ty, spec in args if ty == "constexpr" and name.isupper()},
+        "specialized_to_constant": {name: spec for name, ty, spec in args if ty == "constexpr" and not name.isupper()},
+        "int_args": {name: ty + ("/16" if spec == "D" else "") for name, ty, spec in args if ty[0] in "iu"},
+        "example": config.get("example", ""), "engine_runs": config.get("engine_runs", 0),
     }
     start = time.perf_counter()
     try:
-        compiled = triton.compile(ASTSource(spec.kernel, spec.signature, spec.constexprs, spec.attrs),
-                                  target=GPUTarget("cuda", arch, 32), options=spec.options)
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     except Exception as error:  # noqa: BLE001 - the gate reports every failure
         return {**row, "compiled": False, "error": f"{type(error).__name__}: {str(error)[:2000]}"}
     seconds = round(time.perf_counter() - start, 2)
-    cubin = workdir / f"{row['kernel']}_{arch}.cubin"
-    cubin.write_bytes(compiled.asm["cubin"])
-    usage = resource_usage(cubin)
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / f"{row['kernel']}_{arch}.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = resource_usage(cubin)
+        sass = sass_instructions(cubin)
     return {
         **row, "compiled": True, "registers": usage["REG"],
         "spill_bytes": usage["STACK"] + usage["LOCAL"], "stack_bytes": usage["STACK"],
         "shared_bytes": compiled.metadata.shared, "shared_limit": SHARED_LIMIT.get(arch),
-        "sass_instructions": sass_instructions(cubin), "compile_seconds": seconds,
+        "sass_instructions": sass, "compile_seconds": seconds,
     }
 
 
@@ -211,91 +238,44 @@ def problems(row: dict) -> List[str]:
     return out
 
 
-def _compile_share(specs: Sequence[Tuple[int, CompileSpec, int]], results: "multiprocessing.Queue") -> None:
-    """A forked worker: compile its share of (index, spec, arch) and put (index, row) on ``results``."""
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, spec, arch in specs:
-            results.put((i, compile_row(spec, arch, Path(tmp))))
-
-
-def compile_rows(specs: Sequence[Tuple[CompileSpec, int]], jobs: int) -> Iterator[Tuple[int, dict]]:
-    """(index, ``compile_row``) of every (spec, arch) in completion order, ``jobs`` forked processes compiling at
-    once (1: in this process, in order). A worker that dies loses its remaining specs: they come back as failed rows."""
-    if jobs <= 1:
-        with tempfile.TemporaryDirectory() as tmp:
-            for i, (spec, arch) in enumerate(specs):
-                yield i, compile_row(spec, arch, Path(tmp))
-        return
-    ctx = multiprocessing.get_context("fork")  # forked: the workers inherit the specs, nothing is pickled but rows
-    results = ctx.Queue()
-    workers = [ctx.Process(target=_compile_share, args=([(i, *specs[i]) for i in range(j, len(specs), jobs)], results), daemon=True)
-               for j in range(min(jobs, len(specs)))]
-    for w in workers:
-        w.start()
-    pending = set(range(len(specs)))
-    while pending:
-        try:
-            i, row = results.get(timeout=1)
-        except queue.Empty:
-            if any(w.is_alive() for w in workers):
-                continue
-            break
-        pending.discard(i)
-        yield i, row
-    for w in workers:
-        w.join()
-    for i in sorted(pending):
-        spec, arch = specs[i]
-        yield i, {"kernel": spec.kernel.__name__.strip("_"), "arch": arch, "num_warps": spec.options["num_warps"],
-                  "pointers": {n: t for n, t in spec.signature.items() if t.startswith("*")}, "constexprs": {},
-                  "specialized_to_constant": {}, "int_args": {}, "compiled": False, "error": "compile worker died (see its output above)"}
-
-
-def compile_all(cases: Sequence[Case], archs: Sequence[int], log=print, jobs: int = 1) -> List[dict]:
-    """One row per distinct compile key and arch, with the launches that share it; ``jobs`` compiles at a time."""
-    groups: Dict[Tuple[int, str], Tuple[CompileSpec, List[Case]]] = {}
-    per_bucket: Dict[tuple, set] = defaultdict(set)  # (bucket, arch) -> compile keys
-    for case in cases:
-        for arch in archs:
-            spec = compile_spec(case.launch, arch)
-            groups.setdefault((arch, spec.key), (spec, []))[1].append(case)
-            per_bucket[case.bucket, arch].add(spec.key)
-    entries = list(groups.items())
-    rows: List[Optional[dict]] = [None] * len(entries)
-    for done, (i, row) in enumerate(compile_rows([(spec, arch) for (arch, _), (spec, _) in entries], jobs)):
-        (arch, _), (spec, members) = entries[i]
-        row.update(
-            key=spec.key, launches=len(members), example=members[0].describe(),
-            presets=sorted({c.preset for c in members}, key=PRESETS.index),
-            max_variants_per_bucket=max(len(per_bucket[c.bucket, arch]) for c in members),
-        )
-        rows[i] = row
-        state = "; ".join(problems(row)) or f"{row['registers']} regs, {row['sass_instructions']} SASS"
-        log(f"[{done + 1}/{len(groups)}] sm_{arch} {row['kernel']} {row['constexprs']} w{row['num_warps']}: {state}")
+def compile_all(configs: Dict[str, dict], archs: Sequence[int], jobs: int = 1, log=print) -> List[dict]:
+    """One row per configuration and arch, compiled in ``jobs`` processes."""
+    work = [(key, config, arch) for arch in archs for key, config in configs.items()]
+    rows = []
+    with multiprocessing.get_context("spawn").Pool(jobs) if jobs > 1 else contextlib.nullcontext() as pool:
+        results = pool.imap(compile_row, work) if pool is not None else map(compile_row, work)
+        for i, row in enumerate(results):
+            rows.append(row)
+            state = "; ".join(problems(row)) or f"{row['registers']} regs, {row['sass_instructions']} SASS"
+            log(f"[{i + 1}/{len(work)}] sm_{row['arch']} {row['kernel']} {row['constexprs']} w{row['num_warps']}: {state}")
     return rows
 
 
-def markdown(rows: Sequence[dict]) -> str:
+def markdown(rows: Sequence[dict], variants: Dict[str, int], engine_file: str) -> str:
     """Summary per kernel and arch, then one line per compiled configuration."""
     lines = ["# AOT compile of the Triton kernels", "",
              "Generated by `python bench/aot_compile.py --arch 80 90 --out bench/results/aot` (CPU, triton "
-             f"{triton.__version__}); spill = local memory bytes per thread, stack frame included (`cuobjdump -res-usage` "
-             "STACK + LOCAL; ptxas puts spills in the stack frame), shared = Triton's shared memory per block.", "",
-             "| kernel | arch | configs | failed | max registers | spilling | max shared (B) | max SASS | max compiles per bucket |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"{triton.__version__}) from the launches the Engine makes ({engine_file}, written by "
+             "`python bench/engine_launches.py --out bench/results/aot`) plus the launchers' own ranges. "
+             "spill = local memory bytes per thread, stack frame included (`cuobjdump -res-usage` STACK + LOCAL; ptxas "
+             "puts spills in the stack frame), shared = Triton's shared memory per block; variants per bucket = the most "
+             "configurations of the kernel one Engine batch run launches (what one CUDA graph compiles).", "",
+             "| kernel | arch | configs | from the Engine | failed | max registers | spilling | max shared (B) | max SASS | variants per bucket |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for kernel in sorted({r["kernel"] for r in rows}):
         for arch in sorted({r["arch"] for r in rows}):
             sel = [r for r in rows if r["kernel"] == kernel and r["arch"] == arch]
             ok = [r for r in sel if r["compiled"]]
             if not sel:
                 continue
+            n_variants = next((n for k, n in variants.items() if k.endswith(":_" + kernel)), "-")
             lines.append(
-                f"| {kernel} | sm_{arch} | {len(sel)} | {len(sel) - len(ok)} | {max((r['registers'] for r in ok), default='-')} | "
-                f"{sum(1 for r in ok if r['spill_bytes'])} | {max((r['shared_bytes'] for r in ok), default='-')} | "
-                f"{max((r['sass_instructions'] for r in ok), default='-')} | {max(r['max_variants_per_bucket'] for r in sel)} |"
+                f"| {kernel} | sm_{arch} | {len(sel)} | {sum(1 for r in sel if r['engine_runs'])} | {len(sel) - len(ok)} | "
+                f"{max((r['registers'] for r in ok), default='-')} | {sum(1 for r in ok if r['spill_bytes'])} | "
+                f"{max((r['shared_bytes'] for r in ok), default='-')} | {max((r['sass_instructions'] for r in ok), default='-')} | {n_variants} |"
             )
-    lines += ["", "| kernel | arch | input | constexprs | warps | int args (/16 = divisible) | regs | spill | shared | SASS | compile s | launches | example |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| kernel | arch | input | constexprs | warps | int args (/16 = divisible); const | unaligned pointers | regs | spill | shared | SASS | compile s | Engine runs | example |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         consts = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items())
         ints = ", ".join(f"{k}:{v}" for k, v in r["int_args"].items())
@@ -304,7 +284,8 @@ def markdown(rows: Sequence[dict]) -> str:
             res = f"{r['registers']} | {r['spill_bytes']} | {r['shared_bytes']} | {r['sass_instructions']} | {r['compile_seconds']}"
         else:
             res = "FAILED | | | |"
-        lines.append(f"| {r['kernel']} | sm_{r['arch']} | {next(iter(r['pointers'].values()))} | {consts} | {r['num_warps']} | {ints}; const {ones} | {res} | {r['launches']} | {r['example']} |")
+        lines.append(f"| {r['kernel']} | sm_{r['arch']} | {next(iter(r['pointers'].values()))} | {consts} | {r['num_warps']} | {ints}; {ones} | "
+                     f"{', '.join(r['unaligned_pointers'])} | {res} | {r['engine_runs']} | {r['example']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -312,25 +293,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities, e.g. 80 90")
     ap.add_argument("--out", default="bench/results/aot", help="writes aot_kernels.json and aot_kernels.md here")
+    ap.add_argument("--launches", default="bench/results/aot/engine_launches.json",
+                    help="the Engine's recorded launches (bench/engine_launches.py); ignored with --quick")
     ap.add_argument("--quick", action="store_true", help="one configuration per kernel (the CI test)")
+    ap.add_argument("--ranges-only", action="store_true", help="the launchers' ranges only, not the Engine's recorded launches")
+    ap.add_argument("--jobs", type=int, default=1, help="parallel compile processes")
     ap.add_argument("--dtypes", nargs="+", choices=[str(d).removeprefix("torch.") for d in DTYPES], default=None,
-                    help="input dtypes of the full set (default: all)")
-    ap.add_argument("--jobs", type=int, default=1, help="compiles at a time, in forked processes (default 1)")
+                    help="input dtypes of the launchers' ranges (default: all)")
     args = ap.parse_args(argv)
+    if args.jobs < 1:
+        print(f"--jobs must be >= 1; got {args.jobs}", file=sys.stderr)
+        return 2
     dtypes = DTYPES if args.dtypes is None else [getattr(torch, d) for d in args.dtypes]
-    cases = quick_cases() if args.quick else [
-        *guidance_cases(PRESETS, BATCHES, dtypes), *sampling_cases(PRESETS, BATCHES, dtypes)
-    ]
-    print(f"{len(cases)} launches -> compiling for sm_{', sm_'.join(map(str, args.arch))}", flush=True)
-    rows = compile_all(cases, args.arch, log=lambda line: print(line, flush=True), jobs=args.jobs)
+    variants: Dict[str, int] = {}
+    if args.quick:
+        configs = launcher_configs(quick_cases())
+    elif args.ranges_only:
+        configs = launcher_configs([*guidance_cases(PRESETS, BATCHES, dtypes), *sampling_cases(PRESETS, BATCHES, dtypes)])
+    else:
+        launches = Path(args.launches)
+        if not launches.is_file():
+            print(f"--launches {launches} not found; write it with: python bench/engine_launches.py --out {launches.parent}", file=sys.stderr)
+            return 2
+        configs = launcher_configs([*guidance_cases(PRESETS, BATCHES, dtypes), *sampling_cases(PRESETS, BATCHES, dtypes)])
+        recorded, variants = engine_configs(launches)
+        for key, config in recorded.items():
+            configs[key] = {**configs.get(key, {}), **config}
+    print(f"{len(configs)} configurations -> compiling for sm_{', sm_'.join(map(str, args.arch))} with {args.jobs} jobs", flush=True)
+    rows = compile_all(configs, args.arch, args.jobs, log=lambda line: print(line, flush=True))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "aot_kernels.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (out / "aot_kernels.md").write_text(markdown(rows))
+    (out / "aot_kernels.md").write_text(markdown(rows, variants, "none" if args.quick or args.ranges_only else args.launches))
     failures = [(r, p) for r in rows for p in problems(r)]
     for r, p in failures:
         print(f"FAIL sm_{r['arch']} {r['kernel']} {r['constexprs']} ({r['example']}): {p}", file=sys.stderr)
-    print(f"{len(rows)} configurations, {len(failures)} problems; wrote {out}/aot_kernels.json and .md")
+    print(f"{len(rows)} compiled configurations, {len(failures)} problems; wrote {out}/aot_kernels.json and .md")
     return 1 if failures else 0
 
 

@@ -50,7 +50,7 @@ from env_info import environment  # noqa: E402
 from rows import RowWriter  # noqa: E402
 
 from ssg_engine.files import atomic_write_json  # noqa: E402
-from ssg_engine.kernels import KernelLaunch  # noqa: E402
+from ssg_engine.kernels import KernelLaunch, launch_config  # noqa: E402
 
 DRY_RUN_ARCH = 90
 
@@ -86,7 +86,7 @@ def representatives(cases: Sequence["aot_compile.Case"], arch: int) -> Dict[str,
     """Compile key -> (its smallest launch, number of launches with that key)."""
     out: Dict[str, Tuple["aot_compile.Case", int]] = {}
     for case in cases:
-        key = aot_compile.compile_spec(case.launch, arch).key
+        key = aot_compile.launch_key(case.launch)
         best, count = out.get(key, (case, 0))
         if footprint(case.launch) < footprint(best.launch):
             best = case
@@ -139,9 +139,7 @@ def jit_resources(launch: KernelLaunch) -> dict:
 
 def dry_run_resources(launch: KernelLaunch, arch: int) -> dict:
     """No device: compile the materialised launch's specialization ahead of time and read its cubin."""
-    spec = aot_compile.compile_spec(launch, arch)
-    with tempfile.TemporaryDirectory() as tmp:
-        row = aot_compile.compile_row(spec, arch, Path(tmp))
+    row = aot_compile.compile_row((aot_compile.launch_key(launch), launch_config(launch), arch))
     if not row["compiled"]:
         raise RuntimeError(row["error"])
     return {"registers": row["registers"], "spill_bytes": row["spill_bytes"], "shared_bytes": row["shared_bytes"],
@@ -184,7 +182,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     lines.write("run", **{k: v for k, v in report.items() if k not in ("rows", "matched", "mismatched", "errors")})
     start = time.perf_counter()
     aot_dir = out if args.aot_dir is None else Path(args.aot_dir)
-    cmd = [sys.executable, str(HERE / "aot_compile.py"), "--arch", str(arch), "--out", str(out), "--jobs", str(args.jobs)]
+    cmd = [sys.executable, str(HERE / "aot_compile.py"), "--arch", str(arch), "--out", str(out), "--ranges-only",
+           "--jobs", str(args.jobs)]
     cmd += ["--quick"] if args.quick else ["--dtypes", *args.dtypes] if args.dtypes else []
     aot_log_file = tempfile.TemporaryFile(mode="w+")  # not a pipe: nobody reads it until the JIT side is done
     aot_proc = None
@@ -199,14 +198,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cases = launch_cases(args.quick, args.dtypes)
     reps = representatives(cases + (small_cases() if args.quick else []), arch)
     if args.quick:  # the smallest launch of each of aot_compile.py --quick's keys
-        keys = {aot_compile.compile_spec(case.launch, arch).key for case in cases}
+        keys = {aot_compile.launch_key(case.launch) for case in cases}
         reps = {key: rep for key, rep in reps.items() if key in keys}
     print(f"JIT: {len(reps)} configurations on {device} (sm_{arch})", flush=True)
     for i, (key, (case, count)) in enumerate(reps.items()):
         entry = {"example": case.describe(), "kernel": case.kernel, "launches": count}
         try:
             launch = materialize(case.launch, device, seed=i)
-            real_key = aot_compile.compile_spec(launch, arch).key
+            real_key = aot_compile.launch_key(launch)
             if real_key != key:
                 raise RuntimeError(f"real tensors specialize differently from meta tensors ({real_key} vs {key})")
             entry.update(dry_run_resources(launch, arch) if args.dry_run else jit_resources(launch))

@@ -5,11 +5,19 @@ specifies it; the modules import without triton (only the launchers need it). Ea
 launcher builds a :class:`KernelLaunch` in one function (``*_launch``) that alone
 chooses the kernel configuration; ``bench/aot_compile.py`` calls the same function on
 meta tensors to compile every configuration ahead of time.
+
+Every launch goes through :meth:`KernelLaunch.run`; inside :func:`record_launches` it also
+records the launch's compile configuration (:func:`launch_config`: kernel, constexprs,
+warps, argument types and the specialization Triton derives), which is how
+``bench/engine_launches.py`` collects what the Engine launches for the AOT gate.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from typing import Any, Callable, Dict, Tuple
+import json
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -45,4 +53,99 @@ class KernelLaunch:
     num_warps: int
 
     def run(self) -> None:
+        """Launch; inside :func:`record_launches` record the configuration first (and skip the launch when
+        the recorder says ``execute=False``)."""
+        recorder = _RECORDER.get()
+        if recorder is not None:
+            recorder.configs.append(recorder.config(self))
+            if not recorder.execute:
+                return
         self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps)
+
+
+# 16-byte alignment is what Triton specializes pointers on (``tt.divisibility`` 16); a tensor's base
+# allocation is at least that aligned (CUDA caching allocator: 512 B), so a view's alignment is its byte offset's.
+_ALIGNMENT = 16
+_BASE_ADDRESS = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class _PointerArg:
+    """What Triton's specializer reads of a tensor argument: ``dtype`` and ``data_ptr()`` (fake and meta tensors
+    have no address; the byte offset of the view decides the alignment)."""
+
+    dtype: torch.dtype
+    address: int
+
+    def data_ptr(self) -> int:
+        return self.address
+
+
+def _as_pointer(arg: Any) -> Any:
+    if isinstance(arg, torch.Tensor):
+        return _PointerArg(arg.dtype, _BASE_ADDRESS + arg.storage_offset() * arg.element_size())
+    return arg
+
+
+@dataclasses.dataclass
+class LaunchRecorder:
+    """The launches recorded inside one :func:`record_launches` block, as :func:`launch_config` dicts."""
+
+    execute: bool
+    configs: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    _binders: Dict[Any, Tuple[Any, Any]] = dataclasses.field(default_factory=dict)  # kernel -> (JITFunction, binder)
+
+    def config(self, launch: "KernelLaunch") -> Dict[str, Any]:
+        if launch.kernel not in self._binders:
+            self._binders[launch.kernel] = _binder(launch.kernel)
+        return launch_config(launch, self._binders[launch.kernel])
+
+
+_RECORDER: contextvars.ContextVar[Optional[LaunchRecorder]] = contextvars.ContextVar("ssg_engine_launch_recorder", default=None)
+
+
+@contextlib.contextmanager
+def record_launches(execute: bool = True) -> Iterator[LaunchRecorder]:
+    """Record every :class:`KernelLaunch` run in this block (this thread/context only) as a :func:`launch_config`
+    in ``recorder.configs``. ``execute=False`` records without launching: the outputs stay unwritten, which lets
+    the Engine run on fake or meta tensors (no data) to enumerate its launches."""
+    recorder = LaunchRecorder(execute)
+    token = _RECORDER.set(recorder)
+    try:
+        yield recorder
+    finally:
+        _RECORDER.reset(token)
+
+
+def _binder(kernel: Any) -> Tuple[Any, Any]:
+    """``(JITFunction, binder)`` of a jit kernel: Triton's own argument binder and specializer (internals of triton
+    3.x, checked with 3.9.0), for a compiled or an interpreted (``TRITON_INTERPRET=1``) kernel alike."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    if not isinstance(kernel, JITFunction):  # the interpreter's InterpretedFunction keeps the jit options
+        kernel = JITFunction(kernel.fn, **kernel.kwargs)
+    backend = make_backend(GPUTarget("cuda", 90, 32))  # the specialization rules are the same for every NVIDIA arch
+    return kernel, create_function_from_signature(kernel.signature, kernel.params, backend)
+
+
+def launch_config(launch: "KernelLaunch", binder: Optional[Tuple[Any, Any]] = None) -> Dict[str, Any]:
+    """The compile configuration of a launch, as ``JITFunction.run`` derives it: ``{"kernel": "module:name",
+    "num_warps", "args": [[name, type, specialization], ...]}`` where type is ``"*bf16"``, ``"i32"``, ``"fp32"`` or
+    ``"constexpr"`` and specialization is ``"D"`` (divisible by 16: pointer alignment, int value), ``""`` (not),
+    None (``do_not_specialize``/floats) or the constexpr's value (constexprs and ints equal to 1).
+    ``config_key`` of it is equal for launches that compile to the same binary."""
+    kernel, bind = binder if binder is not None else _binder(launch.kernel)
+    args = [_as_pointer(a) for a in launch.args]
+    _, specialization, _ = bind(*args, **launch.constexprs, num_warps=launch.num_warps)
+    return {
+        "kernel": f"{kernel.module}:{kernel.fn.__qualname__}",
+        "num_warps": launch.num_warps,
+        "args": [[p.name, ty, spec] for p, (ty, spec) in zip(kernel.params, specialization)],
+    }
+
+
+def config_key(config: Dict[str, Any]) -> str:
+    """A canonical string of a :func:`launch_config` (JSON, sorted keys)."""
+    return json.dumps(config, sort_keys=True, separators=(",", ":"))

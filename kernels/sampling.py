@@ -11,7 +11,7 @@ Mask semantics are upstream VAR's ``sample_with_top_k_top_p_`` applied to
 
 ``top_k == 0`` or ``top_k >= V`` disables top-k; ``top_p == 0`` disables top-p.
 
-The kernel (:func:`sample_logits_triton`) works on ``BLOCK_R`` rows per program and
+The kernel (:func:`sample_logits_triton`) works on ``BLOCK_R`` rows per program (fixed per V) and
 streams each row in chunks of ``BLOCK_V`` (a row of ``V <= 4096`` stays in registers
 for every pass; longer rows are re-read from L2 per pass):
 
@@ -69,6 +69,10 @@ except ImportError:  # reference-only install: the launcher below raises instead
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_BLOCK_V = 4096  # the largest row chunk held on chip; also the elements per program
+# Rows per program when rows are narrower than a chunk, fixed (not from the row count, so each vocabulary
+# compiles one variant for every batch and scale): V = 2 (Infinity's bits) at 256 rows x 8 warps needs 41
+# registers and no spill on sm_90; 2048 rows needed 255 registers and spilled 96 B (bench/results/aot/).
+_MAX_BLOCK_R = 256
 
 
 @jit()
@@ -315,7 +319,7 @@ def sample_logits_launch(
     if rows == 0:
         return None, tokens
     block_v = min(triton.next_power_of_2(vocab), _MAX_BLOCK_V)
-    block_r = min(triton.next_power_of_2(rows), max(1, _MAX_BLOCK_V // block_v))
+    block_r = max(1, min(_MAX_BLOCK_R, _MAX_BLOCK_V // block_v))
     args = (
         logits, tokens, seed, offset,
         rows, vocab, logits.stride(0), logits.stride(1),
@@ -325,7 +329,7 @@ def sample_logits_launch(
         HAS_TOP_K=0 < top_k < vocab, HAS_TOP_P=0 < top_p < 1,
         BLOCK_R=block_r, BLOCK_V=block_v, ONE_CHUNK=vocab <= block_v,
     )
-    num_warps = 8 if block_r * block_v >= 2048 else 4
+    num_warps = 8 if block_r * block_v >= 512 else 4
     return KernelLaunch(_sample_kernel, (triton.cdiv(rows, block_r),), args, constexprs, num_warps), tokens
 
 

@@ -91,9 +91,13 @@ def guide_tile(
 
 # B, N and M only bound masks and loops: specializing on their value (== 1, % 16) would compile
 # several variants per batch bucket for nothing. stride_on is M (the operator is contiguous): its
-# % 16 specialization applies to 2 of 9 prior scales, each at the price of a compile. The strides
-# of the big tensors stay specialized (contiguity, vector loads). bench/results/aot/README.md.
-@jit(do_not_specialize=["B", "N", "M", "stride_on"])
+# % 16 specialization applies to 2 of 9 prior scales, each at the price of a compile. stride_t and
+# stride_beta are 0 (one value for the batch) or 1 (one per image) and t_ptr/beta_ptr point at
+# cfg_t[si] / beta[si] of a captured graph's (K,) buffers, at byte offset 4 * si: specializing on
+# either would compile one variant per scale. The strides of the big tensors stay specialized
+# (contiguity, vector loads). bench/results/aot/README.md.
+@jit(do_not_specialize=["B", "N", "M", "stride_on", "stride_t", "stride_beta"],
+     do_not_specialize_on_alignment=["t_ptr", "beta_ptr"])
 def _ssg_guidance_kernel(
     logits_ptr, prev_ptr, op_ptr, t_ptr, beta_ptr, guided_ptr, cfg_ptr,
     B, N, M, V,

@@ -14,7 +14,7 @@ import collections
 import dataclasses
 import functools
 import math
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -369,6 +369,12 @@ class Engine:
         return img[:n].clone(), [t[:n].clone() for t in tok], bad.clone()
 
 
+def device_schedule(template: Sequence[ScaleGuidance], cfg_t: torch.Tensor, beta: torch.Tensor) -> List[ScaleGuidance]:
+    """The schedule a captured graph runs: ``template``'s prior operators, with the CFG weight and SSG beta of scale
+    ``si`` read from ``cfg_t[si]`` / ``beta[si]`` of the (K,) float32 device buffers refilled before each replay."""
+    return [ScaleGuidance(cfg_t[si], beta[si] if g.operator is not None else 0.0, g.operator) for si, g in enumerate(template)]
+
+
 class _StaticBatch:
     """One CUDA graph of ``Engine.run_batch`` for a bucket, a ``graph_key`` and (Infinity) a ``_request_key``, and
     everything it reads, held for its lifetime: the static device buffers refilled before each replay (the condition:
@@ -400,7 +406,7 @@ class _StaticBatch:
         else:
             self.model = model
         template = guidance_schedule(0.0, params.ssg, model.scale_sizes(), device, cfg_ts=engine._cfg_ts(model, params))
-        self.schedule = [ScaleGuidance(self.cfg_t[si], self.beta[si] if g.operator is not None else 0.0, g.operator) for si, g in enumerate(template)]
+        self.schedule = device_schedule(template, self.cfg_t, self.beta)
         self._static = self._buffers(self.model, self.cond) + (self.seed, self.floats)
         self._staging = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in self._static) if capture else None
         self._copied = torch.cuda.Event() if capture else None
