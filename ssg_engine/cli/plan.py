@@ -6,7 +6,9 @@ import argparse
 from typing import Any
 
 from .bench import DTYPES
-from .common import float_arg, int_arg
+from .common import UsageError, float_arg, int_arg
+
+PLAN_MAX_BYTES = 2**50  # 1 PiB: far above any GPU, and small enough that every planned tensor's size fits an int64
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -16,7 +18,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     config = ModelConfig.from_json(args.config) if args.config else ModelConfig.preset(args.preset)
     gpu_bytes = int(args.gpu_memory * GiB) if args.gpu_memory is not None else None
     dtype = DTYPES[args.dtype]
-    print(plan(config, args.batch_size, dtype).table(gpu_bytes))
+    batch = plan(config, args.batch_size, dtype)
+    if batch.total > PLAN_MAX_BYTES:
+        raise UsageError(f"--batch-size {args.batch_size}: one batch would need {batch.total / GiB:.3g} GiB, more than any GPU "
+                         f"(plans stop at {PLAN_MAX_BYTES / 2**50:g} PiB); give a smaller --batch-size")
+    print(batch.table(gpu_bytes))
     if args.gpu:
         from ..costs import GPUS, roofline, stage_costs
 
