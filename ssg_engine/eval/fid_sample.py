@@ -371,3 +371,9 @@ def run_fid_sample(job: FidSampleJob, load_models: Callable[[str], Tuple[object,
 
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # the old entry point: the command is `ssg-engine fid-sample`
+    from ..validation import refuse_module_run
+
+    refuse_module_run("ssg_engine.eval.fid_sample", "fid-sample")
