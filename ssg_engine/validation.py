@@ -71,12 +71,12 @@ def machine_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_memory(count: int, bytes_each: int, name: str, fix: str) -> None:
-    """``ValueError`` naming ``name`` when ``count`` items of ``bytes_each`` bytes (what a run keeps in memory) would
-    not fit in this machine's memory; called before any compute, so an absurd count never starts a run."""
-    need, have = count * bytes_each, machine_memory()
+def check_memory(need: int, what: str, fix: str) -> None:
+    """``ValueError`` starting with ``what`` (the argument and its value) when a run would hold ``need`` bytes, more
+    than this machine's memory; called before any compute, so an absurd count never starts a run."""
+    have = machine_memory()
     if need > have:
-        raise ValueError(f"{name} {count}: the run would hold {need / 2**30:.3g} GiB in memory, more than this machine's "
+        raise ValueError(f"{what}: the run would hold {need / 2**30:.3g} GiB in memory, more than this machine's "
                          f"{have / 2**30:.3g} GiB; {fix}")
 
 

@@ -39,7 +39,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         vae, model = load_from_args(args)
         what = "shipped pretrained Fashion-MNIST VAR (ssg_engine.pretrained)"
     schedule = scale_schedule(1.0, model.config.num_scales) if text_encoder is not None else None
-    check_memory(args.samples, 3 * 4 * image_pixels(model, vae, schedule), "--samples",
+    check_memory(args.samples * 3 * 4 * image_pixels(model, vae, schedule), f"--samples {args.samples}",
                  "an arm's samples are held in memory as float32 images; give a smaller --samples")
     desc = f"{portable_path(args.var)} + {portable_path(args.vae)}" if args.var else what
     priors = [p for v in args.priors for p in v.split(",") if p]

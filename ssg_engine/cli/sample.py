@@ -133,8 +133,8 @@ def check_image_count(args: argparse.Namespace, count: int, pixels: int) -> None
     flag, per = ("--per-prompt", args.per_prompt or 1) if model_family(args) == "infinity" else ("--per-class", args.per_class)
     images = count * (2 if getattr(args, "compare", False) else 1)
     try:
-        check_memory(images, 2 * 3 * 4 * pixels, f"{flag} {per}", f"{images} images of {pixels} pixels; lower {flag} "
-                     "(or sample in several runs)")
+        check_memory(images * 2 * 3 * 4 * pixels, f"{flag} {per}",
+                     f"that is {images} images of {pixels} pixels (kept as float32, with their grid); lower {flag}")
     except ValueError as e:
         raise UsageError(str(e)) from None
 
