@@ -16,8 +16,8 @@ from ..files import OutputError
 from ..params import SamplingParams
 from .common import (
     INT64_MAX, UsageError, add_batch_args, add_model_args, add_sampling_args, check_model_args, check_output_dir, check_output_file,
-    float_arg, int_arg, labels_from_args, parse_classes, load_from_args, load_infinity_from_args, model_family, model_sampling, model_ssg_beta,
-    resolve_ssg_args, sampling_from_args,
+    float_arg, int_arg, labels_from_args, load_from_args, load_infinity_from_args, model_family, model_sampling, model_ssg_beta,
+    parse_classes, resolve_ssg_args, sampling_from_args,
 )
 
 UPSCALE_MAX = 64  # a 32 px image upscaled 64x is 2048 px; more only makes huge PNGs
@@ -153,9 +153,7 @@ def infinity_conditions(args: argparse.Namespace, model, vae, text_encoder) -> T
         check_image_count(args, text.batch * per, pixels)
         prompts = [text[i : i + 1] for i in range(text.batch) for _ in range(per)]
         text = TextFeatures(torch.cat([p.kv_compact for p in prompts]), [n for p in prompts for n in p.lens])
-    else:
-        if text_encoder is None:
-            raise UsageError("--family infinity with --var/--vae needs --text-encoder FOLDER (Flan-T5) or --text-features FILE.pt")
+    else:  # a text encoder: check_family_flags asked for one
         prompts = args.prompt or [make_prompt(c, TRAIN_TEMPLATES[0]) for c in range(len(CLASS_PHRASES))]
         check_image_count(args, len(prompts) * per, pixels)
         try:
