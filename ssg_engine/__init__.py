@@ -1,22 +1,52 @@
-"""ssg-engine: fast sampling of multi-scale visual autoregressive (VAR) models, with Scaled Spatial Guidance."""
-from .config import ModelConfig
-from .guidance import SSG, dse, dse_operator, prior, ssg_logits
-from .models import VQVAE, VARTransformer
-from .params import SamplingParams
-from .pipeline import NonFiniteLogitsError
-from .sampler import VAR, SampleOutput, sample_reference
-from .models.infinity import InfinityRequest, InfinityTransformer, PaddedText, TextFeatures, scale_schedule
-from .infinity_sampler import InfinitySampleOutput, sample_infinity_reference
-from .engine import Engine
-from .api import generate
-from .loading import CheckpointError, build_models, checkpoint_family, load_infinity, load_models, random_models
-from .plan import plan
+"""ssg-engine: fast sampling of multi-scale visual autoregressive (VAR) models, with Scaled Spatial Guidance.
+
+The public names below are imported on first use (module ``__getattr__``), so ``import ssg_engine`` (and the
+``ssg-engine`` command starting up) does not import torch until something needs it.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Any, Dict, List
 
 __version__ = "0.1.0"
+
+# public name -> the module (relative to this package) that defines it
+_EXPORTS: Dict[str, str] = {
+    "ModelConfig": ".config",
+    **dict.fromkeys(["SSG", "dse", "dse_operator", "prior", "ssg_logits"], ".guidance"),
+    **dict.fromkeys(["VQVAE", "VARTransformer"], ".models"),
+    "SamplingParams": ".params",
+    "NonFiniteLogitsError": ".pipeline",
+    **dict.fromkeys(["VAR", "SampleOutput", "sample_reference"], ".sampler"),
+    **dict.fromkeys(["InfinityRequest", "InfinityTransformer", "PaddedText", "TextFeatures", "scale_schedule"], ".models.infinity"),
+    **dict.fromkeys(["InfinitySampleOutput", "sample_infinity_reference"], ".infinity_sampler"),
+    "Engine": ".engine",
+    "generate": ".api",
+    **dict.fromkeys(["CheckpointError", "build_models", "checkpoint_family", "load_infinity", "load_models", "random_models"], ".loading"),
+    "plan": ".plan",
+    "to_uint8": ".imaging",
+}
 
 __all__ = [
     "ModelConfig", "SSG", "dse", "dse_operator", "prior", "ssg_logits", "CheckpointError", "build_models",
     "load_models", "load_infinity", "checkpoint_family", "random_models", "VAR", "VARTransformer", "VQVAE", "SamplingParams", "NonFiniteLogitsError",
     "SampleOutput", "generate", "sample_reference", "Engine", "plan", "InfinityTransformer", "InfinityRequest",
-    "TextFeatures", "PaddedText", "scale_schedule", "InfinitySampleOutput", "sample_infinity_reference",
+    "TextFeatures", "PaddedText", "scale_schedule", "InfinitySampleOutput", "sample_infinity_reference", "to_uint8",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """A public name (imported from its module on first use), or a submodule such as ``ssg_engine.loading``."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # imported once
+    return value
+
+
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | set(__all__))

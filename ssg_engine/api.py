@@ -93,7 +93,7 @@ def generate(
         images, tokens = (engine or ENGINE_CACHE.get(model, vae)).generate(cond, params, **overrides)
     elif infinity:
         family = family_keywords(overrides, text_conditional=True)
-        params = resolve_params(params, overrides)
+        params = resolve_params(params, overrides, model)
         request = infinity_request(model, vae, params, **family)
         out = sample_infinity_reference(
             model, vae, cond, request.schedule, cfg_list=request.cfg_list, tau_list=request.tau_list,
@@ -103,7 +103,7 @@ def generate(
         images, tokens = out.images, out.bits
     else:
         family_keywords(overrides, text_conditional=False)
-        params = resolve_params(params, overrides)
+        params = resolve_params(params, overrides, model)
         labels_t = class_labels(cond, model.num_classes, device)
         if not model.vae_proxy or model.vae_proxy[0] is not vae:
             model.attach_vae(vae)

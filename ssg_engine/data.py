@@ -64,6 +64,7 @@ def prompt_vocabulary() -> Tuple[str, ...]:
     return tuple(sorted({w for p in prompts for w in prompt_words(p)}))
 
 
+SPLIT_SIZES = {"train": 60000, "test": 10000}  # images per Fashion-MNIST split: the most a count of them can ask for
 _SPLIT_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),

@@ -218,7 +218,7 @@ class Engine:
         takes). Non-finite logits raise ``NonFiniteLogitsError`` naming the first bad scale, checked once after all
         chunks (the only host sync of the call)."""
         family = family_keywords(overrides, self.infinity)
-        model, cond_t, params = self.bind(cond, resolve_params(params, overrides), **family)
+        model, cond_t, params = self.bind(cond, resolve_params(params, overrides, self.model), **family)
         chunks = range(0, _rows(cond_t), self.max_batch)
         seed = check_seed(params.seed, count=len(chunks)) or 0
         images, tokens, nonfinite = [], [], []

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -239,8 +239,10 @@ def cfg_ratio(cfg: float, step: int, num_steps: int) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class SSG:
-    """Scaled Spatial Guidance settings. Give one of ``beta``, ``betas`` or (``beta_start``, ``beta_end``); none gives
-    ``beta=DEFAULT_BETA``. Numbers may be Python, NumPy or 0-d tensor numbers (stored as Python numbers).
+    """Scaled Spatial Guidance settings. Give one of ``beta``, ``betas`` or (``beta_start``, ``beta_end``); none means
+    the model's default: :meth:`for_model` (which every sampler applies) takes the beta its model card sets
+    (``model.ssg_beta``, e.g. 0.15 for the shipped text-to-image model), else ``DEFAULT_BETA``; without a model,
+    ``step_betas`` uses ``DEFAULT_BETA``. Numbers may be Python, NumPy or 0-d tensor numbers (stored as Python numbers).
 
     - ``beta``: constant guidance scale on steps ``first_step..last_step``.
     - ``betas``: one value per sampling step (its length must equal the number of steps; step 0 is ignored).
@@ -262,9 +264,7 @@ class SSG:
     def __post_init__(self) -> None:
         ways = [self.beta is not None, self.betas is not None, self.beta_start is not None or self.beta_end is not None]
         if sum(ways) > 1:
-            raise ValueError(f"give exactly one of beta, betas, or beta_start+beta_end (or none: beta={DEFAULT_BETA})")
-        if not any(ways):
-            object.__setattr__(self, "beta", DEFAULT_BETA)
+            raise ValueError("give exactly one of beta, betas, or beta_start+beta_end (or none: the model's default beta)")
         finite = "a finite number"
         if self.beta is not None:
             object.__setattr__(self, "beta", as_number(self.beta, "beta", finite))
@@ -286,6 +286,14 @@ class SSG:
             last = as_number(self.last_step, "last_step", f"an integer >= first_step={first}", integer=True, valid=lambda v: v >= first)
             object.__setattr__(self, "last_step", last)
 
+    def for_model(self, model: Any) -> "SSG":
+        """These settings with the beta of ``model`` filled in when none was given: its card's ``model.ssg_beta``
+        where the model sets one, else ``DEFAULT_BETA``; unchanged when a beta, betas or ramp was given."""
+        if self.beta is not None or self.betas is not None or self.beta_start is not None:
+            return self
+        beta = getattr(model, "ssg_beta", None)
+        return dataclasses.replace(self, beta=DEFAULT_BETA if beta is None else beta)
+
     def step_betas(self, num_steps: int) -> List[float]:
         """Per-step beta for a ``num_steps``-scale model; 0 where SSG is off (always at step 0)."""
         last = num_steps - 1 if self.last_step is None else self.last_step
@@ -299,10 +307,10 @@ class SSG:
         for k in range(num_steps):
             if k < self.first_step or k > last:
                 out.append(0.0)
-            elif self.beta is not None:
-                out.append(float(self.beta))
             elif self.betas is not None:
                 out.append(float(self.betas[k]))
+            elif self.beta_start is None:  # a beta, or none given (no model here: the package default)
+                out.append(float(DEFAULT_BETA if self.beta is None else self.beta))
             else:
                 frac = 0.0 if last == self.first_step else (k - self.first_step) / (last - self.first_step)
                 out.append(float(self.beta_start + (self.beta_end - self.beta_start) * frac))

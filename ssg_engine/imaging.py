@@ -12,9 +12,26 @@ from PIL import Image
 from .files import atomic_output
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, C, H, W) in [0, 1] -> uint8 (B, H, W, C)."""
-    return images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+LAYOUTS = ("BHWC", "BCHW")
+
+
+def to_uint8(images: torch.Tensor, layout: str = "BHWC", bgr: bool = False) -> np.ndarray:
+    """Sampled images (B, C, H, W) in [0, 1] (what ``generate`` returns) as a uint8 NumPy array, rounded: ``layout``
+    ``"BHWC"`` (B, H, W, C) or ``"BCHW"``; ``bgr=True`` reverses the 3 colour channels, so
+    ``to_uint8(images, bgr=True)`` is upstream Infinity's output (uint8 BGR (B, H, W, 3), for OpenCV)."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.is_floating_point():
+        got = f"{images.dtype} tensor of shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a floating-point (B, C, H, W) tensor in [0, 1]; got a {got}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if not isinstance(bgr, bool):
+        raise TypeError(f"bgr must be True or False, got {type(bgr).__name__}")
+    if bgr and images.shape[1] != 3:
+        raise ValueError(f"bgr=True needs 3 colour channels; images have {images.shape[1]}")
+    out = images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
+    if bgr:
+        out = out.flip(1)
+    return (out.permute(0, 2, 3, 1) if layout == "BHWC" else out).cpu().numpy()
 
 
 def make_grid(images: torch.Tensor, nrow: Optional[int] = None, pad: int = 2, pad_value: float = 1.0) -> torch.Tensor:

@@ -115,6 +115,7 @@ def sample_infinity_reference(
     if seed is not None:
         rng = torch.Generator(device=device)
         rng.manual_seed(int(seed))
+    ssg = None if ssg is None else ssg.for_model(model)  # an SSG without beta takes the model card's
     guide = Guidance(guidance_schedule(0.0, ssg, sched, device, cfg_ts=request.cfg_ts()), ssg, ssg_guidance_reference)
     logits_rec: List[torch.Tensor] = []
     cfg_rec: List[torch.Tensor] = []

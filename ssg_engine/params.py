@@ -57,6 +57,10 @@ class SamplingParams:
         for name, value in fields.items():
             object.__setattr__(self, name, value)
 
+    def for_model(self, model: Any) -> "SamplingParams":
+        """These settings for ``model``: an SSG given without a beta takes the model's (:meth:`SSG.for_model`)."""
+        return self if self.ssg is None else self.replace(ssg=self.ssg.for_model(model))
+
     def replace(self, **changes: Any) -> "SamplingParams":
         """A copy with ``changes`` applied (validated again); unknown names raise ``TypeError``."""
         return dataclasses.replace(self, **changes)

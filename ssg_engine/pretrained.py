@@ -98,5 +98,8 @@ def infinity_folder_schedule(folder: Union[str, Path] = INFINITY_DIR) -> Tuple[T
 
 def load_pretrained_infinity(device: Union[str, torch.device] = "cpu") -> Tuple[Any, Any, Any]:
     """The shipped Fashion-MNIST text-to-image model: (InfinityTransformer, BSQVAE, TextEncoder), float32, eval mode;
-    its schedule is ``infinity_folder_schedule()``, its sampling settings ``INFINITY_SAMPLING``."""
-    return load_infinity_folder(INFINITY_DIR, device)
+    its schedule is ``infinity_folder_schedule()``, its sampling settings ``INFINITY_SAMPLING``, and its card's SSG
+    beta ``INFINITY_SSG_BETA`` is ``model.ssg_beta`` (what ``SSG()`` without beta uses on it)."""
+    model, vae, text_encoder = load_infinity_folder(INFINITY_DIR, device)
+    model.ssg_beta = INFINITY_SSG_BETA
+    return model, vae, text_encoder

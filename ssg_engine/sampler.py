@@ -57,11 +57,13 @@ def check_models(var: Any, vae: Any, where: str) -> None:
         )
 
 
-def resolve_params(params: Optional[SamplingParams], overrides: dict) -> SamplingParams:
-    """``params`` (default ``SamplingParams()``) with keyword ``overrides`` applied and validated."""
+def resolve_params(params: Optional[SamplingParams], overrides: dict, model: Any) -> SamplingParams:
+    """``params`` (default ``SamplingParams()``) with keyword ``overrides`` applied and validated, for ``model``
+    (an SSG without beta takes the model's: ``SamplingParams.for_model``)."""
     if params is not None and not isinstance(params, SamplingParams):
         raise TypeError(f"params must be an ssg_engine.SamplingParams or None, got {type(params).__name__}")
-    return (params or SamplingParams()).replace(**overrides) if overrides else (params or SamplingParams())
+    params = (params or SamplingParams()).replace(**overrides) if overrides else (params or SamplingParams())
+    return params.for_model(model)
 
 
 def resolve_labels(var: VARTransformer, B: int, label_B: LabelsLike, rng: Optional[torch.Generator]) -> torch.Tensor:
@@ -112,7 +114,7 @@ def sample_reference(
     recomputes the AdaLN conditioning at every scale, as upstream's blocks do (same numbers, upstream's cost; for
     ``bench/bench_e2e.py``'s upstream-shaped arm).
     """
-    params = resolve_params(params, overrides)
+    params = resolve_params(params, overrides, var)
     B = as_number(B, "batch size B", "a positive integer", integer=True, valid=lambda v: v > 0)
     device = var.lvl_1L.device
     rng = None

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, Union
+import os
+import sys
+from typing import Any, Callable, NoReturn, Union
 
 import numpy as np
 import torch
@@ -62,3 +64,26 @@ def class_labels(labels: Any, num_classes: int, device: Union[str, torch.device]
     if bad.numel():
         raise ValueError(f"class labels must be in [0, {num_classes}); got {bad.tolist()[:8]}")
     return labels
+
+
+def machine_memory() -> int:
+    """This machine's physical memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(need: int, what: str, fix: str) -> None:
+    """``ValueError`` starting with ``what`` (the argument and its value) when a run would hold ``need`` bytes, more
+    than this machine's memory; called before any compute, so an absurd count never starts a run."""
+    have = machine_memory()
+    if need > have:
+        raise ValueError(f"{what}: the run would hold {need / 2**30:.3g} GiB in memory, more than this machine's "
+                         f"{have / 2**30:.3g} GiB; {fix}")
+
+
+def refuse_module_run(module: str, *commands: str) -> NoReturn:
+    """``python -m <module>`` of a module whose command moved to ``ssg-engine <command>``: one line on stderr saying
+    where the command is, exit status 2 (never exit 0 having done nothing)."""
+    where = " or ".join(f"`ssg-engine {c} ...`" for c in commands)
+    sys.stderr.write(f"error: python -m {module} is not a command; run {where} (python -m ssg_engine.cli works too); "
+                     "see ssg-engine --help\n")
+    raise SystemExit(2)

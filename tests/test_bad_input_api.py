@@ -201,8 +201,9 @@ def test_integer_label_forms_agree(tiny_models, engine):
 
 
 def test_ssg_default():
-    assert SSG() == SSG(beta=DEFAULT_BETA, prior="dse")
-    assert SSG().step_betas(3) == [0.0, DEFAULT_BETA, DEFAULT_BETA]
+    """No beta: the model's (``SSG.for_model``; a model without a card value gets the package default)."""
+    assert SSG().beta is None and SSG().step_betas(3) == [0.0, DEFAULT_BETA, DEFAULT_BETA]
+    assert SSG().for_model(object()) == SSG(beta=DEFAULT_BETA, prior="dse")
 
 
 def test_numpy_and_tensor_numbers(tiny_models, engine):

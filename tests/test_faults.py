@@ -2,12 +2,14 @@
 arms, ``fid-sample`` verifying its shards, atomic writes that leave no temporary file, no absolute paths in results."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Dict, Iterator, List
 
@@ -328,3 +330,130 @@ def test_fid_sample_bad_arguments_leave_nothing_behind(tmp_path, capsys):
     assert main(_fid(out)) == 0
     assert _arrays(out)[0].shape == (4, 32, 32, 3)
     assert _temp_files(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- lost work, unbounded runs, full disk
+
+
+def _one_error_line(rc: int, err: str, after_progress: bool = False) -> str:
+    """The one ``error: ...`` line of a failed command (status 2, no traceback); ``after_progress``: progress bars
+    of the work done before the error may come first."""
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and not (after_progress and "%|" in line)]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_train_out_is_locked_while_another_run_writes_it(tmp_path, capsys, monkeypatch):
+    """Two runs on one --out: the second is refused at once (one line), so it can never replace the first's model."""
+    import ssg_engine.data
+    from ssg_engine.training import staged_output_dir
+
+    monkeypatch.setattr(ssg_engine.data, "load_fashion_mnist", lambda *a, **k: pytest.fail("the second run started training"))
+    out = tmp_path / "m"
+    with staged_output_dir(out) as folder:  # the first run, still training
+        (folder / "vae.safetensors").write_bytes(b"first")
+        line = _one_error_line(main(["train", "--out", str(out), *TINY_TRAIN]), capsys.readouterr().err)
+        assert "--out" in line and str(out) in line and "another run" in line
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".m.lock", f".m.partial-{os.getpid()}"]
+    assert (out / "vae.safetensors").read_bytes() == b"first" and sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+BIG = str(10**12)
+UNBOUNDED = [  # (argv, the flag the one line names, what must not run)
+    (["sample", "--per-class", BIG], "--per-class", "ssg_engine.api.generate"),
+    (["sample", "--family", "infinity", "--per-prompt", BIG], "--per-prompt", "ssg_engine.api.generate"),
+    (["sample", "--family", "infinity", "--per-prompt", BIG, "--prompt", "a bag", "--compare"], "--per-prompt", "ssg_engine.api.generate"),
+    (["spectrum", "--per-class", BIG], "--per-class", "ssg_engine.analysis.spectra_for"),
+    (["fid-sample", "--device", "cpu", "--per-class", BIG, "--out", "{tmp}/s.npz"], "--per-class", "ssg_engine.eval.fid_sample.sample_shard"),
+    (["eval", "--device", "cpu", "--samples", BIG, "--out-dir", "{tmp}/e"], "--samples", "ssg_engine.eval.ablation.run_ablation"),
+    (["plan", "--batch-size", str(10**15), "--gpu", "h100"], "--batch-size", "ssg_engine.costs.stage_costs"),
+    (["train", "--out", "{tmp}/m", "--train-images", "60001"], "--train-images", "ssg_engine.data.load_fashion_mnist"),
+    (["train", "--out", "{tmp}/m", "--eval-images", "10001"], "--eval-images", "ssg_engine.data.load_fashion_mnist"),
+    (["eval", "--device", "cpu", "--inception-ref-n", "10001", "--out-dir", "{tmp}/e"], "--inception-ref-n", "ssg_engine.eval.ablation.run_ablation"),
+]
+
+
+@pytest.mark.parametrize("argv, flag, compute", UNBOUNDED, ids=[f"{c[0][0]}{c[1]}" + ("-compare" if "--compare" in c[0] else "") for c in UNBOUNDED])
+def test_counts_are_bounded_before_compute(argv, flag, compute, tmp_path, capsys, monkeypatch):
+    """Every count is bounded by what can be produced (memory, the dataset's split): one line naming the flag before
+    any compute, nothing printed or written."""
+    monkeypatch.setattr(compute, lambda *a, **k: pytest.fail(f"{compute} ran"))
+    rc = main([a.format(tmp=tmp_path) for a in argv])
+    captured = capsys.readouterr()
+    assert flag in _one_error_line(rc, captured.err) and captured.out == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_full_disk_sample_is_one_line_naming_file_and_flag_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    real_save, saved = Image.Image.save, []
+
+    def save_then_fill(self, fp, *args, **kwargs):  # the disk fills up at the third PNG
+        if len(saved) == 2:
+            _disk_full()
+        saved.append(fp)
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save_then_fill)
+    out_dir, grid = tmp_path / "pngs", tmp_path / "grid.png"
+    rc = main(["sample", "--classes", "0", "1", "2", "--out", str(grid), "--out-dir", str(out_dir), "--seed", "1"])
+    line = _one_error_line(rc, capsys.readouterr().err, after_progress=True)
+    assert line.startswith("error: --out-dir: cannot write ") and str(out_dir / "00002.png") in line and "disk is full" in line
+    assert len(saved) == 2 and not grid.exists() and list(out_dir.iterdir()) == [] and _temp_files(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_full_disk_train_after_a_whole_run_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    real_write_text = Path.write_text
+
+    def write_text(self, *args, **kwargs):  # the last file of the run: metrics.json
+        if self.name == "metrics.json":
+            _disk_full()
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    out = tmp_path / "m"
+    line = _one_error_line(main(["train", "--out", str(out), *TINY_TRAIN]), capsys.readouterr().err, after_progress=True)
+    assert line.startswith(f"error: --out: cannot write {out}: the disk is full")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_full_disk_eval_is_one_line_naming_file_and_flag(tmp_path, eval_cache, capsys, monkeypatch):
+    import ssg_engine.files
+
+    out_dir = tmp_path / "abl"
+    real_replace = os.replace
+
+    def replace(src, dst):  # the disk is full for the results (not for the cache of reference statistics)
+        if out_dir in Path(dst).parents:
+            _disk_full()
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ssg_engine.files.os, "replace", replace)
+    rc = main(_eval(out_dir, eval_cache, "--seeds", "1", "--betas", "0.5"))
+    line = _one_error_line(rc, capsys.readouterr().err, after_progress=True)
+    assert line.startswith(f"error: --out-dir: cannot write {out_dir / 'runs'}") and "disk is full" in line
+    assert _temp_files(tmp_path) == [] and not list((out_dir / "runs").glob("*.json"))
+
+
+# ----------------------------------------------------------------------------- Ctrl-C while starting
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.0])
+def test_ctrl_c_while_torch_imports_is_one_line(tmp_path, delay):
+    """SIGINT in the first second of ``ssg-engine`` (torch still importing): ``interrupted``, status 130, no traceback.
+    The child starts with SIGINT at its default (a background shell would hand it down ignored)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    p = subprocess.Popen([sys.executable, "-m", "ssg_engine.cli", "plan"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, cwd=tmp_path, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    if p.returncode == 0:
+        pytest.skip(f"plan finished within {delay}s, before the signal: nothing to test on this machine")
+    assert p.returncode == 130 and err.strip() == "interrupted", err[-2000:]

@@ -32,7 +32,7 @@ LAYERS: Dict[str, List[str]] = {
     "samplers": ["pipeline", "sampler", "infinity_sampler", "engine"],
     "api": [PACKAGE, "loading", "text", "api", "pretrained", "analysis", "imaging", "costs", "plan"],
     "training and evaluation": ["training.*", "eval.*"],
-    "command line": ["cli.*"],
+    "command line": ["cli.*", "__main__"],
 }
 
 

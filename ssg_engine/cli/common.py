@@ -15,6 +15,7 @@ from typing import Callable, List, NoReturn, Optional, Sequence, Tuple
 
 import torch
 
+from ..files import OutputError
 from ..guidance import DEFAULT_BETA, DSE_INTERPS, PRIORS, SSG
 from ..params import INFINITY_UPSTREAM, SamplingParams
 from ..pretrained import INFINITY_SAMPLING, INFINITY_SSG_BETA, SAMPLING, load_pretrained
@@ -207,6 +208,11 @@ def check_model_args(args: argparse.Namespace) -> None:
                             ("--text-encoder", text_encoder)):
             if value is not None:
                 raise UsageError(f"{flag} describes --var/--vae checkpoints; the shipped model has its own config: drop {flag} or give --var and --vae")
+    if args.config is not None and not Path(args.config).is_file():
+        raise UsageError(f"--config {args.config}: no such file; give the model's config JSON (a `train` folder's config.json)")
+    if text_encoder is not None and not Path(text_encoder).is_dir():
+        raise UsageError(f"--text-encoder {text_encoder}: text encoder folder not found; give a local folder with "
+                         "google/flan-t5-xl's files, or a folder written by `train --family infinity`")
 
 
 def load_from_args(args: argparse.Namespace, dtype: torch.dtype = torch.float32, device: Optional[str] = None):
@@ -396,8 +402,10 @@ def run_cli(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> i
 
     A user error (``ValueError``, ``OSError``: bad values, files, checkpoints, configs) is one ``error: ...`` line and
     status 2 (``SSG_ENGINE_DEBUG=1`` shows its traceback instead); Ctrl-C is one ``interrupted`` line and status 130.
-    Other exceptions are bugs and keep their traceback.
+    Other exceptions are bugs and keep their traceback. An ``OutputError`` (a full disk) is prefixed with the flag
+    that names the file (``output_flag``).
     """
+    args: Optional[argparse.Namespace] = None
     try:
         try:
             args = parser.parse_args(argv)
@@ -414,5 +422,22 @@ def run_cli(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> i
         if os.environ.get("SSG_ENGINE_DEBUG") == "1":
             raise
         message = " ".join(str(e).split()) or type(e).__name__
-        print(f"error: {message}", file=sys.stderr)
+        flag = output_flag(args, e.path) if isinstance(e, OutputError) and args is not None else None
+        print(f"error: {flag}: {message}" if flag else f"error: {message}", file=sys.stderr)
         return 2
+
+
+def output_flag(args: argparse.Namespace, path: Path) -> Optional[str]:
+    """The flag of ``args`` that names the output ``path``: the one whose value is ``path`` or, failing that, the
+    innermost folder holding it (``--out-dir`` for ``OUT_DIR/00003.png``); None when no flag names it."""
+    target = path.absolute()
+    best: Optional[Tuple[int, str]] = None
+    for dest, value in vars(args).items():
+        if not isinstance(value, (str, Path)) or not str(value):
+            continue
+        given = Path(value).absolute()
+        if given == target or given in target.parents:
+            rank = len(given.parts)
+            if best is None or rank > best[0]:
+                best = (rank, "--" + dest.replace("_", "-"))
+    return best[1] if best else None

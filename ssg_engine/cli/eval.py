@@ -7,14 +7,18 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..data import SPLIT_SIZES
 from ..eval import ablation, fid_sample
 from ..files import portable_path
+from ..models.infinity import scale_schedule
 from ..pretrained import INFINITY_SAMPLING, SAMPLING, pretrained_files
+from ..validation import check_memory
 from .common import (
-    CFG_MAX, INT32_MAX, SSG_BETA_MAX, TEMPERATURE_MAX, TEMPERATURE_MIN, UsageError, add_model_args, add_sampling_args,
+    CFG_MAX, INT32_MAX, SSG_BETA_MAX, TEMPERATURE_MAX, TEMPERATURE_MIN, UsageError, add_model_args, add_sampling_args, check_model_args,
     check_output_dir, check_output_file, float_arg, int_arg, load_from_args, load_infinity_from_args, model_default_help,
     model_family, model_sampling, parse_floats, resolve_ssg_args, sampling_from_args,
 )
+from .sample import image_pixels
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -26,13 +30,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          ((args.cfg, card.cfg), (args.top_k, card.top_k), (args.top_p, card.top_p)))
     text_encoder = None
     if model_family(args) == "infinity":
-        model, vae, text_encoder = load_infinity_from_args(args)
-        if text_encoder is None:
+        check_model_args(args)
+        if args.var and not args.text_encoder:  # before any model loads
             raise UsageError("eval --family infinity asks for prompts: give --text-encoder FOLDER with --var/--vae")
+        model, vae, text_encoder = load_infinity_from_args(args)
         what = "shipped pretrained Fashion-MNIST text-to-image Infinity (ssg_engine.pretrained)"
     else:
         vae, model = load_from_args(args)
         what = "shipped pretrained Fashion-MNIST VAR (ssg_engine.pretrained)"
+    schedule = scale_schedule(1.0, model.config.num_scales) if text_encoder is not None else None
+    check_memory(args.samples * 3 * 4 * image_pixels(model, vae, schedule), f"--samples {args.samples}",
+                 "an arm's samples are held in memory as float32 images; give a smaller --samples")
     desc = f"{portable_path(args.var)} + {portable_path(args.vae)}" if args.var else what
     priors = [p for v in args.priors for p in v.split(",") if p]
     ablation.run_ablation(
@@ -86,7 +94,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--top-p", type=float_arg(0.0, 1.0), default=None)
     p.add_argument("--batch-size", type=int_arg(1), default=100)
     p.add_argument("--fid-arms", choices=["main", "all", "none"], default="main", help="arms scored with Inception FID/KID (main: baseline + DSE)")
-    p.add_argument("--inception-ref-n", type=int_arg(1), default=10000, help="test images for the Inception reference statistics")
+    p.add_argument("--inception-ref-n", type=int_arg(1, SPLIT_SIZES["test"]), default=SPLIT_SIZES["test"],
+                   help="test images for the Inception reference statistics (at most the test split's)")
     p.add_argument("--inception-batch-size", type=int_arg(1), default=100)
     p.add_argument("--classifier", default=None,
                    help="classifier weights, an existing file (default: the shipped weights, else the cache dir's, trained on first use)")

@@ -11,6 +11,7 @@ from .common import UsageError, float_arg, int_arg
 from .sample import parse_pn
 
 VAR_PRESETS = ["d16", "d20", "d24", "d30", "d36"]
+PLAN_MAX_BYTES = 2**50  # 1 PiB: far above any GPU, and small enough that every planned tensor's size fits an int64
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -31,6 +32,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         memory = plan(config, args.batch_size, dtype, **family)
     except ValueError as e:  # an --h-div-w or --pn not in Infinity's table
         raise UsageError(f"--h-div-w/--pn: {e}") from None
+    if memory.total > PLAN_MAX_BYTES:
+        raise UsageError(f"--batch-size {args.batch_size}: one batch would need {memory.total / GiB:.3g} GiB, more than any GPU "
+                         f"(plans stop at {PLAN_MAX_BYTES / 2**50:g} PiB); give a smaller --batch-size")
     gpu_bytes = int(args.gpu_memory * GiB) if args.gpu_memory is not None else None
     print(memory.table(gpu_bytes))
     if gpu_bytes is not None:

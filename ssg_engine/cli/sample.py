@@ -2,20 +2,22 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..files import OutputError
 from ..params import SamplingParams
 from .common import (
-    INT64_MAX, UsageError, add_batch_args, add_model_args, add_sampling_args, check_output_dir, check_output_file,
+    INT64_MAX, UsageError, add_batch_args, add_model_args, add_sampling_args, check_model_args, check_output_dir, check_output_file,
     float_arg, int_arg, labels_from_args, load_from_args, load_infinity_from_args, model_family, model_sampling, model_ssg_beta,
-    resolve_ssg_args, sampling_from_args,
+    parse_classes, resolve_ssg_args, sampling_from_args,
 )
 
 UPSCALE_MAX = 64  # a 32 px image upscaled 64x is 2048 px; more only makes huge PNGs
@@ -47,7 +49,7 @@ def parse_pn(text: Optional[str]) -> Union[None, int, str]:
     """--pn as a number of scales or one of Infinity's total-pixel names."""
     if text is None:
         return None
-    return int(text) if text.isdigit() else text
+    return int(text) if text.isascii() and text.isdigit() else text  # not "²": str.isdigit takes it, int() does not
 
 
 def read_text_features(path: str, Ct5: int):
@@ -91,32 +93,73 @@ def check_family_flags(args: argparse.Namespace) -> None:
         raise UsageError("give --prompt or --text-features, not both")
     if args.text_features and args.negative_prompt:
         raise UsageError("--negative-prompt needs a text encoder to encode it; with --text-features leave it out")
+    if args.var and not (args.text_encoder or args.text_features):
+        raise UsageError("--family infinity with --var/--vae needs --text-encoder FOLDER (Flan-T5) or --text-features FILE.pt")
+    if args.text_features and not Path(args.text_features).is_file():
+        raise UsageError(f"--text-features {args.text_features}: no such file; give a .pt file saved with torch.save")
+    check_schedule_flags(args)
 
 
-def infinity_conditions(args: argparse.Namespace, model, text_encoder) -> Tuple[Any, int, Dict[str, Any]]:
+def check_schedule_flags(args: argparse.Namespace) -> None:
+    """--h-div-w in Infinity's ratio table and --pn a number of scales or a table name (checked before any model
+    loads; the schedule itself, which may take the model's number of scales, is made later)."""
+    from ..models.infinity import scale_schedule
+
+    h_div_w = args.h_div_w or 1.0
+    try:
+        scale_schedule(h_div_w, 1)
+    except ValueError as e:
+        raise UsageError(f"--h-div-w {args.h_div_w}: {e}") from None
+    if args.pn is not None:
+        try:
+            scale_schedule(h_div_w, parse_pn(args.pn))
+        except ValueError as e:
+            raise UsageError(f"--pn {args.pn}: {e}") from None
+
+
+def image_pixels(model, vae, schedule: Optional[Sequence[Tuple[int, int]]] = None) -> int:
+    """Pixels of one sampled image: the last scale's tokens (``schedule``'s for Infinity) times the VAE's upsampling
+    (VQ-VAE ``downsample``, BSQ VAE ``patch_size``) squared."""
+    h, w = schedule[-1] if schedule else (model.patch_nums[-1],) * 2
+    factor = vae.downsample if hasattr(vae, "downsample") else vae.config.patch_size
+    return h * w * factor**2
+
+
+def check_image_count(args: argparse.Namespace, count: int, pixels: int) -> None:
+    """``count`` images of ``pixels`` pixels (twice with --compare), kept as float32 with their grid, fit in this
+    machine's memory; ``UsageError`` naming --per-prompt / --per-class otherwise (before any sampling)."""
+    from ..validation import check_memory
+
+    flag, per = ("--per-prompt", args.per_prompt or 1) if model_family(args) == "infinity" else ("--per-class", args.per_class)
+    images = count * (2 if getattr(args, "compare", False) else 1)
+    try:
+        check_memory(images * 2 * 3 * 4 * pixels, f"{flag} {per}",
+                     f"that is {images} images of {pixels} pixels (kept as float32, with their grid); lower {flag}")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def infinity_conditions(args: argparse.Namespace, model, vae, text_encoder) -> Tuple[Any, int, Dict[str, Any]]:
     """(text features of every image, image count, Infinity keywords) from --prompt/--text-features, --per-prompt,
     --negative-prompt, --h-div-w and --pn; everything is checked (and every prompt encoded) before sampling."""
     from ..data import CLASS_PHRASES, TRAIN_TEMPLATES, make_prompt
     from ..models.infinity import TextFeatures, scale_schedule
 
     per = args.per_prompt or 1
+    family: Dict[str, Any] = {"schedule": scale_schedule(args.h_div_w or 1.0, parse_pn(args.pn) or model.config.num_scales)}
+    pixels = image_pixels(model, vae, family["schedule"])
     if args.text_features:
         text = read_text_features(args.text_features, model.Ct5)
+        check_image_count(args, text.batch * per, pixels)
         prompts = [text[i : i + 1] for i in range(text.batch) for _ in range(per)]
         text = TextFeatures(torch.cat([p.kv_compact for p in prompts]), [n for p in prompts for n in p.lens])
-    else:
-        if text_encoder is None:
-            raise UsageError("--family infinity with --var/--vae needs --text-encoder FOLDER (Flan-T5) or --text-features FILE.pt")
+    else:  # a text encoder: check_family_flags asked for one
         prompts = args.prompt or [make_prompt(c, TRAIN_TEMPLATES[0]) for c in range(len(CLASS_PHRASES))]
+        check_image_count(args, len(prompts) * per, pixels)
         try:
             text = text_encoder.encode([p for p in prompts for _ in range(per)])
         except (TypeError, ValueError) as e:
             raise UsageError(f"--prompt: {e}") from None
-    family: Dict[str, Any] = {}
-    try:
-        family["schedule"] = scale_schedule(args.h_div_w or 1.0, parse_pn(args.pn) or model.config.num_scales)
-    except ValueError as e:
-        raise UsageError(f"--h-div-w/--pn: {e}") from None
     if args.negative_prompt:
         try:
             family["negative"] = text_encoder.encode([args.negative_prompt] * text.batch)
@@ -131,16 +174,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
     check_output_file(args.out, PNG, "--out")
     if args.out_dir is not None:
         check_output_dir(args.out_dir, "--out-dir")
+    check_model_args(args)
     check_family_flags(args)
     resolve_ssg_args(args)
     beta = model_ssg_beta(args) if args.compare and args.ssg_beta is None else args.ssg_beta
     params = sampling_from_args(args, model_sampling(args), beta)
     if model_family(args) == "infinity":
         model, vae, text_encoder = load_infinity_from_args(args)
-        conditions, n, family = infinity_conditions(args, model, text_encoder)
+        conditions, n, family = infinity_conditions(args, model, vae, text_encoder)
+        if "negative" not in family and params.cfg != 1 and max(conditions.lens) > model.config.text_maxlen:
+            raise UsageError(f"{'--text-features' if args.text_features else '--prompt'}: a prompt has {max(conditions.lens)} "
+                             f"tokens, more than the {model.config.text_maxlen} (text_maxlen) that the model's unconditional text "
+                             "covers for CFG; shorten it" + ("" if args.text_features else ", or give --negative-prompt"))
         nrow = args.per_prompt if (args.per_prompt or 1) > 1 else None
     else:
         vae, model = load_from_args(args)
+        check_image_count(args, len(parse_classes(args.classes, model.num_classes, named=not args.var)) * args.per_class,
+                          image_pixels(model, vae))
         conditions = labels_from_args(args, model.num_classes)
         n, family = len(conditions), {}
         nrow = args.per_class if args.per_class > 1 else None
@@ -158,11 +208,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
         grid = make_grid(images, nrow)
     dt = time.perf_counter() - t0
     upscale = args.upscale or max(1, 128 // images.shape[-1])
-    save_png(grid, args.out, upscale=upscale)
+    written: List[Path] = []
+    try:  # a write that fails (a full disk) takes back this run's other files: all of them or none
+        if args.out_dir:
+            for i, img in enumerate(images):
+                written.append(save_png(img, Path(args.out_dir) / f"{i:05d}.png"))
+        save_png(grid, args.out, upscale=upscale)
+    except OutputError:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     print(f"wrote {args.out} ({images.shape[0]} images of {images.shape[-1]}x{images.shape[-2]}, {dt:.2f}s)")
     if args.out_dir:
-        for i, img in enumerate(images):
-            save_png(img, Path(args.out_dir) / f"{i:05d}.png")
         print(f"wrote {images.shape[0]} PNGs to {args.out_dir}")
     return 0
 
@@ -174,10 +231,15 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
     check_output_file(args.out, PNG, "--out")
     if args.json is not None:
         check_output_file(args.json, (".json",), "--json")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("spectrum draws its --out plot with matplotlib, which is not installed: pip install 'ssg-engine[plot]' "
+                         "(or pip install matplotlib)")
     resolve_ssg_args(args)
     beta = args.ssg_beta if args.ssg_beta is not None else model_ssg_beta(args)
     guided = sampling_from_args(args, model_sampling(args), beta)
     vae, var = load_from_args(args)
+    check_image_count(args, len(parse_classes(args.classes, var.num_classes, named=not args.var)) * args.per_class,
+                      image_pixels(var, vae))
     labels = torch.tensor(labels_from_args(args, var.num_classes), device=var.lvl_1L.device)
     filters = dict(cfg=guided.cfg, top_k=guided.top_k, top_p=guided.top_p, temperature=guided.temperature)
     runs = {

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Dict
 
+from ..data import SPLIT_SIZES
 from .common import check_output_dir, int_arg
 
 # defaults per family = the recipes of the shipped models (assets/fashion_mnist*/MODEL_CARD.md)
@@ -65,8 +66,10 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--var-steps", type=int_arg(1), default=None, help=f"transformer (VAR / Infinity) steps ({dflt('var_steps')})")
     p.add_argument("--batch-size", type=int_arg(1), default=None, help=f"VAE batch size ({dflt('batch_size')})")
     p.add_argument("--var-batch-size", type=int_arg(1), default=None, help=f"transformer batch size ({dflt('var_batch_size')})")
-    p.add_argument("--var-train-images", type=int_arg(1), default=None,
+    p.add_argument("--var-train-images", type=int_arg(1, SPLIT_SIZES["train"]), default=None,
                    help=f"train images tokenized for the transformer ({dflt('var_train_images')})")
-    p.add_argument("--train-images", type=int_arg(1), default=None, help="use only the first N training images (default: all 60000)")
-    p.add_argument("--eval-images", type=int_arg(1), default=None, help="test images for the reported metrics (default: all 10000)")
+    p.add_argument("--train-images", type=int_arg(1, SPLIT_SIZES["train"]), default=None,
+                   help=f"use only the first N training images (default: all {SPLIT_SIZES['train']})")
+    p.add_argument("--eval-images", type=int_arg(1, SPLIT_SIZES["test"]), default=None,
+                   help=f"test images for the reported metrics (default: all {SPLIT_SIZES['test']})")
     p.set_defaults(func=cmd_train)

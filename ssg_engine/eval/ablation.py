@@ -37,7 +37,9 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import importlib.util
 import json
+import math
 import re
 import sys
 import time
@@ -47,7 +49,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..files import atomic_write, atomic_write_bytes, atomic_write_json, portable_path
+from ..files import atomic_output, atomic_write, atomic_write_bytes, atomic_write_json, portable_path
 from ..pretrained import SAMPLING
 
 DEFAULT_PRIORS = ("dse", "bilinear", "bicubic", "nearest", "area")
@@ -182,9 +184,11 @@ def plot_spectrum_ratio(curves: Dict[str, np.ndarray], data: np.ndarray, path: P
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- references
@@ -246,6 +250,10 @@ def run_path(runs_dir: Path, arm: Arm, seed: int, key: Dict[str, object]) -> Pat
     return runs_dir / f"{re.sub(r'[^A-Za-z0-9.]+', '_', arm.name)}_seed{seed}_{digest}.json"
 
 
+def _finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def load_run(path: Path, key: Dict[str, object]) -> Optional[Dict[str, object]]:
     """The stored result at ``path`` (None when there is none); ``ValueError`` naming the file when it is damaged."""
     if not path.is_file():
@@ -257,10 +265,13 @@ def load_run(path: Path, key: Dict[str, object]) -> Optional[Dict[str, object]]:
         metrics = record.get("metrics")
         if not isinstance(metrics, dict) or any(k not in metrics for k in METRIC_KEYS):
             raise ValueError("its metrics are incomplete")
+        bad = [k for k in METRIC_KEYS if not (metrics[k] is None or _finite_number(metrics[k]))]
+        if bad:
+            raise ValueError(f"metric {bad[0]} is {metrics[bad[0]]!r}, not a finite number")
         if not isinstance(record.get("seconds"), (int, float)) or (key["seed"] == 0 and not isinstance(record.get("spectrum"), list)):
             raise ValueError("its timing or spectrum is missing")
-    except ValueError as e:
-        raise ValueError(f"{path} is damaged ({e}); delete it to recompute that arm") from None
+    except ValueError as e:  # JSON and UTF-8 decoding errors included
+        raise ValueError(f"eval --resume: the stored result {path} is damaged ({e}); delete it to recompute that arm") from None
     return record
 
 
@@ -305,6 +316,10 @@ def run_ablation(
         raise ValueError("need --samples >= 4 and --seeds >= 1")
     if fid_arms not in ("main", "all", "none"):
         raise ValueError(f"fid_arms must be main | all | none, got {fid_arms!r}")
+    plot = importlib.util.find_spec("matplotlib") is not None
+    if not plot:
+        log("note: matplotlib is not installed, so eval skips spectrum.png (its numbers stay in ablation.json); "
+            "pip install 'ssg-engine[plot]' to draw it")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = str(next(model.parameters()).device)
@@ -428,8 +443,11 @@ def run_ablation(
     if len(priors) > 1:
         bmax = max(betas)
         panels[f"priors at beta={bmax:g} (T={t_spec:g})"] = [base] + [Arm(t_spec, p, bmax).name for p in priors]
-    plot_spectrum_ratio(spectra, data_spec, out_dir / "spectrum.png", "radially averaged amplitude spectrum / Fashion-MNIST test set (seed 0)", panels)
-    log(f"eval: wrote {json_path}, {out_dir / 'ablation.md'}, {out_dir / 'spectrum.png'} ({results['seconds']}s)")
+    written = [json_path, out_dir / "ablation.md"]
+    if plot:
+        written.append(out_dir / "spectrum.png")
+        plot_spectrum_ratio(spectra, data_spec, written[-1], "radially averaged amplitude spectrum / Fashion-MNIST test set (seed 0)", panels)
+    log(f"eval: wrote {', '.join(map(str, written))} ({results['seconds']}s)")
     return results
 
 
@@ -468,3 +486,9 @@ def markdown_table(results: Dict[str, object]) -> str:
             lines.append(f"- T={t:g}: {best['name']} with FD-cls {best['fd_cls']['mean']:.3f}{extra}")
     lines += ["", "Metric notes: " + "; ".join(f"{k}: {v}" for k, v in results["metric_notes"].items()), ""]
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # the old entry point: the command is `ssg-engine eval`
+    from ..validation import refuse_module_run
+
+    refuse_module_run("ssg_engine.eval.ablation", "eval")

@@ -59,6 +59,7 @@ import torch
 
 from ..files import atomic_write, atomic_write_bytes, atomic_write_json, portable_path, sha256_bytes, sha256_file
 from ..params import SamplingParams
+from ..validation import check_memory
 
 STALL_ENV = "SSG_ENGINE_FID_SAMPLE_STALL_AFTER"  # test hook: stall (sleep) after this process wrote N shards
 MANIFEST = "manifest.json"
@@ -329,6 +330,9 @@ def run_fid_sample(job: FidSampleJob, load_models: Callable[[str], Tuple[object,
         n_cls = job.num_classes if job.num_classes is not None else nc_model
         if not 0 < n_cls <= nc_model:
             raise ValueError(f"--num-classes {n_cls} is out of range; give a number in [1, {nc_model}] (the model's classes)")
+        side = var.patch_nums[-1] * vae.downsample
+        check_memory(n_cls * job.per_class * 3 * side * side, f"--per-class {job.per_class}",
+                     f"the {n_cls} classes' uint8 images are assembled in memory into --out; give a smaller --per-class")
         classes = list(range(n_cls))
         plan = shard_plan(n_cls, job.per_class, job.shard_size, classes)
         decision: Tuple[Optional[Dict[str, object]], List[int], Optional[str]] = (None, [], None)
@@ -371,3 +375,9 @@ def run_fid_sample(job: FidSampleJob, load_models: Callable[[str], Tuple[object,
 
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # the old entry point: the command is `ssg-engine fid-sample`
+    from ..validation import refuse_module_run
+
+    refuse_module_run("ssg_engine.eval.fid_sample", "fid-sample")

@@ -536,6 +536,9 @@ class InfinityTransformer(nn.Module):
     it to one call's settings as the samplers' :class:`ssg_engine.models.family.NextScaleModel`.
     """
 
+    # The model card's SSG strength where it sets one (``SSG.for_model``: what ``SSG()`` without beta uses); None: 0.5.
+    ssg_beta: Optional[float] = None
+
     def __init__(self, cfg: InfinityConfig) -> None:
         super().__init__()
         self.config = cfg

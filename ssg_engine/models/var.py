@@ -164,6 +164,9 @@ class VARTransformer(nn.Module):
     ``decode``); upstream's drop-in ``autoregressive_infer_cfg`` is on :class:`ssg_engine.VAR`.
     """
 
+    # The model card's SSG strength where it sets one (``SSG.for_model``: what ``SSG()`` without beta uses); None: 0.5.
+    ssg_beta: Optional[float] = None
+
     def __init__(self, cfg: ModelConfig, vae: Optional[VQVAE] = None) -> None:
         super().__init__()
         self.config = cfg

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
+from ..files import DISK_FULL, exclusive_lock, output_error
 from ..models.bsq_vae import BSQVAEConfig
 from ..models.infinity import InfinityConfig, scale_schedule
 from ..models.text_encoder import TextEncoderConfig
@@ -53,10 +54,17 @@ def seed_everything(seed: int) -> None:
 
 
 def _check_positive(**values: Optional[int]) -> None:
-    """``ValueError`` naming the first value that is given (not None) but not a positive integer, as its flag."""
+    """``ValueError`` naming the first value that is given (not None) but not a positive integer, as its flag, or
+    that asks for more images than its Fashion-MNIST split holds (``data.SPLIT_SIZES``)."""
+    from ..data import SPLIT_SIZES
+
+    limits = {"train_images": SPLIT_SIZES["train"], "var_train_images": SPLIT_SIZES["train"], "eval_images": SPLIT_SIZES["test"]}
     for name, value in values.items():
+        flag = f"--{name.replace('_', '-')}"
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+            raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+        if value is not None and value > limits.get(name, value):
+            raise ValueError(f"{flag} {value}: the Fashion-MNIST split holds only {limits[name]} images; give at most that")
 
 
 PARTIAL = ".partial-"  # ``.<out>.partial-<pid>``: the folder a run writes before it becomes ``<out>``
@@ -80,6 +88,9 @@ def staged_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
     An existing ``out`` that is a file, or a non-empty folder without ``force``, is refused (``FileExistsError``)
     before anything else happens; with ``force`` it is replaced only at the end (moved aside, the new folder
     renamed in, then deleted). Partial folders left by runs that no longer exist (killed) are removed first.
+    A lock (``.<name>.lock``, see ``files.exclusive_lock``) is held from start to rename: a second run on the same
+    ``out`` is refused (``OutputError``) instead of replacing the first one's model. A full disk removes the partial
+    folder and is raised as ``OutputError`` naming ``out``.
     """
     out = Path(os.path.abspath(out))
     if out.exists() and not out.is_dir():
@@ -87,24 +98,27 @@ def staged_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
     if out.is_dir() and any(out.iterdir()) and not force:
         raise FileExistsError(f"--out {out} already exists and is not empty; pass --force to replace it once training has finished, or choose another folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}{PARTIAL}*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if not (pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid))):
-            shutil.rmtree(stale, ignore_errors=True)
-    partial = out.with_name(f".{out.name}{PARTIAL}{os.getpid()}")
-    partial.mkdir()
-    try:
-        yield partial
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if out.exists():  # an empty folder, or --force
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-        os.rename(partial, out)
-        shutil.rmtree(old)
-    else:
-        os.rename(partial, out)
+    with exclusive_lock(out.with_name(f".{out.name}.lock"), out):
+        for stale in out.parent.glob(f".{out.name}{PARTIAL}*"):
+            pid = stale.name.rsplit("-", 1)[-1]
+            if not (pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid))):
+                shutil.rmtree(stale, ignore_errors=True)
+        partial = out.with_name(f".{out.name}{PARTIAL}{os.getpid()}")
+        partial.mkdir()
+        try:
+            yield partial
+        except BaseException as e:
+            shutil.rmtree(partial, ignore_errors=True)
+            if isinstance(e, OSError) and e.errno in DISK_FULL:
+                raise output_error(out, e) from None
+            raise
+        if out.exists():  # an empty folder, or --force
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.rename(out, old)
+            os.rename(partial, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(partial, out)
 
 
 def _start(num_threads: Optional[int], seed: int) -> float:
@@ -133,14 +147,15 @@ def _count(m: torch.nn.Module) -> int:
 
 
 def _save_safetensors(module: torch.nn.Module, path: Path, dtype: torch.dtype = torch.float32) -> None:
-    """The module's state dict as safetensors, floating-point tensors in ``dtype``."""
-    from safetensors.torch import save_file
+    """The module's state dict as safetensors, floating-point tensors in ``dtype`` (written by Python, so a full disk
+    is an ``OSError``)."""
+    from safetensors.torch import save
 
     sd = {
         k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous().clone()
         for k, v in module.state_dict().items()
     }
-    save_file(sd, str(path))
+    path.write_bytes(save(sd))
 
 
 def train_fashion_mnist(
