@@ -1,5 +1,5 @@
 """ssg-engine: fast sampling of multi-scale visual autoregressive (VAR) models, with Scaled Spatial Guidance."""
-from .config import ModelConfig
+from .config import AssumedSettingWarning, ModelConfig
 from .guidance import SSG, dse, dse_operator, prior, ssg_logits
 from .models import VQVAE, VARTransformer
 from .params import SamplingParams
@@ -15,7 +15,7 @@ from .plan import plan
 __version__ = "0.1.0"
 
 __all__ = [
-    "ModelConfig", "SSG", "dse", "dse_operator", "prior", "ssg_logits", "CheckpointError", "build_models",
+    "ModelConfig", "AssumedSettingWarning", "SSG", "dse", "dse_operator", "prior", "ssg_logits", "CheckpointError", "build_models",
     "load_models", "load_infinity", "checkpoint_family", "random_models", "VAR", "VARTransformer", "VQVAE", "SamplingParams", "NonFiniteLogitsError",
     "SampleOutput", "generate", "sample_reference", "Engine", "plan", "InfinityTransformer", "InfinityRequest",
     "TextFeatures", "PaddedText", "scale_schedule", "InfinitySampleOutput", "sample_infinity_reference",

@@ -228,7 +228,7 @@ def load_models(
 
 InfinityConfigLike = Union[None, str, InfinityConfig, Mapping[str, Any]]
 # buffers of older code that upstream Infinity.load_state_dict removes from a checkpoint before loading
-_STALE_INFINITY_BUFFERS = ("lvl_1L", "attn_bias_for_masking", "Infinity_visible_kvlen", "Infinity_invisible_qlen")
+STALE_INFINITY_BUFFERS = ("lvl_1L", "attn_bias_for_masking", "Infinity_visible_kvlen", "Infinity_invisible_qlen")
 
 
 # InfinityConfig fields that change samples but that neither the checkpoint's shapes nor upstream's file tell: the
@@ -267,7 +267,7 @@ def load_infinity(
     only the stale buffers upstream's own ``load_state_dict`` drops are ignored) and cast to ``dtype``; the VAE stays
     float32. Both are in eval mode.
     """
-    model_state = {k: v for k, v in _state(model_path, "model_path", "infinity").items() if k not in _STALE_INFINITY_BUFFERS}
+    model_state = {k: v for k, v in _state(model_path, "model_path", "infinity").items() if k not in STALE_INFINITY_BUFFERS}
     vae_state = _state(vae_path, "vae_path", "bsq_vae")
     what = str(model_path) if isinstance(model_path, (str, Path)) else "model_path"
     try:

@@ -16,16 +16,21 @@ VAE_FIELDS = ("V", "Cvae", "ch", "ch_mult", "num_res_blocks", "in_channels", "qu
 
 def _infinity_info(args: argparse.Namespace, sd: Dict[str, Any], family: str) -> Dict[str, Any]:
     """Config fields (and matching presets) of an Infinity or BSQ VAE state dict: all from the shapes."""
-    from ..models.bsq_vae import BSQVAEConfig
-    from ..models.infinity import INFINITY_SHAPE_FIELDS, InfinityConfig
+    from ..models.bsq_vae import load_bsq_vae
+    import torch
+
+    from ..loading import STALE_INFINITY_BUFFERS
+    from ..models.infinity import INFINITY_SHAPE_FIELDS, InfinityConfig, InfinityTransformer
 
     for flag, value in (("--config", args.config), ("--patch-nums", args.patch_nums)):
         if value:
             raise UsageError(f"{flag}: only for VAR / VQ-VAE checkpoints, and {args.ckpt} is {'an Infinity' if family == 'infinity' else 'a BSQ VAE'} "
                              f"checkpoint (its config comes from its shapes); drop {flag}")
-    if family == "bsq_vae":
-        return {"config": dataclasses.asdict(BSQVAEConfig.from_state_dict(sd))}
+    if family == "bsq_vae":  # every key and shape checked, as loading would (on meta: no memory)
+        return {"config": dataclasses.asdict(load_bsq_vae(dict(sd), device="meta").config)}
     cfg = InfinityConfig.from_state_dict(sd)
+    with torch.device("meta"):  # every key and shape checked, as loading would (no memory)
+        InfinityTransformer(cfg).check_upstream({k: v for k, v in sd.items() if k not in STALE_INFINITY_BUFFERS})
     return {"config": {k: getattr(cfg, k) for k in INFINITY_SHAPE_FIELDS}, "matching_presets": cfg.matching_presets()}
 
 

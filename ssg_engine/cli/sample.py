@@ -15,7 +15,7 @@ from ..params import SamplingParams
 from .common import (
     INT64_MAX, UsageError, add_batch_args, add_model_args, add_sampling_args, check_output_dir, check_output_file,
     float_arg, int_arg, labels_from_args, load_from_args, load_infinity_from_args, model_family, model_sampling, model_ssg_beta,
-    resolve_ssg_args, sampling_from_args,
+    report_assumed_settings, resolve_ssg_args, sampling_from_args,
 )
 
 UPSCALE_MAX = 64  # a 32 px image upscaled 64x is 2048 px; more only makes huge PNGs
@@ -47,6 +47,8 @@ def parse_pn(text: Optional[str]) -> Union[None, int, str]:
     """--pn as a number of scales or one of Infinity's total-pixel names."""
     if text is None:
         return None
+    if not text.strip():
+        raise UsageError("--pn is empty; give a number of scales or one of 0.06M | 0.25M | 0.60M | 1M, or leave it out")
     return int(text) if text.isdigit() else text
 
 
@@ -56,17 +58,19 @@ def read_text_features(path: str, Ct5: int):
     from ..models.infinity import TextFeatures
 
     file = Path(path)
+    if not path.strip():
+        raise UsageError("--text-features is empty; give a .pt file saved with torch.save")
     if not file.is_file():
         raise UsageError(f"--text-features {path}: no such file; give a .pt file saved with torch.save")
     try:
         obj = torch.load(str(file), map_location="cpu", weights_only=True)
     except Exception as e:  # any unreadable file is a user error here
         raise UsageError(f"--text-features {path}: not a torch.save file ({type(e).__name__}); save the features with torch.save") from None
-    if isinstance(obj, dict) and {"kv_compact", "lens"} <= set(obj):
-        obj = TextFeatures(obj["kv_compact"], [int(n) for n in obj["lens"]])
-    elif isinstance(obj, dict) and {"features", "mask"} <= set(obj):
-        obj = (obj["features"], obj["mask"])
     try:
+        if isinstance(obj, dict) and {"kv_compact", "lens"} <= set(obj):
+            obj = TextFeatures(obj["kv_compact"], obj["lens"])
+        elif isinstance(obj, dict) and {"features", "mask"} <= set(obj):
+            obj = (obj["features"], obj["mask"])
         text = TextFeatures.coerce(obj)
     except (TypeError, ValueError) as e:
         raise UsageError(f"--text-features {path}: {e}; save {{'kv_compact': (N, C), 'lens': [..]}} or {{'features': (B, T, C), 'mask': (B, T)}}") from None
@@ -87,9 +91,9 @@ def check_family_flags(args: argparse.Namespace) -> None:
         return
     if args.classes is not None or args.per_class != 1:
         raise UsageError("--classes/--per-class are for class-conditional models; with --family infinity give --prompt (and --per-prompt)")
-    if args.prompt and args.text_features:
+    if args.prompt is not None and args.text_features is not None:
         raise UsageError("give --prompt or --text-features, not both")
-    if args.text_features and args.negative_prompt:
+    if args.text_features is not None and args.negative_prompt is not None:
         raise UsageError("--negative-prompt needs a text encoder to encode it; with --text-features leave it out")
 
 
@@ -100,7 +104,7 @@ def infinity_conditions(args: argparse.Namespace, model, text_encoder) -> Tuple[
     from ..models.infinity import TextFeatures, scale_schedule
 
     per = args.per_prompt or 1
-    if args.text_features:
+    if args.text_features is not None:
         text = read_text_features(args.text_features, model.Ct5)
         prompts = [text[i : i + 1] for i in range(text.batch) for _ in range(per)]
         text = TextFeatures(torch.cat([p.kv_compact for p in prompts]), [n for p in prompts for n in p.lens])
@@ -112,17 +116,29 @@ def infinity_conditions(args: argparse.Namespace, model, text_encoder) -> Tuple[
             text = text_encoder.encode([p for p in prompts for _ in range(per)])
         except (TypeError, ValueError) as e:
             raise UsageError(f"--prompt: {e}") from None
+        check_encoder_width(text, model.Ct5)
     family: Dict[str, Any] = {}
+    pn = parse_pn(args.pn)
+    if pn is None and model.config.num_scales is None:
+        raise UsageError(f"--pn is required for {args.var}: its number of scales is unknown (a checkpoint's shapes cannot tell it); "
+                         "give --pn N (the scales it was trained on) or 0.06M | 0.25M | 0.60M | 1M, or num_scales in a --config file")
     try:
-        family["schedule"] = scale_schedule(args.h_div_w or 1.0, parse_pn(args.pn) or model.config.num_scales)
+        family["schedule"] = scale_schedule(1.0 if args.h_div_w is None else args.h_div_w, model.config.num_scales if pn is None else pn)
     except ValueError as e:
         raise UsageError(f"--h-div-w/--pn: {e}") from None
-    if args.negative_prompt:
+    if args.negative_prompt is not None:
         try:
             family["negative"] = text_encoder.encode([args.negative_prompt] * text.batch)
         except (TypeError, ValueError) as e:
             raise UsageError(f"--negative-prompt: {e}") from None
     return text, text.batch, family
+
+
+def check_encoder_width(text: Any, Ct5: int) -> None:
+    """The --text-encoder's features (``text``) have the model's width ``Ct5``; ``UsageError`` otherwise."""
+    if text.kv_compact.shape[1] != Ct5:
+        raise UsageError(f"--text-encoder gives features of width {text.kv_compact.shape[1]}, this model takes {Ct5} (its "
+                         "text_channels); give the text encoder the model was trained with")
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -147,6 +163,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     last_seed = params.seed + math.ceil(n / args.batch_size) - 1
     if last_seed > INT64_MAX:
         raise UsageError(f"--seed {params.seed}: the last batch's seed {last_seed} passes 2**63 - 1; give a smaller --seed")
+    report_assumed_settings(args)
     t0 = time.perf_counter()
     if args.compare:
         base = sample_batches(model, vae, conditions, n, params.replace(ssg=None), args.batch_size, "baseline", **family)

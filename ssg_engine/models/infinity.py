@@ -192,7 +192,11 @@ class TextFeatures:
             if not cu_ok:
                 raise ValueError("text: cu_seqlens_k does not match lens (it must be 0, then their running sums)")
         elif isinstance(text, (tuple, list)) and len(text) == 2:
-            out = cls.from_padded(*text)
+            features, mask = text
+            if isinstance(features, torch.Tensor) and features.ndim == 2 and isinstance(mask, torch.Tensor) and mask.ndim == 1:
+                raise ValueError("text: (kv_compact (N, Ct5), lens) is not a form taken; a pair is (features (B, T, Ct5), mask (B, T)), "
+                                 "packed features are TextFeatures(kv_compact, lens) or (kv_compact, lens, cu_seqlens_k, max_seqlen_k)")
+            out = cls.from_padded(features, mask)
         else:
             raise TypeError("text must be TextFeatures, (kv_compact, lens, cu_seqlens_k, max_seqlen_k) or (features, mask)")
         if not out.lens or min(out.lens) < 1:
@@ -673,6 +677,11 @@ class InfinityTransformer(nn.Module):
 
     def load_upstream(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load an upstream ``infinity_*.pth`` state dict strictly; a mismatch raises one ``ValueError`` line."""
+        self.check_upstream(state_dict)
+        self.load_state_dict(state_dict, strict=True)
+
+    def check_upstream(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """``ValueError`` (one line) unless ``state_dict`` has exactly this model's keys, with its shapes (works on meta)."""
         own = self.state_dict()
         missing = [k for k in own if k not in state_dict]
         unexpected = [k for k in state_dict if k not in own]
@@ -682,7 +691,6 @@ class InfinityTransformer(nn.Module):
             parts += [f"{len(unexpected)} unexpected (e.g. {unexpected[0]})"] if unexpected else []
             parts += [f"{len(shapes)} wrong shapes (e.g. {shapes[0]})"] if shapes else []
             raise ValueError(f"not an Infinity state dict for this config (depth {self.depth}, C {self.C}, d {self.d}, Ct5 {self.Ct5}): {'; '.join(parts)}")
-        self.load_state_dict(state_dict, strict=True)
 
     # ------------------------------------------------------------------ shared pieces
     def encode_text(self, text: TextFeatures) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -892,7 +900,10 @@ def with_negative(text: Union[TextFeatures, PaddedText], negative: Any, cfg_unco
                              f"{cfg_uncond.shape[0]}; shorten the prompt (upstream truncates to text_maxlen) or give negative=")
         neg = TextFeatures(torch.cat([cfg_uncond[:n] for n in text.lens]).to(text.kv_compact), text.lens)
     else:
-        neg = TextFeatures.coerce(negative)
+        try:
+            neg = TextFeatures.coerce(negative)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"negative: {e}") from None
     if neg.batch != text.batch:
         raise ValueError(f"negative text has {neg.batch} prompts; expected {text.batch} (one per prompt)")
     check_text_width(neg.features if isinstance(neg, PaddedText) else neg.kv_compact, cfg_uncond.shape[1])
