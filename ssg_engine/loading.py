@@ -155,8 +155,11 @@ def _config_over_shapes(given: Mapping[str, Any], source: str, var_state: Option
         return ModelConfig.from_dict(given, source)
     try:
         inferred = infer_config(var_state, vae_state, given.get("patch_nums"))
-    except (TypeError, ValueError):
-        return ModelConfig.from_dict(given, source)  # says which required fields are missing
+    except (TypeError, ValueError) as why:
+        try:
+            return ModelConfig.from_dict(given, source)
+        except ValueError as e:  # which required fields are missing, and why the shapes cannot tell them
+            raise ValueError(f"{e} (the checkpoints' shapes cannot fill them in: {why})") from None
     return ModelConfig.from_dict({**inferred.to_dict(), **given}, source)
 
 

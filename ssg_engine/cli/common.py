@@ -175,7 +175,10 @@ def add_model_args(p: argparse.ArgumentParser, infinity: bool = False) -> None:
                                  "(infinity_*.pth); default: the shipped Fashion-MNIST model of the family")
     p.add_argument("--vae", help="its VAE checkpoint: VQ-VAE (VAR) or BSQ VAE (Infinity, e.g. infinity_vae_d32reg.pth)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--config", help="model config JSON for --var/--vae (default: inferred from the checkpoints)")
+    g.add_argument("--config", help="model config JSON for --var/--vae, whole or partial: the fields given are merged over what the "
+                                    "checkpoints' shapes determine (default: all inferred)" + (
+        "; Infinity: shapes cannot tell fused_norm (assumed true, with a warning line) nor num_scales (then --pn is "
+        'required), e.g. {"fused_norm": false, "num_scales": 5}' if infinity else ""))
     g.add_argument("--preset", help="for --var/--vae: d16 | d20 | d24 | d30 | d36" + (
         "; Infinity: infinity_2b | infinity_layer12 .. infinity_layer48" if infinity else ""))
     g.add_argument("--patch-nums", type=patch_nums_arg, default=None,

@@ -29,8 +29,8 @@ def _infinity_info(args: argparse.Namespace, sd: Dict[str, Any], family: str) ->
     if family == "bsq_vae":  # every key and shape checked, as loading would (on meta: no memory)
         return {"config": dataclasses.asdict(load_bsq_vae(dict(sd), device="meta").config)}
     cfg = InfinityConfig.from_state_dict(sd)
-    with torch.device("meta"):  # every key and shape checked, as loading would (no memory)
-        InfinityTransformer(cfg).check_upstream({k: v for k, v in sd.items() if k not in STALE_INFINITY_BUFFERS})
+    with torch.device("meta"):  # every key checked, as loading would (no memory; loading checks the shapes too)
+        InfinityTransformer(cfg).check_upstream({k: v for k, v in sd.items() if k not in STALE_INFINITY_BUFFERS}, check_shapes=False)
     return {"config": {k: getattr(cfg, k) for k in INFINITY_SHAPE_FIELDS}, "matching_presets": cfg.matching_presets()}
 
 
@@ -49,7 +49,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     n_params = sum(v.numel() for k, v in sd.items() if v.is_floating_point())
     info: Dict[str, Any] = {"checkpoint": str(args.ckpt), "kind": kind, "config_source": "checkpoint shapes", "parameters_and_buffers": n_params}
     if family in ("infinity", "bsq_vae"):
-        print(json.dumps({**info, **_infinity_info(args, sd, family)}, indent=1))
+        try:
+            details = _infinity_info(args, sd, family)
+        except UsageError:
+            raise
+        except ValueError as e:  # a damaged checkpoint: name the file
+            raise UsageError(f"{args.ckpt}: {e}") from None
+        print(json.dumps({**info, **details}, indent=1))
         return 0
     if args.config:
         cfg = ModelConfig.from_json(args.config)

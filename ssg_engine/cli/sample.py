@@ -119,13 +119,14 @@ def infinity_conditions(args: argparse.Namespace, model, text_encoder) -> Tuple[
         check_encoder_width(text, model.Ct5)
     family: Dict[str, Any] = {}
     pn = parse_pn(args.pn)
-    if pn is None and model.config.num_scales is None:
-        raise UsageError(f"--pn is required for {args.var}: its number of scales is unknown (a checkpoint's shapes cannot tell it); "
-                         "give --pn N (the scales it was trained on) or 0.06M | 0.25M | 0.60M | 1M, or num_scales in a --config file")
-    try:
-        family["schedule"] = scale_schedule(1.0 if args.h_div_w is None else args.h_div_w, model.config.num_scales if pn is None else pn)
+    scales = model.config.num_scales if pn is None else pn
+    try:  # (with the scales unknown, one scale checks --h-div-w first)
+        family["schedule"] = scale_schedule(1.0 if args.h_div_w is None else args.h_div_w, 1 if scales is None else scales)
     except ValueError as e:
         raise UsageError(f"--h-div-w/--pn: {e}") from None
+    if scales is None:
+        raise UsageError(f"--pn is required for {args.var}: its number of scales is unknown (a checkpoint's shapes cannot tell it); "
+                         "give --pn N (the scales it was trained on) or 0.06M | 0.25M | 0.60M | 1M, or num_scales in a --config file")
     if args.negative_prompt is not None:
         try:
             family["negative"] = text_encoder.encode([args.negative_prompt] * text.batch)
@@ -228,7 +229,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--h-div-w", type=float_arg(0.1, 10.0), default=None,
                    help="--family infinity: height / width, one of Infinity's ratios (default 1.0)")
     p.add_argument("--pn", default=None,
-                   help="--family infinity: number of scales or 0.06M | 0.25M | 0.60M | 1M (default: the model's)")
+                   help="--family infinity: number of scales or 0.06M | 0.25M | 0.60M | 1M (default: the model's num_scales; "
+                        "required for a checkpoint whose --config does not give it)")
     p.add_argument("--compare", action="store_true", help="baseline and SSG side by side, same seeds, one PNG")
     p.add_argument("--out", default="grid.png", help="grid PNG path (missing folders are created)")
     p.add_argument("--out-dir", default=None, help="also write one PNG per image here (created if missing)")

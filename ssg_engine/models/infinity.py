@@ -93,12 +93,15 @@ _ROPE_EXTENT: Dict[Schedule, Tuple[int, int]] = {
 def as_schedule(schedule: Sequence[Sequence[int]]) -> Schedule:
     """Normalise (h, w) or upstream's (t=1, h, w) entries to a tuple of (h, w); it must be a prefix of a table row."""
     out = []
-    for s in schedule:
+    for i, s in enumerate(schedule):
+        if isinstance(s, (str, bytes)) or not isinstance(s, (Sequence, torch.Tensor)) or len(s) not in (2, 3):
+            raise ValueError(f"schedule[{i}] must be (h, w) or (1, h, w); got {s!r}")
+        s = [as_number(n, f"schedule[{i}]", "(h, w) or (1, h, w) of integers", integer=True) for n in s]
         if len(s) == 3:
-            if int(s[0]) != 1:
+            if s[0] != 1:
                 raise ValueError(f"scale {tuple(s)}: only images (t = 1) are supported")
             s = s[1:]
-        out.append((int(s[0]), int(s[1])))
+        out.append((s[0], s[1]))
     sched = tuple(out)
     if sched not in _ROPE_EXTENT:
         raise ValueError(f"scale schedule {sched} is not one of Infinity's dynamic-resolution table; use scale_schedule(h_div_w, pn)")
@@ -680,12 +683,14 @@ class InfinityTransformer(nn.Module):
         self.check_upstream(state_dict)
         self.load_state_dict(state_dict, strict=True)
 
-    def check_upstream(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """``ValueError`` (one line) unless ``state_dict`` has exactly this model's keys, with its shapes (works on meta)."""
+    def check_upstream(self, state_dict: Mapping[str, torch.Tensor], check_shapes: bool = True) -> None:
+        """``ValueError`` (one line) unless ``state_dict`` has exactly this model's keys, with its shapes if ``check_shapes``
+        (works on meta)."""
         own = self.state_dict()
         missing = [k for k in own if k not in state_dict]
         unexpected = [k for k in state_dict if k not in own]
-        shapes = [f"{k} {tuple(state_dict[k].shape)} != {tuple(v.shape)}" for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
+        shapes = [f"{k} {tuple(state_dict[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
+                  if check_shapes and k in state_dict and state_dict[k].shape != v.shape]
         if missing or unexpected or shapes:
             parts = [f"{len(missing)} missing (e.g. {missing[0]})"] if missing else []
             parts += [f"{len(unexpected)} unexpected (e.g. {unexpected[0]})"] if unexpected else []
