@@ -198,6 +198,7 @@ BAD_CONFIGS = [
     ("nan", '{"mlp_ratio": NaN}', "mlp_ratio must be a finite number"),
     ("typo", '{"fused_nrom": false}', "unknown"),
     ("scales", '{"num_scales": 0}', "num_scales must be 1 to 13"),
+    ("codebook-dim", '{"codebook_dim": 8}', "but the VAE has codebook_dim 16"),
 ]
 
 

@@ -328,6 +328,9 @@ class InfinityConfig:
         unknown = sorted(str(k) for k in kwargs if k not in fields and k not in cls._FIXED and k not in cls._UPSTREAM_ONLY)
         if unknown:
             raise ValueError(f"unknown Infinity config field(s) {unknown}; known fields: {list(fields)}")
+        if kwargs.get("codebook_dim", codebook_dim) != codebook_dim:
+            raise ValueError(f"Infinity config: codebook_dim={kwargs['codebook_dim']!r}, but the VAE has codebook_dim {codebook_dim}; "
+                             "drop it (it is the VAE's) or give the VAE the model was trained with")
         given = {k: v for k, v in kwargs.items() if k in fields and k != "codebook_dim"}
         if "num_scales" not in given and kwargs.get("pn") is not None:  # upstream's schedule name: the model's scales
             if not isinstance(kwargs["pn"], str) or kwargs["pn"] not in PIXEL_SCALES:
