@@ -88,6 +88,8 @@ def generate(
     if text_encoder is not None:
         if not infinity:
             raise TypeError("text_encoder= is for text-conditional (Infinity) models; a VAR takes class labels")
+        if not callable(getattr(text_encoder, "encode", None)):
+            raise TypeError(f"text_encoder must have encode(prompts) -> TextFeatures (e.g. ssg_engine.text.T5TextEncoder); got {type(text_encoder).__name__}")
         cond = text_encoder.encode(check_prompts([cond] if isinstance(cond, str) else cond, "cond"))
         if negative_prompts:  # one negative prompt for every image, or one per image
             overrides["negative"] = text_encoder.encode(check_prompts([negative] * cond.batch if isinstance(negative, str) else negative, "negative"))

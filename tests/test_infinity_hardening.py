@@ -296,6 +296,7 @@ def _bad_conditions(enc) -> list:
         ("mixed-prompts", dict(cond=["a shirt", 3]), TypeError, "cond"),
         ("mixed-prompts-encoder", dict(cond=["a shirt", 3], text_encoder=enc), TypeError, "cond must be a list of strings"),
         ("ints-with-encoder", dict(cond=[1, 2], text_encoder=enc), TypeError, "cond must be a list of strings"),
+        ("not-an-encoder", dict(cond=["a shirt"], text_encoder=object()), TypeError, "text_encoder must have encode"),
         ("list-negative-no-encoder", dict(cond=(kv, [5, 3], torch.tensor([0, 5, 8]), 5), negative=["blur"]), TypeError, "negative"),
         ("empty-negative", dict(cond=["a shirt"], text_encoder=enc, negative=""), ValueError, "negative"),
         ("nested-list-mask", dict(cond=(torch.randn(2, 3, 128), mask)), TypeError, "mask"),
