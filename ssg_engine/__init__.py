@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 # public name -> the module (relative to this package) that defines it
 _EXPORTS: Dict[str, str] = {
-    "ModelConfig": ".config",
+    **dict.fromkeys(["ModelConfig", "AssumedSettingWarning"], ".config"),
     **dict.fromkeys(["SSG", "dse", "dse_operator", "prior", "ssg_logits"], ".guidance"),
     **dict.fromkeys(["VQVAE", "VARTransformer"], ".models"),
     "SamplingParams": ".params",
@@ -29,7 +29,7 @@ _EXPORTS: Dict[str, str] = {
 }
 
 __all__ = [
-    "ModelConfig", "SSG", "dse", "dse_operator", "prior", "ssg_logits", "CheckpointError", "build_models",
+    "ModelConfig", "AssumedSettingWarning", "SSG", "dse", "dse_operator", "prior", "ssg_logits", "CheckpointError", "build_models",
     "load_models", "load_infinity", "checkpoint_family", "random_models", "VAR", "VARTransformer", "VQVAE", "SamplingParams", "NonFiniteLogitsError",
     "SampleOutput", "generate", "sample_reference", "Engine", "plan", "InfinityTransformer", "InfinityRequest",
     "TextFeatures", "PaddedText", "scale_schedule", "InfinitySampleOutput", "sample_infinity_reference", "to_uint8",

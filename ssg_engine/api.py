@@ -13,6 +13,7 @@ from .infinity_sampler import family_keywords, infinity_request, sample_infinity
 from .models.infinity import InfinityTransformer
 from .params import SamplingParams
 from .sampler import resolve_params, sample_reference
+from .text import check_prompts
 from .validation import class_labels
 
 
@@ -82,12 +83,21 @@ def generate(
     """
     check_family(model, vae, "generate(var, vae, labels)")
     infinity = isinstance(model, InfinityTransformer)
+    negative = overrides.get("negative")
+    negative_prompts = isinstance(negative, str) or (isinstance(negative, (list, tuple)) and any(isinstance(n, str) for n in negative))
     if text_encoder is not None:
         if not infinity:
             raise TypeError("text_encoder= is for text-conditional (Infinity) models; a VAR takes class labels")
-        cond = text_encoder.encode([cond] if isinstance(cond, str) else list(cond))
-    elif infinity and (isinstance(cond, str) or (isinstance(cond, (list, tuple)) and cond and all(isinstance(c, str) for c in cond))):
-        raise TypeError("cond: prompts (str) need text_encoder= (e.g. ssg_engine.text); or pass text features")
+        if not callable(getattr(text_encoder, "encode", None)):
+            raise TypeError(f"text_encoder must have encode(prompts) -> TextFeatures (e.g. ssg_engine.text.T5TextEncoder); got {type(text_encoder).__name__}")
+        cond = text_encoder.encode(check_prompts([cond] if isinstance(cond, str) else cond, "cond"))
+        if negative_prompts:  # one negative prompt for every image, or one per image
+            overrides["negative"] = text_encoder.encode(check_prompts([negative] * cond.batch if isinstance(negative, str) else negative, "negative"))
+    elif infinity and (isinstance(cond, str) or (isinstance(cond, (list, tuple)) and any(isinstance(c, str) for c in cond))):
+        raise TypeError("cond: prompts (str) need text_encoder= (e.g. ssg_engine.text), and a list of prompts holds only str; "
+                        "or pass text features")
+    elif negative_prompts:
+        raise TypeError("negative: prompts (str) need text_encoder= (e.g. ssg_engine.text); or pass text features")
     device = next(model.parameters()).device
     if engine is not None or device.type == "cuda":
         images, tokens = (engine or ENGINE_CACHE.get(model, vae)).generate(cond, params, **overrides)

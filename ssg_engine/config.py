@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
@@ -15,20 +16,51 @@ ARCH_FIELDS: Tuple[str, ...] = (
 )
 
 
-def _type_problem(name: str, kind: str, value: Any) -> Optional[str]:
-    """Why ``value`` does not fit a field annotated ``kind`` (``int``, ``float``, ``bool`` or ``Tuple[int, ...]``); None if it does."""
+class AssumedSettingWarning(UserWarning):
+    """A model setting that neither the checkpoint nor the config gave was assumed (the message names it and how to
+    set it): if the model was trained otherwise, its samples are wrong."""
+
+
+def field_type_problem(name: str, kind: str, value: Any) -> Optional[str]:
+    """Why ``value`` does not fit a config field annotated ``kind`` (``int``, ``float``, ``bool``, ``Optional[int]`` or
+    ``Tuple[int, ...]``); None if it does. Floats must be finite."""
     def integral(v: Any) -> bool:
         return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
-    if kind == "bool":
+    if kind == "Optional[int]":
+        ok, want = value is None or integral(value), "an integer or null"
+    elif kind == "bool":
         ok, want = isinstance(value, bool), "true or false"
     elif kind == "int":
         ok, want = integral(value), "an integer"
     elif kind == "float":
-        ok, want = isinstance(value, numbers.Real) and not isinstance(value, bool), "a number"
+        ok, want = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value), "a finite number"
     else:
         ok, want = isinstance(value, (list, tuple)) and all(integral(v) for v in value), "a list of integers"
     return None if ok else f"{name} must be {want} (got {value!r})"
+
+
+def read_config_file(path: Union[str, Path]) -> Dict[str, Any]:
+    """The JSON object of config file ``path``; one ``FileNotFoundError``/``ValueError`` line naming the file and the
+    fix for a missing file, a folder, a binary or unreadable file, bad JSON, or JSON that is not an object."""
+    path = Path(path)
+    if path.is_dir():
+        hint = f" (e.g. {path / 'config.json'})" if (path / "config.json").is_file() else ""
+        raise FileNotFoundError(f"config path {path} is a directory; pass the JSON config file{hint}")
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"config file {path} is not a text file (a checkpoint?); pass the JSON config") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config file {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}; fix the file") from None
+    except OSError as e:
+        raise OSError(f"config file {path} cannot be read ({e.strerror}); check its permissions") from None
+    if not isinstance(data, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(data), "a number")
+        raise ValueError(f'config file {path} must be a JSON object of config fields ({{"field": value, ...}}), not {kind}')
+    return data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +101,7 @@ class ModelConfig:
         problems = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            problem = _type_problem(f.name, f.type, value)
+            problem = field_type_problem(f.name, f.type, value)
             if problem:
                 problems.append(problem)
             else:  # normalise (e.g. numpy integers, lists) so that equal configs compare equal
@@ -146,19 +178,7 @@ class ModelConfig:
     @classmethod
     def from_json(cls, path: Union[str, Path]) -> "ModelConfig":
         """Read a config file written by ``to_json`` (or by hand: ``ARCH_FIELDS`` are required)."""
-        path = Path(path)
-        if path.is_dir():
-            hint = f" (e.g. {path / 'config.json'})" if (path / "config.json").is_file() else ""
-            raise FileNotFoundError(f"config path {path} is a directory; pass the JSON config file{hint}")
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise ValueError(f"config file {path} is not a text file (a checkpoint?); pass the JSON config") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"config file {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}; fix the file") from None
-        return cls.from_dict(data, source=f"config file {path}")
+        return cls.from_dict(read_config_file(path), source=f"config file {path}")
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

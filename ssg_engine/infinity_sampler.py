@@ -76,6 +76,10 @@ def infinity_request(
     """The request of ``params`` and the Infinity keywords: ``schedule`` (explicit), else ``scale_schedule(h_div_w,
     pn)`` with ``pn`` defaulting to ``model.config.num_scales``; upstream's CFG weight ``w_k = params.cfg`` and
     temperature ``tau_k = params.temperature`` at every scale unless ``cfg_list`` / ``tau_list`` are given."""
+    if schedule is None and pn is None and model.config.num_scales is None:
+        raise ValueError("pn: this model's number of scales is unknown (its config has num_scales=None: a checkpoint's shapes "
+                         "cannot tell it); pass pn= (the number of scales it was trained on, or 0.06M | 0.25M | 0.60M | 1M) or "
+                         "schedule=, or load it with config={'num_scales': N}")
     sched = schedule if schedule is not None else scale_schedule(h_div_w, model.config.num_scales if pn is None else pn)
     K = len(sched)
     return InfinityRequest(

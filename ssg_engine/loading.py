@@ -2,13 +2,15 @@
 VQ-VAE (``load_models``) and Infinity with its BSQ VAE (``load_infinity``)."""
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from .config import PRESET_DEPTHS, ModelConfig, infer_config, matching_presets, preset_key
+from .config import ARCH_FIELDS, PRESET_DEPTHS, AssumedSettingWarning, ModelConfig, infer_config, matching_presets, preset_key, read_config_file
 from .models.bsq_vae import BSQVAE, load_bsq_vae
 from .models.infinity import InfinityConfig, InfinityTransformer
 from .models.var import level_buffers
@@ -128,7 +130,7 @@ def resolve_config(config: ConfigLike, var_state: Optional[Mapping[str, torch.Te
     elif config is None:
         return infer_config(var_state, vae_state)
     elif isinstance(config, Mapping):
-        cfg = ModelConfig.from_dict(config)
+        cfg = _config_over_shapes(config, "config", var_state, vae_state)
     elif not isinstance(config, (str, Path)):
         raise TypeError(f"config must be None, a preset name, a JSON path, a dict or a ModelConfig; got {type(config).__name__}")
     elif isinstance(config, str) and preset_key(config) in PRESET_DEPTHS:
@@ -138,10 +140,27 @@ def resolve_config(config: ConfigLike, var_state: Optional[Mapping[str, torch.Te
             if fits and preset_key(config) not in fits:
                 raise CheckpointError(f"the VAR checkpoint fits preset {' / '.join(fits)}, not {config!r}")
     elif Path(config).exists() or str(config).lower().endswith(".json"):
-        cfg = ModelConfig.from_json(config)
+        cfg = _config_over_shapes(read_config_file(config), f"config file {config}", var_state, vae_state)
     else:
         raise ValueError(f"config {str(config)!r} is neither a preset ({', '.join(PRESET_DEPTHS)}) nor an existing JSON file")
     return cfg
+
+
+def _config_over_shapes(given: Mapping[str, Any], source: str, var_state: Optional[Mapping[str, torch.Tensor]],
+                        vae_state: Optional[Mapping[str, torch.Tensor]]) -> ModelConfig:
+    """``given`` config fields (``source`` names them in errors) over the config the checkpoints' shapes determine: a
+    partial config gives only what the shapes cannot tell (or overrides them); without both checkpoints, or where the
+    shapes tell too little, every ``ARCH_FIELDS`` entry must be given."""
+    if var_state is None or vae_state is None or all(k in given for k in ARCH_FIELDS):
+        return ModelConfig.from_dict(given, source)
+    try:
+        inferred = infer_config(var_state, vae_state, given.get("patch_nums"))
+    except (TypeError, ValueError) as why:
+        try:
+            return ModelConfig.from_dict(given, source)
+        except ValueError as e:  # which required fields are missing, and why the shapes cannot tell them
+            raise ValueError(f"{e} (the checkpoints' shapes cannot fill them in: {why})") from None
+    return ModelConfig.from_dict({**inferred.to_dict(), **given}, source)
 
 
 def _check_and_load(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
@@ -212,7 +231,27 @@ def load_models(
 
 InfinityConfigLike = Union[None, str, InfinityConfig, Mapping[str, Any]]
 # buffers of older code that upstream Infinity.load_state_dict removes from a checkpoint before loading
-_STALE_INFINITY_BUFFERS = ("lvl_1L", "attn_bias_for_masking", "Infinity_visible_kvlen", "Infinity_invisible_qlen")
+STALE_INFINITY_BUFFERS = ("lvl_1L", "attn_bias_for_masking", "Infinity_visible_kvlen", "Infinity_invisible_qlen")
+
+
+# InfinityConfig fields that change samples but that neither the checkpoint's shapes nor upstream's file tell: the
+# released value is assumed unless the config gives them
+ASSUMED_INFINITY_SETTINGS = ("fused_norm",)
+
+
+def warn_assumed_settings(given: Mapping[str, Any], what: str) -> None:
+    """One ``AssumedSettingWarning`` naming the ``ASSUMED_INFINITY_SETTINGS`` the ``given`` config leaves out (their
+    released value is used) and how to set them."""
+    assumed = {name: getattr(InfinityConfig, name) for name in ASSUMED_INFINITY_SETTINGS if name not in given}
+    if assumed:
+        values = ", ".join(f"{name}={value}" for name, value in assumed.items())
+        other = ", ".join(f"{name!r}: {not value}" for name, value in assumed.items())
+        other_json = ", ".join(f"{json.dumps(name)}: {json.dumps(not value)}" for name, value in assumed.items())
+        warnings.warn(
+            f"{what}: assumed {values} (the released models' value; a checkpoint's shapes cannot tell it); if the model "
+            f"was trained otherwise its samples are wrong: pass config={{{other}}} (command line: --config FILE.json "
+            f"holding {{{other_json}}})", AssumedSettingWarning, stacklevel=3,
+        )
 
 
 def load_infinity(
@@ -231,7 +270,7 @@ def load_infinity(
     only the stale buffers upstream's own ``load_state_dict`` drops are ignored) and cast to ``dtype``; the VAE stays
     float32. Both are in eval mode.
     """
-    model_state = {k: v for k, v in _state(model_path, "model_path", "infinity").items() if k not in _STALE_INFINITY_BUFFERS}
+    model_state = {k: v for k, v in _state(model_path, "model_path", "infinity").items() if k not in STALE_INFINITY_BUFFERS}
     vae_state = _state(vae_path, "vae_path", "bsq_vae")
     what = str(model_path) if isinstance(model_path, (str, Path)) else "model_path"
     try:
@@ -243,13 +282,12 @@ def load_infinity(
         cfg = config
     elif isinstance(config, str):
         cfg = InfinityConfig.preset(config, codebook_dim=d)
-    elif isinstance(config, Mapping):
-        cfg = InfinityConfig.from_upstream(config, codebook_dim=d)
-    elif config is None:
+    elif config is None or isinstance(config, Mapping):
         try:
-            cfg = InfinityConfig.from_state_dict(model_state)
+            inferred = InfinityConfig.from_state_dict(model_state)
         except ValueError as e:
             raise CheckpointError(f"{what}: {e}") from None
+        cfg = inferred if config is None else InfinityConfig.from_upstream(config, codebook_dim=d, base=inferred)
     else:
         raise TypeError(f"config must be None, a preset name, a dict or an InfinityConfig; got {type(config).__name__}")
     if cfg.codebook_dim != d:
@@ -263,6 +301,8 @@ def load_infinity(
         model.load_upstream(model_state)
     except ValueError as e:
         raise CheckpointError(f"{what}: {e}") from None
+    if config is None or isinstance(config, Mapping):  # said once the model has loaded
+        warn_assumed_settings(config or {}, what)
     return model.to(dtype=dtype).eval().requires_grad_(False), vae
 
 

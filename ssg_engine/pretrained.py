@@ -83,9 +83,18 @@ def folder_text_encoder(folder: Union[str, Path], device: Union[str, torch.devic
     """The small text encoder of a folder written by ``train_fashion_mnist_infinity`` (float32, eval mode)."""
     from .models.text_encoder import TextEncoderConfig, load_text_encoder
 
+    from .config import read_config_file
+
     folder = Path(folder)
-    cfg = json.loads((folder / "config.json").read_text())
-    return load_text_encoder(folder / "text_encoder.safetensors", TextEncoderConfig.from_dict(cfg["text_encoder"]), device)
+    spec = read_config_file(folder / "config.json").get("text_encoder")
+    if not isinstance(spec, dict):
+        raise ValueError(f"{folder / 'config.json'} has no \"text_encoder\" object; give a folder written by "
+                         "`ssg-engine train --family infinity` (or a Flan-T5 folder)")
+    try:
+        config = TextEncoderConfig.from_dict(spec)
+    except ValueError as e:
+        raise ValueError(f"{folder / 'config.json'}: {e}") from None
+    return load_text_encoder(folder / "text_encoder.safetensors", config, device)
 
 
 def infinity_folder_schedule(folder: Union[str, Path] = INFINITY_DIR) -> Tuple[Tuple[int, int], ...]:

@@ -48,9 +48,22 @@ class T5TextEncoder:
                               "or pass precomputed text features instead") from None
         self.device = torch.device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(folder), revision=None, legacy=True)
+        try:  # transformers raises many error types (and multi-line messages) for damaged or foreign files
+            self.tokenizer = AutoTokenizer.from_pretrained(str(folder), revision=None, legacy=True)
+            model, info = T5EncoderModel.from_pretrained(str(folder), dtype=self.dtype, output_loading_info=True)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"text encoder folder {folder}: cannot load it ({first}); it must hold {_WEIGHTS}") from None
+        missing = [k for k in info.get("missing_keys", []) if k]
+        mismatched = [k for k, *_ in info.get("mismatched_keys", [])]
+        if missing or mismatched:  # transformers would start them from random values
+            first = f"missing {missing[0]}" if missing else f"wrong shape at {mismatched[0]}"
+            raise ValueError(f"text encoder folder {folder}: its weights do not fit its config.json ({first}); it must hold {_WEIGHTS}")
+        if len(self.tokenizer) > model.config.vocab_size:
+            raise ValueError(f"text encoder folder {folder}: the tokenizer has {len(self.tokenizer)} tokens but the model embeds "
+                             f"{model.config.vocab_size}; give the tokenizer files of the same model")
         self.tokenizer.model_max_length = MAX_LENGTH
-        self.model = T5EncoderModel.from_pretrained(str(folder), dtype=self.dtype).to(self.device).eval().requires_grad_(False)
+        self.model = model.to(self.device).eval().requires_grad_(False)
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> TextFeatures:

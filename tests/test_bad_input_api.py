@@ -47,9 +47,13 @@ def test_missing_fields_are_listed(tiny_dir, tmp_path):
     del d["depth"], d["V"]
     (tmp_path / "c.json").write_text(json.dumps(d))
     with pytest.raises(ValueError, match=r"config file .*c.json: missing required field\(s\) \['V', 'depth'\]"):
-        load_models(tiny_dir / "var.pth", tiny_dir / "vae.pth", config=tmp_path / "c.json")
+        ModelConfig.from_json(tmp_path / "c.json")
     with pytest.raises(ValueError, match=r"^config: missing required field\(s\) \['V', 'depth'\]"):
-        load_models(tiny_dir / "var.pth", tiny_dir / "vae.pth", config=d)
+        ModelConfig.from_dict(d)
+    # with the checkpoints, a partial config is merged over their shapes (issue 19)
+    full = ModelConfig.from_json(tiny_dir / "config.json")
+    for partial in (tmp_path / "c.json", d):
+        assert load_models(tiny_dir / "var.pth", tiny_dir / "vae.pth", config=partial)[1].config == full
 
 
 def test_required_fields_are_the_architecture(tiny_dir):

@@ -36,7 +36,7 @@ def meta_state(cfg: InfinityConfig) -> Dict[str, torch.Tensor]:
 def test_preset_round_trips_through_its_state_dict(name):
     cfg = InfinityConfig.preset(name)
     sd = meta_state(cfg)
-    assert InfinityConfig.from_state_dict(sd) == cfg
+    assert InfinityConfig.from_state_dict(sd) == dataclasses.replace(cfg, num_scales=None)  # shapes do not tell the schedule
     assert cfg.matching_presets() == [name]
     assert set(meta_state(InfinityConfig.from_state_dict(sd))) == set(sd)
 
@@ -61,7 +61,7 @@ def test_unknown_and_unsupported_presets():
 def test_config_from_golden_checkpoint(name):
     sd = read_state_dict(INF / name / "infinity.pth")
     cfg = InfinityConfig.from_state_dict(sd)
-    assert cfg == golden_infinity_config(name)
+    assert cfg == dataclasses.replace(golden_infinity_config(name), num_scales=None)  # the shapes do not tell the schedule
     assert cfg.matching_presets() == []
     with pytest.raises(ValueError, match=f"predicts d = {cfg.codebook_dim} bits per token but codebook_dim = 7"):
         InfinityConfig.from_state_dict(sd, codebook_dim=7)
@@ -71,7 +71,7 @@ def test_inference_from_both_block_layouts_and_options():
     base = golden_infinity_config("sq_d16")
     for cfg in (dataclasses.replace(base, block_chunks=1), dataclasses.replace(base, shared_aln=False, mlp_ratio=6.0),
                 dataclasses.replace(base, cross_attn_layer_scale=1.0, depth=4, block_chunks=2)):
-        assert InfinityConfig.from_state_dict(meta_state(cfg)) == cfg
+        assert InfinityConfig.from_state_dict(meta_state(cfg)) == dataclasses.replace(cfg, num_scales=None)
 
 
 def test_inference_errors():
@@ -95,7 +95,7 @@ def test_load_infinity_reproduces_golden_logits(name):
     from safetensors.torch import load_file
 
     model, vae = load_infinity(INF / name / "infinity.pth", INF / name / "vae.pth")
-    assert not model.training and not vae.training and model.config == golden_infinity_config(name)
+    assert not model.training and not vae.training and model.config == dataclasses.replace(golden_infinity_config(name), num_scales=None)
     T = load_file(str(INF / name / "golden.safetensors"))
     text = (T["text.kv_compact"], T["text.lens"], T["text.cu_seqlens_k"], int(T["text.lens"].max()))
     schedule = json.loads((INF / name / "config.json").read_text())["scale_schedule"]
@@ -115,7 +115,8 @@ def test_load_infinity_wrapped_safetensors_and_configs(tmp_path: Path):
     for model_path, config in ((tmp_path / "train.pth", None), (tmp_path / "m.safetensors", cfg), (sd, dataclasses.asdict(cfg)),
                                (stale, upstream_kwargs)):
         model, _ = load_infinity(model_path, vae, config=config, dtype=torch.bfloat16)
-        assert model.config == cfg and model.cfg_uncond.dtype == torch.bfloat16
+        assert model.config == (dataclasses.replace(cfg, num_scales=None) if config is None else cfg)
+        assert model.cfg_uncond.dtype == torch.bfloat16
         assert torch.equal(model.cfg_uncond.float(), sd["cfg_uncond"].bfloat16().float())
     with pytest.raises(CheckpointError, match=r"infinity.pth: not an Infinity state dict for this config .*missing"):
         load_infinity(INF / "sq_d16" / "infinity.pth", vae, config="infinity_2b")

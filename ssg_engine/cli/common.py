@@ -176,7 +176,10 @@ def add_model_args(p: argparse.ArgumentParser, infinity: bool = False) -> None:
                                  "(infinity_*.pth); default: the shipped Fashion-MNIST model of the family")
     p.add_argument("--vae", help="its VAE checkpoint: VQ-VAE (VAR) or BSQ VAE (Infinity, e.g. infinity_vae_d32reg.pth)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--config", help="model config JSON for --var/--vae (default: inferred from the checkpoints)")
+    g.add_argument("--config", help="model config JSON for --var/--vae, whole or partial: the fields given are merged over what the "
+                                    "checkpoints' shapes determine (default: all inferred)" + (
+        "; Infinity: shapes cannot tell fused_norm (assumed true, with a warning line) nor num_scales (then --pn is "
+        'required), e.g. {"fused_norm": false, "num_scales": 5}' if infinity else ""))
     g.add_argument("--preset", help="for --var/--vae: d16 | d20 | d24 | d30 | d36" + (
         "; Infinity: infinity_2b | infinity_layer12 .. infinity_layer48" if infinity else ""))
     g.add_argument("--patch-nums", type=patch_nums_arg, default=None,
@@ -196,6 +199,10 @@ def model_family(args: argparse.Namespace) -> str:
 def check_model_args(args: argparse.Namespace) -> None:
     """--var and --vae come together; --config/--preset/--patch-nums/--text-encoder only with them, and only the
     family's (never silently ignored)."""
+    for flag, value in (("--var", args.var), ("--vae", args.vae), ("--config", args.config), ("--preset", args.preset),
+                        ("--text-encoder", getattr(args, "text_encoder", None))):
+        if value is not None and not value.strip():  # never taken as "not given"
+            raise UsageError(f"{flag} is empty; give a value, or leave the flag out")
     if bool(args.var) != bool(args.vae):
         raise UsageError("give both --var and --vae, or neither (the shipped Fashion-MNIST model)")
     text_encoder = getattr(args, "text_encoder", None)
@@ -237,9 +244,10 @@ def load_from_args(args: argparse.Namespace, dtype: torch.dtype = torch.float32,
 def load_infinity_from_args(args: argparse.Namespace, device: Optional[str] = None):
     """(model, vae, text encoder or None) from --var/--vae (with --config/--preset) and --text-encoder, or the shipped
     Fashion-MNIST text-to-image model (with its own text encoder); float32 on ``device`` (default: --device)."""
-    import json
+    import warnings
 
-    from ..loading import load_infinity
+    from ..config import AssumedSettingWarning, read_config_file
+    from ..loading import CheckpointError, load_infinity
     from ..pretrained import load_pretrained_infinity
 
     check_model_args(args)
@@ -247,32 +255,47 @@ def load_infinity_from_args(args: argparse.Namespace, device: Optional[str] = No
     if not args.var:
         return load_pretrained_infinity(device=device)
     config = args.preset
-    if args.config:
-        try:
-            config = json.loads(Path(args.config).read_text())
-        except json.JSONDecodeError as e:
-            raise UsageError(f"--config {args.config}: not valid JSON ({e}); give an Infinity config file") from None
-        if isinstance(config, dict) and isinstance(config.get("infinity"), dict):  # a `train --family infinity` folder's
+    if args.config is not None:
+        config = read_config_file(args.config)
+        if isinstance(config.get("infinity"), dict):  # a `train --family infinity` folder's
             config = config["infinity"]
-    model, vae = load_infinity(args.var, args.vae, config=config, device=device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", AssumedSettingWarning)
+        try:
+            model, vae = load_infinity(args.var, args.vae, config=config, device=device)
+        except (TypeError, ValueError) as e:
+            if args.config is None or isinstance(e, CheckpointError):
+                raise
+            raise UsageError(f"--config {args.config}: {e}; fix the file (a partial file gives only what the checkpoint's shapes cannot tell)") from None
+    args.assumed_settings = [str(w.message) for w in caught if issubclass(w.category, AssumedSettingWarning)]
+    for w in caught:  # other warnings as Python shows them
+        if not issubclass(w.category, AssumedSettingWarning):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     return model, vae, text_encoder_from_args(args, device)
+
+
+def report_assumed_settings(args: argparse.Namespace) -> None:
+    """One ``warning: ...`` line per setting ``load_infinity_from_args`` found assumed (it names the setting and how
+    to set it); called once every flag has been checked, so that a bad command line stays one ``error:`` line."""
+    for message in getattr(args, "assumed_settings", ()):
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def text_encoder_from_args(args: argparse.Namespace, device: str):
     """--text-encoder FOLDER: a folder written by ``train --family infinity`` (its small text encoder), else a Flan-T5
     folder (``ssg_engine.text``); None without the flag."""
-    if not args.text_encoder:
+    if args.text_encoder is None:
         return None
     folder = Path(args.text_encoder)
-    if (folder / "text_encoder.safetensors").is_file():
-        from ..pretrained import folder_text_encoder
-
-        return folder_text_encoder(folder, device)
-    from ..text import T5TextEncoder
-
     try:
+        if (folder / "text_encoder.safetensors").is_file():
+            from ..pretrained import folder_text_encoder
+
+            return folder_text_encoder(folder, device)
+        from ..text import T5TextEncoder
+
         return T5TextEncoder(folder, device=device)
-    except ImportError as e:
+    except (ImportError, ValueError, OSError) as e:
         raise UsageError(f"--text-encoder: {e}") from None
 
 

@@ -16,7 +16,7 @@ from ..validation import check_memory
 from .common import (
     CFG_MAX, INT32_MAX, SSG_BETA_MAX, TEMPERATURE_MAX, TEMPERATURE_MIN, UsageError, add_model_args, add_sampling_args, check_model_args,
     check_output_dir, check_output_file, float_arg, int_arg, load_from_args, load_infinity_from_args, model_default_help,
-    model_family, model_sampling, parse_floats, resolve_ssg_args, sampling_from_args,
+    model_family, model_sampling, parse_floats, report_assumed_settings, resolve_ssg_args, sampling_from_args,
 )
 from .sample import image_pixels
 
@@ -34,6 +34,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.var and not args.text_encoder:  # before any model loads
             raise UsageError("eval --family infinity asks for prompts: give --text-encoder FOLDER with --var/--vae")
         model, vae, text_encoder = load_infinity_from_args(args)
+        if model.config.num_scales is None:
+            raise UsageError(f"eval: the number of scales of {args.var} is unknown (a checkpoint's shapes cannot tell it); "
+                             'give it in a --config file, e.g. {"num_scales": 5}')
+        report_assumed_settings(args)
         what = "shipped pretrained Fashion-MNIST text-to-image Infinity (ssg_engine.pretrained)"
     else:
         vae, model = load_from_args(args)

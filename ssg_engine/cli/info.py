@@ -16,16 +16,21 @@ VAE_FIELDS = ("V", "Cvae", "ch", "ch_mult", "num_res_blocks", "in_channels", "qu
 
 def _infinity_info(args: argparse.Namespace, sd: Dict[str, Any], family: str) -> Dict[str, Any]:
     """Config fields (and matching presets) of an Infinity or BSQ VAE state dict: all from the shapes."""
-    from ..models.bsq_vae import BSQVAEConfig
-    from ..models.infinity import INFINITY_SHAPE_FIELDS, InfinityConfig
+    from ..models.bsq_vae import load_bsq_vae
+    import torch
+
+    from ..loading import STALE_INFINITY_BUFFERS
+    from ..models.infinity import INFINITY_SHAPE_FIELDS, InfinityConfig, InfinityTransformer
 
     for flag, value in (("--config", args.config), ("--patch-nums", args.patch_nums)):
         if value:
             raise UsageError(f"{flag}: only for VAR / VQ-VAE checkpoints, and {args.ckpt} is {'an Infinity' if family == 'infinity' else 'a BSQ VAE'} "
                              f"checkpoint (its config comes from its shapes); drop {flag}")
-    if family == "bsq_vae":
-        return {"config": dataclasses.asdict(BSQVAEConfig.from_state_dict(sd))}
+    if family == "bsq_vae":  # every key and shape checked, as loading would (on meta: no memory)
+        return {"config": dataclasses.asdict(load_bsq_vae(dict(sd), device="meta").config)}
     cfg = InfinityConfig.from_state_dict(sd)
+    with torch.device("meta"):  # every key checked, as loading would (no memory; loading checks the shapes too)
+        InfinityTransformer(cfg).check_upstream({k: v for k, v in sd.items() if k not in STALE_INFINITY_BUFFERS}, check_shapes=False)
     return {"config": {k: getattr(cfg, k) for k in INFINITY_SHAPE_FIELDS}, "matching_presets": cfg.matching_presets()}
 
 
@@ -44,7 +49,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     n_params = sum(v.numel() for k, v in sd.items() if v.is_floating_point())
     info: Dict[str, Any] = {"checkpoint": str(args.ckpt), "kind": kind, "config_source": "checkpoint shapes", "parameters_and_buffers": n_params}
     if family in ("infinity", "bsq_vae"):
-        print(json.dumps({**info, **_infinity_info(args, sd, family)}, indent=1))
+        try:
+            details = _infinity_info(args, sd, family)
+        except UsageError:
+            raise
+        except ValueError as e:  # a damaged checkpoint: name the file
+            raise UsageError(f"{args.ckpt}: {e}") from None
+        print(json.dumps({**info, **details}, indent=1))
         return 0
     if args.config:
         cfg = ModelConfig.from_json(args.config)

@@ -17,7 +17,7 @@ from ..params import SamplingParams
 from .common import (
     INT64_MAX, UsageError, add_batch_args, add_model_args, add_sampling_args, check_model_args, check_output_dir, check_output_file,
     float_arg, int_arg, labels_from_args, load_from_args, load_infinity_from_args, model_family, model_sampling, model_ssg_beta,
-    parse_classes, resolve_ssg_args, sampling_from_args,
+    parse_classes, report_assumed_settings, resolve_ssg_args, sampling_from_args,
 )
 
 UPSCALE_MAX = 64  # a 32 px image upscaled 64x is 2048 px; more only makes huge PNGs
@@ -49,6 +49,8 @@ def parse_pn(text: Optional[str]) -> Union[None, int, str]:
     """--pn as a number of scales or one of Infinity's total-pixel names."""
     if text is None:
         return None
+    if not text.strip():
+        raise UsageError("--pn is empty; give a number of scales or one of 0.06M | 0.25M | 0.60M | 1M, or leave it out")
     return int(text) if text.isascii() and text.isdigit() else text  # not "²": str.isdigit takes it, int() does not
 
 
@@ -58,17 +60,19 @@ def read_text_features(path: str, Ct5: int):
     from ..models.infinity import TextFeatures
 
     file = Path(path)
+    if not path.strip():
+        raise UsageError("--text-features is empty; give a .pt file saved with torch.save")
     if not file.is_file():
         raise UsageError(f"--text-features {path}: no such file; give a .pt file saved with torch.save")
     try:
         obj = torch.load(str(file), map_location="cpu", weights_only=True)
     except Exception as e:  # any unreadable file is a user error here
         raise UsageError(f"--text-features {path}: not a torch.save file ({type(e).__name__}); save the features with torch.save") from None
-    if isinstance(obj, dict) and {"kv_compact", "lens"} <= set(obj):
-        obj = TextFeatures(obj["kv_compact"], [int(n) for n in obj["lens"]])
-    elif isinstance(obj, dict) and {"features", "mask"} <= set(obj):
-        obj = (obj["features"], obj["mask"])
     try:
+        if isinstance(obj, dict) and {"kv_compact", "lens"} <= set(obj):
+            obj = TextFeatures(obj["kv_compact"], obj["lens"])
+        elif isinstance(obj, dict) and {"features", "mask"} <= set(obj):
+            obj = (obj["features"], obj["mask"])
         text = TextFeatures.coerce(obj)
     except (TypeError, ValueError) as e:
         raise UsageError(f"--text-features {path}: {e}; save {{'kv_compact': (N, C), 'lens': [..]}} or {{'features': (B, T, C), 'mask': (B, T)}}") from None
@@ -89,9 +93,9 @@ def check_family_flags(args: argparse.Namespace) -> None:
         return
     if args.classes is not None or args.per_class != 1:
         raise UsageError("--classes/--per-class are for class-conditional models; with --family infinity give --prompt (and --per-prompt)")
-    if args.prompt and args.text_features:
+    if args.prompt is not None and args.text_features is not None:
         raise UsageError("give --prompt or --text-features, not both")
-    if args.text_features and args.negative_prompt:
+    if args.text_features is not None and args.negative_prompt is not None:
         raise UsageError("--negative-prompt needs a text encoder to encode it; with --text-features leave it out")
     if args.var and not (args.text_encoder or args.text_features):
         raise UsageError("--family infinity with --var/--vae needs --text-encoder FOLDER (Flan-T5) or --text-features FILE.pt")
@@ -105,7 +109,7 @@ def check_schedule_flags(args: argparse.Namespace) -> None:
     loads; the schedule itself, which may take the model's number of scales, is made later)."""
     from ..models.infinity import scale_schedule
 
-    h_div_w = args.h_div_w or 1.0
+    h_div_w = 1.0 if args.h_div_w is None else args.h_div_w
     try:
         scale_schedule(h_div_w, 1)
     except ValueError as e:
@@ -146,9 +150,17 @@ def infinity_conditions(args: argparse.Namespace, model, vae, text_encoder) -> T
     from ..models.infinity import TextFeatures, scale_schedule
 
     per = args.per_prompt or 1
-    family: Dict[str, Any] = {"schedule": scale_schedule(args.h_div_w or 1.0, parse_pn(args.pn) or model.config.num_scales)}
+    pn = parse_pn(args.pn)
+    scales = model.config.num_scales if pn is None else pn
+    if scales is None:
+        raise UsageError(f"--pn is required for {args.var}: its number of scales is unknown (a checkpoint's shapes cannot tell it); "
+                         "give --pn N (the scales it was trained on) or 0.06M | 0.25M | 0.60M | 1M, or num_scales in a --config file")
+    try:
+        family: Dict[str, Any] = {"schedule": scale_schedule(1.0 if args.h_div_w is None else args.h_div_w, scales)}
+    except ValueError as e:
+        raise UsageError(f"--h-div-w/--pn: {e}") from None
     pixels = image_pixels(model, vae, family["schedule"])
-    if args.text_features:
+    if args.text_features is not None:
         text = read_text_features(args.text_features, model.Ct5)
         check_image_count(args, text.batch * per, pixels)
         prompts = [text[i : i + 1] for i in range(text.batch) for _ in range(per)]
@@ -160,12 +172,20 @@ def infinity_conditions(args: argparse.Namespace, model, vae, text_encoder) -> T
             text = text_encoder.encode([p for p in prompts for _ in range(per)])
         except (TypeError, ValueError) as e:
             raise UsageError(f"--prompt: {e}") from None
-    if args.negative_prompt:
+        check_encoder_width(text, model.Ct5)
+    if args.negative_prompt is not None:
         try:
             family["negative"] = text_encoder.encode([args.negative_prompt] * text.batch)
         except (TypeError, ValueError) as e:
             raise UsageError(f"--negative-prompt: {e}") from None
     return text, text.batch, family
+
+
+def check_encoder_width(text: Any, Ct5: int) -> None:
+    """The --text-encoder's features (``text``) have the model's width ``Ct5``; ``UsageError`` otherwise."""
+    if text.kv_compact.shape[1] != Ct5:
+        raise UsageError(f"--text-encoder gives features of width {text.kv_compact.shape[1]}, this model takes {Ct5} (its "
+                         "text_channels); give the text encoder the model was trained with")
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -197,6 +217,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     last_seed = params.seed + math.ceil(n / args.batch_size) - 1
     if last_seed > INT64_MAX:
         raise UsageError(f"--seed {params.seed}: the last batch's seed {last_seed} passes 2**63 - 1; give a smaller --seed")
+    report_assumed_settings(args)
     t0 = time.perf_counter()
     if args.compare:
         base = sample_batches(model, vae, conditions, n, params.replace(ssg=None), args.batch_size, "baseline", **family)
@@ -273,7 +294,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--h-div-w", type=float_arg(0.1, 10.0), default=None,
                    help="--family infinity: height / width, one of Infinity's ratios (default 1.0)")
     p.add_argument("--pn", default=None,
-                   help="--family infinity: number of scales or 0.06M | 0.25M | 0.60M | 1M (default: the model's)")
+                   help="--family infinity: number of scales or 0.06M | 0.25M | 0.60M | 1M (default: the model's num_scales; "
+                        "required for a checkpoint whose --config does not give it)")
     p.add_argument("--compare", action="store_true", help="baseline and SSG side by side, same seeds, one PNG")
     p.add_argument("--out", default="grid.png", help="grid PNG path (missing folders are created)")
     p.add_argument("--out-dir", default=None, help="also write one PNG per image here (created if missing)")

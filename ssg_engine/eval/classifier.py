@@ -213,7 +213,12 @@ def load_classifier(
         model, info = train_classifier(**train_kwargs)
         save_classifier(model, p, info)
     model = FashionClassifier()
-    model.load_state_dict(load_file(str(p)))
+    try:
+        model.load_state_dict(load_file(str(p)))
+    except Exception as e:  # safetensors and torch raise their own error types (multi-line) for foreign or damaged files
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"classifier weights {p} are not a safetensors file of the Fashion-MNIST classifier ({first}); "
+                         "give one written by `python -m ssg_engine.eval.classifier`, or leave --classifier out") from None
     info_path = p.with_suffix(".json")
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     info["weights_hash"] = _file_hash(p)

@@ -66,6 +66,8 @@ class BSQVAEConfig:
             codebook_dim = sd["encoder.conv_out.conv.weight"].shape[0]
         except KeyError as e:
             raise ValueError(f"not a BSQ VAE state dict: {e.args[0]!r} missing") from None
+        except IndexError:
+            raise ValueError("BSQ VAE state dict: encoder.conv_in / conv_out weights have no channel dimension; the checkpoint is damaged") from None
 
         def levels(prefix: str) -> List[int]:
             n = 0
@@ -75,9 +77,12 @@ class BSQVAEConfig:
 
         num_res_blocks = sum(1 for k in sd if k.startswith("encoder.down.0.block.") and k.endswith(".conv1.conv.weight"))
         num_down = sum(1 for k in sd if k.startswith("encoder.down.") and k.endswith(".downsample.conv.conv.weight"))
+        try:
+            mults = tuple(levels("encoder.down")), tuple(levels("decoder.up"))
+        except (IndexError, ZeroDivisionError):  # a 0-d tensor, or zero channels
+            raise ValueError("BSQ VAE state dict: a block's conv weight has no channel dimension; the checkpoint is damaged") from None
         return cls(codebook_dim=codebook_dim, base_ch=base_ch, num_res_blocks=num_res_blocks,
-                   encoder_ch_mult=tuple(levels("encoder.down")), decoder_ch_mult=tuple(levels("decoder.up")),
-                   patch_size=2 ** num_down)
+                   encoder_ch_mult=mults[0], decoder_ch_mult=mults[1], patch_size=2 ** num_down)
 
 
 # ----------------------------------------------------------------------------- conv backbone

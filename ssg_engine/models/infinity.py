@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import numbers
 import re
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -28,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import field_type_problem
+from ..validation import as_number
 from .bsq_vae import accumulate_codes, bits_to_codes
 from .family import KVStore
 from .var import FFN
@@ -67,14 +70,16 @@ def scale_schedule(h_div_w: float, pn: Union[str, int] = "1M") -> Schedule:
     """(h, w) of every scale of upstream's table for ratio ``h_div_w`` (a table key up to 1e-3) and ``pn``: a total-pixel
     name of upstream's (``"0.06M"``, ``"0.25M"``, ``"0.60M"``, ``"1M"``) or a number of scales (the table row's first ``pn``
     scales, for models trained on smaller images, e.g. 5 scales = an 8x8 latent)."""
-    ratio = min(RATIO_TABLE, key=lambda r: abs(r - float(h_div_w)))
-    if abs(ratio - float(h_div_w)) > 1e-3:
+    h_div_w = as_number(h_div_w, "h_div_w", f"a finite number, one of Infinity's ratios {sorted(RATIO_TABLE)}")
+    ratio = min(RATIO_TABLE, key=lambda r: abs(r - h_div_w))
+    if abs(ratio - h_div_w) > 1e-3:
         raise ValueError(f"h_div_w={h_div_w} is not in Infinity's table; use one of {sorted(RATIO_TABLE)}")
-    if isinstance(pn, int) and not isinstance(pn, bool):
+    if isinstance(pn, numbers.Integral) and not isinstance(pn, bool):
+        pn = int(pn)
         if not 1 <= pn <= MAX_SCALES:
             raise ValueError(f"pn={pn} scales: use 1 to {MAX_SCALES} or one of {list(PIXEL_SCALES)}")
         return tuple(RATIO_TABLE[ratio][:pn])
-    if pn not in PIXEL_SCALES:
+    if not isinstance(pn, str) or pn not in PIXEL_SCALES:
         raise ValueError(f"pn={pn!r} is not in Infinity's table; use one of {list(PIXEL_SCALES)} or a number of scales")
     return tuple(RATIO_TABLE[ratio][: PIXEL_SCALES[pn]])
 
@@ -89,12 +94,15 @@ _ROPE_EXTENT: Dict[Schedule, Tuple[int, int]] = {
 def as_schedule(schedule: Sequence[Sequence[int]]) -> Schedule:
     """Normalise (h, w) or upstream's (t=1, h, w) entries to a tuple of (h, w); it must be a prefix of a table row."""
     out = []
-    for s in schedule:
+    for i, s in enumerate(schedule):
+        if isinstance(s, (str, bytes)) or not isinstance(s, (Sequence, torch.Tensor)) or len(s) not in (2, 3):
+            raise ValueError(f"schedule[{i}] must be (h, w) or (1, h, w); got {s!r}")
+        s = [as_number(n, f"schedule[{i}]", "(h, w) or (1, h, w) of integers", integer=True) for n in s]
         if len(s) == 3:
-            if int(s[0]) != 1:
+            if s[0] != 1:
                 raise ValueError(f"scale {tuple(s)}: only images (t = 1) are supported")
             s = s[1:]
-        out.append((int(s[0]), int(s[1])))
+        out.append((s[0], s[1]))
     sched = tuple(out)
     if sched not in _ROPE_EXTENT:
         raise ValueError(f"scale schedule {sched} is not one of Infinity's dynamic-resolution table; use scale_schedule(h_div_w, pn)")
@@ -136,6 +144,10 @@ class TextFeatures:
     kv_compact: torch.Tensor
     lens: List[int]
 
+    def __post_init__(self) -> None:
+        check_feature_tensor(self.kv_compact, "text kv_compact", 2)
+        self.lens = prompt_lengths(self.lens)
+
     @property
     def cu_seqlens(self) -> torch.Tensor:
         return F.pad(torch.tensor(self.lens, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
@@ -155,7 +167,13 @@ class TextFeatures:
     @classmethod
     def from_padded(cls, features: torch.Tensor, mask: torch.Tensor) -> "TextFeatures":
         """From padded features (B, T, Ct5) and a boolean mask (B, T) of valid tokens (a prefix of each row)."""
-        if features.ndim != 3 or mask.shape != features.shape[:2]:
+        check_feature_tensor(features, "text features", 3)
+        if not isinstance(mask, torch.Tensor) or mask.is_meta or mask.layout != torch.strided:
+            raise TypeError(f"text mask must be a dense torch.Tensor (B, T) of bool, True on each prompt's tokens; got "
+                            f"{type(mask).__name__ if not isinstance(mask, torch.Tensor) else f'a {mask.layout} tensor on {mask.device}'}")
+        if mask.dtype != torch.bool and (mask.is_floating_point() or mask.is_complex()):
+            raise TypeError(f"text mask must be bool (True on each prompt's tokens); got dtype {mask.dtype}")
+        if mask.shape != features.shape[:2]:
             raise ValueError(f"padded text: features must be (B, T, Ct5) and mask (B, T); got {tuple(features.shape)}, {tuple(mask.shape)}")
         mask = mask.bool()
         lens = mask.sum(1)
@@ -170,18 +188,60 @@ class TextFeatures:
             out = text
         elif isinstance(text, (tuple, list)) and len(text) == 4:
             kv, lens, cu, _ = text
-            out = cls(kv, [int(n) for n in (lens.tolist() if torch.is_tensor(lens) else lens)])
-            if not torch.equal(torch.as_tensor(cu).to(torch.int32).cpu(), out.cu_seqlens):
-                raise ValueError("text: cu_seqlens_k does not match lens")
+            out = cls(kv, lens)
+            try:
+                cu_ok = [int(c) for c in (cu.tolist() if isinstance(cu, torch.Tensor) else cu)] == [0, *itertools.accumulate(out.lens)]
+            except (TypeError, ValueError, RuntimeError):
+                cu_ok = False
+            if not cu_ok:
+                raise ValueError("text: cu_seqlens_k does not match lens (it must be 0, then their running sums)")
         elif isinstance(text, (tuple, list)) and len(text) == 2:
-            out = cls.from_padded(*text)
+            features, mask = text
+            if isinstance(features, torch.Tensor) and features.ndim == 2 and isinstance(mask, torch.Tensor) and mask.ndim == 1:
+                raise ValueError("text: (kv_compact (N, Ct5), lens) is not a form taken; a pair is (features (B, T, Ct5), mask (B, T)), "
+                                 "packed features are TextFeatures(kv_compact, lens) or (kv_compact, lens, cu_seqlens_k, max_seqlen_k)")
+            out = cls.from_padded(features, mask)
         else:
             raise TypeError("text must be TextFeatures, (kv_compact, lens, cu_seqlens_k, max_seqlen_k) or (features, mask)")
         if not out.lens or min(out.lens) < 1:
             raise ValueError(f"text: need at least one prompt, each with at least one token; got lens {out.lens}")
-        if out.kv_compact.ndim != 2 or out.kv_compact.shape[0] != sum(out.lens):
+        if out.kv_compact.shape[0] != sum(out.lens):
             raise ValueError(f"text: kv_compact must be (sum(lens)={sum(out.lens)}, Ct5); got {tuple(out.kv_compact.shape)}")
+        if not bool(torch.isfinite(out.kv_compact).all()):
+            raise ValueError("text: the features hold NaN or inf; encode the prompts again")
         return out
+
+
+def check_feature_tensor(t: Any, name: str, ndim: int) -> None:
+    """``TypeError``/``ValueError`` naming ``name`` unless ``t`` is a dense real floating tensor of ``ndim`` dims with data
+    (not on the meta device)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor with {ndim} dims; got {type(t).__name__}")
+    if t.layout != torch.strided or t.is_meta:
+        raise ValueError(f"{name} must be a dense tensor with data; got a {t.layout} tensor on {t.device}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a real floating-point tensor; got dtype {t.dtype}")
+    if t.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dims; got shape {tuple(t.shape)}")
+
+
+def prompt_lengths(lens: Any) -> List[int]:
+    """``lens`` (a list of ints, or a 1-D integer tensor or NumPy array) as a list of Python ints, each >= 1; one
+    ``TypeError``/``ValueError`` line naming ``lens`` otherwise (a bool tensor is a key mask, not lengths)."""
+    if isinstance(lens, torch.Tensor) or type(lens).__module__ == "numpy":
+        try:
+            t = torch.as_tensor(lens)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"text lens must be integer prompt lengths; got an array of {getattr(lens, 'dtype', '?')}") from None
+        if t.dtype == torch.bool:
+            raise ValueError("text lens must be each prompt's token count (B,), not a key mask; for padded features pass (features, mask)")
+        if t.is_meta or t.is_floating_point() or t.is_complex() or t.ndim != 1:
+            raise ValueError(f"text lens must be a 1-D integer tensor of prompt lengths; got dtype {t.dtype}, shape {tuple(t.shape)} on {t.device}")
+        lens = t.tolist()
+    if isinstance(lens, (str, bytes)) or not isinstance(lens, (list, tuple)):
+        raise TypeError(f"text lens must be a list of prompt lengths (one int per prompt); got {type(lens).__name__}")
+    return [as_number(n, f"text lens[{i}]", "a prompt length (an integer >= 1)", integer=True, valid=lambda v: v >= 1)
+            for i, n in enumerate(lens)]
 
 
 def varlen_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: Sequence[int], scale: float) -> torch.Tensor:
@@ -218,24 +278,71 @@ class InfinityConfig:
     fused_norm: bool = True
     add_lvl_embeding_only_first_block: int = 1
     pad_to_multiplier: int = 1  # teacher forcing only (see InfinityTransformer.forward)
-    num_scales: int = MAX_SCALES  # default number of scales of a sampling schedule (scale_schedule's pn)
+    # default number of scales of a sampling schedule (scale_schedule's pn); None: unknown (a checkpoint's shapes do
+    # not tell it), so every sampling call must give its schedule
+    num_scales: Optional[int] = MAX_SCALES
 
     # upstream options whose released value is the only one implemented here
     _FIXED = dict(head_aln=True, cos_attn=True, swiglu=False, rms_norm=False, nm0=False, tau=1, head_depth=1,
                   use_bit_label=1, rope2d_each_sa_layer=1, rope2d_normalized_by_hw=2, apply_spatial_patchify=0,
                   customized_flash_attn=False, fused_mlp=False)
+    # upstream Infinity(...) keywords that do not change sampling here (training, attention backend; pn, its schedule,
+    # gives num_scales)
+    _UPSTREAM_ONLY = ("vae_local", "selecting_idx", "drop_rate", "drop_path_rate", "cond_drop_rate", "rand_uncond", "raw_scale_schedule",
+                      "top_p", "top_k", "checkpointing", "use_flex_attn", "batch_size", "pn", "train_h_div_w_list", "video_frames",
+                      "always_training_scales", "inference_mode")
+
+    def __post_init__(self) -> None:
+        problems = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            problem = field_type_problem(f.name, f.type, value)
+            if problem:
+                problems.append(problem)
+            elif value is not None:  # normalise (e.g. NumPy numbers) so that equal configs compare equal
+                object.__setattr__(self, f.name, {"bool": bool, "float": float}.get(f.type, int)(value))
+        if not problems:
+            positive = ("embed_dim", "depth", "num_heads", "mlp_ratio", "text_channels", "text_maxlen", "codebook_dim", "block_chunks",
+                        "norm_eps", "pad_to_multiplier")
+            problems += [f"{name} must be > 0 (got {getattr(self, name)})" for name in positive if getattr(self, name) <= 0]
+            if self.num_scales is not None and not 1 <= self.num_scales <= MAX_SCALES:
+                problems.append(f"num_scales must be 1 to {MAX_SCALES} or null (got {self.num_scales})")
+        if not problems and (self.embed_dim % self.num_heads or self.head_dim % 4):
+            problems.append(f"embed_dim={self.embed_dim} must be num_heads={self.num_heads} x a head width divisible by 4 (2-D RoPE)")
+        if not problems and self.depth % self.block_chunks:
+            problems.append(f"depth={self.depth} is not divisible by block_chunks={self.block_chunks}")
+        if problems:
+            raise ValueError("invalid Infinity config: " + "; ".join(problems))
 
     @classmethod
-    def from_upstream(cls, kwargs: Mapping[str, Any], codebook_dim: int) -> "InfinityConfig":
-        """From upstream ``Infinity(**kwargs)`` keywords (e.g. a golden ``config.json``'s ``infinity``) and the VAE's d."""
+    def from_upstream(cls, kwargs: Mapping[str, Any], codebook_dim: int, base: Optional["InfinityConfig"] = None) -> "InfinityConfig":
+        """From upstream ``Infinity(**kwargs)`` keywords or ``InfinityConfig`` fields (e.g. a golden ``config.json``'s
+        ``infinity``) and the VAE's d: over ``base`` (e.g. the checkpoint's ``from_state_dict``), so a partial mapping
+        overrides only what it gives; without ``base`` every field without a default is required. Unknown keys, and
+        options other than the released ones, are a ``ValueError``."""
+        if not isinstance(kwargs, Mapping):
+            raise TypeError(f"Infinity config must be a mapping of InfinityConfig fields, got {type(kwargs).__name__}")
         for name, value in cls._FIXED.items():
             if name in kwargs and kwargs[name] != value:
                 raise ValueError(f"Infinity option {name}={kwargs[name]!r} is not supported (only {value!r})")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        cfg = cls(codebook_dim=codebook_dim, **{k: v for k, v in kwargs.items() if k in fields and k != "codebook_dim"})
-        if cfg.embed_dim % cfg.num_heads or cfg.depth % max(cfg.block_chunks, 1):
-            raise ValueError(f"Infinity config: embed_dim % num_heads and depth % block_chunks must be 0 ({cfg})")
-        return cfg
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(str(k) for k in kwargs if k not in fields and k not in cls._FIXED and k not in cls._UPSTREAM_ONLY)
+        if unknown:
+            raise ValueError(f"unknown Infinity config field(s) {unknown}; known fields: {list(fields)}")
+        if kwargs.get("codebook_dim", codebook_dim) != codebook_dim:
+            raise ValueError(f"Infinity config: codebook_dim={kwargs['codebook_dim']!r}, but the VAE has codebook_dim {codebook_dim}; "
+                             "drop it (it is the VAE's) or give the VAE the model was trained with")
+        given = {k: v for k, v in kwargs.items() if k in fields and k != "codebook_dim"}
+        if "num_scales" not in given and kwargs.get("pn") is not None:  # upstream's schedule name: the model's scales
+            if not isinstance(kwargs["pn"], str) or kwargs["pn"] not in PIXEL_SCALES:
+                raise ValueError(f"Infinity config: pn={kwargs['pn']!r} is not one of {list(PIXEL_SCALES)}; fix it or give num_scales")
+            given["num_scales"] = PIXEL_SCALES[kwargs["pn"]]
+        if base is None:
+            missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in given and n != "codebook_dim"]
+            if missing:
+                raise ValueError(f"Infinity config: missing field(s) {missing}; give them (or load a checkpoint, whose shapes give them)")
+            return cls(codebook_dim=codebook_dim, **given)
+        return dataclasses.replace(base, codebook_dim=codebook_dim, **given)
 
     @property
     def head_dim(self) -> int:
@@ -275,29 +382,40 @@ class InfinityConfig:
             if len(sizes) != 1 or len(chunked) < 2:
                 raise ValueError(f"Infinity state dict: block chunks must be 2 or more of equal size; found sizes {[len(chunked[i]) for i in sorted(chunked)]}")
             depth, block_chunks, first = sizes.pop() * len(chunked), len(chunked), "block_chunks.0.module.0."
-        C = sd["pos_start"].shape[-1]
-        d = sd["word_embed.weight"].shape[1]
-        if tuple(sd["head.weight"].shape) != (2 * d, C):
+        C = _stored_shape(sd, "pos_start", 3)[-1]
+        d = _stored_shape(sd, "word_embed.weight", 2)[1]
+        if _stored_shape(sd, "head.weight", 2) != (2 * d, C):
             raise ValueError(f"Infinity state dict: head.weight is {tuple(sd['head.weight'].shape)}, expected (2 x {d} bits, {C}); only bit labels are supported")
         if codebook_dim is not None and codebook_dim != d:
             raise ValueError(f"the Infinity checkpoint predicts d = {d} bits per token but codebook_dim = {codebook_dim}; use the VAE with d = {d}")
-        hidden = sd[first + "ffn.fc1.weight"].shape[0]
+        hidden = _stored_shape(sd, first + "ffn.fc1.weight", 2)[0]
         if hidden % 256:
             raise ValueError(f"Infinity state dict: FFN width {hidden} is not a multiple of 256 (upstream rounds embed_dim x mlp_ratio to one)")
-        Ct5_maxlen = sd["cfg_uncond"].shape
+        Ct5_maxlen = _stored_shape(sd, "cfg_uncond", 2)
         return cls(
-            embed_dim=C, depth=depth, num_heads=sd[first + "sa.scale_mul_1H11"].shape[1],
+            embed_dim=C, depth=depth, num_heads=_stored_shape(sd, first + "sa.scale_mul_1H11", 4)[1],
             mlp_ratio=4.0 if round(C * 4 / 256) * 256 == hidden else hidden / C,  # the released ratio where it fits
             text_channels=Ct5_maxlen[1], text_maxlen=Ct5_maxlen[0], codebook_dim=d, block_chunks=block_chunks,
             shared_aln="shared_ada_lin.1.weight" in sd,
             cross_attn_layer_scale=1.0 if first + "ca_gamma" in sd else -1.0,  # only >= 0 (gammas stored) matters
             pad_to_multiplier=128,  # upstream's load_infinity
+            num_scales=None,  # the shapes do not tell the schedule the model was trained on
         )
 
     def matching_presets(self) -> List[str]:
         """Names of the presets with this config's ``INFINITY_SHAPE_FIELDS`` (any ``codebook_dim``)."""
         fields = [f for f in INFINITY_SHAPE_FIELDS if f != "codebook_dim"]
         return [name for name, p in INFINITY_PRESETS.items() if all(getattr(p, f) == getattr(self, f) for f in fields)]
+
+
+def _stored_shape(sd: Mapping[str, Any], key: str, ndim: int) -> Tuple[int, ...]:
+    """The shape of tensor ``sd[key]``, which must have ``ndim`` dims; one ``ValueError`` line naming ``key`` otherwise."""
+    t = sd.get(key)
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"Infinity state dict: {key!r} is missing; the checkpoint is damaged or not an upstream infinity_*.pth")
+    if t.ndim != ndim:
+        raise ValueError(f"Infinity state dict: {key!r} has shape {tuple(t.shape)}, expected {ndim} dims; the checkpoint is damaged")
+    return tuple(t.shape)
 
 
 _BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
@@ -571,16 +689,22 @@ class InfinityTransformer(nn.Module):
 
     def load_upstream(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load an upstream ``infinity_*.pth`` state dict strictly; a mismatch raises one ``ValueError`` line."""
+        self.check_upstream(state_dict)
+        self.load_state_dict(state_dict, strict=True)
+
+    def check_upstream(self, state_dict: Mapping[str, torch.Tensor], check_shapes: bool = True) -> None:
+        """``ValueError`` (one line) unless ``state_dict`` has exactly this model's keys, with its shapes if ``check_shapes``
+        (works on meta)."""
         own = self.state_dict()
         missing = [k for k in own if k not in state_dict]
         unexpected = [k for k in state_dict if k not in own]
-        shapes = [f"{k} {tuple(state_dict[k].shape)} != {tuple(v.shape)}" for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
+        shapes = [f"{k} {tuple(state_dict[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
+                  if check_shapes and k in state_dict and state_dict[k].shape != v.shape]
         if missing or unexpected or shapes:
             parts = [f"{len(missing)} missing (e.g. {missing[0]})"] if missing else []
             parts += [f"{len(unexpected)} unexpected (e.g. {unexpected[0]})"] if unexpected else []
             parts += [f"{len(shapes)} wrong shapes (e.g. {shapes[0]})"] if shapes else []
             raise ValueError(f"not an Infinity state dict for this config (depth {self.depth}, C {self.C}, d {self.d}, Ct5 {self.Ct5}): {'; '.join(parts)}")
-        self.load_state_dict(state_dict, strict=True)
 
     # ------------------------------------------------------------------ shared pieces
     def encode_text(self, text: TextFeatures) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -830,7 +954,10 @@ def with_negative(text: Union[TextFeatures, PaddedText], negative: Any, cfg_unco
                              f"{cfg_uncond.shape[0]}; shorten the prompt (upstream truncates to text_maxlen) or give negative=")
         neg = TextFeatures(torch.cat([cfg_uncond[:n] for n in text.lens]).to(text.kv_compact), text.lens)
     else:
-        neg = TextFeatures.coerce(negative)
+        try:
+            neg = TextFeatures.coerce(negative)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"negative: {e}") from None
     if neg.batch != text.batch:
         raise ValueError(f"negative text has {neg.batch} prompts; expected {text.batch} (one per prompt)")
     check_text_width(neg.features if isinstance(neg, PaddedText) else neg.kv_compact, cfg_uncond.shape[1])
@@ -848,8 +975,11 @@ def device_rope_tables(schedule: Schedule, head_dim: int, device: torch.device) 
 
 
 def per_scale(values: Sequence[float], name: str, K: int) -> List[float]:
-    """The first ``K`` of ``values`` as floats (upstream asserts ``len(values) >= K``)."""
-    values = [float(v) for v in values]
+    """The first ``K`` of ``values`` as finite floats (upstream asserts ``len(values) >= K``); ``ValueError`` naming
+    ``name`` otherwise."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, torch.Tensor)) or (torch.is_tensor(values) and values.ndim != 1):
+        raise ValueError(f"{name} must be a list of numbers, one per scale; got {type(values).__name__}")
+    values = [as_number(v, f"{name}[{i}]", "a finite number") for i, v in enumerate(values)]
     if len(values) < K:
         raise ValueError(f"{name} has {len(values)} entries; the schedule has {K} scales: give one per scale")
     return values[:K]
@@ -909,7 +1039,10 @@ class InfinityRequest:
         self.cfg_list, self.tau_list = per_scale(self.cfg_list, "cfg_list", K), per_scale(self.tau_list, "tau_list", K)
         if min(self.tau_list) <= 0:
             raise ValueError(f"tau_list entries must be > 0; got {self.tau_list}")
-        self.cfg_insertion_layer = tuple(int(k) for k in self.cfg_insertion_layer)
+        layers = self.cfg_insertion_layer
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
+            raise ValueError(f"cfg_insertion_layer must be a list of integers (0: on the logits, k < 0: a layer's output); got {layers!r}")
+        self.cfg_insertion_layer = tuple(as_number(k, f"cfg_insertion_layer[{i}]", "an integer", integer=True) for i, k in enumerate(layers))
 
     def cfg_ts(self) -> List[float]:
         """The CFG weight ``t_k = w_k - 1`` guidance applies to the logits of each scale (0 where they are not mixed)."""

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import field_type_problem
 from ..data import prompt_words
 from .infinity import TextFeatures
 
@@ -32,7 +33,12 @@ class TextEncoderConfig:
     max_len: int = 16
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "vocab", tuple(str(w) for w in self.vocab))
+        problems = [p for p in (field_type_problem(n, "int", getattr(self, n)) for n in ("width", "layers", "heads", "max_len")) if p]
+        if isinstance(self.vocab, (str, bytes)) or not isinstance(self.vocab, Sequence) or not all(isinstance(w, str) for w in self.vocab):
+            problems.insert(0, f"vocab must be a list of words (strings); got {type(self.vocab).__name__}")
+        if problems:
+            raise ValueError("invalid TextEncoderConfig: " + "; ".join(problems))
+        object.__setattr__(self, "vocab", tuple(self.vocab))
         if not self.vocab or len(set(self.vocab)) != len(self.vocab) or any(prompt_words(w) != [w] for w in self.vocab):
             raise ValueError("TextEncoderConfig.vocab must be distinct lowercase words (letters only)")
         if min(self.width, self.layers, self.heads, self.max_len) < 1 or self.width % self.heads:
@@ -43,7 +49,15 @@ class TextEncoderConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TextEncoderConfig":
-        return cls(**{**d, "vocab": tuple(d["vocab"])})
+        """From a mapping of the fields (``vocab`` required); ``ValueError`` naming a missing or unknown field."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a text encoder config must be a mapping of TextEncoderConfig fields; got {type(d).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(str(k) for k in d if k not in known)
+        if unknown or "vocab" not in d:
+            raise ValueError(f"text encoder config: {f'unknown field(s) {unknown}' if unknown else 'missing field vocab'}; "
+                             f"the fields are {known}")
+        return cls(**d)
 
     def to_json(self, path: Union[str, Path]) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
@@ -136,5 +150,17 @@ def load_text_encoder(weights: Union[str, Path], config: TextEncoderConfig, devi
     from safetensors.torch import load_file
 
     enc = TextEncoder(config)
-    enc.load_state_dict({k: v.float() for k, v in load_file(str(weights)).items()}, strict=True)
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"text encoder weights {weights}: not a readable safetensors file ({e})") from None
+    expected = enc.state_dict()
+    missing, unexpected = [k for k in expected if k not in state], [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    floats = [k for k, v in state.items() if not v.is_floating_point()]
+    if missing or unexpected or shapes or floats:
+        first = (missing and f"missing {missing[0]}") or (unexpected and f"unexpected {unexpected[0]}") or (shapes and shapes[0]) or f"{floats[0]} is not float"
+        raise ValueError(f"text encoder weights {weights} do not fit its config (vocabulary of {len(config.vocab)} words, width "
+                         f"{config.width}, {config.layers} layers): {first}; give the weights and config.json written together")
+    enc.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return enc.to(device).eval().requires_grad_(False)
