@@ -59,11 +59,7 @@ def read_text_features(path: str, Ct5: int):
     or upstream's ``(kv_compact, lens, cu_seqlens_k, max_seqlen_k)``, as TextFeatures of width ``Ct5``."""
     from ..models.infinity import TextFeatures
 
-    file = Path(path)
-    if not path.strip():
-        raise UsageError("--text-features is empty; give a .pt file saved with torch.save")
-    if not file.is_file():
-        raise UsageError(f"--text-features {path}: no such file; give a .pt file saved with torch.save")
+    file = Path(path)  # its existence: check_family_flags
     try:
         obj = torch.load(str(file), map_location="cpu", weights_only=True)
     except Exception as e:  # any unreadable file is a user error here
@@ -97,9 +93,11 @@ def check_family_flags(args: argparse.Namespace) -> None:
         raise UsageError("give --prompt or --text-features, not both")
     if args.text_features is not None and args.negative_prompt is not None:
         raise UsageError("--negative-prompt needs a text encoder to encode it; with --text-features leave it out")
-    if args.var and not (args.text_encoder or args.text_features):
+    if args.text_features is not None and not args.text_features.strip():
+        raise UsageError("--text-features is empty; give a .pt file saved with torch.save")
+    if args.var and args.text_encoder is None and args.text_features is None:
         raise UsageError("--family infinity with --var/--vae needs --text-encoder FOLDER (Flan-T5) or --text-features FILE.pt")
-    if args.text_features and not Path(args.text_features).is_file():
+    if args.text_features is not None and not Path(args.text_features).is_file():
         raise UsageError(f"--text-features {args.text_features}: no such file; give a .pt file saved with torch.save")
     check_schedule_flags(args)
 
@@ -150,20 +148,21 @@ def infinity_conditions(args: argparse.Namespace, model, vae, text_encoder) -> T
     from ..models.infinity import TextFeatures, scale_schedule
 
     per = args.per_prompt or 1
+    features = read_text_features(args.text_features, model.Ct5) if args.text_features is not None else None
     pn = parse_pn(args.pn)
     scales = model.config.num_scales if pn is None else pn
+    try:  # (with the scales unknown, one scale checks --h-div-w first)
+        schedule = scale_schedule(1.0 if args.h_div_w is None else args.h_div_w, 1 if scales is None else scales)
+    except ValueError as e:
+        raise UsageError(f"--h-div-w/--pn: {e}") from None
     if scales is None:
         raise UsageError(f"--pn is required for {args.var}: its number of scales is unknown (a checkpoint's shapes cannot tell it); "
                          "give --pn N (the scales it was trained on) or 0.06M | 0.25M | 0.60M | 1M, or num_scales in a --config file")
-    try:
-        family: Dict[str, Any] = {"schedule": scale_schedule(1.0 if args.h_div_w is None else args.h_div_w, scales)}
-    except ValueError as e:
-        raise UsageError(f"--h-div-w/--pn: {e}") from None
-    pixels = image_pixels(model, vae, family["schedule"])
-    if args.text_features is not None:
-        text = read_text_features(args.text_features, model.Ct5)
-        check_image_count(args, text.batch * per, pixels)
-        prompts = [text[i : i + 1] for i in range(text.batch) for _ in range(per)]
+    family: Dict[str, Any] = {"schedule": schedule}
+    pixels = image_pixels(model, vae, schedule)
+    if features is not None:
+        check_image_count(args, features.batch * per, pixels)
+        prompts = [features[i : i + 1] for i in range(features.batch) for _ in range(per)]
         text = TextFeatures(torch.cat([p.kv_compact for p in prompts]), [n for p in prompts for n in p.lens])
     else:  # a text encoder: check_family_flags asked for one
         prompts = args.prompt or [make_prompt(c, TRAIN_TEMPLATES[0]) for c in range(len(CLASS_PHRASES))]
