@@ -49,6 +49,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 from ssg_engine.config import ModelConfig  # noqa: E402
 from ssg_engine.guidance import cfg_ratio  # noqa: E402
 from ssg_engine.kernels import KernelLaunch, config_key, launch_config  # noqa: E402
+from ssg_engine.kernels.guide_sample_bits import guide_sample_bits_launch  # noqa: E402
 from ssg_engine.kernels.sampling import sample_logits_launch  # noqa: E402
 from ssg_engine.kernels.ssg_guidance import ssg_guidance_launch  # noqa: E402
 
@@ -120,14 +121,19 @@ def sampling_cases(presets: Sequence[str], batches: Sequence[int], dtypes: Seque
 
 
 def quick_cases() -> List[Case]:
-    """d16's last scale at B=64, fp32, prior and top-k + top-p on; and the sampler on Infinity-2B's last 1M scale
-    (64 x 64 tokens x 32 bits, rows of V = 2, B=1, top-p on), the configuration with the most rows per program."""
+    """d16's last scale at B=64, fp32, prior and top-k + top-p on; the sampler on Infinity-2B's last 1M scale
+    (64 x 64 tokens x 32 bits, rows of V = 2, B=1, top-p on), the configuration with the most rows per program; and
+    the fused bit sampler on that scale (prior, CFG, top-k + top-p)."""
     guidance = [c for c in guidance_cases(["d16"], [64], [torch.float32]) if c.setting == "ssg"]
     sampling = [c for c in sampling_cases(["d16"], [64], [torch.float32]) if c.setting == "top-k+top-p"]
     seed = torch.zeros(1, dtype=torch.int64, device="meta")
     bits = torch.empty(64 * 64 * 32, 2, device="meta")
     launch, _ = sample_logits_launch(bits, 0, 0.96, 1.0, seed, seed)
-    return [guidance[-1], sampling[-1], Case("sample_logits", "infinity_2b", 1, "float32", "top-p", 12, launch)]
+    logits = torch.empty(2, 64 * 64, 64, device="meta")  # Infinity-2B's last 1M scale with its prior (48 x 48), CFG
+    prev, operator = torch.empty(1, 48 * 48, 64, device="meta"), torch.empty(64 * 64, 48 * 48, device="meta")
+    fused, _ = guide_sample_bits_launch(logits, prev, operator, 3.0, 0.5, 900, 0.97, 1.0, seed, seed)
+    return [guidance[-1], sampling[-1], Case("sample_logits", "infinity_2b", 1, "float32", "top-p", 12, launch),
+            Case("guide_sample_bits", "infinity_2b", 1, "float32", "ssg", 12, fused)]
 
 
 def launch_key(launch: KernelLaunch) -> str:

@@ -55,8 +55,11 @@ BitsOutputs = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional
 
 
 # As _ssg_guidance_kernel: B, N and M only bound masks and loops, stride_on is M; specializing on their value
-# would compile several variants per batch bucket for nothing.
-@jit(do_not_specialize=["B", "N", "M", "stride_on"])
+# would compile several variants per batch bucket for nothing. t_ptr / beta_ptr (and their strides) point at
+# cfg_t[si] / beta[si] of a captured graph's (K,) buffers, at byte offset 4 * si: no alignment specialization, or
+# each scale would compile its own variant.
+@jit(do_not_specialize=["B", "N", "M", "stride_on", "stride_t", "stride_beta"],
+     do_not_specialize_on_alignment=["t_ptr", "beta_ptr"])
 def _guide_sample_bits_kernel(
     logits_ptr, prev_ptr, op_ptr, t_ptr, beta_ptr,
     bits_ptr, cfg_ptr, guided_ptr, nonfinite_ptr, seed_ptr, offset_ptr,

@@ -1,6 +1,6 @@
 """The ahead-of-time compile gate in CI.
 
-1. The launchers' own ``*_launch`` choices (one configuration per kernel, plus Infinity's bit sampler) compile to
+1. The launchers' own ``*_launch`` choices (one configuration per kernel, plus the sampler on Infinity's bit rows) compile to
    sm_90 cubins on the CPU without spills.
 2. The committed sweep (``bench/results/aot``) covers what the Engine launches: a quick live recording of the
    Engine's launches (both families, eager and graph schedules, SSG and filters) must be contained in the committed
@@ -88,7 +88,7 @@ def test_record_launches_records_what_triton_specializes():
 def test_each_kernel_compiles_for_sm90_without_spills(interpret, tmp_path):
     _run("aot_compile.py", "--arch", "90", "--quick", "--out", str(tmp_path), interpret=interpret)
     rows = json.loads((tmp_path / "aot_kernels.json").read_text())
-    assert sorted(r["kernel"] for r in rows) == ["sample_kernel", "sample_kernel", "ssg_guidance_kernel"]
+    assert sorted(r["kernel"] for r in rows) == ["guide_sample_bits_kernel", "sample_kernel", "sample_kernel", "ssg_guidance_kernel"]
     assert {r["constexprs"]["BLOCK_V"] for r in rows if r["kernel"] == "sample_kernel"} == {2, 4096}
     for row in rows:
         assert row["compiled"] and row["arch"] == 90, row

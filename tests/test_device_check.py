@@ -112,7 +112,9 @@ def test_dry_run_runs_every_step_in_order_and_returns_at_most_8_files(tmp_path):
     assert smoke[-1] == {"kind": "done", "ok": True, "failed": []}
     aot = read_rows(out / "aot.jsonl")
     done = aot[-1]
-    assert done["kind"] == "done" and done["mode"] == "dry-run" and done["matched"] == 2 and not done["errors"]
+    compared = [r for r in aot if r["kind"] == "row"]  # one per kernel (bench/aot_compile.py --quick)
+    assert done["kind"] == "done" and done["mode"] == "dry-run" and not done["errors"]
+    assert len(compared) >= 3 and done["matched"] == len(compared) and done["mismatched"] == 0
     assert all(r["jit"]["registers"] == r["aot"]["registers"] > 0 for r in aot if r["kind"] == "row")
     kernels = read_rows(out / "kernels.jsonl")
     assert kernels[0]["smoke"] and kernels[0]["env"]["interpreter"] and kernels[-1]["kind"] == "done"
