@@ -134,8 +134,9 @@ def run_once(engine: Engine, run: Run) -> None:
     """``engine.run_batch`` as ``Engine.generate`` (eager) or a captured graph (``run.graph``) calls it."""
     params = SamplingParams(top_k=run.top_k, top_p=run.top_p, ssg=SSG() if run.ssg else None)
     if engine.infinity:
-        text = TextFeatures(torch.zeros(7 * run.bucket, engine.model.Ct5), [7] * run.bucket)
-        model, cond, params = engine.bind(text, params, pn=run.pn, h_div_w=run.h_div_w)
+        with unset_fake_temporarily():  # bind checks the features' values (finite): real, small
+            text = TextFeatures(torch.zeros(7 * run.bucket, engine.model.Ct5), [7] * run.bucket)
+            model, cond, params = engine.bind(text, params, pn=run.pn, h_div_w=run.h_div_w)
         if run.graph:  # what Engine.bind gives a graph-capturing engine
             cond = PaddedText.pad(cond, engine.model.config.text_maxlen)
     else:

@@ -29,7 +29,7 @@ import torch
 from .guidance import SSG
 from .kernels.sampling import sample_logits_reference
 from .kernels.ssg_guidance import ssg_guidance_reference
-from .models.infinity import InfinityRequest, InfinityTransformer, scale_schedule
+from .models.infinity import InfinityRequest, InfinityTransformer, PaddedText, TextFeatures, scale_schedule
 from .params import SamplingParams
 from .pipeline import Guidance, guidance_schedule, nonfinite_logits_error, run_scales
 from .sampler import ConcatKVCache
@@ -135,7 +135,7 @@ def sample_infinity_reference(
         bits = sample_logits_reference(guided.reshape(-1, 2), top_k, float(top_p), 1.0, rng)
         return bits.view(B, hw, C // 2), None
 
-    state = request.condition(text)
+    state = request.condition(text if isinstance(text, PaddedText) else TextFeatures.coerce(text))  # the values checked once
     images, bits = run_scales(request, state, ConcatKVCache(model.depth), pick)
     return InfinitySampleOutput(
         images=images, bits=bits, summed_codes=state.summed_codes,

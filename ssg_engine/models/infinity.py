@@ -819,7 +819,8 @@ class InfinityTransformer(nn.Module):
         ``tensors`` (a captured graph's): the layer CFG weights and RoPE tables to read instead of ``cfg_list``'s
         numbers and the cached tables (``cfg_list`` still decides where CFG applies).
         """
-        text = text if isinstance(text, PaddedText) else TextFeatures.coerce(text)
+        # TextFeatures come checked (Engine.bind, the reference sampler): no second value check (a host sync) per batch
+        text = text if isinstance(text, (PaddedText, TextFeatures)) else TextFeatures.coerce(text)
         sched = as_schedule(schedule)
         B = text.batch
         guided = cfg_list is not None and any(c != 1 for c in cfg_list)
