@@ -6,7 +6,7 @@ import json
 import math
 import numbers
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 PATCH_NUMS_256: Tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512: Tuple[int, ...] = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
@@ -63,6 +63,22 @@ def read_config_file(path: Union[str, Path]) -> Dict[str, Any]:
     return data
 
 
+def normalise_fields(config: Any) -> List[str]:
+    """The type problems of a config dataclass's fields (:func:`field_type_problem`); each field that fits is
+    normalised in place (NumPy numbers, lists -> bool / int / float / tuple of ints) so that equal configs compare equal."""
+    problems = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        problem = field_type_problem(f.name, f.type, value)
+        if problem:
+            problems.append(problem)
+        elif value is not None:
+            tuple_of_ints = f.type.startswith("Tuple")
+            cast = {"bool": bool, "float": float}.get(f.type, (lambda v: tuple(int(x) for x in v)) if tuple_of_ints else int)
+            object.__setattr__(config, f.name, cast(value))
+    return problems
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Hyper-parameters of a VQ-VAE + VAR pair, with upstream VAR's defaults.
@@ -98,15 +114,7 @@ class ModelConfig:
     cond_drop_rate: float = 0.1
 
     def __post_init__(self) -> None:
-        problems = []
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            problem = field_type_problem(f.name, f.type, value)
-            if problem:
-                problems.append(problem)
-            else:  # normalise (e.g. numpy integers, lists) so that equal configs compare equal
-                cast = {"bool": bool, "int": int, "float": float}.get(f.type, lambda v: tuple(int(x) for x in v))
-                object.__setattr__(self, f.name, cast(value))
+        problems = normalise_fields(self)
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
         for name in ("V", "Cvae", "ch", "depth", "embed_dim", "num_heads", "num_classes", "num_res_blocks"):

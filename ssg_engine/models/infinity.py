@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import field_type_problem
+from ..config import normalise_fields
 from ..validation import as_number
 from .bsq_vae import accumulate_codes, bits_to_codes
 from .family import KVStore
@@ -293,14 +293,7 @@ class InfinityConfig:
                       "always_training_scales", "inference_mode")
 
     def __post_init__(self) -> None:
-        problems = []
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            problem = field_type_problem(f.name, f.type, value)
-            if problem:
-                problems.append(problem)
-            elif value is not None:  # normalise (e.g. NumPy numbers) so that equal configs compare equal
-                object.__setattr__(self, f.name, {"bool": bool, "float": float}.get(f.type, int)(value))
+        problems = normalise_fields(self)
         if not problems:
             positive = ("embed_dim", "depth", "num_heads", "mlp_ratio", "text_channels", "text_maxlen", "codebook_dim", "block_chunks",
                         "norm_eps", "pad_to_multiplier")
