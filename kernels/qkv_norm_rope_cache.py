@@ -180,6 +180,20 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 @jit()
+def _round_to(x, dtype: tl.constexpr):
+    """float32 ``x`` rounded to nearest even in ``dtype``. bfloat16 by bit arithmetic: the interpreter's float32 ->
+    bfloat16 cast truncates (``cast_impl`` in triton/runtime/interpreter.py, triton 3.9), and this gives what the
+    GPU's cvt.rn.bf16.f32 and torch's ``copy_`` give, NaN kept NaN, on both; a few integer ops per element."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, (bits >> 16) | 0x40, rounded)  # a NaN whose payload sits in the low half stays NaN
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+@jit()
 def _head_tile(
     src_ptr, offs_l, offs_d, mask, stride_ql, cos, sin, scale, EPS,
     NORMALIZE: tl.constexpr, HAS_ROPE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -223,7 +237,9 @@ def _qkv_norm_rope_cache_kernel(
     v_off = layer64 * stride_vl + r * stride_vr + h * stride_vh + pos * stride_vs + offs_d[None, :] * stride_vd
 
     v = tl.load(src + 2 * H * D + offs_l[:, None] * stride_ql + offs_d[None, :], mask=mask, other=0.0)
-    tl.store(v_cache_ptr + v_off, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    if v.dtype != v_cache_ptr.dtype.element_ty:  # a copy; float32 is exact for every input dtype
+        v = _round_to(v.to(tl.float32), v_cache_ptr.dtype.element_ty)
+    tl.store(v_cache_ptr + v_off, v, mask=mask)
 
     cos = tl.zeros((BLOCK_L, BLOCK_D // 2), dtype=tl.float32)
     sin = tl.zeros((BLOCK_L, BLOCK_D // 2), dtype=tl.float32)
@@ -240,11 +256,11 @@ def _qkv_norm_rope_cache_kernel(
 
     k = _head_tile(src + H * D, offs_l, offs_d, mask, stride_ql, cos, sin, 1.0, EPS,
                    NORMALIZE, HAS_ROPE, BLOCK_L, BLOCK_D)
-    tl.store(k_cache_ptr + k_off, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(k_cache_ptr + k_off, _round_to(k, k_cache_ptr.dtype.element_ty), mask=mask)
     q = _head_tile(src, offs_l, offs_d, mask, stride_ql, cos, sin, scale, EPS,
                    NORMALIZE, HAS_ROPE, BLOCK_L, BLOCK_D)
     q_off = ((r * H + h) * l + offs_l[:, None]) * D + offs_d[None, :]
-    tl.store(q_ptr + q_off, q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(q_ptr + q_off, _round_to(q, q_ptr.dtype.element_ty), mask=mask)
 
 
 def check_kernel_dtypes(**tensors: Optional[torch.Tensor]) -> None:

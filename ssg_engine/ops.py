@@ -111,6 +111,39 @@ def guide_and_sample_bits(
         )
 
 
+def qkv_norm_rope_cache_(
+    qkv: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    layer: int,
+    start: int,
+    *,
+    num_heads: int,
+    scale_mul: Optional[torch.Tensor] = None,
+    rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """qkv (R, l, 3*H*D) (the QKV linear's output, bias included; last dim contiguous) -> q (R, H, l, D) in the cache's
+    dtype; writes k and v into k_cache/v_cache[layer, :R, :, start:start + l] (caches (layers, rows >= R, H, S, D),
+    S >= start + l, same dtype). scale_mul: (H,) or (1, H, 1, 1) float per-head q multiplier, given only with L2 norm
+    (None: no normalisation, no scaling: VAR with attn_l2_norm=False). rope: (cos, sin) each (l, D/2) float32,
+    rotating adjacent pairs (x[2i], x[2i+1]) of q and k after the normalisation (Infinity), or None.
+
+    See :mod:`ssg_engine.kernels.qkv_norm_rope_cache`; the Triton backend's ``q`` is contiguous, the reference's
+    need not be. ``layer`` and ``start`` are baked into a captured graph.
+    """
+    from ssg_engine.kernels import qkv_norm_rope_cache as impl
+
+    with nvtx_range("qkv_norm_rope_cache_"):
+        if resolve_backend(backend, qkv.device) == "triton":
+            return impl.qkv_norm_rope_cache_triton(
+                qkv, k_cache, v_cache, layer, start, num_heads=num_heads, scale_mul=scale_mul, rope=rope,
+            )
+        return impl.qkv_norm_rope_cache_reference(
+            qkv, k_cache, v_cache, layer, start, num_heads=num_heads, scale_mul=scale_mul, rope=rope,
+        )
+
+
 def _generator(seed: torch.Tensor, offset: torch.Tensor) -> torch.Generator:
     """The reference backend's generator on ``seed``'s device, seeded with ``seed * 1_000_003 + offset`` (a host read)."""
     generator = torch.Generator(device=seed.device)
