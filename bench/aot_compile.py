@@ -50,8 +50,10 @@ from ssg_engine.config import ModelConfig  # noqa: E402
 from ssg_engine.guidance import cfg_ratio  # noqa: E402
 from ssg_engine.kernels import KernelLaunch, config_key, launch_config  # noqa: E402
 from ssg_engine.kernels.guide_sample_bits import guide_sample_bits_launch  # noqa: E402
+from ssg_engine.kernels.qkv_norm_rope_cache import qkv_norm_rope_cache_launch  # noqa: E402
 from ssg_engine.kernels.sampling import sample_logits_launch  # noqa: E402
 from ssg_engine.kernels.ssg_guidance import ssg_guidance_launch  # noqa: E402
+from ssg_engine.models.infinity import INFINITY_PRESETS, scale_schedule  # noqa: E402
 
 PRESETS = ("d16", "d20", "d24", "d30", "d36")
 BATCHES = (1, 16, 64)
@@ -120,10 +122,43 @@ def sampling_cases(presets: Sequence[str], batches: Sequence[int], dtypes: Seque
                         yield Case("sample_logits", preset, batch, str(dtype).removeprefix("torch."), setting, si, launch)
 
 
+def _qkv_case(kind: str, preset: str, batch: int, dtype: torch.dtype, heads: int, dim: int, depth: int,
+              scales: Sequence[int], si: int, normalize: bool, rope: bool) -> Case:
+    """``qkv_norm_rope_cache_`` of the last layer at scale ``si`` (l = scales[si] tokens) of 2B rows."""
+    l, start, total = scales[si], sum(scales[:si]), sum(scales)
+    qkv = torch.empty(2 * batch, l, 3 * heads * dim, dtype=dtype, device="meta")
+    cache = torch.empty(depth, 2 * batch, heads, total, dim, dtype=dtype, device="meta")
+    scale = torch.empty(1, heads, 1, 1, device="meta") if normalize else None
+    tables = (torch.empty(l, dim // 2, device="meta"),) * 2 if rope else None
+    launch, _ = qkv_norm_rope_cache_launch(qkv, cache, torch.empty_like(cache), depth - 1, start,
+                                           num_heads=heads, scale_mul=scale, rope=tables)
+    setting = "l2 norm + rope" if rope else "l2 norm" if normalize else "plain"
+    return Case(kind, preset, batch, str(dtype).removeprefix("torch."), setting, si, launch)
+
+
+def qkv_norm_rope_cache_cases(presets: Sequence[str], batches: Sequence[int], dtypes: Sequence[torch.dtype],
+                              infinity_presets: Sequence[str] = tuple(INFINITY_PRESETS)) -> Iterator[Case]:
+    """The QKV epilogue at every scale: VAR presets (D = 64) with and without ``attn_l2_norm``; Infinity presets
+    (D = 96 .. 128) with L2 norm and RoPE on the 1M square schedule (13 scales up to 64 x 64); 2B rows."""
+    for preset in presets:
+        cfg = ModelConfig.preset(preset)
+        scales = [pn * pn for pn in cfg.patch_nums]
+        for batch, dtype, normalize, si in itertools.product(batches, dtypes, (True, False), range(len(scales))):
+            yield _qkv_case("qkv_norm_rope_cache", preset, batch, dtype, cfg.num_heads, cfg.embed_dim // cfg.num_heads,
+                            cfg.depth, scales, si, normalize, False)
+    scales = [h * w for h, w in scale_schedule(1.0, "1M")]
+    for preset in infinity_presets:
+        cfg = INFINITY_PRESETS[preset]
+        for batch, dtype, si in itertools.product(batches, dtypes, range(len(scales))):
+            yield _qkv_case("qkv_norm_rope_cache", preset, batch, dtype, cfg.num_heads, cfg.head_dim, cfg.depth,
+                            scales, si, True, True)
+
+
 def quick_cases() -> List[Case]:
     """d16's last scale at B=64, fp32, prior and top-k + top-p on; the sampler on Infinity-2B's last 1M scale
     (64 x 64 tokens x 32 bits, rows of V = 2, B=1, top-p on), the configuration with the most rows per program; and
-    the fused bit sampler on that scale (prior, CFG, top-k + top-p)."""
+    the fused bit sampler on that scale (prior, CFG, top-k + top-p); the QKV epilogue of Infinity-2B's last scale
+    (L2 norm + RoPE, D = 128, bf16, 128 rows), its largest tile."""
     guidance = [c for c in guidance_cases(["d16"], [64], [torch.float32]) if c.setting == "ssg"]
     sampling = [c for c in sampling_cases(["d16"], [64], [torch.float32]) if c.setting == "top-k+top-p"]
     seed = torch.zeros(1, dtype=torch.int64, device="meta")
@@ -132,8 +167,15 @@ def quick_cases() -> List[Case]:
     logits = torch.empty(2, 64 * 64, 64, device="meta")  # Infinity-2B's last 1M scale with its prior (48 x 48), CFG
     prev, operator = torch.empty(1, 48 * 48, 64, device="meta"), torch.empty(64 * 64, 48 * 48, device="meta")
     fused, _ = guide_sample_bits_launch(logits, prev, operator, 3.0, 0.5, 900, 0.97, 1.0, seed, seed)
+    qkv = list(qkv_norm_rope_cache_cases([], [64], [torch.bfloat16], ["infinity_2b"]))
     return [guidance[-1], sampling[-1], Case("sample_logits", "infinity_2b", 1, "float32", "top-p", 12, launch),
-            Case("guide_sample_bits", "infinity_2b", 1, "float32", "ssg", 12, fused)]
+            Case("guide_sample_bits", "infinity_2b", 1, "float32", "ssg", 12, fused), qkv[-1]]
+
+
+def range_cases(dtypes: Sequence[torch.dtype]) -> List[Case]:
+    """The launchers' own ranges (the full enumeration besides the Engine's recorded launches)."""
+    return [*guidance_cases(PRESETS, BATCHES, dtypes), *sampling_cases(PRESETS, BATCHES, dtypes),
+            *qkv_norm_rope_cache_cases(PRESETS, BATCHES, dtypes)]
 
 
 def launch_key(launch: KernelLaunch) -> str:
@@ -315,13 +357,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.quick:
         configs = launcher_configs(quick_cases())
     elif args.ranges_only:
-        configs = launcher_configs([*guidance_cases(PRESETS, BATCHES, dtypes), *sampling_cases(PRESETS, BATCHES, dtypes)])
+        configs = launcher_configs(range_cases(dtypes))
     else:
         launches = Path(args.launches)
         if not launches.is_file():
             print(f"--launches {launches} not found; write it with: python bench/engine_launches.py --out {launches.parent}", file=sys.stderr)
             return 2
-        configs = launcher_configs([*guidance_cases(PRESETS, BATCHES, dtypes), *sampling_cases(PRESETS, BATCHES, dtypes)])
+        configs = launcher_configs(range_cases(dtypes))
         recorded, variants = engine_configs(launches)
         for key, config in recorded.items():
             configs[key] = {**configs.get(key, {}), **config}

@@ -1,5 +1,5 @@
 """Kernel benchmarks at VAR-d16 shapes: fused CFG+SSG guidance and the top-k/top-p sampler; at Infinity-2B shapes:
-guidance fused with the bit draw.
+guidance fused with the bit draw; at VAR-d16/d30 and Infinity-2B shapes: the QKV epilogue.
 
 * guidance: ``ssg_guidance_triton`` (one pass, prior tile in registers) vs the unfused
   PyTorch path (upstream CFG ``(1+t)*l[:B] - t*l[B:]``, a ``torch.matmul`` prior, SSG);
@@ -9,6 +9,12 @@ guidance fused with the bit draw.
 * bits: ``guide_sample_bits_triton`` (guidance + one Bernoulli draw per bit, uint8 bits) vs the Engine's path before
   the fusion (``ssg_guidance_triton``, the non-finite flag, ``sample_logits_triton`` on 2-way rows, int64 tokens) on
   Infinity-2B's 1M schedule (d = 32 bits, V = 64 channels), bf16 logits and an fp32 prev as under the Engine's autocast;
+* qkv: ``qkv_norm_rope_cache_triton`` (one pass) vs the eager sequence it replaces, ``qkv_norm_rope_cache_reference``
+  (the models' code: split views, ``F.normalize`` of q and k, ``* scale_mul``, for Infinity the RoPE stack/rotate,
+  two cache ``copy_`` and the cast of q) in the Engine's dtype (bf16 activations and caches, fp32 scale_mul and RoPE
+  tables) for VAR d16 (H = 16) / d30 (H = 30), D = 64, L2 norm, and Infinity-2B (H = 16, D = 128, L2 norm + RoPE,
+  1M square schedule), at a middle and the last scale, 2B rows; launches counted with ``torch.profiler``; error of q
+  and k to the float32 reference on the first two rows;
 
 at every scale of patch_nums (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), V=4096, B in {1, 16, 64},
 plus a 4096 x 4096 sampler case. CUDA-event timing, median of ``--reps`` after ``--warmup``.
@@ -17,6 +23,7 @@ Byte model (the minimum each op must move; used for GB/s of both implementations
   guidance = logits (2B*N*V*s) + prev (B*M*V*s) + operator (N*M*4) + guided and cfg (2*B*N*V*4)
   sampler  = logits (R*V*s) + tokens (R*8)
   bits     = logits (2B*N*V*s) + prev (B*M*V*4) + operator (N*M*4) + cfg (B*N*V*4) + bits (B*N*V/2)
+  qkv      = qkv (2B*l*3*H*D*s) + q, k, v (3*2B*H*l*D*s) + cos/sin (2*l*D/2*4 with RoPE)
 where s is the input element size. %copy compares with a measured 1 GiB device-to-device
 copy (2 bytes moved per byte copied).
 
@@ -44,6 +51,8 @@ BATCHES = (1, 16, 64)
 CFG_T, BETA = 4.0, 0.5
 TOP_K, TOP_P, TEMPERATURE = 900, 0.95, 1.0
 BITS_D, BITS_BATCHES = 32, (16,)  # Infinity-2B: d = 32 bits per token; one batch keeps the device step short
+# (label, heads, head dim, RoPE): VAR d16 / d30 (L2 norm, no RoPE), Infinity-2B (L2 norm + RoPE)
+QKV_MODELS = (("var_d16", 16, 64, False), ("var_d30", 30, 64, False), ("infinity_2b", 16, 128, True))
 
 
 def parse_args() -> argparse.Namespace:
@@ -139,6 +148,75 @@ def bits_cases(smoke: bool) -> List[Dict]:
 
     schedule, batches, d = (scale_schedule(1.0, 3), (1, 2), 8) if smoke else (scale_schedule(1.0, "1M"), BITS_BATCHES, BITS_D)
     return [dict(B=B, hw_prev=schedule[i - 1] if i else None, hw=hw, V=2 * d) for B in batches for i, hw in enumerate(schedule)]
+
+
+def qkv_cases(smoke: bool) -> List[Dict]:
+    """A middle and the last scale of each model in QKV_MODELS (smoke: tiny heads on the first 3 scales)."""
+    from ssg_engine.models.infinity import scale_schedule
+
+    var_scales = [pn * pn for pn in PATCH_NUMS]
+    inf_scales = [h * w for h, w in scale_schedule(1.0, "1M")]
+    if smoke:
+        models, batches, var_scales, inf_scales = (("var_tiny", 2, 8, False), ("infinity_tiny", 2, 24, True)), (1, 3), var_scales[:3], inf_scales[:3]
+    else:
+        models, batches = QKV_MODELS, BATCHES
+    cases = []
+    for model, heads, dim, rope in models:
+        scales = inf_scales if rope else var_scales
+        for B in batches:
+            for si in (len(scales) // 2, len(scales) - 1):
+                cases.append(dict(model=model, B=B, si=si, l=scales[si], start=sum(scales[:si]), S=sum(scales),
+                                  H=heads, D=dim, rope=rope))
+    return cases
+
+
+def count_launches(fn: Callable[[], object]) -> int:
+    """Kernels one call of ``fn`` launches on the GPU (``torch.profiler``, after a warm call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def run_qkv(case: Dict, args, device: str, copy_gbps: Optional[float]) -> Dict:
+    from ssg_engine.kernels.qkv_norm_rope_cache import qkv_norm_rope_cache_reference, qkv_norm_rope_cache_triton
+    from ssg_engine.models.infinity import rope_tables, scale_schedule
+
+    B, l, H, D, start = case["B"], case["l"], case["H"], case["D"], case["start"]
+    dtype = torch.bfloat16
+    g = torch.Generator(device=device).manual_seed(B * 1000 + l)
+    qkv = (torch.randn(2 * B, l, 3 * H * D, generator=g, device=device) * 3).to(dtype)
+    # one layer: a 2B-row cache of every layer would not fit at B = 64 (the layer only offsets the pointer)
+    k_cache = torch.zeros(1, 2 * B, H, case["S"], D, dtype=dtype, device=device)
+    v_cache = torch.zeros_like(k_cache)
+    kwargs = dict(num_heads=H, scale_mul=torch.logspace(0, 2, H, device=device))
+    if case["rope"]:
+        cos, sin = rope_tables(scale_schedule(1.0, "1M" if not args.smoke else 3), D)
+        kwargs["rope"] = (cos[start:start + l].to(device), sin[start:start + l].to(device))
+    n_bytes = 6 * 2 * B * l * H * D * qkv.element_size() + (l * D * 4 if case["rope"] else 0)
+
+    fused = lambda: qkv_norm_rope_cache_triton(qkv, k_cache, v_cache, 0, start, **kwargs)  # noqa: E731
+    unfused = lambda: qkv_norm_rope_cache_reference(qkv, k_cache, v_cache, 0, start, **kwargs)  # noqa: E731
+    window = (0, slice(0, 2), slice(None), slice(start, start + l))
+    q = fused()
+    k = k_cache[window].clone()
+    q_base = unfused()
+    k_base = k_cache[window].clone()
+    k32 = torch.zeros(1, 2, H, case["S"], D, device=device)
+    q32 = qkv_norm_rope_cache_reference(qkv[:2].float(), k32, torch.zeros_like(k32), 0, start, **kwargs)
+    row = dict(op="qkv", **case, rows=2 * B, dtype="bfloat16", bytes=n_bytes,
+               rel_err_q=rel_err(q[:2], q32), rel_err_k=rel_err(k, k32[window]),
+               baseline_rel_err_q=rel_err(q_base[:2], q32), baseline_rel_err_k=rel_err(k_base, k32[window]))
+    if not args.smoke:
+        row["fused_launches"], row["baseline_launches"] = count_launches(fused), count_launches(unfused)
+        row["fused_ms"] = cuda_time_ms(fused, args.warmup, args.reps)
+        row["baseline_ms"] = cuda_time_ms(unfused, args.warmup, args.reps)
+        add_rates(row, copy_gbps)
+    return row
 
 
 def run_guidance(case: Dict, args, device: str, copy_gbps: Optional[float]) -> Dict:
@@ -240,25 +318,31 @@ def add_rates(row: Dict, copy_gbps: float) -> None:
 
 def print_table(results: List[Dict], smoke: bool) -> None:
     if smoke:
-        head = f"{'op':9} {'case':26} {'check':>40}"
+        head = f"{'op':9} {'case':36} {'check':>40}"
         print(head)
         for r in results:
             check = (f"rel_err guided {r['rel_err_guided']:.1e} cfg {r['rel_err_cfg']:.1e}" if r["op"] == "guidance"
                      else f"rel_err cfg {r['rel_err_cfg']:.1e} bits agree {r['bits_agree']:.4f}" if r["op"] == "bits"
+                     else f"rel_err q {r['rel_err_q']:.1e} k {r['rel_err_k']:.1e} (eager {r['baseline_rel_err_q']:.1e})"
+                     if r["op"] == "qkv"
                      else f"in mask: kernel {r['kernel_in_mask']} upstream {r['baseline_in_mask']}")
-            print(f"{r['op']:9} {case_label(r):26} {check:>40}")
+            print(f"{r['op']:9} {case_label(r):36} {check:>40}")
         return
-    print(f"{'op':9} {'case':26} {'fused ms':>9} {'tf32 ms':>8} {'base ms':>9} {'speedup':>8} {'GB/s':>7} {'%copy':>6}")
+    print(f"{'op':9} {'case':36} {'fused ms':>9} {'tf32 ms':>8} {'base ms':>9} {'speedup':>8} {'GB/s':>7} {'%copy':>6} "
+          f"{'launches':>9}")
     for r in results:
         tf32 = f"{r['fused_tf32_ms']:8.3f}" if "fused_tf32_ms" in r else f"{'':8}"
-        print(f"{r['op']:9} {case_label(r):26} {r['fused_ms']:9.3f} {tf32} {r['baseline_ms']:9.3f} "
-              f"{r['speedup']:7.2f}x {r['fused_GBps']:7.0f} {r['fused_pct_copy']:5.1f}%")
+        launches = f"{r['fused_launches']}/{r['baseline_launches']}" if "fused_launches" in r else ""
+        print(f"{r['op']:9} {case_label(r):36} {r['fused_ms']:9.3f} {tf32} {r['baseline_ms']:9.3f} "
+              f"{r['speedup']:7.2f}x {r['fused_GBps']:7.0f} {r['fused_pct_copy']:5.1f}% {launches:>9}")
 
 
 def case_label(r: Dict) -> str:
     if r["op"] == "guidance":
         scale = f"pn {r['pn_prev']}->{r['pn']}" if r["pn_prev"] else f"pn {r['pn']} no prior"
         return f"B={r['B']} {scale} N={r['N']} M={r['M']}"
+    if r["op"] == "qkv":
+        return f"{r['model']} B={r['B']} l={r['l']} H={r['H']} D={r['D']}"
     if r["op"] == "bits":
         scale = f"{tuple(r['hw_prev'])}->{tuple(r['hw'])}" if r["hw_prev"] else f"{tuple(r['hw'])} no prior"
         return f"B={r['B']} {scale} d={r['V'] // 2}"
@@ -288,6 +372,7 @@ def main() -> None:
             guidance="2B*N*V*s logits + B*M*V*s prev + N*M*4 operator + 2*B*N*V*4 outputs",
             sampler="R*V*s logits + R*8 tokens",
             bits="2B*N*V*2 bf16 logits + B*M*V*4 prev + N*M*4 operator + B*N*V*4 cfg + B*N*V/2 uint8 bits",
+            qkv="2B*l*3*H*D*2 bf16 qkv + 3*2B*H*l*D*2 bf16 q, k, v + l*D*4 cos/sin (RoPE)",
             copy="2 * 1 GiB per device-to-device copy",
         ),
         copy_bandwidth_GBps=copy_gbps,
@@ -296,7 +381,7 @@ def main() -> None:
     lines.write("run", **report)
     results = []
     for run, cases in ((run_guidance, guidance_cases(args.smoke)), (run_sampler, sampler_cases(args.smoke)),
-                       (run_bits, bits_cases(args.smoke))):
+                       (run_bits, bits_cases(args.smoke)), (run_qkv, qkv_cases(args.smoke))):
         for case in cases:
             results.append(run(case, args, device, copy_gbps))
             lines.write("row", **results[-1])
