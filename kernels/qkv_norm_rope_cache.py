@@ -34,7 +34,8 @@ input dtype (a bfloat16 ``qkv`` is normalised in bfloat16: ``F.normalize`` round
 closer to the exact result (``tests/test_kernel_qkv_norm_rope_cache.py`` bounds both). The sum of squares is a
 tree reduction over D, not PyTorch's order. Without normalisation and RoPE the values are copied: ``v`` (and
 ``k``, ``q`` without normalisation) equal the reference bit for bit (float32 -> bfloat16/float16 rounds to nearest
-even in both).
+even in both; bfloat16 by bit arithmetic, :func:`_round_to`, so the interpreter rounds as the GPU does); NaN payloads
+are not specified.
 """
 from __future__ import annotations
 
