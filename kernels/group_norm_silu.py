@@ -23,8 +23,9 @@ have 4M values per group):
    block tree; its CPU kernel sums blocked partial sums (NCHW) or per-channel moments (channels_last). Both the
    kernel and PyTorch are free of the ``E[x^2] - E[x]^2`` cancellation; the orders differ, so the statistics differ
    by a few fp32 ulps (tests: ``TOLERANCE`` in ``tests/test_kernel_group_norm_silu.py``).
-2. apply: ``y = x * a + b`` with ``a = weight * rstd``, ``b = bias - mean * a`` per channel (PyTorch's CUDA
-   formulation), the activation in fp32, one rounding to x's dtype.
+2. apply: ``y = (x - mean) * a + bias`` with ``a = weight * rstd`` per channel (not PyTorch CUDA's folded
+   ``x * a + (bias - mean * a)``, which cancels when the group's mean is large against its spread, e.g. a group of
+   one value), the activation in fp32, one rounding to x's dtype.
 
 Inputs are read twice and the output written once (eager: GroupNorm reads twice and writes, SiLU reads and writes
 again). ``out`` is always a new tensor (never aliases ``x``). Everything is a host number baked into the launch
@@ -97,19 +98,18 @@ def _group_norm_silu_kernel(
             count = total
     rstd = 1.0 / tl.sqrt(m2 / count + eps)
 
-    # pass 2: y = x * a + b per channel, activation in fp32, one rounding at the store
+    # pass 2: y = (x - mean) * a + bias per channel, activation in fp32, one rounding at the store
     for c0 in range(0, CG, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < CG
         weight = tl.load(w_ptr + c_first + offs_c, mask=mask_c, other=0.0).to(tl.float32)
         bias = tl.load(b_ptr + c_first + offs_c, mask=mask_c, other=0.0).to(tl.float32)
         a = weight * rstd
-        shift = bias - mean * a
         for s0 in range(0, HW, BLOCK_S):
             offs_s = s0 + tl.arange(0, BLOCK_S)
             mask = (offs_s < HW)[:, None] & mask_c[None, :]
             x = tl.load(x_base + offs_s[:, None] * stride_xs + offs_c[None, :] * stride_xc, mask=mask, other=0.0)
-            y = x.to(tl.float32) * a[None, :] + shift[None, :]
+            y = (x.to(tl.float32) - mean) * a[None, :] + bias[None, :]
             if ACT:
                 y = y * tl.sigmoid(y)
             tl.store(o_base + offs_s[:, None] * stride_os + offs_c[None, :] * stride_oc,
