@@ -173,6 +173,7 @@ def group_norm_silu_launch(
     B, C, H, W = x.shape
     if C * H * W > _INT32_MAX:
         raise ValueError(f"x has {C * H * W} values per image; the kernel indexes an image with int32 (at most 2**31 - 1)")
+    weight, bias = weight.contiguous(), bias.contiguous()  # the kernel reads them at unit stride (no copy when dense)
     out = torch.empty_like(x, memory_format=memory_format)
     if x.numel() == 0:
         return None, out
