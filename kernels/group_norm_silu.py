@@ -27,6 +27,12 @@ have 4M values per group):
    ``x * a + (bias - mean * a)``, which cancels when the group's mean is large against its spread, e.g. a group of
    one value), the activation in fp32, one rounding to x's dtype.
 
+Not yet measured on a GPU (bench/bench_kernels.py has the rows). Two known limits of the (B, G) grid: at B = 1 only
+G = 32 programs stream the whole tensor (BSQ's 1024 px layer: 4M values each), and on channels_last a group is rows
+of Cg = 4..20 values strided by C, so neighbouring groups' programs share 32-byte sectors through L2. If the rows
+show either, the next step is a split over space: per-channel partial (mean, M2) per spatial chunk (coalesced
+(BLOCK_S, C) tiles), merged per group with the same Chan update, then the apply pass.
+
 Inputs are read twice and the output written once (eager: GroupNorm reads twice and writes, SiLU reads and writes
 again). ``out`` is always a new tensor (never aliases ``x``). Everything is a host number baked into the launch
 (``num_groups``, ``eps``, the activation); there are no device-side scalars. Limits: each image's ``C * H * W`` and
