@@ -3,7 +3,7 @@
 The sweep is what the Engine launches: every configuration ``bench/engine_launches.py`` recorded while running the
 Engine (fake tensors) for every family, preset shape class, bucket, dtype and setting (``engine_launches.json``),
 plus the launchers' own ranges (VAR d16..d36, V = 4096; B in {1, 16, 64}; every scale; fp32/bf16/fp16; SSG prior
-on/off; top-k/top-p on/off) derived by their ``*_launch`` functions on meta tensors. Both are specialized exactly
+on/off; top-k/top-p on/off; the VAE decoders' GroupNorm + SiLU at every level) derived by their ``*_launch`` functions on meta tensors. Both are specialized exactly
 as ``JITFunction.run`` would (``ssg_engine.kernels.launch_config``: do_not_specialize, pointer alignment), deduped
 and compiled to cubin for each ``--arch``. Per compiled configuration it records the registers, local memory
 (spills; ptxas puts them in the stack frame), shared memory, SASS instruction count and compile seconds. Exits 1
@@ -49,6 +49,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 from ssg_engine.config import ModelConfig  # noqa: E402
 from ssg_engine.guidance import cfg_ratio  # noqa: E402
 from ssg_engine.kernels import KernelLaunch, config_key, launch_config  # noqa: E402
+from ssg_engine.kernels.group_norm_silu import group_norm_silu_launch  # noqa: E402
 from ssg_engine.kernels.guide_sample_bits import guide_sample_bits_launch  # noqa: E402
 from ssg_engine.kernels.qkv_norm_rope_cache import qkv_norm_rope_cache_launch  # noqa: E402
 from ssg_engine.kernels.sampling import sample_logits_launch  # noqa: E402
@@ -152,6 +153,28 @@ def qkv_norm_rope_cache_cases(presets: Sequence[str], batches: Sequence[int], dt
         for batch, dtype, si in itertools.product(batches, dtypes, range(len(scales))):
             yield _qkv_case("qkv_norm_rope_cache", preset, batch, dtype, cfg.num_heads, cfg.head_dim, cfg.depth,
                             scales, si, True, True)
+# GroupNorm (+ SiLU) shapes of the VAE decoders, (channels, groups, H = W) per level: VAR's VQ-VAE (ch 160, mults
+# 1,1,2,2,4, 32 groups) at 256 px from its 16x16 latent; Infinity's BSQ VAE (base 128, mults 1,2,4,4,4, 32 groups) at
+# 1024 px from 64x64, and the 24-group Normalize of channel counts that 32 does not divide.
+GN_SHAPES = {
+    "vqvae": [(640, 32, 16), (640, 32, 32), (320, 32, 32), (320, 32, 64), (320, 32, 128), (160, 32, 128), (160, 32, 256)],
+    "bsq": [(512, 32, 64), (512, 32, 128), (512, 32, 256), (256, 32, 512), (128, 32, 512), (128, 32, 1024), (48, 24, 64)],
+}
+
+
+def group_norm_silu_cases(batches: Sequence[int], dtypes: Sequence[torch.dtype]) -> Iterator[Case]:
+    """``group_norm_silu`` at every decoder level, channels-last (the Engine's VAE) and NCHW, silu and plain (the
+    attention blocks' norm); ``scale`` is the decoder level's index in ``GN_SHAPES``."""
+    for model, shapes in GN_SHAPES.items():
+        for batch in batches:
+            for dtype in dtypes:
+                for fmt, act in itertools.product((torch.channels_last, torch.contiguous_format), ("silu", "none")):
+                    setting = f"{'channels_last' if fmt == torch.channels_last else 'nchw'} {act}"
+                    for level, (c, groups, hw) in enumerate(shapes):
+                        x = torch.empty(batch, c, hw, hw, dtype=dtype, device="meta").contiguous(memory_format=fmt)
+                        weight = torch.empty(c, dtype=dtype, device="meta")
+                        launch, _ = group_norm_silu_launch(x, weight, weight, groups, 1e-6, act)
+                        yield Case("group_norm_silu", model, batch, str(dtype).removeprefix("torch."), setting, level, launch)
 
 
 def quick_cases() -> List[Case]:
@@ -168,14 +191,15 @@ def quick_cases() -> List[Case]:
     prev, operator = torch.empty(1, 48 * 48, 64, device="meta"), torch.empty(64 * 64, 48 * 48, device="meta")
     fused, _ = guide_sample_bits_launch(logits, prev, operator, 3.0, 0.5, 900, 0.97, 1.0, seed, seed)
     qkv = list(qkv_norm_rope_cache_cases([], [64], [torch.bfloat16], ["infinity_2b"]))
+    gn = [c for c in group_norm_silu_cases([1], [torch.bfloat16]) if c.preset == "vqvae" and c.setting == "channels_last silu"]
     return [guidance[-1], sampling[-1], Case("sample_logits", "infinity_2b", 1, "float32", "top-p", 12, launch),
-            Case("guide_sample_bits", "infinity_2b", 1, "float32", "ssg", 12, fused), qkv[-1]]
+            Case("guide_sample_bits", "infinity_2b", 1, "float32", "ssg", 12, fused), qkv[-1], gn[-1]]
 
 
 def range_cases(dtypes: Sequence[torch.dtype]) -> List[Case]:
     """The launchers' own ranges (the full enumeration besides the Engine's recorded launches)."""
     return [*guidance_cases(PRESETS, BATCHES, dtypes), *sampling_cases(PRESETS, BATCHES, dtypes),
-            *qkv_norm_rope_cache_cases(PRESETS, BATCHES, dtypes)]
+            *qkv_norm_rope_cache_cases(PRESETS, BATCHES, dtypes), *group_norm_silu_cases(BATCHES, dtypes)]
 
 
 def launch_key(launch: KernelLaunch) -> str:

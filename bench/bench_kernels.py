@@ -16,6 +16,10 @@ guidance fused with the bit draw; at VAR-d16/d30 and Infinity-2B shapes: the QKV
   1M square schedule), at a middle and the last scale, 2B rows; launches counted with ``torch.profiler``; error of q
   and k to the float32 reference on the first two rows;
 
+* group_norm_silu: ``group_norm_silu_triton`` (one kernel) vs the eager ``F.silu(F.group_norm(x))`` it replaces,
+  bf16 channels-last as the Engine's VAE runs, at the VQ-VAE decoder's GroupNorm shapes (32 groups; 640 ch at
+  16x16, 320 at 64x64, 160 at 256x256) for B in {1, 16, 64} and the BSQ VAE's 1024 px layer (128 ch) at B=1;
+
 at every scale of patch_nums (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), V=4096, B in {1, 16, 64},
 plus a 4096 x 4096 sampler case. CUDA-event timing, median of ``--reps`` after ``--warmup``.
 
@@ -24,6 +28,7 @@ Byte model (the minimum each op must move; used for GB/s of both implementations
   sampler  = logits (R*V*s) + tokens (R*8)
   bits     = logits (2B*N*V*s) + prev (B*M*V*4) + operator (N*M*4) + cfg (B*N*V*4) + bits (B*N*V/2)
   qkv      = qkv (2B*l*3*H*D*s) + q, k, v (3*2B*H*l*D*s) + cos/sin (2*l*D/2*4 with RoPE)
+  gn_silu  = x (B*C*H*W*s) + out (B*C*H*W*s) + weight and bias (2*C*s)  (the kernel reads x twice: stats, apply)
 where s is the input element size. %copy compares with a measured 1 GiB device-to-device
 copy (2 bytes moved per byte copied).
 
@@ -53,6 +58,9 @@ TOP_K, TOP_P, TEMPERATURE = 900, 0.95, 1.0
 BITS_D, BITS_BATCHES = 32, (16,)  # Infinity-2B: d = 32 bits per token; one batch keeps the device step short
 # (label, heads, head dim, RoPE): VAR d16 / d30 (L2 norm, no RoPE), Infinity-2B (L2 norm + RoPE)
 QKV_MODELS = (("var_d16", 16, 64, False), ("var_d30", 30, 64, False), ("infinity_2b", 16, 128, True))
+GN_VQ_SHAPES = ((640, 16), (320, 64), (160, 256))  # VQ-VAE decoder (C, H = W) at 256 px: first, middle, last level
+GN_BSQ_1024 = (128, 1024)  # BSQ VAE decoder's last level at 1024 px
+GN_GROUPS, GN_EPS = 32, 1e-6
 
 
 def parse_args() -> argparse.Namespace:
@@ -170,6 +178,14 @@ def qkv_cases(smoke: bool) -> List[Dict]:
     return cases
 
 
+def gn_silu_cases(smoke: bool) -> List[Dict]:
+    if smoke:
+        return [dict(model="vqvae", B=B, C=C, H=H, W=H, G=32) for B, C, H in ((1, 96, 5), (3, 160, 4))] + [
+            dict(model="bsq", B=1, C=48, H=6, W=6, G=24)]
+    cases = [dict(model="vqvae", B=B, C=C, H=H, W=H, G=GN_GROUPS) for B in BATCHES for C, H in GN_VQ_SHAPES]
+    return cases + [dict(model="bsq", B=1, C=GN_BSQ_1024[0], H=GN_BSQ_1024[1], W=GN_BSQ_1024[1], G=GN_GROUPS)]
+
+
 def count_launches(fn: Callable[[], object]) -> int:
     """Kernels one call of ``fn`` launches on the GPU (``torch.profiler``, after a warm call)."""
     from torch.profiler import ProfilerActivity, profile
@@ -215,6 +231,37 @@ def run_qkv(case: Dict, args, device: str, copy_gbps: Optional[float]) -> Dict:
         row["fused_launches"], row["baseline_launches"] = count_launches(fused), count_launches(unfused)
         row["fused_ms"] = cuda_time_ms(fused, args.warmup, args.reps)
         row["baseline_ms"] = cuda_time_ms(unfused, args.warmup, args.reps)
+        add_rates(row, copy_gbps)
+    return row
+
+
+def run_gn_silu(case: Dict, args, device: str, copy_gbps: Optional[float]) -> Dict:
+    import torch.nn.functional as F
+
+    from ssg_engine.kernels import record_launches
+    from ssg_engine.kernels.group_norm_silu import group_norm_silu_triton
+
+    B, C, H, W, G = (case[k] for k in ("B", "C", "H", "W", "G"))
+    g = torch.Generator(device=device).manual_seed(B * 1000 + C + H)
+    dtype = torch.bfloat16
+    x = (torch.randn(B, C, H, W, generator=g, device=device) * 2 + 0.5).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight = (torch.rand(C, generator=g, device=device) + 0.5).to(dtype)
+    bias = torch.randn(C, generator=g, device=device).to(dtype)
+    fused = lambda: group_norm_silu_triton(x, weight, bias, G, GN_EPS)  # noqa: E731
+    eager = lambda: F.silu(F.group_norm(x, G, weight, bias, GN_EPS))  # noqa: E731
+    with record_launches() as recorder:
+        out = fused()
+    want = F.silu(F.group_norm(x.float(), G, weight.float(), bias.float(), GN_EPS))
+    base = eager()
+    row = dict(op="gn_silu", **case, dtype="bfloat16", layout="channels_last", bytes=2 * x.numel() * 2 + 2 * C * 2,
+               fused_launches=len(recorder.configs), channels_last_out=out.is_contiguous(memory_format=torch.channels_last),
+               rel_err=rel_err(out, want), max_abs_err=(out.float() - want).abs().max().item(),
+               baseline_rel_err=rel_err(base, want))
+    del want, base
+    if not args.smoke:
+        row["baseline_launches"] = count_launches(eager)
+        row["fused_ms"] = cuda_time_ms(fused, args.warmup, args.reps)
+        row["baseline_ms"] = cuda_time_ms(eager, args.warmup, args.reps)
         add_rates(row, copy_gbps)
     return row
 
@@ -322,6 +369,7 @@ def print_table(results: List[Dict], smoke: bool) -> None:
         print(head)
         for r in results:
             check = (f"rel_err guided {r['rel_err_guided']:.1e} cfg {r['rel_err_cfg']:.1e}" if r["op"] == "guidance"
+                     else f"rel_err {r['rel_err']:.1e} (eager {r['baseline_rel_err']:.1e})" if r["op"] == "gn_silu"
                      else f"rel_err cfg {r['rel_err_cfg']:.1e} bits agree {r['bits_agree']:.4f}" if r["op"] == "bits"
                      else f"rel_err q {r['rel_err_q']:.1e} k {r['rel_err_k']:.1e} (eager {r['baseline_rel_err_q']:.1e})"
                      if r["op"] == "qkv"
@@ -332,7 +380,7 @@ def print_table(results: List[Dict], smoke: bool) -> None:
           f"{'launches':>9}")
     for r in results:
         tf32 = f"{r['fused_tf32_ms']:8.3f}" if "fused_tf32_ms" in r else f"{'':8}"
-        launches = f"{r['fused_launches']}/{r['baseline_launches']}" if "fused_launches" in r else ""
+        launches = f"{r['fused_launches']}/{r['baseline_launches']}" if "baseline_launches" in r else ""
         print(f"{r['op']:9} {case_label(r):36} {r['fused_ms']:9.3f} {tf32} {r['baseline_ms']:9.3f} "
               f"{r['speedup']:7.2f}x {r['fused_GBps']:7.0f} {r['fused_pct_copy']:5.1f}% {launches:>9}")
 
@@ -346,6 +394,8 @@ def case_label(r: Dict) -> str:
     if r["op"] == "bits":
         scale = f"{tuple(r['hw_prev'])}->{tuple(r['hw'])}" if r["hw_prev"] else f"{tuple(r['hw'])} no prior"
         return f"B={r['B']} {scale} d={r['V'] // 2}"
+    if r["op"] == "gn_silu":
+        return f"{r['model']} B={r['B']} C={r['C']} {r['H']}x{r['W']} G={r['G']}"
     return f"{r['label']} V={r['V']}"
 
 
@@ -373,6 +423,7 @@ def main() -> None:
             sampler="R*V*s logits + R*8 tokens",
             bits="2B*N*V*2 bf16 logits + B*M*V*4 prev + N*M*4 operator + B*N*V*4 cfg + B*N*V/2 uint8 bits",
             qkv="2B*l*3*H*D*2 bf16 qkv + 3*2B*H*l*D*2 bf16 q, k, v + l*D*4 cos/sin (RoPE)",
+            gn_silu="B*C*H*W*2 bf16 x + B*C*H*W*2 out + 2*C*2 weight and bias (x is read twice by the kernel)",
             copy="2 * 1 GiB per device-to-device copy",
         ),
         copy_bandwidth_GBps=copy_gbps,
@@ -381,7 +432,8 @@ def main() -> None:
     lines.write("run", **report)
     results = []
     for run, cases in ((run_guidance, guidance_cases(args.smoke)), (run_sampler, sampler_cases(args.smoke)),
-                       (run_bits, bits_cases(args.smoke)), (run_qkv, qkv_cases(args.smoke))):
+                       (run_bits, bits_cases(args.smoke)), (run_qkv, qkv_cases(args.smoke)),
+                       (run_gn_silu, gn_silu_cases(args.smoke))):
         for case in cases:
             results.append(run(case, args, device, copy_gbps))
             lines.write("row", **results[-1])

@@ -149,3 +149,28 @@ def _generator(seed: torch.Tensor, offset: torch.Tensor) -> torch.Generator:
     generator = torch.Generator(device=seed.device)
     generator.manual_seed((int(seed) * _SEED_MIX + int(offset)) % 2**64)
     return generator
+
+
+def group_norm_silu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    num_groups: int,
+    eps: float,
+    *,
+    act: str = "silu",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """act(GroupNorm(x)): x (B, C, H, W) NCHW or channels_last, weight/bias (C,) -> (B, C, H, W) in x's dtype and
+    memory format; statistics in fp32.
+
+    ``act`` names the eager code the reference runs: ``"silu"`` (``F.silu``, VQ-VAE), ``"swish"`` (upstream BSQ's
+    ``h * sigmoid(h)``, which rounds differently), ``"none"`` (the attention blocks' plain GroupNorm). The Triton
+    backend computes all of them in one kernel (:mod:`ssg_engine.kernels.group_norm_silu`).
+    """
+    from ssg_engine.kernels import group_norm_silu as impl
+
+    with nvtx_range("group_norm_silu"):
+        if resolve_backend(backend, x.device) == "triton":
+            return impl.group_norm_silu_triton(x, weight, bias, num_groups, eps, act)
+        return impl.group_norm_silu_reference(x, weight, bias, num_groups, eps, act)

@@ -26,9 +26,9 @@ COMPILED_MODULES = {f"{PACKAGE}._C"}
 # which re-exports the API.
 LAYERS: Dict[str, List[str]] = {
     "foundation": ["config", "files", "cache", "extension", "profiling", "backend", "data", "validation"],
+    "kernels": ["kernels.*", "ops"],  # below the models: the VAE decoders call ops.group_norm_silu
     "models": ["models.*", "kv_cache", "memory"],
     "guidance": ["guidance", "params"],
-    "kernels": ["kernels.*", "ops"],
     "samplers": ["pipeline", "sampler", "infinity_sampler", "engine"],
     "api": [PACKAGE, "loading", "text", "api", "pretrained", "analysis", "imaging", "costs", "plan"],
     "training and evaluation": ["training.*", "eval.*"],

@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import ops
+
 Schedule = Sequence[Sequence[int]]
 UP_MODE = "trilinear"  # codes and summed codes between scales (upstream's z_interplote_up)
 DOWN_MODE = "area"  # residual to a scale when encoding (upstream's z_interplote_down)
@@ -120,6 +122,13 @@ def swish(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(x)
 
 
+def _norm_swish(norm: Normalize, x: torch.Tensor, backend: str) -> torch.Tensor:
+    """``swish(norm(x))`` through ``ops.group_norm_silu(act="swish")``: the reference backend runs exactly that eager
+    code (upstream's written-out swish stays this family's; the VQ-VAE uses ``F.silu``), the Triton backend one kernel."""
+    gn = norm.norm
+    return ops.group_norm_silu(x, gn.weight, gn.bias, gn.num_groups, gn.eps, act="swish", backend=backend)
+
+
 class ResnetBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int) -> None:
         super().__init__()
@@ -130,9 +139,9 @@ class ResnetBlock(nn.Module):
         if in_ch != out_ch:
             self.nin_shortcut = Conv(in_ch, out_ch, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(swish(self.norm1(x)))
-        h = self.conv2(swish(self.norm2(h)))
+    def forward(self, x: torch.Tensor, backend: str = "reference") -> torch.Tensor:
+        h = self.conv1(_norm_swish(self.norm1, x, backend))
+        h = self.conv2(_norm_swish(self.norm2, h, backend))
         if hasattr(self, "nin_shortcut"):
             x = self.nin_shortcut(x)
         return x + h
@@ -223,14 +232,16 @@ class Decoder(nn.Module):
         self.norm_out = Normalize(block_in)
         self.conv_out = Conv(block_in, 3, 3, 1, 1)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid.block_2(self.mid.block_1(self.conv_in(z)))
+    def forward(self, z: torch.Tensor, backend: str = "reference") -> torch.Tensor:
+        """``backend`` runs each GroupNorm + swish through ``ops.group_norm_silu`` ("reference": the eager code, bit
+        for bit; "triton": one kernel each)."""
+        h = self.mid.block_2(self.mid.block_1(self.conv_in(z), backend), backend)
         for stage in reversed(self.up):
             for block in stage.block:
-                h = block(h)
+                h = block(h, backend)
             if hasattr(stage, "upsample"):
                 h = stage.upsample(h)
-        return self.conv_out(swish(self.norm_out(h)))
+        return self.conv_out(_norm_swish(self.norm_out, h, backend))
 
 
 # ----------------------------------------------------------------------------- quantizer
@@ -354,9 +365,10 @@ class BSQVAE(nn.Module):
         return BSQEncoding(h, z, bits)
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Summed codes (B, d, h, w) -> image (B, 3, h * patch, w * patch) clamped to [-1, 1]."""
-        return self.decoder(z).clamp(-1, 1)
+    def decode(self, z: torch.Tensor, backend: str = "reference") -> torch.Tensor:
+        """Summed codes (B, d, h, w) -> image (B, 3, h * patch, w * patch) clamped to [-1, 1]; ``backend`` as in
+        :meth:`Decoder.forward`."""
+        return self.decoder(z, backend).clamp(-1, 1)
 
     def bits_to_codes(self, bits: torch.Tensor) -> torch.Tensor:
         """Bits (B, 1, h, w, d) -> codes (B, d, 1, h, w) (upstream ``lfq.indices_to_codes(bits, 'bit_label')``)."""

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import ops
 from ..config import ModelConfig
 
 # ----------------------------------------------------------------------------- conv backbone
@@ -19,6 +20,12 @@ from ..config import ModelConfig
 
 def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+
+
+def _norm_act(norm: nn.GroupNorm, x: torch.Tensor, backend: str, act: str = "silu") -> torch.Tensor:
+    """``F.silu(norm(x))`` (``act="none"``: ``norm(x)``) through ``ops.group_norm_silu``: the reference backend runs
+    exactly that eager code, the Triton backend one fused kernel."""
+    return ops.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, act=act, backend=backend)
 
 
 class ResnetBlock(nn.Module):
@@ -30,9 +37,9 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+    def forward(self, x: torch.Tensor, backend: str = "reference") -> torch.Tensor:
+        h = self.conv1(_norm_act(self.norm1, x, backend))
+        h = self.conv2(_norm_act(self.norm2, h, backend))
         return self.nin_shortcut(x) + h
 
 
@@ -46,9 +53,9 @@ class AttnBlock(nn.Module):
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, backend: str = "reference") -> torch.Tensor:
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).unbind(1)
+        q, k, v = self.qkv(_norm_act(self.norm, x, backend, act="none")).reshape(B, 3, C, H * W).unbind(1)
         w = torch.bmm(q.permute(0, 2, 1), k).mul_(C ** -0.5).softmax(dim=2)  # (B, HW_q, HW_k)
         h = torch.bmm(v, w.permute(0, 2, 1)).view(B, C, H, W)
         return x + self.proj_out(h)
@@ -74,6 +81,11 @@ class Upsample2x(nn.Module):
 
 def _attn_or_identity(channels: int, enabled: bool) -> nn.Module:
     return AttnBlock(channels) if enabled else nn.Identity()
+
+
+def _attn(attn: nn.Module, h: torch.Tensor, backend: str) -> torch.Tensor:
+    """An ``AttnBlock`` with ``backend``, or the ``nn.Identity`` standing in for a disabled one."""
+    return attn(h, backend) if isinstance(attn, AttnBlock) else attn(h)
 
 
 class Encoder(nn.Module):
@@ -143,16 +155,19 @@ class Decoder(nn.Module):
         self.norm_out = _group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, cfg.in_channels, 3, 1, 1)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+    def forward(self, z: torch.Tensor, backend: str = "reference") -> torch.Tensor:
+        """Latent (B, Cvae, h, w) -> image (B, 3, 16h, 16w), not clamped; ``backend`` runs each GroupNorm (+ SiLU)
+        through ``ops.group_norm_silu`` ("reference": the eager code, bit for bit; "triton": one kernel each)."""
+        h = self.mid.block_1(self.conv_in(z), backend)
+        h = self.mid.block_2(_attn(self.mid.attn_1, h, backend), backend)
         for stage in reversed(self.up):
             for i, block in enumerate(stage.block):
-                h = block(h)
+                h = block(h, backend)
                 if len(stage.attn):
-                    h = stage.attn[i](h)
+                    h = stage.attn[i](h, backend)
             if hasattr(stage, "upsample"):
                 h = stage.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(_norm_act(self.norm_out, h, backend))
 
 
 # ----------------------------------------------------------------------------- quantizer
@@ -331,9 +346,9 @@ class VQVAE(nn.Module):
         self.quant_conv = nn.Conv2d(cfg.Cvae, cfg.Cvae, ks, 1, ks // 2)
         self.post_quant_conv = nn.Conv2d(cfg.Cvae, cfg.Cvae, ks, 1, ks // 2)
 
-    def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor:
-        """(B, Cvae, h, w) -> image (B, 3, 16h, 16w) in [-1, 1]."""
-        return self.decoder(self.post_quant_conv(f_hat)).clamp_(-1, 1)
+    def fhat_to_img(self, f_hat: torch.Tensor, backend: str = "reference") -> torch.Tensor:
+        """(B, Cvae, h, w) -> image (B, 3, 16h, 16w) in [-1, 1]; ``backend`` as in :meth:`Decoder.forward`."""
+        return self.decoder(self.post_quant_conv(f_hat), backend).clamp_(-1, 1)
 
     def img_to_idxBl(
         self, inp_img_no_grad: torch.Tensor, v_patch_nums: Optional[Sequence[Union[int, Tuple[int, int]]]] = None
