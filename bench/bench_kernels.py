@@ -9,6 +9,11 @@ guidance fused with the bit draw.
 * bits: ``guide_sample_bits_triton`` (guidance + one Bernoulli draw per bit, uint8 bits) vs the Engine's path before
   the fusion (``ssg_guidance_triton``, the non-finite flag, ``sample_logits_triton`` on 2-way rows, int64 tokens) on
   Infinity-2B's 1M schedule (d = 32 bits, V = 64 channels), bf16 logits and an fp32 prev as under the Engine's autocast;
+* adaln: ``ada_ln_modulate_triton`` (LayerNorm without affine + ``* (1 + scale) + shift``, x read once) vs the eager
+  chain it replaces, ``F.layer_norm(x).mul(scale.add(1)).add_(shift)`` (4 kernels) in the engine's dtype: VAR d16
+  (C = 1024) and d30 (C = 1920) in bf16 at a middle (pn 8) and the last scale (pn 16), B in {1, 16, 64} (2B rows);
+  Infinity-2B (C = 2048, fp32 residual stream and modulation, fp32 out as ``ada_layer_norm``; and bf16 out, what the
+  next linear reads under autocast) at a middle (24 x 24) and the last 1M scale (64 x 64), B in {1, 16};
 
 at every scale of patch_nums (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), V=4096, B in {1, 16, 64},
 plus a 4096 x 4096 sampler case. CUDA-event timing, median of ``--reps`` after ``--warmup``.
@@ -17,6 +22,7 @@ Byte model (the minimum each op must move; used for GB/s of both implementations
   guidance = logits (2B*N*V*s) + prev (B*M*V*s) + operator (N*M*4) + guided and cfg (2*B*N*V*4)
   sampler  = logits (R*V*s) + tokens (R*8)
   bits     = logits (2B*N*V*s) + prev (B*M*V*4) + operator (N*M*4) + cfg (B*N*V*4) + bits (B*N*V/2)
+  adaln    = x (2B*l*C*s) + scale and shift (2*2B*C*s_mod) + out (2B*l*C*s_out)
 where s is the input element size. %copy compares with a measured 1 GiB device-to-device
 copy (2 bytes moved per byte copied).
 
@@ -44,6 +50,10 @@ BATCHES = (1, 16, 64)
 CFG_T, BETA = 4.0, 0.5
 TOP_K, TOP_P, TEMPERATURE = 900, 0.95, 1.0
 BITS_D, BITS_BATCHES = 32, (16,)  # Infinity-2B: d = 32 bits per token; one batch keeps the device step short
+ADALN_VAR = (("d16", 1024), ("d30", 1920))  # (preset, C = 64 * depth)
+ADALN_VAR_PNS = (8, 16)  # a middle and the last scale of patch_nums
+ADALN_INFINITY_C, ADALN_INFINITY_HW, ADALN_INFINITY_BATCHES = 2048, ((24, 24), (64, 64)), (1, 16)  # Infinity-2B, 1M
+EPS = 1e-6  # VAR's and Infinity's norm_eps
 
 
 def parse_args() -> argparse.Namespace:
@@ -86,6 +96,14 @@ def sample_upstream(logits, top_k: int, top_p: float, temperature: float, genera
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, replacement=True, generator=generator)[:, 0]
 
 
+def adaln_unfused(x, scale, shift, out_dtype):
+    """The models' eager chain (VAR's ``ln_wo_grad(x).mul(scale1.add(1)).add_(shift1)``, Infinity's
+    ``ada_layer_norm``): ``ada_ln_modulate_reference``, one kernel per op."""
+    from ssg_engine.kernels.ada_ln_modulate import ada_ln_modulate_reference
+
+    return ada_ln_modulate_reference(x, scale, shift, EPS, out_dtype)
+
+
 # ---- timing ---------------------------------------------------------------------------
 
 
@@ -102,6 +120,18 @@ def cuda_time_ms(fn: Callable[[], object], warmup: int, reps: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def cuda_kernel_launches(fn: Callable[[], object]) -> int:
+    """Device kernels one call of ``fn`` launches (``torch.profiler``, after a warm call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
 def copy_bandwidth_gbps(warmup: int, reps: int) -> float:
@@ -139,6 +169,44 @@ def bits_cases(smoke: bool) -> List[Dict]:
 
     schedule, batches, d = (scale_schedule(1.0, 3), (1, 2), 8) if smoke else (scale_schedule(1.0, "1M"), BITS_BATCHES, BITS_D)
     return [dict(B=B, hw_prev=schedule[i - 1] if i else None, hw=hw, V=2 * d) for B in batches for i, hw in enumerate(schedule)]
+
+
+def adaln_cases(smoke: bool) -> List[Dict]:
+    """VAR (bf16 in and out) at a middle and the last scale, then Infinity-2B (fp32 x and modulation; fp32 or bf16 out)."""
+    if smoke:
+        return [dict(model="tiny", C=96, B=1, hw=(1, 1), dtype="bfloat16", out_dtype="bfloat16"),
+                dict(model="tiny", C=100, B=3, hw=(5, 4), dtype="float32", out_dtype="bfloat16")]
+    cases = [dict(model=preset, C=C, B=B, hw=(pn, pn), dtype="bfloat16", out_dtype="bfloat16")
+             for preset, C in ADALN_VAR for pn in ADALN_VAR_PNS for B in BATCHES]
+    return cases + [dict(model="infinity_2b", C=ADALN_INFINITY_C, B=B, hw=hw, dtype="float32", out_dtype=out)
+                    for hw in ADALN_INFINITY_HW for B in ADALN_INFINITY_BATCHES for out in ("float32", "bfloat16")]
+
+
+def run_adaln(case: Dict, args, device: str, copy_gbps: Optional[float]) -> Dict:
+    from ssg_engine.kernels.ada_ln_modulate import ada_ln_modulate_triton
+
+    R, l, C = 2 * case["B"], case["hw"][0] * case["hw"][1], case["C"]
+    dtype, out_dtype = getattr(torch, case["dtype"]), getattr(torch, case["out_dtype"])
+    g = torch.Generator(device=device).manual_seed(R * l + C)
+    x = (torch.randn(R, l, C, generator=g, device=device) * 2 + 1).to(dtype)
+    _, _, scale, _, shift, _ = (torch.randn(R, 1, 6, C, generator=g, device=device) * 0.3).to(dtype).unbind(2)
+    out_size = torch.empty((), dtype=out_dtype).element_size()
+    n_bytes = x.numel() * x.element_size() + 2 * R * C * scale.element_size() + x.numel() * out_size
+
+    fused = lambda: ada_ln_modulate_triton(x, scale, shift, EPS, out_dtype)  # noqa: E731
+    unfused = lambda: adaln_unfused(x, scale, shift, out_dtype)  # noqa: E731
+    out, ref = fused(), unfused()
+    exact = torch.nn.functional.layer_norm(x.double(), (C,), eps=EPS) * (1 + scale.double()) + shift.double()
+    row = dict(op="adaln", **case, R=R, l=l, bytes=n_bytes, rel_err=rel_err(out, ref),
+               max_abs_err=(out.double() - ref.double()).abs().max().item(),
+               rel_err_exact=((out.double() - exact).norm() / exact.norm()).item(),
+               baseline_rel_err_exact=((ref.double() - exact).norm() / exact.norm()).item())
+    if not args.smoke:
+        row["fused_launches"], row["baseline_launches"] = cuda_kernel_launches(fused), cuda_kernel_launches(unfused)
+        row["fused_ms"] = cuda_time_ms(fused, args.warmup, args.reps)
+        row["baseline_ms"] = cuda_time_ms(unfused, args.warmup, args.reps)
+        add_rates(row, copy_gbps)
+    return row
 
 
 def run_guidance(case: Dict, args, device: str, copy_gbps: Optional[float]) -> Dict:
@@ -245,14 +313,17 @@ def print_table(results: List[Dict], smoke: bool) -> None:
         for r in results:
             check = (f"rel_err guided {r['rel_err_guided']:.1e} cfg {r['rel_err_cfg']:.1e}" if r["op"] == "guidance"
                      else f"rel_err cfg {r['rel_err_cfg']:.1e} bits agree {r['bits_agree']:.4f}" if r["op"] == "bits"
+                     else f"to exact: fused {r['rel_err_exact']:.1e} eager {r['baseline_rel_err_exact']:.1e}"
+                     if r["op"] == "adaln"
                      else f"in mask: kernel {r['kernel_in_mask']} upstream {r['baseline_in_mask']}")
             print(f"{r['op']:9} {case_label(r):26} {check:>40}")
         return
-    print(f"{'op':9} {'case':26} {'fused ms':>9} {'tf32 ms':>8} {'base ms':>9} {'speedup':>8} {'GB/s':>7} {'%copy':>6}")
+    print(f"{'op':9} {'case':26} {'fused ms':>9} {'tf32 ms':>8} {'base ms':>9} {'speedup':>8} {'GB/s':>7} {'%copy':>6} {'launches':>9}")
     for r in results:
         tf32 = f"{r['fused_tf32_ms']:8.3f}" if "fused_tf32_ms" in r else f"{'':8}"
+        launches = f"{r['fused_launches']} vs {r['baseline_launches']}" if "fused_launches" in r else ""
         print(f"{r['op']:9} {case_label(r):26} {r['fused_ms']:9.3f} {tf32} {r['baseline_ms']:9.3f} "
-              f"{r['speedup']:7.2f}x {r['fused_GBps']:7.0f} {r['fused_pct_copy']:5.1f}%")
+              f"{r['speedup']:7.2f}x {r['fused_GBps']:7.0f} {r['fused_pct_copy']:5.1f}% {launches:>9}")
 
 
 def case_label(r: Dict) -> str:
@@ -262,6 +333,9 @@ def case_label(r: Dict) -> str:
     if r["op"] == "bits":
         scale = f"{tuple(r['hw_prev'])}->{tuple(r['hw'])}" if r["hw_prev"] else f"{tuple(r['hw'])} no prior"
         return f"B={r['B']} {scale} d={r['V'] // 2}"
+    if r["op"] == "adaln":
+        dtypes = r["dtype"] if r["dtype"] == r["out_dtype"] else f"{r['dtype']}->{r['out_dtype']}"
+        return f"{r['model']} B={r['B']} {r['hw'][0]}x{r['hw'][1]} C={r['C']} {dtypes}"
     return f"{r['label']} V={r['V']}"
 
 
@@ -283,11 +357,13 @@ def main() -> None:
         smoke=args.smoke,
         env=dict(environment(), interpreter=os.environ.get("TRITON_INTERPRET") == "1"),
         settings=dict(cfg_t=CFG_T, beta=BETA, top_k=TOP_K, top_p=TOP_P, temperature=TEMPERATURE,
-                      warmup=args.warmup, reps=args.reps, dtype="float32 (bits: bfloat16 logits, float32 prev)"),
+                      warmup=args.warmup, reps=args.reps, eps=EPS,
+                      dtype="float32 (bits: bfloat16 logits, float32 prev; adaln: per row)"),
         byte_model=dict(
             guidance="2B*N*V*s logits + B*M*V*s prev + N*M*4 operator + 2*B*N*V*4 outputs",
             sampler="R*V*s logits + R*8 tokens",
             bits="2B*N*V*2 bf16 logits + B*M*V*4 prev + N*M*4 operator + B*N*V*4 cfg + B*N*V/2 uint8 bits",
+            adaln="2B*l*C*s x + 2*2B*C*s_mod scale and shift + 2B*l*C*s_out out",
             copy="2 * 1 GiB per device-to-device copy",
         ),
         copy_bandwidth_GBps=copy_gbps,
@@ -296,7 +372,7 @@ def main() -> None:
     lines.write("run", **report)
     results = []
     for run, cases in ((run_guidance, guidance_cases(args.smoke)), (run_sampler, sampler_cases(args.smoke)),
-                       (run_bits, bits_cases(args.smoke))):
+                       (run_bits, bits_cases(args.smoke)), (run_adaln, adaln_cases(args.smoke))):
         for case in cases:
             results.append(run(case, args, device, copy_gbps))
             lines.write("row", **results[-1])
