@@ -30,7 +30,8 @@ copy (2 bytes moved per byte copied).
     TRITON_INTERPRET=1 python bench/bench_kernels.py --smoke --out /tmp/k.json  # CPU: correctness only
 
 ``--smoke`` (the default without CUDA) runs tiny shapes on the Triton interpreter and
-checks the kernels against the baselines; it records no timings. ``--rows`` appends JSON Lines
+checks the kernels against the baselines; it records no timings (the interpreter truncates float32 -> bfloat16
+stores, so adaln's bf16 error to exact is up to 2x what a GPU's round-to-nearest store gives). ``--rows`` appends JSON Lines
 (``bench/rows.py``): the run's settings first, then each case's row as soon as it is measured.
 """
 from __future__ import annotations

@@ -16,10 +16,10 @@ x's dtype, Infinity ``ada_layer_norm``, the same chain on ``x.float()`` (out_dty
 wider of x's dtype and ``out_dtype`` (``torch.promote_types``), round to ``out_dtype`` at the end if that differs.
 
 :func:`ada_ln_modulate_triton` reads x once: each program holds ``ROWS`` whole rows of C channels in registers
-(``BLOCK_C`` = the power of two >= C, masked), converts them to float32 on load, computes mean and variance (two
-passes over the registers, like ``F.layer_norm``), loads its rows' scale/shift (any float dtype, converted to
-float32) and stores ``out`` with one rounding to ``out_dtype``. x may be float32/bfloat16/float16, scale/shift any
-of those, out_dtype any of those. C is limited to ``MAX_C`` (the row must fit in registers; VAR d36 has C = 2304,
+(``BLOCK_C`` = the power of two >= C, masked), converts them to float32 on load, computes the mean, then the
+variance as the mean of squared deviations (two passes over the registers, no cancellation), loads its rows'
+scale/shift (any float dtype, converted to float32) and stores ``out`` with one rounding to ``out_dtype``. x may be
+float32/bfloat16/float16, scale/shift any of those, out_dtype any of those. C is limited to ``MAX_C`` (the row must fit in registers; VAR d36 has C = 2304,
 the widest supported Infinity preset 3360); a wider x raises ``ValueError``.
 
 Deviations from the reference: statistics and modulation are float32 with one final rounding, where the eager chain
