@@ -50,6 +50,7 @@ from ssg_engine.config import ModelConfig  # noqa: E402
 from ssg_engine.guidance import cfg_ratio  # noqa: E402
 from ssg_engine.kernels import KernelLaunch, config_key, launch_config  # noqa: E402
 from ssg_engine.kernels.group_norm_silu import group_norm_silu_launch  # noqa: E402
+from ssg_engine.kernels.ada_ln_modulate import ada_ln_modulate_launch  # noqa: E402
 from ssg_engine.kernels.guide_sample_bits import guide_sample_bits_launch  # noqa: E402
 from ssg_engine.kernels.qkv_norm_rope_cache import qkv_norm_rope_cache_launch  # noqa: E402
 from ssg_engine.kernels.sampling import sample_logits_launch  # noqa: E402
@@ -175,13 +176,42 @@ def group_norm_silu_cases(batches: Sequence[int], dtypes: Sequence[torch.dtype])
                         weight = torch.empty(c, dtype=dtype, device="meta")
                         launch, _ = group_norm_silu_launch(x, weight, weight, groups, 1e-6, act)
                         yield Case("group_norm_silu", model, batch, str(dtype).removeprefix("torch."), setting, level, launch)
+def ada_ln_modulate_cases(presets: Sequence[str], batches: Sequence[int], dtypes: Sequence[torch.dtype],
+                          infinity_presets: Sequence[str] = tuple(INFINITY_PRESETS)) -> Iterator[Case]:
+    """``ada_ln_modulate`` as the blocks call it, on (2B, l, C) at every scale with scale/shift the ``unbind(2)`` views
+    of a (2B, 1, 6, C) modulation (the head's AdaLN: of (2B, 1, 2, C)). VAR: x, modulation and out in the engine's
+    dtype. Infinity (1M schedule, square): float32 residual stream and modulation (autocast off), out float32 (as
+    ``ada_layer_norm``) or the engine's dtype (what the next linear reads under autocast)."""
+    from ssg_engine.models.infinity import InfinityConfig, scale_schedule
+
+    def launches(C: int, batch: int, x_dtype: torch.dtype, out_dtype: torch.dtype, ls: Sequence[int]) -> Iterator[Tuple[str, int, KernelLaunch]]:
+        # (gamma1, gamma2, scale1, scale2, shift1, shift2) of a block; (scale, shift) of the head
+        for chunks, (i_scale, i_shift), what in ((6, (2, 4), "block"), (2, (0, 1), "head")):
+            mod = torch.empty(2 * batch, 1, chunks, C, dtype=x_dtype, device="meta")
+            for si, l in enumerate(ls):
+                x = torch.empty(2 * batch, l, C, dtype=x_dtype, device="meta")
+                launch, _ = ada_ln_modulate_launch(x, mod[:, :, i_scale], mod[:, :, i_shift], 1e-6, out_dtype)
+                yield what, si, launch
+
+    for preset in presets:
+        cfg = ModelConfig.preset(preset)
+        for batch, dtype in itertools.product(batches, dtypes):
+            for what, si, launch in launches(cfg.embed_dim, batch, dtype, dtype, [pn * pn for pn in cfg.patch_nums]):
+                yield Case("ada_ln_modulate", preset, batch, str(dtype).removeprefix("torch."), what, si, launch)
+    ls = [h * w for h, w in scale_schedule(1.0, "1M")]
+    for preset in infinity_presets:
+        C = InfinityConfig.preset(preset).embed_dim
+        for batch, out_dtype in itertools.product(batches, dtypes):
+            for what, si, launch in launches(C, batch, torch.float32, out_dtype, ls):
+                yield Case("ada_ln_modulate", preset, batch, f"float32->{str(out_dtype).removeprefix('torch.')}", what, si, launch)
 
 
 def quick_cases() -> List[Case]:
     """d16's last scale at B=64, fp32, prior and top-k + top-p on; the sampler on Infinity-2B's last 1M scale
     (64 x 64 tokens x 32 bits, rows of V = 2, B=1, top-p on), the configuration with the most rows per program; and
     the fused bit sampler on that scale (prior, CFG, top-k + top-p); the QKV epilogue of Infinity-2B's last scale
-    (L2 norm + RoPE, D = 128, bf16, 128 rows), its largest tile."""
+    (L2 norm + RoPE, D = 128, bf16, 128 rows), its largest tile; the AdaLN kernel on d30's last scale at B=64, bf16
+    (C = 1920: masked BLOCK_C = 2048, the most x values per thread); GroupNorm + SiLU on the VQ-VAE's last level."""
     guidance = [c for c in guidance_cases(["d16"], [64], [torch.float32]) if c.setting == "ssg"]
     sampling = [c for c in sampling_cases(["d16"], [64], [torch.float32]) if c.setting == "top-k+top-p"]
     seed = torch.zeros(1, dtype=torch.int64, device="meta")
@@ -192,14 +222,16 @@ def quick_cases() -> List[Case]:
     fused, _ = guide_sample_bits_launch(logits, prev, operator, 3.0, 0.5, 900, 0.97, 1.0, seed, seed)
     qkv = list(qkv_norm_rope_cache_cases([], [64], [torch.bfloat16], ["infinity_2b"]))
     gn = [c for c in group_norm_silu_cases([1], [torch.bfloat16]) if c.preset == "vqvae" and c.setting == "channels_last silu"]
+    adaln = [c for c in ada_ln_modulate_cases(["d30"], [64], [torch.bfloat16], infinity_presets=()) if c.setting == "block"]
     return [guidance[-1], sampling[-1], Case("sample_logits", "infinity_2b", 1, "float32", "top-p", 12, launch),
-            Case("guide_sample_bits", "infinity_2b", 1, "float32", "ssg", 12, fused), qkv[-1], gn[-1]]
+            Case("guide_sample_bits", "infinity_2b", 1, "float32", "ssg", 12, fused), qkv[-1], gn[-1], adaln[-1]]
 
 
 def range_cases(dtypes: Sequence[torch.dtype]) -> List[Case]:
     """The launchers' own ranges (the full enumeration besides the Engine's recorded launches)."""
     return [*guidance_cases(PRESETS, BATCHES, dtypes), *sampling_cases(PRESETS, BATCHES, dtypes),
-            *qkv_norm_rope_cache_cases(PRESETS, BATCHES, dtypes), *group_norm_silu_cases(BATCHES, dtypes)]
+            *qkv_norm_rope_cache_cases(PRESETS, BATCHES, dtypes), *group_norm_silu_cases(BATCHES, dtypes),
+            *ada_ln_modulate_cases(PRESETS, BATCHES, dtypes)]
 
 
 def launch_key(launch: KernelLaunch) -> str:

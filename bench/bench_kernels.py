@@ -19,6 +19,11 @@ guidance fused with the bit draw; at VAR-d16/d30 and Infinity-2B shapes: the QKV
 * group_norm_silu: ``group_norm_silu_triton`` (one kernel) vs the eager ``F.silu(F.group_norm(x))`` it replaces,
   bf16 channels-last as the Engine's VAE runs, at the VQ-VAE decoder's GroupNorm shapes (32 groups; 640 ch at
   16x16, 320 at 64x64, 160 at 256x256) for B in {1, 16, 64} and the BSQ VAE's 1024 px layer (128 ch) at B=1;
+* adaln: ``ada_ln_modulate_triton`` (LayerNorm without affine + ``* (1 + scale) + shift``, x read once) vs the eager
+  chain it replaces, ``F.layer_norm(x).mul(scale.add(1)).add_(shift)`` (4 kernels) in the engine's dtype: VAR d16
+  (C = 1024) and d30 (C = 1920) in bf16 at a middle (pn 8) and the last scale (pn 16), B in {1, 16, 64} (2B rows);
+  Infinity-2B (C = 2048, fp32 residual stream and modulation, fp32 out as ``ada_layer_norm``; and bf16 out, what the
+  next linear reads under autocast) at a middle (24 x 24) and the last 1M scale (64 x 64), B in {1, 16};
 
 at every scale of patch_nums (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), V=4096, B in {1, 16, 64},
 plus a 4096 x 4096 sampler case. CUDA-event timing, median of ``--reps`` after ``--warmup``.
@@ -29,6 +34,7 @@ Byte model (the minimum each op must move; used for GB/s of both implementations
   bits     = logits (2B*N*V*s) + prev (B*M*V*4) + operator (N*M*4) + cfg (B*N*V*4) + bits (B*N*V/2)
   qkv      = qkv (2B*l*3*H*D*s) + q, k, v (3*2B*H*l*D*s) + cos/sin (2*l*D/2*4 with RoPE)
   gn_silu  = x (B*C*H*W*s) + out (B*C*H*W*s) + weight and bias (2*C*s)  (the kernel reads x twice: stats, apply)
+  adaln    = x (2B*l*C*s) + scale and shift (2*2B*C*s_mod) + out (2B*l*C*s_out)
 where s is the input element size. %copy compares with a measured 1 GiB device-to-device
 copy (2 bytes moved per byte copied).
 
@@ -36,7 +42,8 @@ copy (2 bytes moved per byte copied).
     TRITON_INTERPRET=1 python bench/bench_kernels.py --smoke --out /tmp/k.json  # CPU: correctness only
 
 ``--smoke`` (the default without CUDA) runs tiny shapes on the Triton interpreter and
-checks the kernels against the baselines; it records no timings. ``--rows`` appends JSON Lines
+checks the kernels against the baselines; it records no timings (the interpreter truncates float32 -> bfloat16
+stores, so adaln's bf16 error to exact is up to 2x what a GPU's round-to-nearest store gives). ``--rows`` appends JSON Lines
 (``bench/rows.py``): the run's settings first, then each case's row as soon as it is measured.
 """
 from __future__ import annotations
@@ -61,6 +68,10 @@ QKV_MODELS = (("var_d16", 16, 64, False), ("var_d30", 30, 64, False), ("infinity
 GN_VQ_SHAPES = ((640, 16), (320, 64), (160, 256))  # VQ-VAE decoder (C, H = W) at 256 px: first, middle, last level
 GN_BSQ_1024 = (128, 1024)  # BSQ VAE decoder's last level at 1024 px
 GN_GROUPS, GN_EPS = 32, 1e-6
+ADALN_VAR = (("d16", 1024), ("d30", 1920))  # (preset, C = 64 * depth)
+ADALN_VAR_PNS = (8, 16)  # a middle and the last scale of patch_nums
+ADALN_INFINITY_C, ADALN_INFINITY_HW, ADALN_INFINITY_BATCHES = 2048, ((24, 24), (64, 64)), (1, 16)  # Infinity-2B, 1M
+EPS = 1e-6  # VAR's and Infinity's norm_eps
 
 
 def parse_args() -> argparse.Namespace:
@@ -101,6 +112,14 @@ def sample_upstream(logits, top_k: int, top_p: float, temperature: float, genera
         sorted_idx_to_remove[..., -1:] = False
         logits.masked_fill_(sorted_idx_to_remove.scatter(sorted_idx.ndim - 1, sorted_idx, sorted_idx_to_remove), -torch.inf)
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, replacement=True, generator=generator)[:, 0]
+
+
+def adaln_unfused(x, scale, shift, out_dtype):
+    """The models' eager chain (VAR's ``ln_wo_grad(x).mul(scale1.add(1)).add_(shift1)``, Infinity's
+    ``ada_layer_norm``): ``ada_ln_modulate_reference``, one kernel per op."""
+    from ssg_engine.kernels.ada_ln_modulate import ada_ln_modulate_reference
+
+    return ada_ln_modulate_reference(x, scale, shift, EPS, out_dtype)
 
 
 # ---- timing ---------------------------------------------------------------------------
@@ -227,6 +246,44 @@ def run_qkv(case: Dict, args, device: str, copy_gbps: Optional[float]) -> Dict:
     row = dict(op="qkv", **case, rows=2 * B, dtype="bfloat16", bytes=n_bytes,
                rel_err_q=rel_err(q[:2], q32), rel_err_k=rel_err(k, k32[window]),
                baseline_rel_err_q=rel_err(q_base[:2], q32), baseline_rel_err_k=rel_err(k_base, k32[window]))
+    if not args.smoke:
+        row["fused_launches"], row["baseline_launches"] = count_launches(fused), count_launches(unfused)
+        row["fused_ms"] = cuda_time_ms(fused, args.warmup, args.reps)
+        row["baseline_ms"] = cuda_time_ms(unfused, args.warmup, args.reps)
+        add_rates(row, copy_gbps)
+    return row
+
+
+def adaln_cases(smoke: bool) -> List[Dict]:
+    """VAR (bf16 in and out) at a middle and the last scale, then Infinity-2B (fp32 x and modulation; fp32 or bf16 out)."""
+    if smoke:
+        return [dict(model="tiny", C=96, B=1, hw=(1, 1), dtype="bfloat16", out_dtype="bfloat16"),
+                dict(model="tiny", C=100, B=3, hw=(5, 4), dtype="float32", out_dtype="bfloat16")]
+    cases = [dict(model=preset, C=C, B=B, hw=(pn, pn), dtype="bfloat16", out_dtype="bfloat16")
+             for preset, C in ADALN_VAR for pn in ADALN_VAR_PNS for B in BATCHES]
+    return cases + [dict(model="infinity_2b", C=ADALN_INFINITY_C, B=B, hw=hw, dtype="float32", out_dtype=out)
+                    for hw in ADALN_INFINITY_HW for B in ADALN_INFINITY_BATCHES for out in ("float32", "bfloat16")]
+
+
+def run_adaln(case: Dict, args, device: str, copy_gbps: Optional[float]) -> Dict:
+    from ssg_engine.kernels.ada_ln_modulate import ada_ln_modulate_triton
+
+    R, l, C = 2 * case["B"], case["hw"][0] * case["hw"][1], case["C"]
+    dtype, out_dtype = getattr(torch, case["dtype"]), getattr(torch, case["out_dtype"])
+    g = torch.Generator(device=device).manual_seed(R * l + C)
+    x = (torch.randn(R, l, C, generator=g, device=device) * 2 + 1).to(dtype)
+    _, _, scale, _, shift, _ = (torch.randn(R, 1, 6, C, generator=g, device=device) * 0.3).to(dtype).unbind(2)
+    out_size = torch.empty((), dtype=out_dtype).element_size()
+    n_bytes = x.numel() * x.element_size() + 2 * R * C * scale.element_size() + x.numel() * out_size
+
+    fused = lambda: ada_ln_modulate_triton(x, scale, shift, EPS, out_dtype)  # noqa: E731
+    unfused = lambda: adaln_unfused(x, scale, shift, out_dtype)  # noqa: E731
+    out, ref = fused(), unfused()
+    exact = torch.nn.functional.layer_norm(x.double(), (C,), eps=EPS) * (1 + scale.double()) + shift.double()
+    row = dict(op="adaln", **case, R=R, l=l, bytes=n_bytes, rel_err=rel_err(out, ref),
+               max_abs_err=(out.double() - ref.double()).abs().max().item(),
+               rel_err_exact=((out.double() - exact).norm() / exact.norm()).item(),
+               baseline_rel_err_exact=((ref.double() - exact).norm() / exact.norm()).item())
     if not args.smoke:
         row["fused_launches"], row["baseline_launches"] = count_launches(fused), count_launches(unfused)
         row["fused_ms"] = cuda_time_ms(fused, args.warmup, args.reps)
@@ -373,6 +430,8 @@ def print_table(results: List[Dict], smoke: bool) -> None:
                      else f"rel_err cfg {r['rel_err_cfg']:.1e} bits agree {r['bits_agree']:.4f}" if r["op"] == "bits"
                      else f"rel_err q {r['rel_err_q']:.1e} k {r['rel_err_k']:.1e} (eager {r['baseline_rel_err_q']:.1e})"
                      if r["op"] == "qkv"
+                     else f"to exact: fused {r['rel_err_exact']:.1e} eager {r['baseline_rel_err_exact']:.1e}"
+                     if r["op"] == "adaln"
                      else f"in mask: kernel {r['kernel_in_mask']} upstream {r['baseline_in_mask']}")
             print(f"{r['op']:9} {case_label(r):36} {check:>40}")
         return
@@ -396,6 +455,9 @@ def case_label(r: Dict) -> str:
         return f"B={r['B']} {scale} d={r['V'] // 2}"
     if r["op"] == "gn_silu":
         return f"{r['model']} B={r['B']} C={r['C']} {r['H']}x{r['W']} G={r['G']}"
+    if r["op"] == "adaln":
+        dtypes = r["dtype"] if r["dtype"] == r["out_dtype"] else f"{r['dtype']}->{r['out_dtype']}"
+        return f"{r['model']} B={r['B']} {r['hw'][0]}x{r['hw'][1]} C={r['C']} {dtypes}"
     return f"{r['label']} V={r['V']}"
 
 
@@ -417,13 +479,15 @@ def main() -> None:
         smoke=args.smoke,
         env=dict(environment(), interpreter=os.environ.get("TRITON_INTERPRET") == "1"),
         settings=dict(cfg_t=CFG_T, beta=BETA, top_k=TOP_K, top_p=TOP_P, temperature=TEMPERATURE,
-                      warmup=args.warmup, reps=args.reps, dtype="float32 (bits: bfloat16 logits, float32 prev)"),
+                      warmup=args.warmup, reps=args.reps, eps=EPS,
+                      dtype="float32 (bits: bfloat16 logits, float32 prev; adaln: per row)"),
         byte_model=dict(
             guidance="2B*N*V*s logits + B*M*V*s prev + N*M*4 operator + 2*B*N*V*4 outputs",
             sampler="R*V*s logits + R*8 tokens",
             bits="2B*N*V*2 bf16 logits + B*M*V*4 prev + N*M*4 operator + B*N*V*4 cfg + B*N*V/2 uint8 bits",
             qkv="2B*l*3*H*D*2 bf16 qkv + 3*2B*H*l*D*2 bf16 q, k, v + l*D*4 cos/sin (RoPE)",
             gn_silu="B*C*H*W*2 bf16 x + B*C*H*W*2 out + 2*C*2 weight and bias (x is read twice by the kernel)",
+            adaln="2B*l*C*s x + 2*2B*C*s_mod scale and shift + 2B*l*C*s_out out",
             copy="2 * 1 GiB per device-to-device copy",
         ),
         copy_bandwidth_GBps=copy_gbps,
@@ -433,7 +497,7 @@ def main() -> None:
     results = []
     for run, cases in ((run_guidance, guidance_cases(args.smoke)), (run_sampler, sampler_cases(args.smoke)),
                        (run_bits, bits_cases(args.smoke)), (run_qkv, qkv_cases(args.smoke)),
-                       (run_gn_silu, gn_silu_cases(args.smoke))):
+                       (run_gn_silu, gn_silu_cases(args.smoke)), (run_adaln, adaln_cases(args.smoke))):
         for case in cases:
             results.append(run(case, args, device, copy_gbps))
             lines.write("row", **results[-1])

@@ -40,6 +40,29 @@ def ssg_guidance(
         return impl.ssg_guidance_reference(logits_2B, prev, operator, cfg_t, beta)
 
 
+def ada_ln_modulate(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    eps: float,
+    *,
+    out_dtype: Optional[torch.dtype] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """x (R, l, C) -> LayerNorm(x, no affine, eps) * (1 + scale) + shift, (R, l, C) in out_dtype (default x.dtype).
+
+    scale/shift: broadcastable to (R, 1, C), any strides (e.g. views ``mod.unbind(2)`` of a (R, 1, 6, C) tensor, or
+    (R, 1, C)). See :mod:`ssg_engine.kernels.ada_ln_modulate`: the reference backend is the models' eager chain (in
+    the wider of x's dtype and out_dtype), the Triton kernel reads x once and rounds once.
+    """
+    from ssg_engine.kernels import ada_ln_modulate as impl
+
+    with nvtx_range("ada_ln_modulate"):
+        if resolve_backend(backend, x.device) == "triton":
+            return impl.ada_ln_modulate_triton(x, scale, shift, eps, out_dtype)
+        return impl.ada_ln_modulate_reference(x, scale, shift, eps, out_dtype)
+
+
 def sample_logits(
     logits: torch.Tensor,
     top_k: int,
