@@ -183,7 +183,7 @@ def compile_inputs(config: dict, arch: int):
     signature = {arg: ty for arg, ty, _ in config["args"]}
     constexprs = {(i,): spec for i, (_, ty, spec) in enumerate(config["args"]) if ty == "constexpr"}
     attrs = {(i,): backend.parse_attr(spec) for i, (_, ty, spec) in enumerate(config["args"]) if ty != "constexpr" and isinstance(spec, str)}
-    options = backend.parse_options({"num_warps": config["num_warps"]}).__dict__
+    options = backend.parse_options({k: config[k] for k in ("num_warps", "num_stages") if k in config}).__dict__
     return kernel, ASTSource(kernel, signature, constexprs, attrs), options
 
 
@@ -205,7 +205,8 @@ def compile_row(job: Tuple[str, dict, int]) -> dict:
     kernel, source, options = compile_inputs(config, arch)
     args = config["args"]
     row = {
-        "kernel": kernel.__name__.strip("_"), "arch": arch, "num_warps": config["num_warps"], "key": key,
+        "kernel": kernel.__name__.strip("_"), "arch": arch, "num_warps": config["num_warps"],
+        "num_stages": config.get("num_stages"), "key": key,
         "pointers": {name: ty for name, ty, _ in args if ty.startswith("*")},
         "unaligned_pointers": [name for name, ty, spec in args if ty.startswith("*") and spec != "D"],
         "constexprs": {name: spec for name, ty, spec in args if ty == "constexpr" and name.isupper()},
