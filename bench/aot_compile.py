@@ -3,9 +3,10 @@
 The sweep is what the Engine launches: every configuration ``bench/engine_launches.py`` recorded while running the
 Engine (fake tensors) for every family, preset shape class, bucket, dtype and setting (``engine_launches.json``),
 plus the launchers' own ranges (VAR d16..d36, V = 4096; B in {1, 16, 64}; every scale; fp32/bf16/fp16; SSG prior
-on/off; top-k/top-p on/off) derived by their ``*_launch`` functions on meta tensors. Both are specialized exactly
-as ``JITFunction.run`` would (``ssg_engine.kernels.launch_config``: do_not_specialize, pointer alignment), deduped
-and compiled to cubin for each ``--arch``. Per compiled configuration it records the registers, local memory
+on/off; top-k/top-p on/off; the block GEMMs of VAR and of Infinity-2B's 1M schedule) derived by their ``*_launch``
+functions on meta tensors. Both are specialized exactly as ``JITFunction.run`` would
+(``ssg_engine.kernels.launch_config``: do_not_specialize, pointer alignment), deduped and compiled to cubin for
+each ``--arch``. Per compiled configuration it records the registers, local memory
 (spills; ptxas puts them in the stack frame), shared memory, SASS instruction count and compile seconds. Exits 1
 when a configuration fails to compile, spills, or needs more shared memory than the arch has.
 
@@ -48,8 +49,11 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 from ssg_engine.config import ModelConfig  # noqa: E402
 from ssg_engine.guidance import cfg_ratio  # noqa: E402
+from ssg_engine.models.infinity import INFINITY_PRESETS, scale_schedule  # noqa: E402
 from ssg_engine.kernels import KernelLaunch, config_key, launch_config  # noqa: E402
 from ssg_engine.kernels.guide_sample_bits import guide_sample_bits_launch  # noqa: E402
+from ssg_engine.kernels.matmul_gated_residual import matmul_gated_residual_launch  # noqa: E402
+from ssg_engine.kernels.matmul_gelu import matmul_gelu_launch  # noqa: E402
 from ssg_engine.kernels.sampling import sample_logits_launch  # noqa: E402
 from ssg_engine.kernels.ssg_guidance import ssg_guidance_launch  # noqa: E402
 
@@ -120,10 +124,43 @@ def sampling_cases(presets: Sequence[str], batches: Sequence[int], dtypes: Seque
                         yield Case("sample_logits", preset, batch, str(dtype).removeprefix("torch."), setting, si, launch)
 
 
+def _block_linears(name: str, dtype: torch.dtype, residual_dtype: torch.dtype, rows: int, tokens: int, C: int,
+                   hidden: int, setting: str, scale: int) -> Iterator[Case]:
+    """The three linears of one transformer block on (rows = 2B, tokens, C) activations: fc1 + GELU, then the
+    out-projection and fc2 with their gated residual; gamma is a ``mod.unbind(2)`` view of the (2B, 1, 6, C)
+    modulation, bias in the linears' dtype."""
+    def t(*shape, dt=dtype):
+        return torch.empty(*shape, dtype=dt, device="meta")
+
+    dt = str(dtype).removeprefix("torch.")
+    gamma = t(rows, 1, 6, C, dt=residual_dtype).unbind(2)[1]
+    launch, _ = matmul_gelu_launch(t(rows, tokens, C), t(hidden, C), t(hidden))
+    yield Case("matmul_gelu", name, rows // 2, dt, setting, scale, launch)
+    for k in (C, hidden):  # out-projection, fc2
+        launch, _ = matmul_gated_residual_launch(t(rows, tokens, C, dt=residual_dtype), t(rows, tokens, k), t(C, k), t(C), gamma)
+        yield Case("matmul_gated_residual", name, rows // 2, dt, setting + f" K={k}", scale, launch)
+
+
+def matmul_cases(presets: Sequence[str], batches: Sequence[int], dtypes: Sequence[torch.dtype]) -> Iterator[Case]:
+    """``matmul_gelu`` / ``matmul_gated_residual`` at every scale of the VAR ``presets`` (residual in the model's
+    dtype) and of Infinity-2B's 1M square schedule (bf16 linears, float32 residual and modulation, as under the
+    Engine's autocast), 2B rows of tokens."""
+    for preset in presets:
+        cfg = ModelConfig.preset(preset)
+        C = cfg.embed_dim
+        for batch, dtype, (si, pn) in itertools.product(batches, dtypes, enumerate(cfg.patch_nums)):
+            yield from _block_linears(preset, dtype, dtype, 2 * batch, pn * pn, C, round(C * cfg.mlp_ratio), "var block", si)
+    cfg = INFINITY_PRESETS["infinity_2b"]
+    for batch, (si, (h, w)) in itertools.product(batches, enumerate(scale_schedule(1.0, "1M"))):
+        yield from _block_linears("infinity_2b", torch.bfloat16, torch.float32, 2 * batch, h * w, cfg.embed_dim,
+                                  cfg.ffn_hidden, "infinity block", si)
+
+
 def quick_cases() -> List[Case]:
     """d16's last scale at B=64, fp32, prior and top-k + top-p on; the sampler on Infinity-2B's last 1M scale
-    (64 x 64 tokens x 32 bits, rows of V = 2, B=1, top-p on), the configuration with the most rows per program; and
-    the fused bit sampler on that scale (prior, CFG, top-k + top-p)."""
+    (64 x 64 tokens x 32 bits, rows of V = 2, B=1, top-p on), the configuration with the most rows per program; the
+    fused bit sampler on that scale (prior, CFG, top-k + top-p); and fc1 + GELU and fc1's gated residual twice:
+    Infinity-2B's last scale (bf16, the large tiles) and VAR-d16's first scale in fp32 (the small tiles)."""
     guidance = [c for c in guidance_cases(["d16"], [64], [torch.float32]) if c.setting == "ssg"]
     sampling = [c for c in sampling_cases(["d16"], [64], [torch.float32]) if c.setting == "top-k+top-p"]
     seed = torch.zeros(1, dtype=torch.int64, device="meta")
@@ -132,8 +169,13 @@ def quick_cases() -> List[Case]:
     logits = torch.empty(2, 64 * 64, 64, device="meta")  # Infinity-2B's last 1M scale with its prior (48 x 48), CFG
     prev, operator = torch.empty(1, 48 * 48, 64, device="meta"), torch.empty(64 * 64, 48 * 48, device="meta")
     fused, _ = guide_sample_bits_launch(logits, prev, operator, 3.0, 0.5, 900, 0.97, 1.0, seed, seed)
+    # the GEMMs: Infinity-2B's last scale at B=1 (bf16, fp32 residual; the large-M tiles) and VAR-d16's first
+    # scale at B=1 in fp32 (2 rows: the small-M tiles, FMA dots)
+    infinity = list(matmul_cases([], [1], []))
+    gemms = [c for c in infinity if c.scale == infinity[-1].scale][:2]
+    gemms += [c for c in matmul_cases(["d16"], [1], [torch.float32]) if c.scale == 0 and c.preset == "d16"][:2]
     return [guidance[-1], sampling[-1], Case("sample_logits", "infinity_2b", 1, "float32", "top-p", 12, launch),
-            Case("guide_sample_bits", "infinity_2b", 1, "float32", "ssg", 12, fused)]
+            Case("guide_sample_bits", "infinity_2b", 1, "float32", "ssg", 12, fused), *gemms]
 
 
 def launch_key(launch: KernelLaunch) -> str:
@@ -316,13 +358,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.quick:
         configs = launcher_configs(quick_cases())
     elif args.ranges_only:
-        configs = launcher_configs([*guidance_cases(PRESETS, BATCHES, dtypes), *sampling_cases(PRESETS, BATCHES, dtypes)])
+        configs = launcher_configs([*guidance_cases(PRESETS, BATCHES, dtypes), *sampling_cases(PRESETS, BATCHES, dtypes),
+                                    *matmul_cases(PRESETS, BATCHES, dtypes)])
     else:
         launches = Path(args.launches)
         if not launches.is_file():
             print(f"--launches {launches} not found; write it with: python bench/engine_launches.py --out {launches.parent}", file=sys.stderr)
             return 2
-        configs = launcher_configs([*guidance_cases(PRESETS, BATCHES, dtypes), *sampling_cases(PRESETS, BATCHES, dtypes)])
+        configs = launcher_configs([*guidance_cases(PRESETS, BATCHES, dtypes), *sampling_cases(PRESETS, BATCHES, dtypes),
+                                    *matmul_cases(PRESETS, BATCHES, dtypes)])
         recorded, variants = engine_configs(launches)
         for key, config in recorded.items():
             configs[key] = {**configs.get(key, {}), **config}

@@ -31,11 +31,24 @@ try:
 except ImportError:  # reference-only install: the launchers raise instead
     tl = None
 
-# Triton 3.9's interpreter multiplies bfloat16 tiles as their uint16 storage (np.matmul in
-# InterpreterBuilder.create_dot): interpreted dots take float32 operands instead (exact: the product of two
-# bf16/fp16 values fits in fp32). A global constexpr, not a parameter: compiled kernels and their launch
-# configurations are unchanged. Fixed when triton is imported, as the interpreter switch itself is.
-_UPCAST_DOT = tl.constexpr(triton_interpreting()) if tl is not None else False
+# Two bfloat16 bugs of Triton 3.9's interpreter, worked around only when interpreting: it multiplies bf16 tiles as
+# their uint16 storage (np.matmul in InterpreterBuilder.create_dot), so interpreted dots take float32 operands
+# (exact: the product of two bf16/fp16 values fits in fp32); and its float32 -> bf16 cast truncates (cast_impl;
+# the GPU rounds to nearest even), so :func:`cast_rtne` rounds by hand. A global constexpr, not a parameter:
+# compiled kernels and their launch configurations are unchanged. Fixed at import, as the interpreter switch is.
+_INTERPRETED = tl.constexpr(triton_interpreting()) if tl is not None else False
+
+
+@jit()
+def cast_rtne(v, like_ptr):
+    """float32 ``v`` in ``like_ptr``'s element type, rounded to nearest even (as the GPU's ``.to`` does)."""
+    out = v.to(like_ptr.dtype.element_ty)
+    if _INTERPRETED:
+        if like_ptr.dtype.element_ty == tl.bfloat16:
+            bits = v.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return out
 
 
 @jit()
@@ -70,7 +83,7 @@ def matmul_tile(
         mask_k = offs_k < K
         a = tl.load(x_rows[:, None] + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(w_cols[None, :] + offs_k[:, None] * stride_wk, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if _UPCAST_DOT:
+        if _INTERPRETED:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     return acc
@@ -111,7 +124,8 @@ def gemm_config(m: int, dtype: torch.dtype) -> Dict[str, int]:
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # x and weight: the dtypes tl.dot takes
 
 
-def _describe(t: object) -> str:
+def describe(t: object) -> str:
+    """Shape and dtype of a tensor (type name otherwise), for error messages."""
     return f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
@@ -121,9 +135,9 @@ def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     x (..., K) and weight (N, K) float32, bfloat16 or float16 of one dtype (F.linear's rule outside autocast);
     bias (N,) of any floating dtype or None (rounded to x's dtype first, as autocast does); one device."""
     if not isinstance(x, torch.Tensor) or x.ndim == 0:
-        raise ValueError(f"x must be a (..., K) tensor; got {_describe(x)}")
+        raise ValueError(f"x must be a (..., K) tensor; got {describe(x)}")
     if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
-        raise ValueError(f"weight must be an (N, K) tensor (nn.Linear.weight); got {_describe(weight)}")
+        raise ValueError(f"weight must be an (N, K) tensor (nn.Linear.weight); got {describe(weight)}")
     if x.dtype not in KERNEL_DTYPES:
         raise ValueError(f"x dtype {x.dtype} is not supported; use float32, bfloat16 or float16")
     if weight.dtype != x.dtype:
@@ -135,7 +149,7 @@ def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,) or not bias.is_floating_point():
-            raise ValueError(f"bias must be a floating-point ({n},) tensor or None; got {_describe(bias)}")
+            raise ValueError(f"bias must be a floating-point ({n},) tensor or None; got {describe(bias)}")
         if bias.device != x.device:
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
     return k, n

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import KernelLaunch, jit, require_kernel_device
-from .gemm_tile import check_linear, gemm_config, grouped_tile, linear_reference, matmul_tile, rows_view
+from .gemm_tile import cast_rtne, check_linear, gemm_config, grouped_tile, linear_reference, matmul_tile, rows_view
 
 try:
     import triton
@@ -65,11 +65,11 @@ def _matmul_gelu_kernel(
     mask_n = offs_n < N
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n * stride_b, mask=mask_n, other=0.0)
-        y += bias.to(x_ptr.dtype.element_ty).to(tl.float32)[None, :]
+        y += cast_rtne(bias.to(tl.float32), x_ptr).to(tl.float32)[None, :]  # bias in x's dtype, as F.linear
     u = 0.7978845608028654 * (y + 0.044715 * y * y * y)  # sqrt(2 / pi): PyTorch's kBeta for approximate="tanh"
     out = y * tl.sigmoid(2.0 * u)  # 0.5 * y * (1 + tanh(u))
     offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(out_ptr + offs, cast_rtne(out, out_ptr), mask=mask_m[:, None] & mask_n[None, :])
 
 
 def matmul_gelu_launch(
