@@ -159,8 +159,8 @@ def matmul_cases(presets: Sequence[str], batches: Sequence[int], dtypes: Sequenc
 def quick_cases() -> List[Case]:
     """d16's last scale at B=64, fp32, prior and top-k + top-p on; the sampler on Infinity-2B's last 1M scale
     (64 x 64 tokens x 32 bits, rows of V = 2, B=1, top-p on), the configuration with the most rows per program; the
-    fused bit sampler on that scale (prior, CFG, top-k + top-p); and fc1 + GELU and fc1's gated residual twice:
-    Infinity-2B's last scale (bf16, the large tiles) and VAR-d16's first scale in fp32 (the small tiles)."""
+    fused bit sampler on that scale (prior, CFG, top-k + top-p); fc1 + GELU at Infinity-2B's last scale (bf16, the
+    large tiles) and fc2 + gated residual at VAR-d16's first scale in fp32 (the small tiles)."""
     guidance = [c for c in guidance_cases(["d16"], [64], [torch.float32]) if c.setting == "ssg"]
     sampling = [c for c in sampling_cases(["d16"], [64], [torch.float32]) if c.setting == "top-k+top-p"]
     seed = torch.zeros(1, dtype=torch.int64, device="meta")
@@ -169,11 +169,11 @@ def quick_cases() -> List[Case]:
     logits = torch.empty(2, 64 * 64, 64, device="meta")  # Infinity-2B's last 1M scale with its prior (48 x 48), CFG
     prev, operator = torch.empty(1, 48 * 48, 64, device="meta"), torch.empty(64 * 64, 48 * 48, device="meta")
     fused, _ = guide_sample_bits_launch(logits, prev, operator, 3.0, 0.5, 900, 0.97, 1.0, seed, seed)
-    # the GEMMs: Infinity-2B's last scale at B=1 (bf16, fp32 residual; the large-M tiles) and VAR-d16's first
-    # scale at B=1 in fp32 (2 rows: the small-M tiles, FMA dots)
+    # the GEMMs: fc1 + GELU at Infinity-2B's last scale, B=1 (bf16; the large-M tiles) and the fc2 gated residual at
+    # VAR-d16's first scale, B=1, in fp32 (2 rows: the small-M tiles, FMA dots)
     infinity = list(matmul_cases([], [1], []))
-    gemms = [c for c in infinity if c.scale == infinity[-1].scale][:2]
-    gemms += [c for c in matmul_cases(["d16"], [1], [torch.float32]) if c.scale == 0 and c.preset == "d16"][:2]
+    gemms = [next(c for c in infinity if c.scale == infinity[-1].scale and c.kernel == "matmul_gelu"),
+             next(c for c in matmul_cases(["d16"], [1], [torch.float32]) if c.scale == 0 and c.setting.endswith("K=4096"))]
     return [guidance[-1], sampling[-1], Case("sample_logits", "infinity_2b", 1, "float32", "top-p", 12, launch),
             Case("guide_sample_bits", "infinity_2b", 1, "float32", "ssg", 12, fused), *gemms]
 
