@@ -6,6 +6,10 @@ plus the launchers' own ranges (VAR d16..d36, V = 4096; B in {1, 16, 64}; every 
 on/off; top-k/top-p on/off; the VAE decoders' GroupNorm + SiLU at every level) derived by their ``*_launch`` functions on meta tensors. Both are specialized exactly
 as ``JITFunction.run`` would (``ssg_engine.kernels.launch_config``: do_not_specialize, pointer alignment), deduped
 and compiled to cubin for each ``--arch``. Per compiled configuration it records the registers, local memory
+on/off; top-k/top-p on/off; the block GEMMs of VAR and of Infinity-2B's 1M schedule) derived by their ``*_launch``
+functions on meta tensors. Both are specialized exactly as ``JITFunction.run`` would
+(``ssg_engine.kernels.launch_config``: do_not_specialize, pointer alignment), deduped and compiled to cubin for
+each ``--arch``. Per compiled configuration it records the registers, local memory
 (spills; ptxas puts them in the stack frame), shared memory, SASS instruction count and compile seconds. Exits 1
 when a configuration fails to compile, spills, or needs more shared memory than the arch has.
 
@@ -48,11 +52,14 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 from ssg_engine.config import ModelConfig  # noqa: E402
 from ssg_engine.guidance import cfg_ratio  # noqa: E402
+from ssg_engine.models.infinity import INFINITY_PRESETS, scale_schedule  # noqa: E402
 from ssg_engine.kernels import KernelLaunch, config_key, launch_config  # noqa: E402
 from ssg_engine.kernels.group_norm_silu import group_norm_silu_launch  # noqa: E402
 from ssg_engine.kernels.ada_ln_modulate import ada_ln_modulate_launch  # noqa: E402
 from ssg_engine.kernels.guide_sample_bits import guide_sample_bits_launch  # noqa: E402
 from ssg_engine.kernels.qkv_norm_rope_cache import qkv_norm_rope_cache_launch  # noqa: E402
+from ssg_engine.kernels.matmul_gated_residual import matmul_gated_residual_launch  # noqa: E402
+from ssg_engine.kernels.matmul_gelu import matmul_gelu_launch  # noqa: E402
 from ssg_engine.kernels.sampling import sample_logits_launch  # noqa: E402
 from ssg_engine.kernels.ssg_guidance import ssg_guidance_launch  # noqa: E402
 from ssg_engine.models.infinity import INFINITY_PRESETS, scale_schedule  # noqa: E402
@@ -204,6 +211,36 @@ def ada_ln_modulate_cases(presets: Sequence[str], batches: Sequence[int], dtypes
         for batch, out_dtype in itertools.product(batches, dtypes):
             for what, si, launch in launches(C, batch, torch.float32, out_dtype, ls):
                 yield Case("ada_ln_modulate", preset, batch, f"float32->{str(out_dtype).removeprefix('torch.')}", what, si, launch)
+def _block_linears(name: str, dtype: torch.dtype, residual_dtype: torch.dtype, rows: int, tokens: int, C: int,
+                   hidden: int, setting: str, scale: int) -> Iterator[Case]:
+    """The three linears of one transformer block on (rows = 2B, tokens, C) activations: fc1 + GELU, then the
+    out-projection and fc2 with their gated residual; gamma is a ``mod.unbind(2)`` view of the (2B, 1, 6, C)
+    modulation, bias in the linears' dtype."""
+    def t(*shape, dt=dtype):
+        return torch.empty(*shape, dtype=dt, device="meta")
+
+    dt = str(dtype).removeprefix("torch.")
+    gamma = t(rows, 1, 6, C, dt=residual_dtype).unbind(2)[1]
+    launch, _ = matmul_gelu_launch(t(rows, tokens, C), t(hidden, C), t(hidden))
+    yield Case("matmul_gelu", name, rows // 2, dt, setting, scale, launch)
+    for k in (C, hidden):  # out-projection, fc2
+        launch, _ = matmul_gated_residual_launch(t(rows, tokens, C, dt=residual_dtype), t(rows, tokens, k), t(C, k), t(C), gamma)
+        yield Case("matmul_gated_residual", name, rows // 2, dt, setting + f" K={k}", scale, launch)
+
+
+def matmul_cases(presets: Sequence[str], batches: Sequence[int], dtypes: Sequence[torch.dtype]) -> Iterator[Case]:
+    """``matmul_gelu`` / ``matmul_gated_residual`` at every scale of the VAR ``presets`` (residual in the model's
+    dtype) and of Infinity-2B's 1M square schedule (bf16 linears, float32 residual and modulation, as under the
+    Engine's autocast), 2B rows of tokens."""
+    for preset in presets:
+        cfg = ModelConfig.preset(preset)
+        C = cfg.embed_dim
+        for batch, dtype, (si, pn) in itertools.product(batches, dtypes, enumerate(cfg.patch_nums)):
+            yield from _block_linears(preset, dtype, dtype, 2 * batch, pn * pn, C, round(C * cfg.mlp_ratio), "var block", si)
+    cfg = INFINITY_PRESETS["infinity_2b"]
+    for batch, (si, (h, w)) in itertools.product(batches, enumerate(scale_schedule(1.0, "1M"))):
+        yield from _block_linears("infinity_2b", torch.bfloat16, torch.float32, 2 * batch, h * w, cfg.embed_dim,
+                                  cfg.ffn_hidden, "infinity block", si)
 
 
 def quick_cases() -> List[Case]:
@@ -212,6 +249,9 @@ def quick_cases() -> List[Case]:
     the fused bit sampler on that scale (prior, CFG, top-k + top-p); the QKV epilogue of Infinity-2B's last scale
     (L2 norm + RoPE, D = 128, bf16, 128 rows), its largest tile; the AdaLN kernel on d30's last scale at B=64, bf16
     (C = 1920: masked BLOCK_C = 2048, the most x values per thread); GroupNorm + SiLU on the VQ-VAE's last level."""
+    (64 x 64 tokens x 32 bits, rows of V = 2, B=1, top-p on), the configuration with the most rows per program; the
+    fused bit sampler on that scale (prior, CFG, top-k + top-p); fc1 + GELU at Infinity-2B's last scale (bf16, the
+    large tiles) and fc2 + gated residual at VAR-d16's first scale in fp32 (the small tiles)."""
     guidance = [c for c in guidance_cases(["d16"], [64], [torch.float32]) if c.setting == "ssg"]
     sampling = [c for c in sampling_cases(["d16"], [64], [torch.float32]) if c.setting == "top-k+top-p"]
     seed = torch.zeros(1, dtype=torch.int64, device="meta")
@@ -223,15 +263,20 @@ def quick_cases() -> List[Case]:
     qkv = list(qkv_norm_rope_cache_cases([], [64], [torch.bfloat16], ["infinity_2b"]))
     gn = [c for c in group_norm_silu_cases([1], [torch.bfloat16]) if c.preset == "vqvae" and c.setting == "channels_last silu"]
     adaln = [c for c in ada_ln_modulate_cases(["d30"], [64], [torch.bfloat16], infinity_presets=()) if c.setting == "block"]
+    # the GEMMs: fc1 + GELU at Infinity-2B's last scale, B=1 (bf16; the large-M tiles) and the fc2 gated residual at
+    # VAR-d16's first scale, B=1, in fp32 (2 rows: the small-M tiles, FMA dots)
+    infinity = list(matmul_cases([], [1], []))
+    gemms = [next(c for c in infinity if c.scale == infinity[-1].scale and c.kernel == "matmul_gelu"),
+             next(c for c in matmul_cases(["d16"], [1], [torch.float32]) if c.scale == 0 and c.setting.endswith("K=4096"))]
     return [guidance[-1], sampling[-1], Case("sample_logits", "infinity_2b", 1, "float32", "top-p", 12, launch),
-            Case("guide_sample_bits", "infinity_2b", 1, "float32", "ssg", 12, fused), qkv[-1], gn[-1], adaln[-1]]
+            Case("guide_sample_bits", "infinity_2b", 1, "float32", "ssg", 12, fused), qkv[-1], gn[-1], adaln[-1], *gemms]
 
 
 def range_cases(dtypes: Sequence[torch.dtype]) -> List[Case]:
     """The launchers' own ranges (the full enumeration besides the Engine's recorded launches)."""
     return [*guidance_cases(PRESETS, BATCHES, dtypes), *sampling_cases(PRESETS, BATCHES, dtypes),
             *qkv_norm_rope_cache_cases(PRESETS, BATCHES, dtypes), *group_norm_silu_cases(BATCHES, dtypes),
-            *ada_ln_modulate_cases(PRESETS, BATCHES, dtypes)]
+            *ada_ln_modulate_cases(PRESETS, BATCHES, dtypes), *matmul_cases(PRESETS, BATCHES, dtypes)]
 
 
 def launch_key(launch: KernelLaunch) -> str:
@@ -281,7 +326,7 @@ def compile_inputs(config: dict, arch: int):
     signature = {arg: ty for arg, ty, _ in config["args"]}
     constexprs = {(i,): spec for i, (_, ty, spec) in enumerate(config["args"]) if ty == "constexpr"}
     attrs = {(i,): backend.parse_attr(spec) for i, (_, ty, spec) in enumerate(config["args"]) if ty != "constexpr" and isinstance(spec, str)}
-    options = backend.parse_options({"num_warps": config["num_warps"]}).__dict__
+    options = backend.parse_options({k: config[k] for k in ("num_warps", "num_stages") if k in config}).__dict__
     return kernel, ASTSource(kernel, signature, constexprs, attrs), options
 
 
@@ -303,7 +348,8 @@ def compile_row(job: Tuple[str, dict, int]) -> dict:
     kernel, source, options = compile_inputs(config, arch)
     args = config["args"]
     row = {
-        "kernel": kernel.__name__.strip("_"), "arch": arch, "num_warps": config["num_warps"], "key": key,
+        "kernel": kernel.__name__.strip("_"), "arch": arch, "num_warps": config["num_warps"],
+        "num_stages": config.get("num_stages"), "key": key,
         "pointers": {name: ty for name, ty, _ in args if ty.startswith("*")},
         "unaligned_pointers": [name for name, ty, spec in args if ty.startswith("*") and spec != "D"],
         "constexprs": {name: spec for name, ty, spec in args if ty == "constexpr" and name.isupper()},

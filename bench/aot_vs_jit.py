@@ -112,12 +112,12 @@ def materialize(launch: KernelLaunch, device: str, seed: int = 0) -> KernelLaunc
             real[id(a)] = t
         return real[id(a)]
 
-    return KernelLaunch(launch.kernel, launch.grid, tuple(convert(a) for a in launch.args), dict(launch.constexprs), launch.num_warps)
+    return KernelLaunch(launch.kernel, launch.grid, tuple(convert(a) for a in launch.args), dict(launch.constexprs), launch.num_warps, launch.num_stages)
 
 
 def jit_resources(launch: KernelLaunch) -> dict:
     """Launch once through ``JITFunction.run`` (it compiles for this GPU) and read the compiled kernel."""
-    compiled = launch.kernel[launch.grid](*launch.args, **launch.constexprs, num_warps=launch.num_warps)
+    compiled = launch.kernel[launch.grid](*launch.args, **launch.constexprs, **launch.options)
     torch.cuda.synchronize()
     if getattr(compiled, "n_regs", None) is None:
         compiled._init_handles()

@@ -26,7 +26,17 @@ guidance fused with the bit draw; at VAR-d16/d30 and Infinity-2B shapes: the QKV
   next linear reads under autocast) at a middle (24 x 24) and the last 1M scale (64 x 64), B in {1, 16};
 
 at every scale of patch_nums (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), V=4096, B in {1, 16, 64},
-plus a 4096 x 4096 sampler case. CUDA-event timing, median of ``--reps`` after ``--warmup``.
+plus a 4096 x 4096 sampler case; and the block GEMMs with fused epilogues:
+
+* matmul_gelu: ``matmul_gelu_triton`` (fc1 + bias + tanh-GELU, one launch) vs the eager FFN ``F.gelu(F.linear(...))``;
+* matmul_gated_residual: ``matmul_gated_residual_triton`` (out-projection / fc2 + bias + ``residual + gamma * y``) vs
+  the blocks' eager ``residual + F.linear(...).mul_(gamma)``;
+
+each also against the same cuBLAS matmul without bias or epilogue (``matmul_ms``; the target is
+``fused_ms / matmul_ms`` ~ 1.0), with TFLOP/s (2 M N K) and kernel launches per call (``torch.profiler``), at
+VAR-d16 / d30 (fp32 and bf16) and Infinity-2B (bf16 linears, fp32 residual) at a middle and the last scale,
+B in {1, 16, 64} (2B rows; cases over 128 Ki rows are skipped). CUDA-event timing, median of ``--reps`` after
+``--warmup``, warm L2, eager launches.
 
 Byte model (the minimum each op must move; used for GB/s of both implementations):
   guidance = logits (2B*N*V*s) + prev (B*M*V*s) + operator (N*M*4) + guided and cfg (2*B*N*V*4)
@@ -35,6 +45,7 @@ Byte model (the minimum each op must move; used for GB/s of both implementations
   qkv      = qkv (2B*l*3*H*D*s) + q, k, v (3*2B*H*l*D*s) + cos/sin (2*l*D/2*4 with RoPE)
   gn_silu  = x (B*C*H*W*s) + out (B*C*H*W*s) + weight and bias (2*C*s)  (the kernel reads x twice: stats, apply)
   adaln    = x (2B*l*C*s) + scale and shift (2*2B*C*s_mod) + out (2B*l*C*s_out)
+  gemm     = x (M*K*s) + weight (N*K*s) + bias (N*s) + out (M*N*o) [+ residual (M*N*o) + gamma (2B*N*o)]
 where s is the input element size. %copy compares with a measured 1 GiB device-to-device
 copy (2 bytes moved per byte copied).
 
@@ -72,6 +83,15 @@ ADALN_VAR = (("d16", 1024), ("d30", 1920))  # (preset, C = 64 * depth)
 ADALN_VAR_PNS = (8, 16)  # a middle and the last scale of patch_nums
 ADALN_INFINITY_C, ADALN_INFINITY_HW, ADALN_INFINITY_BATCHES = 2048, ((24, 24), (64, 64)), (1, 16)  # Infinity-2B, 1M
 EPS = 1e-6  # VAR's and Infinity's norm_eps
+# (preset, C, FFN hidden, (middle, last) scale tokens, x dtype, residual dtype): VAR's patch_nums 8 and 16,
+# Infinity-2B's 1M schedule at 21 x 21 (scale 7) and 64 x 64 (scale 12)
+GEMM_MODELS = (
+    ("d16", 1024, 4096, (64, 256), torch.float32, torch.float32),
+    ("d16", 1024, 4096, (64, 256), torch.bfloat16, torch.bfloat16),
+    ("d30", 1920, 7680, (64, 256), torch.bfloat16, torch.bfloat16),
+    ("infinity_2b", 2048, 8192, (441, 4096), torch.bfloat16, torch.float32),
+)
+GEMM_MAX_ROWS = 128 * 1024
 
 
 def parse_args() -> argparse.Namespace:
@@ -385,6 +405,62 @@ def bits_unfused(logits_2B, prev, operator, seed, offset):
     return tokens.view(B, N, V // 2), nonfinite, cfg
 
 
+def gemm_cases(smoke: bool) -> List[Dict]:
+    """fc1 (matmul_gelu), out-projection and fc2 (matmul_gated_residual) per model, scale and batch."""
+    models = (("tiny", 40, 100, (1, 5), torch.float32, torch.float32),
+              ("tiny", 40, 100, (1, 5), torch.bfloat16, torch.float32)) if smoke else GEMM_MODELS
+    cases = []
+    for preset, C, hidden, scales, dtype, residual_dtype in models:
+        for tokens in scales:
+            for B in ((1, 2) if smoke else BATCHES):
+                if 2 * B * tokens > GEMM_MAX_ROWS:
+                    continue
+                common = dict(preset=preset, tokens=tokens, B=B, M=2 * B * tokens, dtype=str(dtype).removeprefix("torch."),
+                              residual_dtype=str(residual_dtype).removeprefix("torch."))
+                cases.append(dict(op="matmul_gelu", layer="fc1", K=C, N=hidden, **common))
+                cases.append(dict(op="matmul_gated_residual", layer="proj", K=C, N=C, **common))
+                cases.append(dict(op="matmul_gated_residual", layer="fc2", K=hidden, N=C, **common))
+    return cases
+
+
+def run_gemm(case: Dict, args, device: str, copy_gbps: Optional[float]) -> Dict:
+    import torch.nn.functional as F
+
+    from ssg_engine.kernels.matmul_gated_residual import matmul_gated_residual_triton
+    from ssg_engine.kernels.matmul_gelu import matmul_gelu_triton
+
+    R, l, K, N = 2 * case["B"], case["tokens"], case["K"], case["N"]
+    dtype, residual_dtype = getattr(torch, case["dtype"]), getattr(torch, case["residual_dtype"])
+    g = torch.Generator(device=device).manual_seed(R * l + K + N)
+    x = torch.randn(R, l, K, generator=g, device=device).to(dtype)
+    w = (torch.randn(N, K, generator=g, device=device) / K**0.5).to(dtype)
+    b = (torch.randn(N, generator=g, device=device) * 0.1).to(dtype)
+    out_size = torch.tensor([], dtype=dtype if case["op"] == "matmul_gelu" else residual_dtype).element_size()
+    n_bytes = (x.numel() + w.numel() + b.numel()) * x.element_size() + R * l * N * out_size
+    if case["op"] == "matmul_gelu":
+        fused = lambda: matmul_gelu_triton(x, w, b)  # noqa: E731
+        unfused = lambda: F.gelu(F.linear(x, w, b), approximate="tanh")  # noqa: E731
+    else:
+        residual = torch.randn(R, l, N, generator=g, device=device).to(residual_dtype)
+        gamma = (torch.randn(R, 1, 6, N, generator=g, device=device) * 0.2).to(residual_dtype).unbind(2)[1]
+        n_bytes += R * l * N * out_size + R * N * out_size
+        fused = lambda: matmul_gated_residual_triton(residual, x, w, b, gamma)  # noqa: E731
+        unfused = lambda: residual + F.linear(x, w, b).mul_(gamma)  # noqa: E731
+    matmul = lambda: torch.matmul(x, w.t())  # noqa: E731
+    out, ref = fused(), unfused()
+    diff = (out.double() - ref.double()).abs()
+    row = dict(case, bytes=n_bytes, flops=2 * R * l * N * K, max_abs_err=diff.max().item(), rel_err=rel_err(out, ref))
+    if not args.smoke:
+        for name, fn in (("fused", fused), ("baseline", unfused), ("matmul", matmul)):
+            row[f"{name}_ms"] = cuda_time_ms(fn, args.warmup, args.reps)
+            row[f"{name}_launches"] = count_launches(fn)
+        add_rates(row, copy_gbps)
+        row["fused_TFLOPs"] = row["flops"] / row["fused_ms"] / 1e9
+        row["matmul_TFLOPs"] = row["flops"] / row["matmul_ms"] / 1e9
+        row["vs_matmul"] = row["fused_ms"] / row["matmul_ms"]
+    return row
+
+
 def run_bits(case: Dict, args, device: str, copy_gbps: Optional[float]) -> Dict:
     from ssg_engine.kernels.guide_sample_bits import guide_sample_bits_triton
 
@@ -432,6 +508,7 @@ def print_table(results: List[Dict], smoke: bool) -> None:
                      if r["op"] == "qkv"
                      else f"to exact: fused {r['rel_err_exact']:.1e} eager {r['baseline_rel_err_exact']:.1e}"
                      if r["op"] == "adaln"
+                     else f"rel_err {r['rel_err']:.1e} max abs {r['max_abs_err']:.1e}" if r["op"].startswith("matmul")
                      else f"in mask: kernel {r['kernel_in_mask']} upstream {r['baseline_in_mask']}")
             print(f"{r['op']:9} {case_label(r):36} {check:>40}")
         return
@@ -440,11 +517,14 @@ def print_table(results: List[Dict], smoke: bool) -> None:
     for r in results:
         tf32 = f"{r['fused_tf32_ms']:8.3f}" if "fused_tf32_ms" in r else f"{'':8}"
         launches = f"{r['fused_launches']}/{r['baseline_launches']}" if "baseline_launches" in r else ""
+        gemm = f" {r['fused_TFLOPs']:6.1f} TFLOP/s, {r['vs_matmul']:.2f}x matmul" if "vs_matmul" in r else ""
         print(f"{r['op']:9} {case_label(r):36} {r['fused_ms']:9.3f} {tf32} {r['baseline_ms']:9.3f} "
-              f"{r['speedup']:7.2f}x {r['fused_GBps']:7.0f} {r['fused_pct_copy']:5.1f}% {launches:>9}")
+              f"{r['speedup']:7.2f}x {r['fused_GBps']:7.0f} {r['fused_pct_copy']:5.1f}% {launches:>9}{gemm}")
 
 
 def case_label(r: Dict) -> str:
+    if r["op"].startswith("matmul"):
+        return f"{r['preset']} {r['layer']} B={r['B']} l={r['tokens']} {r['dtype']}"
     if r["op"] == "guidance":
         scale = f"pn {r['pn_prev']}->{r['pn']}" if r["pn_prev"] else f"pn {r['pn']} no prior"
         return f"B={r['B']} {scale} N={r['N']} M={r['M']}"
@@ -488,6 +568,7 @@ def main() -> None:
             qkv="2B*l*3*H*D*2 bf16 qkv + 3*2B*H*l*D*2 bf16 q, k, v + l*D*4 cos/sin (RoPE)",
             gn_silu="B*C*H*W*2 bf16 x + B*C*H*W*2 out + 2*C*2 weight and bias (x is read twice by the kernel)",
             adaln="2B*l*C*s x + 2*2B*C*s_mod scale and shift + 2B*l*C*s_out out",
+            gemm="M*K*s x + N*K*s weight + N*s bias + M*N*o out [+ M*N*o residual + 2B*N*o gamma]; TFLOP/s = 2*M*N*K",
             copy="2 * 1 GiB per device-to-device copy",
         ),
         copy_bandwidth_GBps=copy_gbps,
@@ -497,7 +578,8 @@ def main() -> None:
     results = []
     for run, cases in ((run_guidance, guidance_cases(args.smoke)), (run_sampler, sampler_cases(args.smoke)),
                        (run_bits, bits_cases(args.smoke)), (run_qkv, qkv_cases(args.smoke)),
-                       (run_gn_silu, gn_silu_cases(args.smoke)), (run_adaln, adaln_cases(args.smoke))):
+                       (run_gn_silu, gn_silu_cases(args.smoke)), (run_adaln, adaln_cases(args.smoke)),
+                       (run_gemm, gemm_cases(args.smoke))):
         for case in cases:
             results.append(run(case, args, device, copy_gbps))
             lines.write("row", **results[-1])

@@ -44,13 +44,22 @@ def require_kernel_device(device: torch.device) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class KernelLaunch:
-    """One launch of a jit kernel: ``kernel[grid](*args, **constexprs, num_warps=num_warps)``."""
+    """One launch of a jit kernel: ``kernel[grid](*args, **constexprs, **options)``, where ``options`` is
+    ``num_warps`` plus ``num_stages`` when set (None: not passed, Triton's default)."""
 
     kernel: Any
     grid: Tuple[int, ...]
     args: Tuple[Any, ...]
     constexprs: Dict[str, Any]
     num_warps: int
+    num_stages: Optional[int] = None
+
+    @property
+    def options(self) -> Dict[str, int]:
+        """The compile options of the launch: ``num_warps``, and ``num_stages`` when set."""
+        if self.num_stages is None:
+            return {"num_warps": self.num_warps}
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
 
     def run(self) -> None:
         """Launch; inside :func:`record_launches` record the configuration first (and skip the launch when
@@ -60,7 +69,7 @@ class KernelLaunch:
             recorder.configs.append(recorder.config(self))
             if not recorder.execute:
                 return
-        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps)
+        self.kernel[self.grid](*self.args, **self.constexprs, **self.options)
 
 
 # 16-byte alignment is what Triton specializes pointers on (``tt.divisibility`` 16); a tensor's base
@@ -132,16 +141,17 @@ def _binder(kernel: Any) -> Tuple[Any, Any]:
 
 def launch_config(launch: "KernelLaunch", binder: Optional[Tuple[Any, Any]] = None) -> Dict[str, Any]:
     """The compile configuration of a launch, as ``JITFunction.run`` derives it: ``{"kernel": "module:name",
-    "num_warps", "args": [[name, type, specialization], ...]}`` where type is ``"*bf16"``, ``"i32"``, ``"fp32"`` or
+    "num_warps", ["num_stages",] "args": [[name, type, specialization], ...]}`` (``num_stages`` only when the launch
+    sets it, so the keys of launches that do not are unchanged) where type is ``"*bf16"``, ``"i32"``, ``"fp32"`` or
     ``"constexpr"`` and specialization is ``"D"`` (divisible by 16: pointer alignment, int value), ``""`` (not),
     None (``do_not_specialize``/floats) or the constexpr's value (constexprs and ints equal to 1).
     ``config_key`` of it is equal for launches that compile to the same binary."""
     kernel, bind = binder if binder is not None else _binder(launch.kernel)
     args = [_as_pointer(a) for a in launch.args]
-    _, specialization, _ = bind(*args, **launch.constexprs, num_warps=launch.num_warps)
+    _, specialization, _ = bind(*args, **launch.constexprs, **launch.options)
     return {
         "kernel": f"{kernel.module}:{kernel.fn.__qualname__}",
-        "num_warps": launch.num_warps,
+        **launch.options,
         "args": [[p.name, ty, spec] for p, (ty, spec) in zip(kernel.params, specialization)],
     }
 

@@ -167,6 +167,46 @@ def qkv_norm_rope_cache_(
         )
 
 
+def matmul_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *, backend: str = "auto") -> torch.Tensor:
+    """x (..., K), weight (N, K), bias (N,) or None -> GELU_tanh(x @ weight^T + bias), (..., N) in x.dtype.
+
+    One launch (GEMM + bias + GELU epilogue) on the Triton backend; see :mod:`ssg_engine.kernels.matmul_gelu`.
+    The reference backend is the FFN's eager ``F.gelu(F.linear(x, weight, bias), approximate="tanh")``.
+    """
+    from ssg_engine.kernels import matmul_gelu as impl
+
+    with nvtx_range("matmul_gelu"):
+        if resolve_backend(backend, x.device) == "triton":
+            return impl.matmul_gelu_triton(x, weight, bias)
+        return impl.matmul_gelu_reference(x, weight, bias)
+
+
+def matmul_gated_residual(
+    residual: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    gamma: torch.Tensor,
+    *,
+    round_gated: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """residual (R, l, N), x (R, l, K), weight (N, K), bias (N,) or None, gamma broadcastable to (R, 1, N) (any strides:
+    a view ``mod.unbind(2)`` of (R, 1, 6, N), or (N,)) -> residual + gamma * (x @ weight^T + bias), new tensor (R, l, N)
+    in residual.dtype (may differ from x's: Infinity keeps an fp32 residual with bf16 linears).
+
+    One launch on the Triton backend; see :mod:`ssg_engine.kernels.matmul_gated_residual`. The reference backend is
+    the blocks' eager ``residual + F.linear(x, weight, bias).mul_(gamma)`` (``round_gated=False``: ``.mul(gamma)``, no
+    rounding of the gated product to y's dtype; the kernel never rounds it).
+    """
+    from ssg_engine.kernels import matmul_gated_residual as impl
+
+    with nvtx_range("matmul_gated_residual"):
+        if resolve_backend(backend, x.device) == "triton":
+            return impl.matmul_gated_residual_triton(residual, x, weight, bias, gamma)
+        return impl.matmul_gated_residual_reference(residual, x, weight, bias, gamma, round_gated)
+
+
 def _generator(seed: torch.Tensor, offset: torch.Tensor) -> torch.Generator:
     """The reference backend's generator on ``seed``'s device, seeded with ``seed * 1_000_003 + offset`` (a host read)."""
     generator = torch.Generator(device=seed.device)

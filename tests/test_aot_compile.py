@@ -89,7 +89,9 @@ def test_each_kernel_compiles_for_sm90_without_spills(interpret, tmp_path):
     _run("aot_compile.py", "--arch", "90", "--quick", "--out", str(tmp_path), interpret=interpret)
     rows = json.loads((tmp_path / "aot_kernels.json").read_text())
     assert sorted(r["kernel"] for r in rows) == ["ada_ln_modulate_kernel", "group_norm_silu_kernel", "guide_sample_bits_kernel",
-                                                 "qkv_norm_rope_cache_kernel", "sample_kernel", "sample_kernel", "ssg_guidance_kernel"]
+                                                 "matmul_gated_residual_kernel", "matmul_gelu_kernel", "qkv_norm_rope_cache_kernel",
+                                                 "sample_kernel", "sample_kernel", "ssg_guidance_kernel"]
+    assert {r["num_stages"] for r in rows if r["kernel"].startswith("matmul")} <= {2, 3, 4}  # set by gemm_config, compiled with
     assert {r["constexprs"]["BLOCK_V"] for r in rows if r["kernel"] == "sample_kernel"} == {2, 4096}
     for row in rows:
         assert row["compiled"] and row["arch"] == 90, row
