@@ -330,6 +330,9 @@ def main() -> None:
     ap.add_argument("--cpu", action="store_true", help="CPU: the shipped model, reference sampler vs Engine, B 1/4/16/64")
     ap.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
                     help=f"torch.compile mode of the {COMPILED} arm (GPU only); 'off' drops the arm")
+    ap.add_argument("--warm-compiled", type=float, default=None, metavar="SECONDS",
+                    help=f"only fill Inductor's on-disk caches: call the {COMPILED} arm once per model and batch (no rows), "
+                    "stopping before a call that would start after SECONDS (device_check.sh runs this in the background)")
     ap.add_argument("--out", default=None, help="JSON, rewritten (atomically) after every measured row")
     ap.add_argument("--rows", default=None, help="JSON Lines (bench/rows.py), appended: the run, then each row as it is measured")
     args = ap.parse_args()
@@ -339,6 +342,13 @@ def main() -> None:
     batches = [int(b) for b in (args.batches or default_batches).split(",")]
     repeats = default_repeats if args.repeats is None else args.repeats
     warmup = default_warmup if args.warmup is None else args.warmup
+    compile_mode = None if args.compile_mode == "off" else args.compile_mode
+    if compile_mode and not cuda:
+        print(f"{COMPILED}: skipped (GPU only: Inductor's CPU compile of a block takes minutes)")
+    if args.warm_compiled is not None:
+        if cuda and compile_mode:
+            warm_compiled(args.models.split(","), batches, compile_mode, args.warm_compiled)
+        return
     rates, floor_gpu = None, None
     if cuda:
         rates = measure_rates(device)
@@ -346,9 +356,6 @@ def main() -> None:
         floor_gpu = measured_gpu(rates)
     elif args.smoke and not args.cpu:
         floor_gpu = costs.GPUS["h200"]  # no speed claim: exercises the floor columns
-    compile_mode = None if args.compile_mode == "off" else args.compile_mode
-    if compile_mode and not cuda:
-        print(f"{COMPILED}: skipped (GPU only: Inductor's CPU compile of a block takes minutes)")
     report = {
         "smoke": args.smoke, "cpu": not cuda, "complete": False, "environment": environment(), "rates": rates,
         "floor_gpu": None if floor_gpu is None else gpu_dict(floor_gpu),
@@ -388,6 +395,28 @@ def main() -> None:
     print(json.dumps(report["summary"], indent=1))
     if args.out:
         print(f"wrote {args.out}")
+
+
+def warm_compiled(models: List[str], batches: List[int], mode: str, seconds: float) -> None:
+    """One call of the compiled arm per model and batch size (random bf16 weights, SSG off), so that the timed run
+    finds its compiled graphs and autotuning results in Inductor's on-disk caches; stops before a call that would
+    start after ``seconds``."""
+    start = time.perf_counter()
+    for name in models:
+        vae, var = random_models(ModelConfig.preset(name), "cuda", torch.bfloat16)
+        model = compiled_reference(var, mode)
+        model.attach_vae(vae)
+        for B in batches:
+            if time.perf_counter() - start > seconds:
+                print(f"warm {COMPILED}: stopped at {name} B={B} after {seconds:g} s")
+                return
+            t = time.perf_counter()
+            labels = torch.arange(B, device="cuda") % var.num_classes
+            sample_reference(model, B, labels, seed=0, cfg=1.5, top_k=min(900, var.V), top_p=0.96)
+            torch.cuda.synchronize()
+            print(f"warm {COMPILED}: {name} B={B} first call {time.perf_counter() - t:.1f} s", flush=True)
+        del vae, var, model
+        torch.cuda.empty_cache()
 
 
 def gpu_dict(gpu: costs.GPU) -> dict:
