@@ -41,6 +41,10 @@ Paths (``stage_costs(..., path=...)``; FLOPs are the same on every path, bytes a
   the decoder with every SiLU that follows a GroupNorm fused into it (counted traffic minus those SiLUs).
   Conditioning and next-scale input are the same torch code on both paths (dispatch-counted).
 
+Not counted on the unfused path: upstream's float32 weights re-cast under fp16 autocast at every use and its
+AdaLN conditioning recomputed at every scale (``bench/bench_e2e.py``'s upstream_shaped arm has both): it is the
+reference loop in the transformer's dtype. VAR only: Infinity's blocks (RoPE, cross-attention) are not modelled.
+
 Launch overhead (:func:`predicted`): ``launches x LAUNCH_US[mode]``, 4 us per launch eagerly (host-bound
 PyTorch dispatch + ``cudaLaunchKernel``), 1.5 us inside a CUDA graph (the GPU-side gap between graph nodes);
 an assumption, not a measurement, added to the path's roofline (no overlap assumed).
