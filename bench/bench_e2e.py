@@ -6,10 +6,18 @@
   (``sample_reference(per_scale_conditioning=True)`` on a float32 copy of the model). "x upstream" means this arm.
 * ``reference_eager``: our reference loop (``sample_reference``: conditioning once per batch, ``torch.cat`` cache) on
   the bf16 weights, under bf16 autocast;
+* ``compiled_reference`` (GPU only): what a user would pick instead of the Engine: the reference loop with every
+  transformer block under ``torch.compile(mode="max-autotune-no-cudagraphs", dynamic=True)`` (``--compile-mode``;
+  one compiled function shared by the blocks, called by a ``step`` that replaces the model's, over the same
+  ``torch.cat`` KV cache; head, guidance, sampling and decode eager as in ``reference_eager``), bf16 weights
+  without autocast (its VQ-VAE float32). Each (B, SSG) set first calls it once untimed (compile or recompile +
+  run: ``first_call_seconds`` of its rows);
+  on CPU (``--cpu``, ``--smoke``) the arm is skipped (Inductor's C++ compile of the block takes minutes there);
 * ``engine_eager`` / ``engine_graphs``: the Engine without / with CUDA graphs.
 
 GPU: VAR-d16 and VAR-d30 shapes with random bf16 weights, B in {1, 16, 64}, cfg 1.5, top-k 900,
-top-p 0.96, SSG off and on; images/s end to end (transformer + VAE decode) and transformer only
+top-p 0.96, SSG off and on (the summary: each arm's speed-up vs upstream_shaped, and the Engine's vs
+compiled_reference); images/s end to end (transformer + VAE decode) and transformer only
 (end to end minus the method's own VQ-VAE decode time), against the analytic floor
 (``ssg_engine.costs``: per-stage roofline at the measured bf16 matmul rate and copy bandwidth).
 The decode is timed per method in that method's dtype, on the same random latent: the two eager loops decode
@@ -39,6 +47,7 @@ import json
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -57,6 +66,45 @@ GOLDEN_TINY = Path(__file__).resolve().parents[1] / "tests" / "golden" / "var_ti
 UPSTREAM = "upstream_shaped"  # the method "x upstream" ratios divide by
 # autocast of each eager loop on CUDA (upstream's demo: float16; our reference loop: bf16); the Engine runs without
 AUTOCAST = {"upstream_shaped": torch.float16, "reference_eager": torch.bfloat16}
+
+
+COMPILED = "compiled_reference"
+ENGINES = ("engine_eager", "engine_graphs")
+
+
+def compiled_reference(var, mode: Optional[str], backend: str = "inductor"):
+    """A shallow copy of ``var`` whose ``step`` runs each block through one ``torch.compile``'d function (shared by
+    the blocks: their weights are its inputs, ``dynamic=True`` over batch, scale and cache length), with upstream's
+    ``torch.cat`` KV cache (the reference sampler's ``ConcatKVCache``, whose lists it reads and sets); for
+    ``sample_reference``. The first calls compile (``backend``, ``mode``; the tests trace with ``backend="eager"``)."""
+    import torch._dynamo
+
+    # one graph per (cache empty / one token / longer) specialisation, a few batch sizes: stay below the limit
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
+    @torch.compile(mode=mode, backend=backend, dynamic=True)
+    def block_fn(block, x, mod, constants, k_past, v_past):
+        new = []
+
+        def attend(h):
+            q, k, v = block.attn.qkv(h, constants)
+            if k_past is not None:
+                k, v = torch.cat((k_past, k), dim=2), torch.cat((v_past, v), dim=2)
+            new.append((k, v))
+            return block.attn.attend(q, k, v, None)
+
+        x = block.forward_modulated(x, mod, attend)
+        return x, *new[0]
+
+    def step(self, state, si: int, kv) -> torch.Tensor:
+        x = state.x
+        for layer, block in enumerate(self.blocks):
+            x, kv.k[layer], kv.v[layer] = block_fn(block, x, state.modulations[layer], state.attn_constants[layer], kv.k[layer], kv.v[layer])
+        return self.head(self.head_nm.ln_wo_grad(x).mul(state.head_scale).add_(state.head_shift))
+
+    model = copy.copy(var)  # shares the modules and weights; its own ``step`` and VQ-VAE link
+    model.step = types.MethodType(step, model)
+    return model
 
 
 def timed(fn: Callable[[], object], repeats: int, warmup: int, cuda: bool) -> float:
@@ -124,13 +172,15 @@ def measure_rates(device: str) -> Dict[str, float]:
 
 def bench_model(
     name: str, vae, var, batches: List[int], device: str, repeats: int, warmup: int, floor_gpu: Optional[costs.GPU],
-    top_k: int = 900, on_row: Callable[[dict], None] = lambda row: None,
+    top_k: int = 900, on_row: Callable[[dict], None] = lambda row: None, compile_mode: Optional[str] = None,
 ) -> List[dict]:
     """Rows (model, B, SSG off/on, method) of end-to-end and transformer-only throughput; each row is handed to
     ``on_row`` as soon as it is measured. A batch size that runs out of device memory is handed over as a
-    ``"skipped"`` row instead (``kind`` key) and the larger ones are not tried."""
+    ``"skipped"`` row instead (``kind`` key) and the larger ones are not tried. ``compile_mode`` (CUDA only) adds
+    the ``compiled_reference`` arm with that ``torch.compile`` mode."""
     cuda = device.startswith("cuda")
     rows = []
+    compiled = compiled_reference(var, compile_mode) if cuda and compile_mode else None
     # the eager loops decode their own VQ-VAE as loaded (float32; under autocast on CUDA): copied before the Engines
     # cast the shared one's decoder to their vae dtype
     upstream_vae = copy.deepcopy(vae)
@@ -142,12 +192,16 @@ def bench_model(
         engines["engine_graphs"] = Engine(var, vae, max_batch=max(batches), device=device, dtype=var.head.weight.dtype, cuda_graphs=True)
     vaes = {UPSTREAM: upstream_vae, "reference_eager": upstream_vae, **{ename: eng.vae for ename, eng in engines.items()}}
     models = {UPSTREAM: upstream_var}
+    if compiled is not None:
+        vaes[COMPILED], models[COMPILED] = upstream_vae, compiled
     decode_dtype = {method: f"{str(AUTOCAST[method]).removeprefix('torch.')} (autocast)" if cuda
                     else str(upstream_vae.post_quant_conv.weight.dtype).removeprefix("torch.") for method in AUTOCAST}
     engine_vae_dtype = torch.float32
     for ename, eng in engines.items():
         engine_vae_dtype = getattr(eng, "vae_dtype", torch.float32)
         decode_dtype[ename] = str(engine_vae_dtype).removeprefix("torch.")
+    if compiled is not None:
+        decode_dtype[COMPILED] = str(upstream_vae.post_quant_conv.weight.dtype).removeprefix("torch.")
 
     def with_vae(method: str, fn: Callable[[], object]) -> Callable[[], object]:
         """``fn`` with the method's VQ-VAE attached to the method's VAR (its decode step uses it)."""
@@ -170,6 +224,8 @@ def bench_model(
             UPSTREAM: lambda: sample_reference(upstream_var, B, labels, per_scale_conditioning=True, **settings),
             "reference_eager": lambda: sample_reference(var, B, labels, **settings),
         }
+        if compiled is not None:
+            runs[COMPILED] = lambda: sample_reference(compiled, B, labels, **settings)
         for ename, eng in engines.items():
             runs[ename] = lambda eng=eng: eng.generate(labels, **settings)
         return {method: with_vae(method, fn) for method, fn in runs.items()}
@@ -180,10 +236,16 @@ def bench_model(
         with torch.inference_mode():
             decode_s = timed_side_by_side({method: decode(method, f_hat) for method in vaes}, repeats, warmup, cuda)
         for ssg_name, ssg in (("off", None), ("on", SSG(beta=0.5))):
-            seconds = timed_side_by_side(sample(B, labels, ssg), repeats, warmup, cuda)
+            runs = sample(B, labels, ssg)
+            compile_s = None
+            if COMPILED in runs:  # compiles (or recompiles for a new shape) before the timed set, untimed there
+                compile_s = timed(runs[COMPILED], 1, 0, cuda)
+            seconds = timed_side_by_side(runs, repeats, warmup, cuda)
             floor = analytic_floor(var.config, B, floor_gpu, ssg is not None, engine_vae_dtype) if floor_gpu else None
             for method, s in seconds.items():
                 row = measured_row(name, B, ssg_name, method, s, decode_s[method], decode_dtype[method], floor)
+                if method == COMPILED:
+                    row["compile_mode"], row["first_call_seconds"] = compile_mode, compile_s  # the first call: compile + run
                 rows.append(row)
                 on_row(row)
                 print(row_line(row), flush=True)
@@ -243,11 +305,16 @@ def summarize(rows: List[dict]) -> Dict[str, float]:
     get = {(r["model"], r["B"], r["ssg"], r["method"]): r["seconds"] for r in rows if r.get("kind", "row") == "row"}
     for (model, B, ssg, method), s in get.items():
         if method == UPSTREAM and ssg == "off":
-            for m in ("reference_eager", "engine_eager", "engine_graphs"):
+            for m in ("reference_eager", COMPILED, *ENGINES):
                 for setting in ("off", "on"):
                     if (model, B, setting, m) in get and (model, B, setting, UPSTREAM) in get:
                         suffix = "" if setting == "off" else "_ssg"
                         out[f"{model}_B{B}_{m}{suffix}_speedup_vs_upstream"] = get[(model, B, setting, UPSTREAM)] / get[(model, B, setting, m)]
+        if method == COMPILED:
+            for m in ENGINES:
+                if (model, B, ssg, m) in get:
+                    suffix = "" if ssg == "off" else "_ssg"
+                    out[f"{model}_B{B}_{m}{suffix}_speedup_vs_{COMPILED}"] = s / get[(model, B, ssg, m)]
         if ssg == "off" and (model, B, "on", method) in get:
             out[f"{model}_B{B}_{method}_ssg_overhead"] = get[(model, B, "on", method)] / s - 1
     return out
@@ -261,6 +328,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=None, help="untimed runs per method first (default 2; --smoke 1)")
     ap.add_argument("--smoke", action="store_true", help="CPU smoke test on the golden tiny model (no speed claims)")
     ap.add_argument("--cpu", action="store_true", help="CPU: the shipped model, reference sampler vs Engine, B 1/4/16/64")
+    ap.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
+                    help=f"torch.compile mode of the {COMPILED} arm (GPU only); 'off' drops the arm")
+    ap.add_argument("--warm-compiled", type=float, default=None, metavar="SECONDS",
+                    help=f"only fill Inductor's on-disk caches: call the {COMPILED} arm once per model and batch (no rows), "
+                    "stopping before a call that would start after SECONDS (device_check.sh runs this in the background)")
     ap.add_argument("--out", default=None, help="JSON, rewritten (atomically) after every measured row")
     ap.add_argument("--rows", default=None, help="JSON Lines (bench/rows.py), appended: the run, then each row as it is measured")
     args = ap.parse_args()
@@ -270,6 +342,13 @@ def main() -> None:
     batches = [int(b) for b in (args.batches or default_batches).split(",")]
     repeats = default_repeats if args.repeats is None else args.repeats
     warmup = default_warmup if args.warmup is None else args.warmup
+    compile_mode = None if args.compile_mode == "off" else args.compile_mode
+    if compile_mode and not cuda:
+        print(f"{COMPILED}: skipped (GPU only: Inductor's CPU compile of a block takes minutes)")
+    if args.warm_compiled is not None:
+        if cuda and compile_mode:
+            warm_compiled(args.models.split(","), batches, compile_mode, args.warm_compiled)
+        return
     rates, floor_gpu = None, None
     if cuda:
         rates = measure_rates(device)
@@ -280,7 +359,8 @@ def main() -> None:
     report = {
         "smoke": args.smoke, "cpu": not cuda, "complete": False, "environment": environment(), "rates": rates,
         "floor_gpu": None if floor_gpu is None else gpu_dict(floor_gpu),
-        "settings": {"batches": batches, "repeats": repeats, "warmup": warmup, "cfg": 1.5, "top_p": 0.96},
+        "settings": {"batches": batches, "repeats": repeats, "warmup": warmup, "cfg": 1.5, "top_p": 0.96,
+                     "compile_mode": compile_mode if cuda else None},
         "rows": [], "summary": {},
     }
     lines = RowWriter(args.rows)
@@ -300,7 +380,7 @@ def main() -> None:
     if cuda:
         for name in args.models.split(","):
             vae, var = random_models(ModelConfig.preset(name), device, torch.bfloat16)
-            bench_model(name, vae, var, batches, device, repeats, warmup, floor_gpu, on_row=on_row)
+            bench_model(name, vae, var, batches, device, repeats, warmup, floor_gpu, on_row=on_row, compile_mode=compile_mode)
             del vae, var
             torch.cuda.empty_cache()
     elif args.cpu:
@@ -315,6 +395,28 @@ def main() -> None:
     print(json.dumps(report["summary"], indent=1))
     if args.out:
         print(f"wrote {args.out}")
+
+
+def warm_compiled(models: List[str], batches: List[int], mode: str, seconds: float) -> None:
+    """One call of the compiled arm per model and batch size (random bf16 weights, SSG off), so that the timed run
+    finds its compiled graphs and autotuning results in Inductor's on-disk caches; stops before a call that would
+    start after ``seconds``."""
+    start = time.perf_counter()
+    for name in models:
+        vae, var = random_models(ModelConfig.preset(name), "cuda", torch.bfloat16)
+        model = compiled_reference(var, mode)
+        model.attach_vae(vae)
+        for B in batches:
+            if time.perf_counter() - start > seconds:
+                print(f"warm {COMPILED}: stopped at {name} B={B} after {seconds:g} s")
+                return
+            t = time.perf_counter()
+            labels = torch.arange(B, device="cuda") % var.num_classes
+            sample_reference(model, B, labels, seed=0, cfg=1.5, top_k=min(900, var.V), top_p=0.96)
+            torch.cuda.synchronize()
+            print(f"warm {COMPILED}: {name} B={B} first call {time.perf_counter() - t:.1f} s", flush=True)
+        del vae, var, model
+        torch.cuda.empty_cache()
 
 
 def gpu_dict(gpu: costs.GPU) -> dict:

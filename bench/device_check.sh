@@ -9,7 +9,7 @@
 # 9 minutes of wall time and no rerun is assumed; --budget SECONDS scales every limit by SECONDS / 480):
 #   setup       pip install -e . without the C++ build (the package importable; seconds)
 #   smoke       bench/gpu_smoke.py: one d16 batch through the Engine with graphs, bf16, checked against eager
-#   e2e_d16     bench/bench_e2e.py --models d16 (B 1/16/64, SSG off/on, four methods)
+#   e2e_d16     bench/bench_e2e.py --models d16 (B 1/16/64, SSG off/on, five methods incl. compiled_reference)
 #   gpu_tests   pytest -m gpu
 #   kernels     bench/bench_kernels.py
 #   e2e_d30     bench/bench_e2e.py --models d30 (a batch size out of memory is a skipped row)
@@ -19,7 +19,9 @@
 # In the background, from the setup on: the C++ KV-cache extension build (ninja; steps that start before it has
 # succeeded run on the PyTorch KV cache, steps.tsv says which) and the precompile of every Triton configuration for
 # this GPU's arch (bench/aot_compile.py --jobs, 16 cores; into Triton's cache), which runs beside the smoke step
-# within its limit: timing starts when both are done.
+# within its limit, and the warm-up of bench_e2e.py's compiled_reference arm (its torch.compile graphs and
+# max-autotune results, d16 then d30, into Inductor's on-disk caches, stopping itself before the smoke's limit):
+# timing starts when all are done.
 #
 # Every step appends its rows to OUT as it measures (JSON Lines, bench/rows.py), so a step stopped by its limit
 # keeps what it wrote; a failed or stopped step is recorded and the next one runs. OUT holds exactly:
@@ -190,13 +192,17 @@ else
 fi
 background build "$BUILD_LIMIT" "${BUILD[@]}"
 background precompile "$TIMEOUT_smoke" "${PRECOMPILE[@]}"
+# the compiled arm's compile, off the e2e steps' limits: a best effort that stops itself in time (nothing on a CPU)
+WARM=(python3 bench/bench_e2e.py --warm-compiled $((TIMEOUT_smoke * 2 / 3)) --batches 1,16,64 --models d16,d30)
+[ $DRY = 1 ] && WARM+=(--smoke)
+background warm_compile "$TIMEOUT_smoke" "${WARM[@]}"
 
 if [ $DRY = 1 ]; then
   SSG_ENGINE_BACKEND=reference step smoke python3 bench/gpu_smoke.py --dry-run --rows "$OUT/smoke.jsonl"
 else
   step smoke python3 bench/gpu_smoke.py --rows "$OUT/smoke.jsonl"
 fi
-while [ ! -f "$WORK/precompile.rc" ]; do sleep 0.5; done  # bounded by its limit, the smoke's: timing starts now
+while [ ! -f "$WORK/precompile.rc" ] || [ ! -f "$WORK/warm_compile.rc" ]; do sleep 0.5; done  # bounded by the smoke's limit: timing starts now
 
 if [ $DRY = 1 ]; then
   step e2e_d16 python3 bench/bench_e2e.py --smoke --batches 2 --repeats 1 --warmup 0 --rows "$OUT/e2e.jsonl"

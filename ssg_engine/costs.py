@@ -22,6 +22,33 @@ q, K, V and writes its output, as flash attention does), plus the KV-cache appen
 keys and values read and written once more). Norms, activations and other elementwise ops are
 taken as fused into their neighbours (no traffic of their own).
 
+Paths (``stage_costs(..., path=...)``; FLOPs are the same on every path, bytes and launches differ):
+
+* ``floor`` (the default, the roofline floor): the bytes above, no launches counted;
+* ``unfused`` (the reference loop, upstream-shaped): the stage code runs on meta tensors under a
+  :class:`~torch.utils._python_dispatch.TorchDispatchMode` that adds the input and output bytes of every aten op
+  that is not a view (a broadcast input counts its distinct elements) and counts each as one launch. The block
+  is upstream's: LayerNorm, modulate mul/add, the packed qkv bias ``cat`` and q-scale ``exp`` per call, q/k
+  normalisation (norm, clamp, div), q scale, the ``torch.cat`` KV cache growing by re-copying the whole cache
+  each scale, the attention output's transpose copy, GELU, gamma mul, residual adds; attention itself is
+  counted as one flash call (q, K, V in, output out; the meta device would decompose it into the math path).
+  Guidance and sampling are the PyTorch references (``ssg_guidance_reference``, ``sample_logits_reference``),
+  the decoder's GroupNorm and SiLU separate ops;
+* ``fused`` (issue #20's kernels, see :func:`fused_block_kernels`): each fused kernel reads its inputs once
+  and writes its outputs once: per block LN+modulate, QKV GEMM, q/k norm + q scale + KV-cache write,
+  attention on the cache slice, out-proj GEMM + gated residual, LN+modulate, fc1 GEMM + GELU, fc2 GEMM + gated
+  residual (8 launches); the head LN+modulate + GEMM (2); guidance and sampling the Triton kernels (1 each);
+  the decoder with every SiLU that follows a GroupNorm fused into it (counted traffic minus those SiLUs).
+  Conditioning and next-scale input are the same torch code on both paths (dispatch-counted).
+
+Not counted on the unfused path: upstream's float32 weights re-cast under fp16 autocast at every use and its
+AdaLN conditioning recomputed at every scale (``bench/bench_e2e.py``'s upstream_shaped arm has both): it is the
+reference loop in the transformer's dtype. VAR only: Infinity's blocks (RoPE, cross-attention) are not modelled.
+
+Launch overhead (:func:`predicted`): ``launches x LAUNCH_US[mode]``, 4 us per launch eagerly (host-bound
+PyTorch dispatch + ``cudaLaunchKernel``), 1.5 us inside a CUDA graph (the GPU-side gap between graph nodes);
+an assumption, not a measurement, added to the path's roofline (no overlap assumed).
+
 Roofline: a stage takes ``max(FLOPs / peak, bytes / bandwidth)`` with the peak of the precision
 it runs in (bf16/fp16 tensor cores for the transformer in half precision, TF32 for the float32
 VQ-VAE convolutions, which cuDNN runs in TF32 by default, fp32 CUDA cores for the two Triton
@@ -41,9 +68,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import ModelConfig, PRESET_DEPTHS
+from .kernels.sampling import sample_logits_reference
+from .kernels.ssg_guidance import ssg_guidance_reference
 from .loading import build_models
 
 # The sampler kernel's passes over a row (kernels/sampling.py) for top-k 900 / top-p 0.96 at
@@ -51,6 +82,10 @@ from .loading import build_models
 # bench/results/aot/README.md), Z, kept mass, the draw. Each is a compare and an add per logit,
 # two instructions that issue like FMAs, which the fp32 peak counts as 2 FLOPs each.
 SAMPLING_PASSES = 33
+
+PATHS = ("floor", "fused", "unfused")
+# Seconds per kernel launch (module docstring): eager PyTorch dispatch + launch, and a node of a CUDA graph.
+LAUNCH_US = {"eager": 4.0, "graph": 1.5}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +97,7 @@ class StageCost:
     flops: float
     bytes: float
     precision: str  # the peak that applies: "bf16" (bf16/fp16 tensor cores), "tf32" or "fp32"
+    launches: int = 0  # kernel launches of the stage (0 on the "floor" path: not counted)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +153,108 @@ class _TrafficCounter(TorchFunctionMode):
         return out
 
 
+def _distinct_bytes(t: torch.Tensor) -> int:
+    """Bytes of the distinct elements of ``t``: a broadcast (stride-0) dimension counts once."""
+    n = 1
+    for size, stride in zip(t.shape, t.stride()):
+        n *= size if stride != 0 else 1
+    return n * t.element_size()
+
+
+class _OpTraffic(TorchDispatchMode):
+    """Input + output bytes and launches of every aten op that is not a view or an allocation.
+
+    ``fuse_silu``: a SiLU whose input is the output of the op just before it, a GroupNorm, is fused into it
+    (no bytes, no launch), as the fused decoder does.
+    """
+
+    _FREE = {
+        torch.ops.aten._unsafe_view.default, torch.ops.aten.detach.default, torch.ops.aten.lift_fresh.default,
+        torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default, torch.ops.aten.empty_like.default,
+        torch.ops.aten.new_empty.default,
+    }
+
+    def __init__(self, fuse_silu: bool = False) -> None:
+        super().__init__()
+        self.bytes, self.launches, self.fuse_silu = 0, 0, fuse_silu
+        self._last: Tuple[object, object] = (None, None)  # (op, first output) of the last counted op
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.is_view or func in self._FREE:
+            return out
+        outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        last_op, last_out = self._last
+        self._last = (func.overloadpacket, outs[0])
+        if self.fuse_silu and func.overloadpacket is torch.ops.aten.silu and last_op is torch.ops.aten.native_group_norm and args[0] is last_out:
+            return out
+        ins = [a for a in tree_leaves((args, kwargs or {})) if isinstance(a, torch.Tensor)]  # cat's list included
+        self.bytes += sum(_distinct_bytes(t) for t in (*ins, *outs))
+        self.launches += 1
+        return out
+
+
+class _FlashAttention(TorchFunctionMode):
+    """``F.scaled_dot_product_attention`` as one flash kernel: q, K, V read, the output written (added to
+    ``counter``), instead of the math path the meta device would decompose it into."""
+
+    def __init__(self, counter: _OpTraffic) -> None:
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **(kwargs or {}))
+        q, k, v = args[:3]
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        self.counter.bytes += sum(_distinct_bytes(t) for t in (q, k, v, out))
+        self.counter.launches += 1
+        return out
+
+
+def _traffic(fn, fuse_silu: bool = False) -> Tuple[int, int, object]:
+    """(bytes, launches, result) of ``fn()`` run op by op (:class:`_OpTraffic`, attention as flash), without
+    autograd (as the samplers run: autograd would add copies for in-place ops on views)."""
+    counter = _OpTraffic(fuse_silu)
+    with torch.no_grad(), _FlashAttention(counter), counter:
+        out = fn()
+    return counter.bytes, counter.launches, out
+
+
+def fused_block_kernels(batch2: int, tokens: int, seen: int, C: int, hidden: int, heads: int, elem: int) -> List[Tuple[str, int]]:
+    """(kernel, bytes) of one transformer block over ``tokens`` new tokens of ``batch2`` rows attending to ``seen``
+    cached tokens, with issue #20's fused kernels; ``elem`` bytes per element. Weights (C_out, C_in) and biases are
+    read once per GEMM; the modulation vectors (scale, shift, gamma: (batch2, C) each) once per kernel."""
+    R, vec = batch2 * tokens, batch2 * C
+    act = R * C
+    return [
+        ("ln_modulate_1", elem * (act + 2 * vec + act)),  # x, scale1, shift1 -> h
+        ("qkv_gemm", elem * (act + 3 * C * C + 3 * C + 3 * act)),  # h, W, packed bias -> qkv
+        ("qk_norm_rope_kv_write", elem * (3 * act + heads + act + 2 * act)),  # qkv, q scale -> q, K/V cache rows
+        ("attention", elem * (act + 2 * batch2 * seen * C + act)),  # q, K/V cache slice -> o
+        ("proj_gemm_gated_residual", elem * (act + C * C + C + act + vec + act)),  # o, W, b, x, gamma1 -> x
+        ("ln_modulate_2", elem * (act + 2 * vec + act)),
+        ("fc1_gemm_gelu", elem * (act + hidden * C + hidden + R * hidden)),  # h, W, b -> gelu(.)
+        ("fc2_gemm_gated_residual", elem * (R * hidden + C * hidden + C + act + vec + act)),  # a, W, b, x, gamma2 -> x
+    ]
+
+
+def upstream_block(block: torch.nn.Module, x: torch.Tensor, mod: torch.Tensor, past: int) -> torch.Tensor:
+    """Upstream's block on x (2B, l, C) with modulation (2B, 1, 6, C): the qkv bias and q scale rebuilt per call,
+    a ``torch.cat`` KV cache holding ``past`` tokens that the new keys/values are concatenated to."""
+    rows, _, C = x.shape
+    heads = block.attn.num_heads
+    cached = x.new_empty(rows, heads, past, C // heads)
+
+    def attend(h: torch.Tensor) -> torch.Tensor:
+        q, k, v = block.attn.qkv(h)
+        if past:
+            k, v = torch.cat((cached, k), dim=2), torch.cat((cached, v), dim=2)
+        return block.attn.attend(q, k, v, None)
+
+    return block.forward_modulated(x, mod, attend)
+
+
 def _measured(stage: str, scale: Optional[int], precision: str, fn) -> Tuple[StageCost, object]:
     """Run ``fn()`` counting FLOPs and traffic; returns the stage's cost and ``fn``'s result."""
     with FlopCounterMode(display=False) as flops, _TrafficCounter() as traffic:
@@ -145,16 +283,24 @@ def sampling_cost(rows: int, vocab: int, scale: int) -> StageCost:
 
 @functools.lru_cache(maxsize=64)
 def stage_costs(
-    cfg: ModelConfig, batch: int, dtype: torch.dtype = torch.bfloat16, ssg: bool = True, vae_dtype: Optional[torch.dtype] = None
+    cfg: ModelConfig,
+    batch: int,
+    dtype: torch.dtype = torch.bfloat16,
+    ssg: bool = True,
+    vae_dtype: Optional[torch.dtype] = None,
+    path: str = "floor",
 ) -> Tuple[StageCost, ...]:
     """Every stage of one batch of ``batch`` images (2B transformer rows), in engine order.
 
     ``dtype`` is the transformer's; the VQ-VAE decodes in ``vae_dtype`` (default ``dtype``, as the Engine does;
     float32 runs as TF32) while its quantizer keeps the latent in float32; ``ssg`` adds the prior to guidance
-    from scale 1 on. The model is built on the meta device each call.
+    from scale 1 on. ``path`` (one of ``PATHS``, module docstring) picks how bytes and launches are counted;
+    FLOPs are the same on every path. The model is built on the meta device each call.
     """
     if batch <= 0:
         raise ValueError(f"batch must be positive, got {batch}")
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     precisions = {torch.bfloat16: "bf16", torch.float16: "bf16", torch.float32: "fp32"}
     precision = precisions[dtype]
     vae_dtype = dtype if vae_dtype is None else vae_dtype
@@ -162,7 +308,18 @@ def stage_costs(
     var, quant = var.to(dtype), vae.quantize
     meta = dict(device="meta", dtype=dtype)
     B, rows, C, H, K = batch, 2 * batch, cfg.embed_dim, cfg.num_heads, len(cfg.patch_nums)
+    elem = torch.empty(0, dtype=dtype).element_size()
     costs: List[StageCost] = []
+
+    def add(cost: StageCost, fn, fused: Optional[Tuple[float, int]] = None, fuse_silu: bool = False) -> None:
+        """Append ``cost`` with the path's bytes and launches: counted op by op from ``fn`` on the unfused path,
+        ``fused`` (bytes, launches) or else ``fn`` counted op by op on the fused path, as measured on the floor."""
+        if path == "unfused" or (path == "fused" and fused is None):
+            nbytes, launches, _ = _traffic(fn, fuse_silu)
+            cost = dataclasses.replace(cost, bytes=float(nbytes), launches=launches)
+        elif path == "fused":
+            cost = dataclasses.replace(cost, bytes=float(fused[0]), launches=fused[1])
+        costs.append(cost)
 
     def conditioning():
         cond = var.class_emb(torch.zeros(rows, dtype=torch.long, device="meta"))
@@ -170,9 +327,10 @@ def stage_costs(
         return [block.modulation(shared) for block in var.blocks], var.head_nm.ada_lin(cond).view(-1, 1, 2, C).unbind(2)
 
     cost, (mods, (head_scale, head_shift)) = _measured("conditioning", None, precision, conditioning)
-    costs.append(cost)
+    add(cost, conditioning)
     x = torch.empty(rows, cfg.patch_nums[0] ** 2, C, **meta)
     f_hat = torch.zeros(B, cfg.Cvae, cfg.patch_nums[-1], cfg.patch_nums[-1], device="meta")
+    prev_cfg: Optional[torch.Tensor] = None
     seen = 0
     for si, pn in enumerate(cfg.patch_nums):
         tokens = pn * pn
@@ -187,18 +345,39 @@ def stage_costs(
             return block.forward_modulated(x, mod, attend)
 
         # the blocks are identical in shape: one is measured, then counted ``depth`` times
+        x_in = x
         cost, x = _measured("blocks", si, precision, block_forward)
         append = 4 * rows * tokens * C * x.element_size()  # k, v read and written into the cache
-        costs.append(dataclasses.replace(cost, flops=cost.flops * cfg.depth, bytes=(cost.bytes + append) * cfg.depth))
+        cost = dataclasses.replace(cost, flops=cost.flops * cfg.depth, bytes=(cost.bytes + append) * cfg.depth)
+        kernels = fused_block_kernels(rows, tokens, seen, C, round(C * cfg.mlp_ratio), H, elem)
+        if path == "unfused":
+            nbytes, launches, _ = _traffic(lambda: upstream_block(var.blocks[0], x_in, mods[0], seen - tokens))
+            cost = dataclasses.replace(cost, bytes=float(nbytes * cfg.depth), launches=launches * cfg.depth)
+        elif path == "fused":
+            cost = dataclasses.replace(cost, bytes=float(sum(b for _, b in kernels) * cfg.depth), launches=len(kernels) * cfg.depth)
+        costs.append(cost)
 
         def head(x=x):
             h = var.head_nm.ln_wo_grad(x).mul(head_scale.add(1)).add_(head_shift)
             return F.linear(h, var.head.weight, var.head.bias)
 
-        costs.append(_measured("head", si, precision, head)[0])
+        act, logits = rows * tokens * C, rows * tokens * cfg.V
+        head_fused = elem * (act + 2 * rows * C + act) + elem * (act + cfg.V * C + cfg.V + logits)  # LN+modulate, GEMM
+        add(_measured("head", si, precision, head)[0], head, (head_fused, 2))
         prev_tokens = cfg.patch_nums[si - 1] ** 2 if si else 0
-        costs.append(guidance_cost(B, tokens, prev_tokens, cfg.V, si, prior=ssg and si > 0))
-        costs.append(sampling_cost(B * tokens, cfg.V, si))
+        prior = ssg and si > 0
+        operator = torch.empty(tokens, prev_tokens, device="meta") if prior else None
+        logits_2B = torch.empty(rows, tokens, cfg.V, **meta)
+        guided = torch.empty(B, tokens, cfg.V, device="meta")
+
+        def guide(logits_2B=logits_2B, prev=prev_cfg, operator=operator):
+            return ssg_guidance_reference(logits_2B, prev if operator is not None else None, operator, 1.5, 1.0 if operator is not None else 0.0)
+
+        cost = guidance_cost(B, tokens, prev_tokens, cfg.V, si, prior=prior)
+        add(cost, guide, (cost.bytes, 1))
+        prev_cfg = torch.empty(B, tokens, cfg.V, device="meta")
+        cost = sampling_cost(B * tokens, cfg.V, si)
+        add(cost, lambda g=guided: sample_logits_reference(g.view(-1, cfg.V), 900, 0.96, 1.0, None), (cost.bytes, 1))
 
         def next_input(f_hat=f_hat, si=si, pn=pn):
             h_BChw = quant.embedding(torch.zeros(B, tokens, dtype=torch.long, device="meta")).transpose(1, 2).reshape(B, cfg.Cvae, pn, pn)
@@ -209,11 +388,18 @@ def stage_costs(
             return f_hat, var.word_embed(nxt).repeat(2, 1, 1)
 
         cost, (f_hat, x) = _measured("next input", si, "tf32", next_input)
-        costs.append(cost)
+        add(cost, next_input)
     vae.post_quant_conv.to(vae_dtype)
     vae.decoder.to(vae_dtype)
     decode_precision = "tf32" if vae_dtype == torch.float32 else precisions[vae_dtype]
-    costs.append(_measured("decode", None, decode_precision, lambda: vae.fhat_to_img(f_hat.to(vae_dtype)))[0])
+    decode = lambda: vae.fhat_to_img(f_hat.to(vae_dtype))  # noqa: E731
+    cost = _measured("decode", None, decode_precision, decode)[0]
+    if path == "fused":
+        nbytes, launches, _ = _traffic(decode, fuse_silu=True)
+        cost = dataclasses.replace(cost, bytes=float(nbytes), launches=launches)
+        costs.append(cost)
+    else:
+        add(cost, decode)
     return tuple(costs)
 
 
@@ -261,6 +447,49 @@ def roofline(stages: Sequence[StageCost], gpu: GPU) -> Roofline:
     return Roofline(gpu, tuple(timed))
 
 
+def predicted(stages: Sequence[StageCost], gpu: GPU, launch_mode: Optional[str] = None) -> float:
+    """Seconds of one batch: the stages' roofline plus, with ``launch_mode`` ("eager" or "graph"), their launches
+    times ``LAUNCH_US[launch_mode]`` (no overlap of launch overhead and GPU work assumed)."""
+    launch = 0.0 if launch_mode is None else LAUNCH_US[launch_mode] * 1e-6 * sum(s.launches for s in stages)
+    return roofline(stages, gpu).seconds + launch
+
+
+def _paths_section(presets: Sequence[str], batches: Sequence[int], gpus: Sequence[str]) -> List[str]:
+    """Report rows: floor vs fused and unfused paths, with launch overheads, per model, batch and GPU."""
+    lines = [
+        "",
+        "## Fused vs unfused transformer (issue #20)",
+        "",
+        "Bytes and launches counted per path (`stage_costs(path=...)`, `ssg_engine/costs.py`): `unfused` = the",
+        "reference / upstream-shaped loop op by op (every elementwise op reads and writes its tensors, the `torch.cat`",
+        "KV cache re-copied each scale, GroupNorm and SiLU separate), `fused` = issue #20's kernels (8 per block, head",
+        "LN+modulate fused, GroupNorm+SiLU fused). Same FLOPs on every path. ms = roofline of the path's bytes;",
+        f"`+eager` / `+graph` add launches x {LAUNCH_US['eager']:g} us (eager) / {LAUNCH_US['graph']:g} us (CUDA graph),",
+        "an assumption, not a measurement. VAR only: the cost model does not cover Infinity yet.",
+        "",
+        "| model | B | GPU | floor ms | fused ms | fused +graph | fused +eager | unfused ms | unfused +eager | "
+        "launches fused / unfused | block GB fused / unfused | unfused +eager / fused +graph |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for preset in presets:
+        cfg = ModelConfig.preset(preset)
+        for batch in batches:
+            floor, fused, unfused = (stage_costs(cfg, batch, path=p) for p in PATHS)
+            block_gb = [sum(s.bytes for s in st if s.stage == "blocks") / 1e9 for st in (fused, unfused)]
+            launches = [sum(s.launches for s in st) for st in (fused, unfused)]
+            for name in gpus:
+                gpu = GPUS[name]
+                ms = [
+                    predicted(floor, gpu), predicted(fused, gpu), predicted(fused, gpu, "graph"), predicted(fused, gpu, "eager"),
+                    predicted(unfused, gpu), predicted(unfused, gpu, "eager"),
+                ]
+                lines.append(
+                    f"| {preset} | {batch} | {gpu.name} | " + " | ".join(f"{t * 1e3:.2f}" for t in ms)
+                    + f" | {launches[0]} / {launches[1]} | {block_gb[0]:.2f} / {block_gb[1]:.2f} | {ms[5] / ms[2]:.2f}x |"
+                )
+    return lines
+
+
 def _stage_table(r: Roofline, batch: int) -> List[str]:
     lines = ["| stage | GFLOP | GB | time (us) | share | compute-bound share |", "|---|---|---|---|---|---|"]
     for name, (f, b, t, c) in r.by_stage().items():
@@ -305,6 +534,7 @@ def report(presets: Sequence[str] = tuple(PRESET_DEPTHS), batches: Sequence[int]
                     f"| {preset} | {batch} | {gpu.name} | {r.flops / batch / 1e9:.0f} | {r.bytes / 1e9:.2f} | {r.seconds * 1e3:.2f} | "
                     f"{batch / r.seconds:.1f} | {cells} | {r.seconds / roofline(plain, gpu).seconds - 1:.2%} |"
                 )
+    lines += _paths_section([p for p in ("d16", "d30") if p in presets], (1, 64), ("h100", "h200"))
     for preset in presets:
         for batch in batches:
             lines += ["", f"## {preset}, B={batch}, {GPUS['h200'].name}", ""]
@@ -319,16 +549,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--gpu", default="h200", choices=list(GPUS))
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--no-ssg", action="store_true", help="guidance without the SSG prior")
+    ap.add_argument("--path", default="floor", choices=list(PATHS), help="how bytes and launches are counted (module docstring)")
     ap.add_argument("--report", metavar="PATH", help="write the Markdown report for every preset, B in {1,16,64} and GPU")
     args = ap.parse_args(argv)
     if args.report:
         Path(args.report).write_text(report())
         print(f"wrote {args.report}")
         return
-    stages = stage_costs(ModelConfig.preset(args.preset), args.batch_size, getattr(torch, args.dtype), ssg=not args.no_ssg)
+    stages = stage_costs(ModelConfig.preset(args.preset), args.batch_size, getattr(torch, args.dtype), ssg=not args.no_ssg, path=args.path)
     r = roofline(stages, GPUS[args.gpu])
-    print(f"{args.preset}, B={args.batch_size}, {args.dtype}, SSG {'off' if args.no_ssg else 'on'}, {r.gpu.name}")
+    print(f"{args.preset}, B={args.batch_size}, {args.dtype}, SSG {'off' if args.no_ssg else 'on'}, {r.gpu.name}, path {args.path}")
     print("\n".join(_stage_table(r, args.batch_size)))
+    if args.path != "floor":
+        launches = sum(s.launches for s in stages)
+        print(f"launches: {launches}; with launch overhead: {predicted(stages, r.gpu, 'graph') * 1e3:.2f} ms (graph), "
+              f"{predicted(stages, r.gpu, 'eager') * 1e3:.2f} ms (eager)")
 
 
 if __name__ == "__main__":

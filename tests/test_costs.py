@@ -9,6 +9,7 @@ import torch
 from ssg_engine import costs
 from ssg_engine.config import ModelConfig
 from ssg_engine.loading import build_models
+from ssg_engine.models.vqvae import ResnetBlock
 
 
 def by_stage(stages, name):
@@ -116,3 +117,77 @@ def test_decode_follows_vae_dtype():
     (fp32,) = by_stage(costs.stage_costs(cfg, 2, vae_dtype=torch.float32), "decode")
     assert (bf16.precision, fp32.precision) == ("bf16", "tf32")
     assert bf16.flops == fp32.flops and bf16.bytes == pytest.approx(fp32.bytes / 2, rel=0.05)
+
+
+# ---- fused / unfused paths (issue #20): bytes and launches counted per path -------------------------------------------
+
+
+def test_fused_moves_fewer_bytes_and_launches_than_unfused_at_every_block_stage():
+    """d16 at B=1 (each path costs seconds on the meta device; bench/results/cost_model.md has B=64)."""
+    cfg, batch = ModelConfig.preset("d16"), 1
+    floor, fused, unfused = (by_stage(costs.stage_costs(cfg, batch, path=p), "blocks") for p in costs.PATHS)
+    for lo, f, u in zip(floor, fused, unfused):
+        assert lo.flops == f.flops == u.flops, f"scale {f.scale}"
+        assert f.bytes < u.bytes and f.launches < u.launches, f"scale {f.scale}"
+        assert lo.bytes < f.bytes, f"scale {f.scale}"  # the floor also fuses away the LayerNorms and the q/k norm
+        assert (lo.launches, f.launches) == (0, 8 * cfg.depth)
+        assert 25 * cfg.depth <= u.launches <= 40 * cfg.depth  # issue #20: ~30 launches per block and scale
+    for stage in ("head", "guidance", "sampling", "decode"):
+        f, u = by_stage(costs.stage_costs(cfg, batch, path="fused"), stage), by_stage(costs.stage_costs(cfg, batch, path="unfused"), stage)
+        assert all(a.bytes < b.bytes and a.launches < b.launches for a, b in zip(f, u)), stage
+
+
+def test_fused_block_bytes_d16_b1_first_scale_by_hand():
+    """d16 (C=1024, hidden 4096, 16 heads), B=1: 2 rows x 1 token attending to 1 cached token, bf16 (2 bytes).
+    Per block, elements read + written by each fused kernel (act = rows*C = 2048, vec = 2048 per modulation vector):
+    LN+mod 2048+2*2048+2048 = 8192; QKV 2048 + 3C^2 + 3C + 3*2048 = 3156992; q/k norm + KV write 6144+16+2048+4096 = 12304;
+    attention 2048 + 2*2*1024 + 2048 = 8192; proj+residual 2048 + C^2 + C + 2048 + 2048 + 2048 = 1057792; LN+mod 8192;
+    fc1+GELU 2048 + 4C^2 + 4096 + 8192 = 4208640; fc2+residual 8192 + 4C^2 + C + 2048 + 2048 + 2048 = 4209664.
+    Sum 12669968 elements = 25339936 bytes per block, x 16 blocks."""
+    (first, *_) = by_stage(costs.stage_costs(ModelConfig.preset("d16"), 1, path="fused"), "blocks")
+    assert first.bytes == 16 * 25339936
+    assert first.launches == 16 * 8
+
+
+def test_unfused_block_counts_the_concatenated_kv_cache_growth():
+    """Upstream's block with a ``torch.cat`` cache of P past tokens against P = 0 (no cat): the two cats read
+    the P cached + t new rows and write P + t for K and V (4 (P + t)), attention reads 2P more cached rows;
+    in units of rows * C * 2 bytes, two launches more."""
+    cfg = ModelConfig.preset("d16")
+    _, var = build_models(cfg, "meta")
+    block = var.blocks[0].to(torch.bfloat16)
+    rows, t, P, C = 2, 4, 10, cfg.embed_dim
+    x = torch.empty(rows, t, C, device="meta", dtype=torch.bfloat16)
+    mod = torch.empty(rows, 1, 6, C, device="meta", dtype=torch.bfloat16)
+    b0, n0, _ = costs._traffic(lambda: costs.upstream_block(block, x, mod, 0))
+    bP, nP, _ = costs._traffic(lambda: costs.upstream_block(block, x, mod, P))
+    assert bP - b0 == rows * C * 2 * (4 * (P + t) + 2 * P)
+    assert nP - n0 == 2
+    # the unfused stage at scale k is one such block with the cache of the scales before it, ``depth`` times
+    stages = by_stage(costs.stage_costs(cfg, 1, path="unfused"), "blocks")
+    x1 = torch.empty(rows, cfg.patch_nums[1] ** 2, C, device="meta", dtype=torch.bfloat16)
+    nbytes, launches, _ = costs._traffic(lambda: costs.upstream_block(block, x1, mod, cfg.patch_nums[0] ** 2))
+    assert (stages[1].bytes, stages[1].launches) == (cfg.depth * nbytes, cfg.depth * launches)
+
+
+def test_decode_fused_drops_exactly_the_silus_after_group_norms():
+    cfg = ModelConfig.preset("d16")
+    (fused,) = by_stage(costs.stage_costs(cfg, 1, path="fused"), "decode")
+    (unfused,) = by_stage(costs.stage_costs(cfg, 1, path="unfused"), "decode")
+    vae, _ = build_models(cfg, "meta")
+    # the decoder's F.silu calls, each right after a GroupNorm: norm1 and norm2 of every ResnetBlock, then norm_out
+    silus = 2 * sum(isinstance(m, ResnetBlock) for m in vae.decoder.modules()) + 1
+    assert unfused.launches - fused.launches == silus
+    assert fused.flops == unfused.flops and fused.bytes < unfused.bytes
+
+
+def test_predicted_adds_launch_overhead_and_bad_path():
+    stages = costs.stage_costs(ModelConfig.preset("d16"), 1, path="fused")
+    gpu = costs.GPUS["h100"]
+    launches = sum(s.launches for s in stages)
+    base = costs.roofline(stages, gpu).seconds
+    assert costs.predicted(stages, gpu) == base
+    assert costs.predicted(stages, gpu, "graph") == pytest.approx(base + 1.5e-6 * launches)
+    assert costs.predicted(stages, gpu, "eager") == pytest.approx(base + 4e-6 * launches)
+    with pytest.raises(ValueError, match="path must be one of"):
+        costs.stage_costs(ModelConfig.preset("d16"), 1, path="fast")

@@ -89,7 +89,7 @@ def test_dry_run_runs_every_step_in_order_and_returns_at_most_8_files(tmp_path):
     assert [s[0] for s in steps] == STEPS, log
     assert {s[0]: s[1] for s in steps if s[0] != "e2e_d30"} == {name: "ok" for name in STEPS if name != "e2e_d30"}, (steps, log)
     assert dict((s[0], s[1]) for s in steps)["e2e_d30"] == "killed after its first row (dry run)"
-    assert sorted((s[0], s[1]) for s in lines if s[4] == "background") == [("build", "ok"), ("precompile", "ok")], lines
+    assert sorted((s[0], s[1]) for s in lines if s[4] == "background") == [("build", "ok"), ("precompile", "ok"), ("warm_compile", "ok")], lines
     assert [int(s[3]) for s in steps] == [script_timeouts()[name] for name in STEPS]
     assert proc.returncode == 0, log
     assert "the killed step kept its" in proc.stdout, log
@@ -97,7 +97,7 @@ def test_dry_run_runs_every_step_in_order_and_returns_at_most_8_files(tmp_path):
 
     with tarfile.open(out / "logs.tar.gz") as tar:
         logs = {Path(m.name).name: tar.extractfile(m).read().decode() for m in tar.getmembers() if m.isfile()}
-    assert {f"{name}.log" for name in STEPS + ["build", "precompile"]} <= set(logs), sorted(logs)
+    assert {f"{name}.log" for name in STEPS + ["build", "precompile", "warm_compile"]} <= set(logs), sorted(logs)
     assert re.search(r"\d+ skipped", logs["gpu_tests.log"]) and "needs a CUDA GPU" in logs["gpu_tests.log"]
 
     summary = (out / "summary.md").read_text()
