@@ -60,6 +60,7 @@ from rows import RowWriter  # noqa: E402
 from ssg_engine import SSG, ModelConfig, costs, load_models, random_models, sample_reference  # noqa: E402
 from ssg_engine.engine import Engine  # noqa: E402
 from ssg_engine.files import atomic_write_json  # noqa: E402
+from ssg_engine.kernels.qkv_norm_rope_cache import qkv_norm_rope_reference  # noqa: E402
 from ssg_engine.pretrained import SAMPLING, load_pretrained  # noqa: E402
 
 GOLDEN_TINY = Path(__file__).resolve().parents[1] / "tests" / "golden" / "var_tiny"
@@ -87,7 +88,8 @@ def compiled_reference(var, mode: Optional[str], backend: str = "inductor"):
         new = []
 
         def attend(h):
-            q, k, v = block.attn.qkv(h, constants)
+            bias, scale_mul = constants
+            q, k, v = qkv_norm_rope_reference(block.attn.qkv_linear(h, bias), block.attn.num_heads, scale_mul)
             if k_past is not None:
                 k, v = torch.cat((k_past, k), dim=2), torch.cat((v_past, v), dim=2)
             new.append((k, v))
@@ -100,7 +102,7 @@ def compiled_reference(var, mode: Optional[str], backend: str = "inductor"):
         x = state.x
         for layer, block in enumerate(self.blocks):
             x, kv.k[layer], kv.v[layer] = block_fn(block, x, state.modulations[layer], state.attn_constants[layer], kv.k[layer], kv.v[layer])
-        return self.head(self.head_nm.ln_wo_grad(x).mul(state.head_scale).add_(state.head_shift))
+        return self.head(self.head_nm.ln_wo_grad(x).mul(state.head_scale.add(1)).add_(state.head_shift))
 
     model = copy.copy(var)  # shares the modules and weights; its own ``step`` and VQ-VAE link
     model.step = types.MethodType(step, model)

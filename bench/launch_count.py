@@ -1,9 +1,24 @@
-"""Kernel-launching ops per Engine batch, counted on the CPU (no GPU needed): every aten op dispatched during one
-``Engine.generate`` call (views, metadata and allocation-only ops excluded), with each Triton launch counted once
-(the interpreter's own host copies are not counted). Shipped VAR (float32) and Infinity (bf16) models, B = 16,
-SSG on, eager (no graphs), Triton backend under ``TRITON_INTERPRET=1``.
+"""Kernel-launching ops per batch, reference loop vs Engine, counted on the CPU (no GPU needed).
 
-    python bench/launch_count.py            # prints one line per family
+Method: every aten op dispatched during one sampling call is counted (a ``TorchDispatchMode`` sees the leaf ops;
+views, metadata and allocation-only ops are excluded: ``NOT_LAUNCHING``), and each Triton launch counts once (the
+interpreter's own host copies are not counted). Both samplers get a warm-up call first (caches, operators).
+
+* ``reference``: the upstream-exact reference loop (``sample_reference`` / ``sample_infinity_reference``), float32,
+  the kernels' PyTorch references: what upstream launches, plus nothing.
+* ``engine``: ``Engine(..., dtype=bfloat16, backend="triton", cuda_graphs=False)`` under ``TRITON_INTERPRET=1``: the
+  ops a captured graph would replay (graphs change who launches, not what). Its Triton kernels are counted, not
+  run (the interpreter would take hours at these sizes): their launchers allocate the outputs and the values stay
+  unwritten, which changes no count (the Engine has no data-dependent control flow; a non-finite flag raised from
+  such values at the end of ``generate`` is ignored).
+
+Models (random weights): VAR d16 and d30 and Infinity-2B as *narrow twins* (same depth, schedule, vocabulary, codebook
+and VAE layout; width 128, 2 heads, VAE channels 32), since the number of launches does not depend on the width
+(checked here: a depth-2 VAR twin at width 128 and 256 must count the same, else the script fails); Infinity also on the
+two golden tiny configurations (``tests/golden/infinity``). B = 1, SSG off and on.
+
+    python bench/launch_count.py --out bench/results/launch_count.json
+    python bench/launch_count.py --quick          # the depth-2 width check and the golden tiny models only
 """
 from __future__ import annotations
 
@@ -11,20 +26,42 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable, Dict, List, Optional  # noqa: E402
+
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode, _pop_mode_temporarily  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-import ssg_engine as se  # noqa: E402
+from ssg_engine.config import ModelConfig  # noqa: E402
 from ssg_engine.engine import Engine  # noqa: E402
+from ssg_engine.guidance import SSG  # noqa: E402
+from ssg_engine.infinity_sampler import sample_infinity_reference  # noqa: E402
 from ssg_engine.kernels import KernelLaunch  # noqa: E402
-from ssg_engine.pretrained import load_pretrained, load_pretrained_infinity  # noqa: E402
+from ssg_engine.loading import build_models  # noqa: E402
+from ssg_engine.models.bsq_vae import BSQVAE, BSQVAEConfig  # noqa: E402
+from ssg_engine.models.infinity import INFINITY_PRESETS, InfinityConfig, InfinityTransformer, TextFeatures, scale_schedule  # noqa: E402
+from ssg_engine.params import SamplingParams  # noqa: E402
+from ssg_engine.pipeline import NonFiniteLogitsError  # noqa: E402
+from ssg_engine.sampler import sample_reference  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = REPO / "tests" / "golden" / "infinity"
 NOT_LAUNCHING = {
     "view", "_unsafe_view", "reshape", "expand", "permute", "transpose", "t", "unsqueeze", "squeeze", "select", "slice",
     "as_strided", "detach", "alias", "split", "split_with_sizes", "unbind", "chunk", "narrow", "_reshape_alias",
     "lift_fresh", "empty", "empty_strided", "new_empty", "new_empty_strided", "unflatten", "flatten", "view_as",
     "expand_as", "_local_scalar_dense", "is_nonzero", "item", "sym_size", "sym_stride", "sym_numel", "dim", "size", "stride",
 }
+TWIN = dict(embed_dim=128, num_heads=2)  # the twins' width: head_dim 64 (VAR's; Infinity-2B has 128)
+GOALS = {"var": 0.40, "infinity": 0.50}  # issue #20: the Engine at most this fraction of the reference loop's count
+ENGINE_DTYPE = torch.bfloat16
 
 
 class LaunchCount(TorchDispatchMode):
@@ -40,35 +77,129 @@ class LaunchCount(TorchDispatchMode):
             self.ops += 1
         return func(*args, **(kwargs or {}))
 
-    def run_launch(self, launch: KernelLaunch, run) -> None:
+    def count_launch(self, launch: KernelLaunch) -> None:
+        """``KernelLaunch.run`` while counting: one op, not run."""
         self.ops += 1
         self.triton += 1
-        with _pop_mode_temporarily():
-            run(launch)
 
 
-def count(engine: Engine, cond, params: se.SamplingParams) -> LaunchCount:
-    """One warm-up call (operators, caches), then the counted call."""
-    engine.generate(cond, params)
+def count(fn: Callable[[], object]) -> LaunchCount:
+    """One warm-up call (operators, caches), then the counted call; Triton launches are counted, not run."""
     counter, run = LaunchCount(), KernelLaunch.run
-    KernelLaunch.run = lambda launch: counter.run_launch(launch, run)
-    try:
-        with counter:
-            engine.generate(cond, params)
-    finally:
-        KernelLaunch.run = run
+    for counted in (False, True):
+        KernelLaunch.run = (lambda launch: counter.count_launch(launch)) if counted else (lambda launch: None)
+        try:
+            with counter if counted else contextlib.nullcontext(), torch.no_grad():
+                fn()
+        except NonFiniteLogitsError:  # from unwritten kernel outputs (see the module docstring)
+            pass
+        finally:
+            KernelLaunch.run = run
     return counter
 
 
+# ---------------------------------------------------------------------------------------------- VAR
+
+
+def var_twin(depth: int, width: int = TWIN["embed_dim"]) -> ModelConfig:
+    """VAR-256 of ``depth`` (d16: 16 ... d30: 30) narrowed to ``width`` (head_dim 64), VQ-VAE channels 32."""
+    return ModelConfig(depth=depth, embed_dim=width, num_heads=width // 64, ch=32)
+
+
+def count_var(cfg: ModelConfig, ssg: bool, B: int = 1) -> Dict[str, int]:
+    torch.manual_seed(0)
+    vae, var = build_models(cfg, "cpu")
+    vae, var = vae.eval(), var.eval()
+    params = SamplingParams(cfg=1.5, top_k=900, top_p=0.96, ssg=SSG(beta=0.5) if ssg else None, seed=1)
+    labels = torch.arange(B) % cfg.num_classes
+    ref = count(lambda: sample_reference(var, B, labels, params))
+    engine = Engine(var, vae, max_batch=B, device="cpu", dtype=ENGINE_DTYPE, cuda_graphs=False, backend="triton")
+    eng = count(lambda: engine.generate(labels, params))
+    return dict(reference_ops=ref.ops, engine_ops=eng.ops, engine_triton=eng.triton)
+
+
+# ---------------------------------------------------------------------------------------------- Infinity
+
+
+def infinity_twin() -> InfinityConfig:
+    """Infinity-2B's depth, chunks, shared AdaLN, bits and text length, narrowed (width 128, 2 heads, text 256 channels)."""
+    return dataclasses.replace(INFINITY_PRESETS["infinity_2b"], **TWIN, text_channels=256)
+
+
+def golden_config(name: str) -> tuple:
+    c = json.loads((GOLDEN / name / "config.json").read_text())
+    vae = c["vae"]["vae_model"]
+    vcfg = BSQVAEConfig(codebook_dim=vae["codebook_dim"], base_ch=c["vae"]["overrides"]["base_ch"], num_res_blocks=c["vae"]["overrides"]["num_res_blocks"],
+                        encoder_ch_mult=vae["encoder_ch_mult"], decoder_ch_mult=vae["decoder_ch_mult"], patch_size=vae["patch_size"])
+    return InfinityConfig.from_upstream(c["infinity"], vae["codebook_dim"]), vcfg, c["h_div_w"], c["pn"]
+
+
+def count_infinity(cfg: InfinityConfig, vcfg: BSQVAEConfig, h_div_w: float, pn: str, ssg: bool, B: int = 1) -> Dict[str, int]:
+    torch.manual_seed(0)
+    model, vae = InfinityTransformer(cfg).eval(), BSQVAE(vcfg).eval()
+    schedule = scale_schedule(h_div_w, pn)
+    gen = torch.Generator().manual_seed(0)
+    text = TextFeatures(torch.randn(7 * B, cfg.text_channels, generator=gen), [7] * B)
+    K = len(schedule)
+    beta = SSG(beta=0.15) if ssg else None
+    ref = count(lambda: sample_infinity_reference(model, vae, text, schedule, cfg_list=[3.0] * K, tau_list=[1.0] * K, seed=1, ssg=beta))
+    engine = Engine(model, vae, max_batch=B, device="cpu", dtype=ENGINE_DTYPE, cuda_graphs=False, backend="triton")
+    eng = count(lambda: engine.generate(text, SamplingParams(cfg=3.0, ssg=beta, seed=1), h_div_w=h_div_w, pn=pn))
+    return dict(reference_ops=ref.ops, engine_ops=eng.ops, engine_triton=eng.triton)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def width_check() -> Dict[str, int]:
+    """The same depth-2 VAR at width 128 and 256 must launch the same ops (the twins' premise)."""
+    narrow, wide = (count_var(var_twin(2, w), ssg=True) for w in (128, 256))
+    if narrow != wide:
+        sys.exit(f"launch counts depend on the width ({narrow} at 128 vs {wide} at 256): the narrow twins do not stand for the real models")
+    return narrow
+
+
 def main() -> None:
-    vae, var = load_pretrained()
-    engine = Engine(var, vae, max_batch=16, device="cpu", dtype=torch.float32, cuda_graphs=False, backend="triton")
-    c = count(engine, torch.arange(16) % 10, se.SamplingParams(ssg=se.SSG(beta=0.5), seed=1))
-    print(f"VAR (shipped, float32) B=16 SSG: {c.ops} kernel-launching ops per batch, {c.triton} of them Triton")
-    model, bsq, text_encoder = load_pretrained_infinity()
-    engine = Engine(model, bsq, max_batch=16, device="cpu", dtype=torch.bfloat16, cuda_graphs=False, backend="triton")
-    c = count(engine, text_encoder.encode(["a sneaker"] * 16), se.SamplingParams(ssg=se.SSG(beta=0.15), seed=1))
-    print(f"Infinity (shipped, bf16) B=16 SSG: {c.ops} kernel-launching ops per batch, {c.triton} of them Triton")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, help="write the rows as JSON here")
+    ap.add_argument("--quick", action="store_true", help="the width check and the golden tiny Infinity models only")
+    args = ap.parse_args()
+    started = time.time()
+    runs: List[tuple] = [("var", "depth-2 twin, widths 128 and 256", None, None)]
+    if not args.quick:
+        runs += [("var", f"d{d} twin", var_twin(d), None) for d in (16, 30)]
+    runs += [("infinity", f"golden {name}", None, golden_config(name)) for name in ("sq_d16", "wide_d8")]
+    if not args.quick:
+        runs.append(("infinity", "infinity_2b twin (1M, 1:1)", None, (infinity_twin(), BSQVAEConfig(base_ch=32), 1.0, "1M")))
+    rows = []
+    for family, model, var_cfg, inf in runs:
+        for ssg in (False, True):
+            t0 = time.time()
+            if var_cfg is None and inf is None:
+                if not ssg:
+                    continue
+                counts = width_check()
+            elif family == "var":
+                counts = count_var(var_cfg, ssg)
+            else:
+                counts = count_infinity(*inf, ssg=ssg)
+            ratio = counts["engine_ops"] / counts["reference_ops"]
+            row = dict(family=family, model=model, B=1, ssg=ssg, **counts, engine_fraction=round(ratio, 4),
+                       goal=GOALS[family], meets_goal=ratio <= GOALS[family], seconds=round(time.time() - t0, 1))
+            rows.append(row)
+            print(f"{family:8s} {model:34s} SSG {'on ' if ssg else 'off'}: reference {counts['reference_ops']:6d}  engine "
+                  f"{counts['engine_ops']:6d} ({counts['engine_triton']} Triton)  = {100 * ratio:5.1f}% (goal <= {100 * GOALS[family]:.0f}%)",
+                  flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        result = dict(
+            method=__doc__.split("\n\n")[1].replace("\n", " "), engine_dtype=str(ENGINE_DTYPE).removeprefix("torch."),
+            torch=torch.__version__, python=platform.python_version(), seconds=round(time.time() - started, 1), rows=rows,
+        )
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(args.out)
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,14 @@ def require_kernel_device(device: torch.device) -> None:
         )
 
 
+def interpreter_tiles() -> bool:
+    """True when launches run on the CPU interpreter (``TRITON_INTERPRET=1``) and no :func:`record_launches` is
+    collecting configurations: a launcher may then take bigger tiles, since the interpreter pays per program, loop
+    iteration and op, not per element. The configurations compiled for a GPU (and recorded for the AOT gate) never
+    depend on it."""
+    return triton_interpreting() and _RECORDER.get() is None
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelLaunch:
     """One launch of a jit kernel: ``kernel[grid](*args, **constexprs, **options)``, where ``options`` is

@@ -35,7 +35,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import KernelLaunch, jit, require_kernel_device
+from . import KernelLaunch, interpreter_tiles, jit, require_kernel_device
 
 try:
     import triton
@@ -152,6 +152,8 @@ def launch_settings(C: int) -> Tuple[int, int, int]:
     """``(BLOCK_C, ROWS, num_warps)`` for rows of C channels (the fixed table above ``_TILE``)."""
     block_c = max(_MIN_BLOCK_C, triton.next_power_of_2(C))
     rows = max(1, min(_MAX_ROWS, _TILE // block_c))
+    if interpreter_tiles():  # the CPU interpreter pays per program and op, not per element (never compiled)
+        rows = max(1, (1 << 16) // block_c)
     num_warps = max(4, rows * block_c // 512)  # <= 16 fp32 values of x per thread
     return block_c, rows, num_warps
 

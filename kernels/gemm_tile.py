@@ -24,7 +24,7 @@ import torch
 
 from ssg_engine.backend import triton_interpreting
 
-from . import jit
+from . import interpreter_tiles, jit
 
 try:
     import triton.language as tl
@@ -115,6 +115,8 @@ def gemm_config(m: int, dtype: torch.dtype) -> Dict[str, int]:
     """Tiles and launch options of an (M, K) x (K, N) GEMM with ``dtype`` inputs: ``BLOCK_M, BLOCK_N, BLOCK_K,
     GROUP_M`` (constexprs) and ``num_warps, num_stages``, by M bucket (<= 16, <= 64, <= 256, larger; fp32: <= 16,
     <= 64, larger)."""
+    if interpreter_tiles():  # the CPU interpreter pays per program and op: few, large tiles (never compiled)
+        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=1)
     table = _FP32_CONFIGS if dtype == torch.float32 else _LOW_PRECISION_CONFIGS
     for bound, config in table:
         if bound is None or m <= bound:
@@ -131,18 +133,19 @@ def describe(t: object) -> str:
     return f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[int, int]:
+def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], kernel: bool = True) -> Tuple[int, int]:
     """Validate ``F.linear(x, weight, bias)`` operands as the kernels read them; return ``(K, N)``.
 
     x (..., K) and weight (N, K) float32, bfloat16 or float16 of one dtype (F.linear's rule outside autocast);
-    bias (N,) of any floating dtype or None (rounded to x's dtype first, as autocast does); one device."""
+    bias (N,) of any floating dtype or None (rounded to x's dtype first, as autocast does); one device. With
+    ``kernel=False`` (the references: eager ``F.linear``) x and weight may differ under autocast, which casts both."""
     if not isinstance(x, torch.Tensor) or x.ndim == 0:
         raise ValueError(f"x must be a (..., K) tensor; got {describe(x)}")
     if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
         raise ValueError(f"weight must be an (N, K) tensor (nn.Linear.weight); got {describe(weight)}")
     if x.dtype not in KERNEL_DTYPES:
         raise ValueError(f"x dtype {x.dtype} is not supported; use float32, bfloat16 or float16")
-    if weight.dtype != x.dtype:
+    if weight.dtype != x.dtype and (kernel or not torch.is_autocast_enabled(x.device.type)):
         raise ValueError(f"weight dtype {weight.dtype} must equal x dtype {x.dtype} (cast the weight, as autocast does)")
     n, k = weight.shape
     if x.shape[-1] != k:

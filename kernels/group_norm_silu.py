@@ -45,7 +45,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import KernelLaunch, jit, require_kernel_device
+from . import KernelLaunch, interpreter_tiles, jit, require_kernel_device
 
 try:
     import triton
@@ -58,6 +58,9 @@ ACTIVATIONS = ("silu", "swish", "none")
 # Values per tile: 2048 fp32 over 4 warps is 16 per thread for x and 16 for its deviations (no spills on
 # sm_80/sm_90, bench/aot_compile.py); 64 channels per tile bound BLOCK_C (real Cg: 4 to 20).
 _TILE = 2048
+# The CPU interpreter pays per loop iteration and per op, not per element: one tile covers a whole group there (CI's
+# decoders otherwise take minutes). A GPU never sees this size (the AOT gate enumerates the compiled path's).
+_INTERPRETER_TILE = 1 << 18
 _MAX_BLOCK_C = 64
 _NUM_WARPS = 4
 _INT32_MAX = 2**31 - 1
@@ -93,9 +96,9 @@ def _group_norm_silu_kernel(
             x = tl.load(x_base + offs_s[:, None] * stride_xs + offs_c[None, :] * stride_xc, mask=mask, other=0.0)
             x = x.to(tl.float32)
             n_t = n_c * tl.minimum(HW - s0, BLOCK_S)
-            mean_t = tl.sum(tl.sum(x, axis=1), axis=0) / n_t
+            mean_t = tl.sum(x) / n_t  # one reduction over the tile (axis=None)
             d = tl.where(mask, x - mean_t, 0.0)
-            m2_t = tl.sum(tl.sum(d * d, axis=1), axis=0)
+            m2_t = tl.sum(d * d)
             total = count + n_t
             delta = mean_t - mean
             w_t = n_t / total  # int / int: fp32 true division
@@ -185,7 +188,7 @@ def group_norm_silu_launch(
         return None, out
     hw, cg = H * W, C // num_groups
     block_c = min(triton.next_power_of_2(cg), _MAX_BLOCK_C)
-    block_s = min(triton.next_power_of_2(hw), _TILE // block_c)
+    block_s = min(triton.next_power_of_2(hw), (_INTERPRETER_TILE if interpreter_tiles() else _TILE) // block_c)
     # (H, W) flatten to one spatial index s; both layouts are dense, so the strides follow from the format (a size-1
     # dim's stride in x.stride() is arbitrary): (b, c, s) strides (C*HW, HW, 1) for NCHW, (C*HW, 1, C) channels_last
     strides = (C * hw, hw, 1) if memory_format == torch.contiguous_format else (C * hw, 1, C)

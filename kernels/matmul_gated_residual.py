@@ -42,19 +42,20 @@ def check_matmul_gated_residual_inputs(
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
     gamma: torch.Tensor,
+    kernel: bool = True,
 ) -> torch.Tensor:
     """Validate (ValueErrors name the argument): x (R, l, K) and weight (N, K) of one dtype among float32, bfloat16,
     float16; bias (N,) floating or None; residual (R, l, N) floating, of the promoted dtype of residual and x;
     gamma floating and broadcastable to (R, 1, N); one device. Returns gamma broadcast to (R, 1, N) (a view)."""
     if not isinstance(x, torch.Tensor) or x.ndim != 3:
         raise ValueError(f"x must be an (R, l, K) tensor; got {describe(x)}")
-    _, n = check_linear(x, weight, bias)
+    _, n = check_linear(x, weight, bias, kernel)
     r, l, _ = x.shape
     if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != (r, l, n) or not residual.is_floating_point():
         raise ValueError(f"residual must be a floating-point ({r}, {l}, {n}) tensor (x's rows, weight's N); got {describe(residual)}")
     if residual.device != x.device:
         raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
-    if torch.promote_types(residual.dtype, x.dtype) != residual.dtype:
+    if torch.promote_types(residual.dtype, x.dtype) != residual.dtype and kernel:
         raise ValueError(f"residual dtype {residual.dtype} is narrower than x dtype {x.dtype}: the output (residual's dtype) "
                          "would round the eager result")
     if not isinstance(gamma, torch.Tensor) or not gamma.is_floating_point():
@@ -78,7 +79,7 @@ def matmul_gated_residual_reference(
     """PyTorch specification: residual + gamma * (x @ weight^T + bias), (R, l, N) in residual.dtype. The eager blocks
     round ``gamma * y`` to y's dtype (``y.mul_(gamma)``: VAR; Infinity's attention) or not (``round_gated=False``,
     ``y.mul(gamma)``: Infinity's FFN, whose float32 gamma promotes the product); the kernel never rounds it."""
-    check_matmul_gated_residual_inputs(residual, x, weight, bias, gamma)
+    check_matmul_gated_residual_inputs(residual, x, weight, bias, gamma, kernel=False)
     y = linear_reference(x, weight, bias)
     return residual + (y.mul_(gamma) if round_gated else y.mul(gamma))
 

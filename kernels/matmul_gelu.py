@@ -33,15 +33,15 @@ try:
 except ImportError:  # reference-only install: the launcher below raises instead
     triton = None
 
-def check_matmul_gelu_inputs(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[int, int]:
+def check_matmul_gelu_inputs(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], kernel: bool = True) -> Tuple[int, int]:
     """Validate the operands (ValueErrors name the argument): x (..., K) and weight (N, K) of one dtype among
     float32, bfloat16, float16; bias (N,) floating or None; one device. Returns ``(K, N)``."""
-    return check_linear(x, weight, bias)
+    return check_linear(x, weight, bias, kernel)
 
 
 def matmul_gelu_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """PyTorch specification: GELU_tanh(x @ weight^T + bias), x (..., K), weight (N, K) -> (..., N) in x.dtype."""
-    check_matmul_gelu_inputs(x, weight, bias)
+    check_matmul_gelu_inputs(x, weight, bias, kernel=False)
     return F.gelu(linear_reference(x, weight, bias), approximate="tanh")
 
 

@@ -43,7 +43,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import KernelLaunch, jit, require_kernel_device
+from . import KernelLaunch, interpreter_tiles, jit, require_kernel_device
 
 try:
     import triton
@@ -58,6 +58,7 @@ _NORM_EPS = 1e-12  # F.normalize's default, and what both models pass
 # Elements of one (BLOCK_L, BLOCK_D) tile: 3 such fp32 tiles (q, k, v) plus cos/sin half tiles stay in registers
 # at 8 elements per thread with 4 warps (no spills on sm_80/sm_90: bench/aot_compile.py qkv_norm_rope_cache_cases).
 _TILE_ELEMENTS = 1024
+_INTERPRETER_TILE_ELEMENTS = 1 << 16  # the CPU interpreter pays per program and op, not per element (never compiled)
 _THREADS_PER_WARP = 32
 
 
@@ -149,6 +150,23 @@ def check_qkv_inputs(
     return rows, l, dim
 
 
+def qkv_norm_rope_reference(
+    qkv: torch.Tensor, num_heads: int, scale_mul: Optional[torch.Tensor] = None, rope: Optional[Rope] = None
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The models' eager attention prologue without the cache: qkv (R, l, 3*H*D) -> q, k, v (R, H, l, D) views or new
+    tensors in the computed dtype (teacher forcing and the reference sampler's concatenating cache use it as it is)."""
+    R, l, C3 = qkv.shape
+    D = C3 // (3 * num_heads)
+    q, k, v = qkv.view(R, l, 3, num_heads, D).permute(2, 0, 3, 1, 4).unbind(0)
+    if scale_mul is not None:
+        q = _normalize(q).mul(scale_mul.view(1, num_heads, 1, 1))
+        k = _normalize(k)
+    if rope is not None:
+        qk = rotate_pairs(torch.stack((q, k)), *rope)
+        q, k = qk[0], qk[1]
+    return q, k, v
+
+
 def qkv_norm_rope_cache_reference(
     qkv: torch.Tensor,
     k_cache: torch.Tensor,
@@ -162,14 +180,8 @@ def qkv_norm_rope_cache_reference(
 ) -> torch.Tensor:
     """PyTorch specification (the models' eager code): qkv (R, l, 3*H*D) -> q (R, H, l, D) in the cache dtype
     (not necessarily contiguous); writes k, v into ``k_cache``/``v_cache[layer, :R, :, start:start + l]``."""
-    R, l, D = check_qkv_inputs(qkv, k_cache, v_cache, layer, start, num_heads, scale_mul, rope)
-    q, k, v = qkv.view(R, l, 3, num_heads, D).permute(2, 0, 3, 1, 4).unbind(0)
-    if scale_mul is not None:
-        q = _normalize(q).mul(scale_mul.view(1, num_heads, 1, 1))
-        k = _normalize(k)
-    if rope is not None:
-        qk = rotate_pairs(torch.stack((q, k)), *rope)
-        q, k = qk[0], qk[1]
+    R, l, _ = check_qkv_inputs(qkv, k_cache, v_cache, layer, start, num_heads, scale_mul, rope)
+    q, k, v = qkv_norm_rope_reference(qkv, num_heads, scale_mul, rope)
     k_cache[layer, :R, :, start:start + l].copy_(k)
     v_cache[layer, :R, :, start:start + l].copy_(v)
     return q.to(k_cache.dtype)
@@ -293,7 +305,8 @@ def qkv_norm_rope_cache_launch(
     check_kernel_dtypes(qkv=qkv, k_cache=k_cache, scale_mul=scale_mul)
     q = torch.empty((rows, num_heads, l, dim), dtype=k_cache.dtype, device=qkv.device)
     block_d = triton.next_power_of_2(dim)
-    block_l = max(1, min(triton.next_power_of_2(l), _TILE_ELEMENTS // block_d))
+    tile = _INTERPRETER_TILE_ELEMENTS if interpreter_tiles() else _TILE_ELEMENTS
+    block_l = max(1, min(triton.next_power_of_2(l), tile // block_d))
     num_warps = max(1, min(4, block_l * block_d // (8 * _THREADS_PER_WARP)))
     scale = scale_mul.reshape(num_heads) if scale_mul is not None else qkv  # a dummy pointer when not read
     cos, sin = rope if rope is not None else (qkv, qkv)

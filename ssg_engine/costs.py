@@ -184,6 +184,8 @@ class _OpTraffic(TorchDispatchMode):
         if func.is_view or func in self._FREE:
             return out
         outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if not outs:  # dtype arithmetic (aten.promote_types) and the like: no kernel
+            return out
         last_op, last_out = self._last
         self._last = (func.overloadpacket, outs[0])
         if self.fuse_silu and func.overloadpacket is torch.ops.aten.silu and last_op is torch.ops.aten.native_group_norm and args[0] is last_out:

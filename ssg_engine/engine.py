@@ -22,7 +22,7 @@ from . import ops
 from .backend import resolve_backend
 from .guidance import cfg_ratio
 from .infinity_sampler import family_keywords, infinity_request
-from .kv_cache import StaticKVCache, write_and_read
+from .kv_cache import StaticKVCache
 from .memory import CONTEXT_BYTES, GiB, MemoryPlan, infinity_plan, itemsize, largest_batch
 from .models.bsq_vae import BSQVAE
 from .models.family import NextScaleModel
@@ -151,6 +151,10 @@ class Engine:
         if device_memory is not None:
             device_memory = as_number(device_memory, "device_memory", "a positive integer (bytes)", integer=True, valid=lambda v: v > 0)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        if backend == "auto" and self.device.type != "cuda":
+            # the CPU interpreter runs the fused kernels ~100x slower than eager PyTorch: "auto" is the reference off
+            # CUDA (backend="triton" runs the kernels there, as the tests of the fused path do)
+            backend = "reference"
         self.backend = resolve_backend(backend, self.device)  # an unknown or unusable backend fails here
         self.dtype = dtype
         self.infinity = isinstance(model, InfinityTransformer)
@@ -262,14 +266,10 @@ class Engine:
         if schedule is None:
             schedule = guidance_schedule(0.0, params.ssg, model.scale_sizes(), self.device, cfg_ts=self._cfg_ts(model, params))
         guide = Guidance(schedule, params.ssg, functools.partial(ops.ssg_guidance, backend=self.backend))
-        kv = self._kv_cache(2 * _rows(cond), model.cache_layout())
-        k_cache, v_cache = kv.k_cache, kv.v_cache
+        store = StaticKV(self._kv_cache(2 * _rows(cond), model.cache_layout()), self.backend)
         width = model.draw_width
         nonfinite: List[torch.Tensor] = []
         self.last_logits = []
-
-        def store(layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> Tuple[torch.Tensor, torch.Tensor]:
-            return write_and_read(k_cache, v_cache, layer, start, k.to(self.dtype), v.to(self.dtype))
 
         bitwise = width == 2  # Infinity: every draw is one bit, a Bernoulli draw fused into guidance
         draw_bits = functools.partial(
@@ -299,7 +299,10 @@ class Engine:
             return (idx if C == width else idx.view(b, hw, C // width)), None
 
         autocast = self.infinity and self.dtype != torch.float32  # no weight cache: it would outlive a graph capture
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast, cache_enabled=False):
+        cudnn = torch.backends.cudnn  # benchmark the VAE's convolutions once per static shape (the user's other flags kept)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast, cache_enabled=False), cudnn.flags(
+            enabled=cudnn.enabled, benchmark=True, deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32
+        ):
             images, tokens = run_scales(model, model.condition(cond), store, pick)
         return images, tokens, torch.stack(nonfinite)
 
@@ -367,6 +370,25 @@ class Engine:
         else:
             img, tok, bad = self.run_batch(padded, torch.tensor([seed], dtype=torch.long, device=self.device), params, model=model)
         return img[:n].clone(), [t[:n].clone() for t in tok], bad.clone()
+
+
+@dataclasses.dataclass
+class StaticKV:
+    """The Engine's KV store (:class:`ssg_engine.models.family.KVStore`): ``ops.qkv_norm_rope_cache_`` normalises,
+    scales and rotates q/k and writes k/v into the static cache in place (one kernel with the Triton backend); the
+    model's other ops run on ``backend`` too."""
+
+    cache: StaticKVCache
+    backend: str
+
+    def __call__(
+        self, layer: int, qkv: torch.Tensor, start: int, *, num_heads: int, scale_mul: Optional[torch.Tensor] = None,
+        rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        k_cache, v_cache = self.cache.k_cache, self.cache.v_cache
+        q = ops.qkv_norm_rope_cache_(qkv, k_cache, v_cache, layer, start, num_heads=num_heads, scale_mul=scale_mul, rope=rope, backend=self.backend)
+        rows, end = qkv.shape[0], start + qkv.shape[1]
+        return q, k_cache[layer, :rows, :, :end], v_cache[layer, :rows, :, :end]
 
 
 def device_schedule(template: Sequence[ScaleGuidance], cfg_t: torch.Tensor, beta: torch.Tensor) -> List[ScaleGuidance]:

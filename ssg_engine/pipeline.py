@@ -122,5 +122,5 @@ def run_scales(
                 model.next_input_embeddings(state, si, embeddings)
             tokens.append(idx)
     with nvtx_range("vae decode"):
-        images = model.decode(state)
+        images = model.decode(state, kv.backend)
     return images, tokens

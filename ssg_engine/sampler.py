@@ -14,6 +14,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .guidance import SSG
+from .kernels.qkv_norm_rope_cache import qkv_norm_rope_reference
 from .kernels.sampling import sample_logits_reference, top_k_top_p_mask_reference
 from .kernels.ssg_guidance import ssg_guidance_reference
 from .models.var import VARTransformer
@@ -36,17 +37,25 @@ class SampleOutput:
 
 
 class ConcatKVCache:
-    """Upstream's KV cache: each scale's keys/values concatenated to those cached so far (``torch.cat``)."""
+    """Upstream's KV cache: each scale's keys/values concatenated to those cached so far (``torch.cat``); q/k
+    normalisation and RoPE in eager PyTorch (the fused kernel's reference); the model's other ops on the reference
+    backend (a :class:`ssg_engine.models.family.KVStore`)."""
+
+    backend = "reference"
 
     def __init__(self, num_layers: int) -> None:
         self.k: List[Optional[torch.Tensor]] = [None] * num_layers
         self.v: List[Optional[torch.Tensor]] = [None] * num_layers
 
-    def __call__(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, layer: int, qkv: torch.Tensor, start: int, *, num_heads: int, scale_mul: Optional[torch.Tensor] = None,
+        rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = qkv_norm_rope_reference(qkv, num_heads, scale_mul, rope)
         if self.k[layer] is not None:
             k, v = torch.cat((self.k[layer], k), dim=2), torch.cat((self.v[layer], v), dim=2)
         self.k[layer], self.v[layer] = k, v
-        return k, v
+        return q, k, v
 
 
 def check_models(var: Any, vae: Any, where: str) -> None:

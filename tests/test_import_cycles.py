@@ -26,7 +26,9 @@ COMPILED_MODULES = {f"{PACKAGE}._C"}
 # which re-exports the API.
 LAYERS: Dict[str, List[str]] = {
     "foundation": ["config", "files", "cache", "extension", "profiling", "backend", "data", "validation"],
-    "kernels": ["kernels.*", "ops"],  # below the models: the VAE decoders call ops.group_norm_silu
+    # the fused ops sit below the models: a model's layers call them (with the sampler's backend), and their PyTorch
+    # references are the models' eager code (the oracle)
+    "kernels": ["kernels.*", "ops"],
     "models": ["models.*", "kv_cache", "memory"],
     "guidance": ["guidance", "params"],
     "samplers": ["pipeline", "sampler", "infinity_sampler", "engine"],

@@ -9,22 +9,30 @@ so no sampler repeats model code:
         ... guidance, then one draw per model.draw_width logits: tokens (B, h*w) (C == draw_width, VAR: C = V)
             or (B, h*w, C // draw_width) (Infinity: C = 2d logits, d bits per token) ...
         model.next_input(state, si, tokens)            # accumulate the latent, embed the next scale's input
-    images = model.decode(state)                       # (B, 3, H, W) in [0, 1]
+    images = model.decode(state, kv.backend)           # (B, 3, H, W) in [0, 1]
 
-``kv`` is the sampler's KV cache: ``kv(layer, k, v, start)`` stores the new tokens' keys/values (2B, H, l, D) at
-positions ``[start, start + l)`` and returns all keys/values stored so far, ``(K, V)`` (2B, H, start + l, D). The
-reference sampler concatenates (as upstream does); the Engine writes into a static cache.
+``kv`` is the sampler's KV cache and its choice of ops: ``kv(layer, qkv, start, num_heads=, scale_mul=, rope=)`` takes
+a layer's packed QKV projection (2B, l, 3C) of the tokens at positions ``[start, start + l)``, splits it, normalises
+q/k (when ``scale_mul`` is given, q times it), rotates them (``rope``), stores the keys/values, and returns q
+(2B, H, l, D) with all keys/values stored so far (2B, H, start + l, D). The reference sampler does it in eager PyTorch
+and concatenates (as upstream does); the Engine runs one fused kernel that writes into its static cache.
+``kv.backend`` is the backend of the other fused ops the step runs (:mod:`ssg_engine.ops`): the sampler's, never a global.
 """
 from __future__ import annotations
 
-from typing import Any, List, Protocol, Tuple, runtime_checkable
+from typing import Any, List, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 
 
 class KVStore(Protocol):
-    def __call__(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Store ``k``, ``v`` (2B, H, l, D) of ``layer`` at ``[start, start + l)``; return all stored (2B, H, start + l, D)."""
+    backend: str  # "reference" | "triton": the ops backend of the sampler that owns this cache
+
+    def __call__(
+        self, layer: int, qkv: torch.Tensor, start: int, *, num_heads: int, scale_mul: Optional[torch.Tensor] = None,
+        rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """qkv (2B, l, 3C) of ``layer`` at ``[start, start + l)`` -> q (2B, H, l, D), all keys and values (2B, H, start + l, D)."""
 
 
 @runtime_checkable
@@ -51,5 +59,5 @@ class NextScaleModel(Protocol):
     def next_input(self, state: Any, si: int, tokens: torch.Tensor) -> None:
         """Add scale ``si``'s tokens (B, h*w) or (B, h*w, C // draw_width) to the latent; prepare scale ``si + 1``'s input."""
 
-    def decode(self, state: Any) -> torch.Tensor:
-        """Images (B, 3, H, W) in [0, 1] from the accumulated latent."""
+    def decode(self, state: Any, backend: str = "reference") -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1] from the accumulated latent; the decoder's fused ops on ``backend``."""

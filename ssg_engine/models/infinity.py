@@ -29,9 +29,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import ops
 from ..config import normalise_fields
+from ..kernels.qkv_norm_rope_cache import qkv_norm_rope_reference
 from ..validation import as_number
-from .bsq_vae import accumulate_codes, bits_to_codes
+from .bsq_vae import BSQVAE, accumulate_codes, bits_to_codes
 from .family import KVStore
 from .var import FFN
 
@@ -457,9 +459,12 @@ class RMSNorm(nn.Module):
         return ((xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(self.eps))) * self.weight).to(x.dtype)
 
 
-def ada_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm without affine in float32, then ``* (1 + scale) + shift``: x (B, l, C), scale/shift (B, 1, C)."""
-    return F.layer_norm(x.float(), (x.shape[-1],), eps=eps).mul(scale.add(1)).add_(shift)
+def ada_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float, backend: str = "reference") -> torch.Tensor:
+    """LayerNorm without affine in float32, then ``* (1 + scale) + shift``: x (B, l, C), scale/shift (B, 1, C); in
+    autocast's dtype when autocast is on (the dtype the next linear layer casts it to), else float32."""
+    device = x.device.type
+    out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    return ops.ada_ln_modulate(x.float(), scale, shift, eps, out_dtype=out_dtype, backend=backend)
 
 
 class SelfAttention(nn.Module):
@@ -476,21 +481,26 @@ class SelfAttention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(dim))
         self.proj = nn.Linear(dim, dim)
 
+    def constants(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The packed (q, 0, v) bias (3C,) and the per-head q scale (1, H, 1, 1): what :meth:`qkv` derives from the
+        weights alone (a sampler computes them once per batch)."""
+        return torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)), self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
+
+    def qkv_linear(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """x (B, l, C) -> the packed q, k, v (B, l, 3C), ``bias`` from :meth:`constants` included."""
+        return F.linear(x, self.mat_qkv.weight, bias)
+
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, l, C), cos/sin (l, head_dim/2) -> q, k, v (B, H, l, head_dim), normalised, scaled and rotated."""
-        B, l, _ = x.shape
-        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        q, k, v = F.linear(x, self.mat_qkv.weight, bias).view(B, l, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q = F.normalize(q, dim=-1, eps=1e-12).mul(self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp())
-        k = F.normalize(k, dim=-1, eps=1e-12)
-        qk = apply_rope(torch.stack((q, k)), cos, sin)
-        return qk[0], qk[1], v.contiguous()
+        bias, scale_mul = self.constants()
+        q, k, v = qkv_norm_rope_reference(self.qkv_linear(x, bias), self.num_heads, scale_mul, (cos, sin))
+        return q, k, v.contiguous()  # as upstream (the attention kernels' summation follows the layout)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """q (B, H, l, hd), k/v (B, H, S, hd), additive mask (l, S) or None -> projected output (B, l, C)."""
+        """q (B, H, l, hd), k/v (B, H, S, hd), additive mask (l, S) or None -> attention output before ``proj`` (B, l, C)."""
         B, _, l, _ = q.shape
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
-        return self.proj(out.transpose(1, 2).reshape(B, l, -1))
+        return out.transpose(1, 2).reshape(B, l, -1)
 
 
 class CrossAttention(nn.Module):
@@ -570,12 +580,20 @@ class CrossAttnBlock(nn.Module):
             return self.ada_gss + cond
         return self.ada_lin(cond).view(-1, 1, 6, self.C)
 
-    def forward(self, x: torch.Tensor, mod: torch.Tensor, self_attn: Any, ca_kv: Tuple[torch.Tensor, torch.Tensor], lens: Sequence[int]) -> torch.Tensor:
-        """x (B, l, C); ``self_attn`` maps the normalised x to the self-attention output (B, l, C)."""
+    def forward(
+        self, x: torch.Tensor, mod: torch.Tensor, self_attn: Any, ca_kv: Tuple[torch.Tensor, torch.Tensor], lens: Sequence[int],
+        backend: str = "reference",
+    ) -> torch.Tensor:
+        """x (B, l, C); ``self_attn`` maps the normalised x to the self-attention output before ``proj`` (B, l, C).
+        The fused ops (``backend``: the sampler's) reproduce upstream's eager sequence with the reference backend,
+        including its roundings: the attention's gate multiplies in place (``round_gated``), the FFN's does not."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mod.unbind(2)
-        x = x + self_attn(ada_layer_norm(x, scale1, shift1, self.eps)).mul_(gamma1)
+        sa, ffn = self.sa, self.ffn
+        h = self_attn(ada_layer_norm(x, scale1, shift1, self.eps, backend))
+        x = ops.matmul_gated_residual(x, h, sa.proj.weight, sa.proj.bias, gamma1, round_gated=True, backend=backend)
         x = x + self.ca(self.ca_norm(x), ca_kv, lens).float().mul_(self.ca_gamma)
-        return x + self.ffn(ada_layer_norm(x, scale2, shift2, self.eps)).mul(gamma2)
+        h = ops.matmul_gelu(ada_layer_norm(x, scale2, shift2, self.eps, backend), ffn.fc1.weight, ffn.fc1.bias, backend=backend)
+        return ops.matmul_gated_residual(x, h, ffn.fc2.weight, ffn.fc2.bias, gamma2, round_gated=False, backend=backend)
 
 
 class BlockChunk(nn.Module):
@@ -597,8 +615,8 @@ class AdaLNBeforeHead(nn.Module):
         scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2)
         return scale, shift
 
-    def forward(self, x: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
-        return ada_layer_norm(x, *self.modulation(cond_BD), self.eps)
+    def forward(self, x: torch.Tensor, cond_BD: torch.Tensor, backend: str = "reference") -> torch.Tensor:
+        return ada_layer_norm(x, *self.modulation(cond_BD), self.eps, backend)
 
 
 class SharedAdaLin(nn.Linear):
@@ -626,6 +644,7 @@ class InfinityState:
     schedule: Schedule
     cond_BD: torch.Tensor  # (rows, D)
     modulations: List[torch.Tensor]  # per block (rows, 1, 6, C)
+    attn_constants: List[Tuple[torch.Tensor, torch.Tensor]]  # per block: SelfAttention.constants()
     ca_kv: List[Tuple[torch.Tensor, torch.Tensor]]  # per block: keys, values (N, H, hd), or (rows, T, H, hd) padded
     lens: Union[List[int], torch.Tensor]  # prompt lengths, or the key mask (rows, T) of padded text
     rope: Tuple[torch.Tensor, torch.Tensor]  # cos, sin (L, hd/2)
@@ -708,10 +727,10 @@ class InfinityTransformer(nn.Module):
         cond_BD = self.text_proj_for_sos(kv, lens).float()
         return cond_BD, self.text_proj_for_ca(kv)
 
-    def get_logits(self, h: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+    def get_logits(self, h: torch.Tensor, cond_BD: torch.Tensor, backend: str = "reference") -> torch.Tensor:
         """Final AdaLN + head in float32 with autocast off (as upstream): (B, l, C) -> (B, l, 2d)."""
         with torch.autocast(h.device.type, enabled=False):
-            return self.head(self.head_nm(h.float(), cond_BD.float()))
+            return self.head(self.head_nm(h.float(), cond_BD.float(), backend))
 
     def shared_modulation(self, cond_BD: torch.Tensor) -> torch.Tensor:
         """The shared AdaLN projection (B, 1, 6, C) in float32 with autocast off (as upstream) from the condition
@@ -834,7 +853,7 @@ class InfinityTransformer(nn.Module):
         H, W = sched[-1]
         return InfinityState(
             batch=B, rows=text.batch, schedule=sched, cond_BD=cond_BD,
-            modulations=[b.modulation(gss) for b in blocks],
+            modulations=[b.modulation(gss) for b in blocks], attn_constants=[b.sa.constants() for b in blocks],
             ca_kv=[b.ca.kv(ca_text) for b in blocks], lens=text.mask if isinstance(text, PaddedText) else text.lens,
             rope=(cos, sin),
             x=x, summed_codes=torch.zeros(B, self.d, 1, H, W, device=x.device).contiguous(memory_format=torch.channels_last_3d),
@@ -855,20 +874,21 @@ class InfinityTransformer(nn.Module):
         B = state.batch
 
         def attention(x_: torch.Tensor, layer: int, attn: SelfAttention) -> torch.Tensor:
-            q, k, v = attn.qkv(x_, cos, sin)
-            return attn.attend(q, *kv(layer, k, v, begin), None)
+            bias, scale_mul = state.attn_constants[layer]
+            q, k, v = kv(layer, attn.qkv_linear(x_, bias), begin, num_heads=self.num_heads, scale_mul=scale_mul, rope=(cos, sin))
+            return attn.attend(q, k, v, None)
 
         x = state.x
         for layer, block in enumerate(self.block_list()):
             if layer == 0 or not self.config.add_lvl_embeding_only_first_block:
                 x = self.add_level(x, si)
-            x = block(x, state.modulations[layer], lambda x_, i=layer, a=block.sa: attention(x_, i, a), state.ca_kv[layer], state.lens)
+            x = block(x, state.modulations[layer], lambda x_, i=layer, a=block.sa: attention(x_, i, a), state.ca_kv[layer], state.lens, kv.backend)
             if cfg != 1 and layer in state.cfg_layers:
                 w_cond, w_uncond = (cfg, 1 - cfg) if state.cfg_weights is None else (state.cfg_weights[0][si], state.cfg_weights[1][si])
                 x = w_cond * x[:B] + w_uncond * x[B:]
                 x = torch.cat((x, x))
         rows = state.rows if state.cfg_on_logits and cfg != 1 else B
-        logits = self.get_logits(x[:rows], state.cond_BD[:rows])
+        logits = self.get_logits(x[:rows], state.cond_BD[:rows], kv.backend)
         return logits.view(rows, h * w, self.d, 2)
 
     def next_input(self, state: InfinityState, si: int, bits: torch.Tensor) -> None:
@@ -880,11 +900,13 @@ class InfinityTransformer(nn.Module):
         if nxt is not None:
             state.x = self.word_embed(nxt).repeat(state.rows // state.batch, 1, 1)
 
-    def decode(self, state: InfinityState, vae: Any) -> torch.Tensor:
-        """Images (B, 3, H, W) in [0, 1] from the summed codes via ``vae.decode(z (B, d, h, w))`` (clamped to [-1, 1]
-        as upstream); ``z`` is channels-last, as upstream's ``summed_codes.squeeze(-3)`` (the decoder's kernels differ)."""
+    def decode(self, state: InfinityState, vae: Any, backend: str = "reference") -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1] from the summed codes via ``vae.decode(z (B, d, h, w), backend)`` (clamped to
+        [-1, 1] as upstream); ``z`` is channels-last, as upstream's ``summed_codes.squeeze(-3)`` (the decoder's kernels
+        differ)."""
         z = state.summed_codes.squeeze(-3).contiguous(memory_format=torch.channels_last)
-        return vae.decode(z).float().clamp(-1, 1).add(1).mul(0.5)
+        images = vae.decode(z, backend) if isinstance(vae, BSQVAE) else vae.decode(z)  # any other VAE: decode(z) alone
+        return images.float().clamp(-1, 1).add(1).mul(0.5)
 
 
 # ---------------------------------------------------------------------------------------------- padded text, requests
@@ -1064,5 +1086,5 @@ class InfinityRequest:
     def next_input(self, state: InfinityState, si: int, bits: torch.Tensor) -> None:
         self.model.next_input(state, si, bits)
 
-    def decode(self, state: InfinityState) -> Optional[torch.Tensor]:
-        return None if self.vae is None else self.model.decode(state, self.vae)
+    def decode(self, state: InfinityState, backend: str = "reference") -> Optional[torch.Tensor]:
+        return None if self.vae is None else self.model.decode(state, self.vae, backend)

@@ -13,27 +13,30 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import ops
 from ..config import ModelConfig
+from ..kernels.qkv_norm_rope_cache import qkv_norm_rope_reference
 from .family import KVStore
 from .vqvae import VQVAE
 
 
 class FFN(nn.Module):
+    """fc1 -> GELU(tanh) -> fc2 (upstream names); a block runs it as ``ops.matmul_gelu`` then
+    ``ops.matmul_gated_residual`` (fc2 with the block's gate and residual), see :meth:`AdaLNSelfAttn.forward_modulated`."""
+
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
 
 class SelfAttention(nn.Module):
     """Multi-head attention with optional L2-normalised q/k and a learned per-head scale.
 
-    ``forward`` is teacher forcing over a whole sequence; samplers call ``qkv`` and ``attend`` around their
-    own KV cache (see :mod:`ssg_engine.models.family`).
+    ``forward`` is teacher forcing over a whole sequence; samplers call ``qkv_linear``, their KV store (which
+    normalises q/k and caches k/v, see :mod:`ssg_engine.models.family`) and ``attend``. Both return the attention
+    output before ``proj``: the block applies ``proj`` fused with its gate and residual.
     """
 
     def __init__(self, dim: int, num_heads: int, attn_l2_norm: bool) -> None:
@@ -58,21 +61,20 @@ class SelfAttention(nn.Module):
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         return bias, self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp() if self.attn_l2_norm else None
 
-    def qkv(self, x: torch.Tensor, constants: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def qkv_linear(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """(B, l, C) -> the packed q, k, v (B, l, 3C), bias (3C,) from :meth:`constants` included."""
+        return F.linear(x, self.mat_qkv.weight, bias)
+
+    def qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, l, C) -> q, k, v each (B, H, l, head_dim), with q/k normalisation and q scaling applied."""
-        B, l, C = x.shape
-        bias, scale_mul = constants if constants is not None else self.constants()
-        q, k, v = F.linear(x, self.mat_qkv.weight, bias).view(B, l, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        if self.attn_l2_norm:
-            q = F.normalize(q, dim=-1).mul(scale_mul)
-            k = F.normalize(k, dim=-1)
-        return q, k, v
+        bias, scale_mul = self.constants()
+        return qkv_norm_rope_reference(self.qkv_linear(x, bias), self.num_heads, scale_mul, None)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: Optional[torch.Tensor]) -> torch.Tensor:
-        """q (B, H, l, d), k/v (B, H, S, d) -> projected output (B, l, C)."""
+        """q (B, H, l, d), k/v (B, H, S, d) -> attention output before ``proj`` (B, l, C)."""
         B, _, l, _ = q.shape
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale)
-        return self.proj(out.transpose(1, 2).reshape(B, l, -1))
+        return out.transpose(1, 2).reshape(B, l, -1)
 
     def forward(self, x: torch.Tensor, attn_bias: Optional[torch.Tensor]) -> torch.Tensor:
         return self.attend(*self.qkv(x), attn_bias)
@@ -103,11 +105,17 @@ class AdaLNSelfAttn(nn.Module):
             return self.ada_gss + cond_BD
         return self.ada_lin(cond_BD).view(-1, 1, 6, self.C)
 
-    def forward_modulated(self, x: torch.Tensor, mod: torch.Tensor, attn_fn: Any) -> torch.Tensor:
-        """Block body given the modulation ``mod`` (B, 1, 6, C); ``attn_fn`` maps normalised x to attention output."""
+    def forward_modulated(self, x: torch.Tensor, mod: torch.Tensor, attn_fn: Any, backend: str = "reference") -> torch.Tensor:
+        """Block body given the modulation ``mod`` (B, 1, 6, C); ``attn_fn`` maps normalised x (B, l, C) to the
+        attention output before ``proj``. Five fused ops around the attention (``backend``: the sampler's; their
+        references are upstream's eager sequence): LN + modulate, proj + gate + residual, LN + modulate, fc1 + GELU,
+        fc2 + gate + residual."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mod.unbind(2)
-        x = x + attn_fn(self.ln_wo_grad(x).mul(scale1.add(1)).add_(shift1)).mul_(gamma1)
-        return x + self.ffn(self.ln_wo_grad(x).mul(scale2.add(1)).add_(shift2)).mul(gamma2)
+        eps, attn, ffn = self.ln_wo_grad.eps, self.attn, self.ffn
+        h = attn_fn(ops.ada_ln_modulate(x, scale1, shift1, eps, backend=backend))
+        x = ops.matmul_gated_residual(x, h, attn.proj.weight, attn.proj.bias, gamma1, backend=backend)
+        h = ops.matmul_gelu(ops.ada_ln_modulate(x, scale2, shift2, eps, backend=backend), ffn.fc1.weight, ffn.fc1.bias, backend=backend)
+        return ops.matmul_gated_residual(x, h, ffn.fc2.weight, ffn.fc2.bias, gamma2, backend=backend)
 
     def forward(self, x: torch.Tensor, cond_BD: torch.Tensor, attn_bias: Optional[torch.Tensor]) -> torch.Tensor:
         return self.forward_modulated(x, self.modulation(cond_BD), lambda h: self.attn(h, attn_bias=attn_bias))
@@ -122,7 +130,7 @@ class AdaLNBeforeHead(nn.Module):
 
     def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2)
-        return self.ln_wo_grad(x_BLC).mul(scale.add(1)).add_(shift)
+        return ops.ada_ln_modulate(x_BLC, scale, shift, self.ln_wo_grad.eps, backend="reference")
 
 
 class SharedAdaLin(nn.Linear):
@@ -150,7 +158,7 @@ class VARState:
     batch: int
     modulations: List[torch.Tensor]
     attn_constants: List[Tuple[torch.Tensor, Optional[torch.Tensor]]]  # per block: SelfAttention.constants()
-    head_scale: torch.Tensor  # 1 + scale of the head's AdaLN, (2B, 1, C)
+    head_scale: torch.Tensor  # scale of the head's AdaLN, (2B, 1, C)
     head_shift: torch.Tensor
     lvl_pos: torch.Tensor  # (1, L, C)
     x: torch.Tensor
@@ -268,11 +276,11 @@ class VARTransformer(nn.Module):
 
     def adaln_conditioning(self, cond_BD: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor]:
         """AdaLN conditioning from class embeddings (2B, C): every block's modulation (2B, 1, 6, C), the head's
-        ``1 + scale`` and ``shift`` (2B, 1, C). :meth:`condition` computes it once per batch; upstream recomputes it
+        ``scale`` and ``shift`` (2B, 1, C). :meth:`condition` computes it once per batch; upstream recomputes it
         at every scale (``sample_reference(per_scale_conditioning=True)`` does the same, to bench that cost)."""
         shared = self.shared_ada_lin(cond_BD)
         head_scale, head_shift = self.head_nm.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2)
-        return [block.modulation(shared) for block in self.blocks], head_scale.add(1), head_shift
+        return [block.modulation(shared) for block in self.blocks], head_scale, head_shift
 
     def condition(self, labels: torch.Tensor) -> VARState:
         """State for labels (B,) int64: class embeddings of the labels and of the unconditional class, their
@@ -301,13 +309,14 @@ class VARTransformer(nn.Module):
         start = self.begin_ends[si][0]
 
         def attention(h: torch.Tensor, layer: int, attn: SelfAttention) -> torch.Tensor:
-            q, k, v = attn.qkv(h, state.attn_constants[layer])
-            return attn.attend(q, *kv(layer, k, v, start), None)
+            bias, scale_mul = state.attn_constants[layer]
+            q, k, v = kv(layer, attn.qkv_linear(h, bias), start, num_heads=self.num_heads, scale_mul=scale_mul)
+            return attn.attend(q, k, v, None)
 
         x = state.x
         for layer, block in enumerate(self.blocks):
-            x = block.forward_modulated(x, state.modulations[layer], lambda h, i=layer, a=block.attn: attention(h, i, a))
-        return self.head(self.head_nm.ln_wo_grad(x).mul(state.head_scale).add_(state.head_shift))
+            x = block.forward_modulated(x, state.modulations[layer], lambda h, i=layer, a=block.attn: attention(h, i, a), kv.backend)
+        return self.head(ops.ada_ln_modulate(x, state.head_scale, state.head_shift, self.head_nm.ln_wo_grad.eps, backend=kv.backend))
 
     def next_input(self, state: VARState, si: int, tokens: torch.Tensor) -> None:
         """Add scale ``si``'s tokens (B, pn*pn) to the latent and embed the next scale's input."""
@@ -323,8 +332,8 @@ class VARTransformer(nn.Module):
             nxt = nxt.view(B, self.Cvae, -1).transpose(1, 2).to(self.word_embed.weight.dtype)
             state.x = (self.word_embed(nxt) + state.lvl_pos[:, begin:end]).repeat(2, 1, 1)
 
-    def decode(self, state: VARState) -> torch.Tensor:
+    def decode(self, state: VARState, backend: str = "reference") -> torch.Tensor:
         """Images (B, 3, H, W) float32 in [0, 1] from the accumulated latent (decoded in the decoder's dtype; the
         latent itself accumulates in the quantizer's, float32)."""
         f_hat = state.f_hat.to(self.vae.post_quant_conv.weight.dtype)
-        return self.vae.fhat_to_img(f_hat).float().add_(1).mul_(0.5)
+        return self.vae.fhat_to_img(f_hat, backend).float().add_(1).mul_(0.5)
