@@ -248,10 +248,9 @@ def quick_cases() -> List[Case]:
     (64 x 64 tokens x 32 bits, rows of V = 2, B=1, top-p on), the configuration with the most rows per program; and
     the fused bit sampler on that scale (prior, CFG, top-k + top-p); the QKV epilogue of Infinity-2B's last scale
     (L2 norm + RoPE, D = 128, bf16, 128 rows), its largest tile; the AdaLN kernel on d30's last scale at B=64, bf16
-    (C = 1920: masked BLOCK_C = 2048, the most x values per thread); GroupNorm + SiLU on the VQ-VAE's last level."""
-    (64 x 64 tokens x 32 bits, rows of V = 2, B=1, top-p on), the configuration with the most rows per program; the
-    fused bit sampler on that scale (prior, CFG, top-k + top-p); fc1 + GELU at Infinity-2B's last scale (bf16, the
-    large tiles) and fc2 + gated residual at VAR-d16's first scale in fp32 (the small tiles)."""
+    (C = 1920: masked BLOCK_C = 2048, the most x values per thread); GroupNorm + SiLU on the VQ-VAE's last level;
+    fc1 + GELU at Infinity-2B's last scale (bf16, the large tiles) and fc2 + gated residual at VAR-d16's first scale
+    in fp32 (the small tiles)."""
     guidance = [c for c in guidance_cases(["d16"], [64], [torch.float32]) if c.setting == "ssg"]
     sampling = [c for c in sampling_cases(["d16"], [64], [torch.float32]) if c.setting == "top-k+top-p"]
     seed = torch.zeros(1, dtype=torch.int64, device="meta")

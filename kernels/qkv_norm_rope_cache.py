@@ -13,7 +13,7 @@ Specification (:func:`qkv_norm_rope_cache_reference`, the eager code of ``SelfAt
         (k[2i], k[2i+1]) likewise
     k_cache[layer, :R, :, start:start + l] = k                       # rounded to the cache dtype
     v_cache[layer, :R, :, start:start + l] = v
-    return q                                                         # (R, H, l, D) contiguous, cache dtype
+    return q                                                         # (R, H, l, D) view of (R, l, H, D) storage
 
 Tensors: ``qkv`` (R, l, 3*H*D) float32/bfloat16/float16, the QKV linear's output (bias included), last dim
 contiguous (any other strides); ``k_cache``/``v_cache`` (layers, rows >= R, H, S >= start + l, D), same dtype
@@ -272,7 +272,7 @@ def _qkv_norm_rope_cache_kernel(
     tl.store(k_cache_ptr + k_off, _round_to(k, k_cache_ptr.dtype.element_ty), mask=mask)
     q = _head_tile(src, offs_l, offs_d, mask, stride_ql, cos, sin, scale, EPS,
                    NORMALIZE, HAS_ROPE, BLOCK_L, BLOCK_D)
-    q_off = ((r * H + h) * l + offs_l[:, None]) * D + offs_d[None, :]
+    q_off = ((r * l + offs_l[:, None]) * H + h) * D + offs_d[None, :]  # q's storage is (R, l, H, D)
     tl.store(q_ptr + q_off, _round_to(q, q_ptr.dtype.element_ty), mask=mask)
 
 
@@ -294,7 +294,9 @@ def qkv_norm_rope_cache_launch(
     scale_mul: Optional[torch.Tensor] = None,
     rope: Optional[Rope] = None,
 ) -> Tuple[KernelLaunch, torch.Tensor]:
-    """Validate, allocate ``q`` (R, H, l, D) contiguous in the cache dtype and choose the kernel configuration.
+    """Validate, allocate ``q`` (R, H, l, D) in the cache dtype, a transposed view of (R, l, H, D) storage (the
+    attention's output then comes back in (R, l, H, D) order, so its (R, l, C) reshape for the out-projection copies
+    nothing, on CUDA's flash kernels as on the CPU), and choose the kernel configuration.
 
     The only code that decides grid, tiles and warps: :func:`qkv_norm_rope_cache_triton` runs the launch,
     ``bench/aot_compile.py`` compiles it (meta tensors work). Table: ``BLOCK_D`` = D rounded up to a power of two;
@@ -303,7 +305,7 @@ def qkv_norm_rope_cache_launch(
     """
     rows, l, dim = check_qkv_inputs(qkv, k_cache, v_cache, layer, start, num_heads, scale_mul, rope)
     check_kernel_dtypes(qkv=qkv, k_cache=k_cache, scale_mul=scale_mul)
-    q = torch.empty((rows, num_heads, l, dim), dtype=k_cache.dtype, device=qkv.device)
+    q = torch.empty((rows, l, num_heads, dim), dtype=k_cache.dtype, device=qkv.device).transpose(1, 2)
     block_d = triton.next_power_of_2(dim)
     tile = _INTERPRETER_TILE_ELEMENTS if interpreter_tiles() else _TILE_ELEMENTS
     block_l = max(1, min(triton.next_power_of_2(l), tile // block_d))
@@ -336,7 +338,7 @@ def qkv_norm_rope_cache_triton(
     scale_mul: Optional[torch.Tensor] = None,
     rope: Optional[Rope] = None,
 ) -> torch.Tensor:
-    """Triton launcher with the reference's contract (``q`` contiguous)."""
+    """Triton launcher with the reference's contract (``q`` a transposed view of (R, l, H, D) storage)."""
     if triton is None:
         raise RuntimeError("qkv_norm_rope_cache_triton needs triton; use qkv_norm_rope_cache_reference")
     launch, q = qkv_norm_rope_cache_launch(

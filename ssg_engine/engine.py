@@ -115,7 +115,8 @@ class Engine:
     ``engine.generate(cond, params)`` (or keyword overrides: ``cfg=``, ``seed=``, ``ssg=`` ...; for Infinity also
     ``h_div_w=``, ``pn=``, ``schedule=``, ``negative=``, ``cfg_insertion_layer=``, ``cfg_list=``, ``tau_list=``) returns
     ``images (B, 3, H, W)`` in [0, 1] and the tokens per scale (VAR: (B, pn^2) int64; Infinity: bits (B, h*w, d) uint8).
-    Requests larger than ``max_batch`` are split (chunk ``i`` uses seed ``seed + i``); each chunk is padded up to
+    ``backend="auto"`` runs the fused Triton kernels on CUDA and the PyTorch references elsewhere (``"triton"`` runs
+    the kernels on the CPU interpreter too, with ``TRITON_INTERPRET=1``). Requests larger than ``max_batch`` are split (chunk ``i`` uses seed ``seed + i``); each chunk is padded up to
     a bucket (``batch_buckets``).
 
     Memory follows the batches in use: the KV cache is allocated for the largest (rows, tokens) used so far (never

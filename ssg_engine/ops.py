@@ -152,8 +152,8 @@ def qkv_norm_rope_cache_(
     (None: no normalisation, no scaling: VAR with attn_l2_norm=False). rope: (cos, sin) each (l, D/2) float32,
     rotating adjacent pairs (x[2i], x[2i+1]) of q and k after the normalisation (Infinity), or None.
 
-    See :mod:`ssg_engine.kernels.qkv_norm_rope_cache`; the Triton backend's ``q`` is contiguous, the reference's
-    need not be. ``layer`` and ``start`` are baked into a captured graph.
+    See :mod:`ssg_engine.kernels.qkv_norm_rope_cache`; the Triton backend's ``q`` is a transposed view of (R, l, H, D)
+    storage, the reference's need not be. ``layer`` and ``start`` are baked into a captured graph.
     """
     from ssg_engine.kernels import qkv_norm_rope_cache as impl
 
@@ -162,9 +162,13 @@ def qkv_norm_rope_cache_(
             return impl.qkv_norm_rope_cache_triton(
                 qkv, k_cache, v_cache, layer, start, num_heads=num_heads, scale_mul=scale_mul, rope=rope,
             )
-        return impl.qkv_norm_rope_cache_reference(
-            qkv, k_cache, v_cache, layer, start, num_heads=num_heads, scale_mul=scale_mul, rope=rope,
-        )
+        # the reference: the eager prologue, and the cache's graph-safe write op (kv_write_) for the store
+        from ssg_engine.kv_cache import write_and_read
+
+        impl.check_qkv_inputs(qkv, k_cache, v_cache, layer, start, num_heads, scale_mul, rope)
+        q, k, v = impl.qkv_norm_rope_reference(qkv, num_heads, scale_mul, rope)
+        write_and_read(k_cache, v_cache, layer, start, k.to(k_cache.dtype), v.to(v_cache.dtype))
+        return q.to(k_cache.dtype)
 
 
 def matmul_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *, backend: str = "auto") -> torch.Tensor:

@@ -27,9 +27,9 @@ COMPILED_MODULES = {f"{PACKAGE}._C"}
 LAYERS: Dict[str, List[str]] = {
     "foundation": ["config", "files", "cache", "extension", "profiling", "backend", "data", "validation"],
     # the fused ops sit below the models: a model's layers call them (with the sampler's backend), and their PyTorch
-    # references are the models' eager code (the oracle)
-    "kernels": ["kernels.*", "ops"],
-    "models": ["models.*", "kv_cache", "memory"],
+    # references are the models' eager code (the oracle); the reference backend stores K/V with the cache's write op
+    "kernels": ["kernels.*", "ops", "kv_cache"],
+    "models": ["models.*", "memory"],
     "guidance": ["guidance", "params"],
     "samplers": ["pipeline", "sampler", "infinity_sampler", "engine"],
     "api": [PACKAGE, "loading", "text", "api", "pretrained", "analysis", "imaging", "costs", "plan"],

@@ -130,7 +130,7 @@ def run_both(qkv, k_cache, v_cache, layer, start, kwargs):
     for cache, before, ref in ((k_cache, k_before, k_ref), (v_cache, v_before, v_ref)):
         check_window(cache, before, ref, layer, R, start, l)
     H, D = k_cache.shape[2], k_cache.shape[4]
-    assert q.shape == (R, H, l, D) and q.dtype == k_cache.dtype and q.is_contiguous()
+    assert q.shape == (R, H, l, D) and q.dtype == k_cache.dtype and q.transpose(1, 2).is_contiguous()
     window = (layer, slice(None, R), slice(None), slice(start, start + l))
     return (q, k_cache[window], v_cache[window]), (q_ref, k_ref[window], v_ref[window])
 
@@ -324,7 +324,7 @@ def test_kernel_needs_cuda_unless_interpreting(monkeypatch):
 
 @pytest.fixture
 def recorded(spy_backends):
-    return spy_backends(impl, "qkv_norm_rope_cache_reference", "qkv_norm_rope_cache_triton")
+    return spy_backends(impl, "qkv_norm_rope_reference", "qkv_norm_rope_cache_triton")  # ops: the eager prologue + kv_write_
 
 
 @pytest.mark.parametrize("backend,expected", [("reference", "reference"), ("triton", "triton"), ("auto", "triton")])

@@ -167,7 +167,8 @@ class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
 
 @torch.no_grad()
 def test_engine_writes_kv_through_the_custom_op(monkeypatch, tiny_models):
-    """Every KV write of the Engine (VAR here) is one kv_write_ call (layers x scales), none via the cache's methods."""
+    """Every KV write of the reference-backend Engine (VAR here) is one kv_write_ call (layers x scales), none via the
+    cache's methods (the Triton backend writes K/V inside the fused QKV kernel: tests/test_fused_engine.py)."""
     from ssg_engine import engine as engine_module
 
     vae, var = tiny_models

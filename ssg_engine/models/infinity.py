@@ -939,14 +939,17 @@ class PaddedText:
 
 def masked_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """:func:`varlen_cross_attention` on padded keys/values (static shapes, for CUDA graphs): q (B, Lq, H, hd), k/v
-    (B, T, H, hd), key mask (B, T) -> (B, Lq, H*hd); the same bfloat16 rounding of q, k, v and the output, masked keys
-    get zero weight. One ``scaled_dot_product_attention`` with the boolean key mask broadcast as (B, 1, 1, T): no
+    (B, T, H, hd), key mask (B, T) -> (B, Lq, H*hd); the same bfloat16 rounding of q, k, v and the output (kept in
+    bfloat16 under bf16 autocast, which the projection casts to anyway), masked keys get zero weight. One ``scaled_dot_product_attention`` with the boolean key mask broadcast as (B, 1, 1, T): no
     (B, H, Lq, T) score matrix is materialized. Equal up to float32 summation order (which can move a bfloat16
     rounding of the output by one ulp)."""
     B, Lq, H, hd = q.shape
     q, k, v = (t.to(torch.bfloat16).to(t.dtype).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale).transpose(1, 2)
-    return out.to(torch.bfloat16).float().reshape(B, Lq, H * hd)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale).transpose(1, 2).to(torch.bfloat16)
+    device = out.device.type
+    if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16:
+        return out.reshape(B, Lq, H * hd)  # the projection would cast the float32 copy straight back: the same values
+    return out.float().reshape(B, Lq, H * hd)
 
 
 def check_text_width(features: torch.Tensor, Ct5: int) -> None:
