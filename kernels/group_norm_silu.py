@@ -96,9 +96,9 @@ def _group_norm_silu_kernel(
             x = tl.load(x_base + offs_s[:, None] * stride_xs + offs_c[None, :] * stride_xc, mask=mask, other=0.0)
             x = x.to(tl.float32)
             n_t = n_c * tl.minimum(HW - s0, BLOCK_S)
-            mean_t = tl.sum(x) / n_t  # one reduction over the tile (axis=None)
+            mean_t = tl.sum(tl.sum(x, axis=1), axis=0) / n_t
             d = tl.where(mask, x - mean_t, 0.0)
-            m2_t = tl.sum(d * d)
+            m2_t = tl.sum(tl.sum(d * d, axis=1), axis=0)
             total = count + n_t
             delta = mean_t - mean
             w_t = n_t / total  # int / int: fp32 true division
