@@ -89,7 +89,7 @@ def all_runs(quick: bool = False) -> List[Run]:
     if quick:
         return [
             Run("var", "d16", "bfloat16", 2, True, 900, 0.96, True),
-            Run("var", "d16", "float32", 1, False, 0, 0.0, False),
+            Run("var", "d16", "float32", MAX_BATCH, False, 900, 0.96, False),  # the sweep's float32 setting
             Run("infinity", "infinity_2b", "bfloat16", 2, True, 900, 0.96, True, "0.06M", 1.0),
             Run("infinity", "infinity_2b", "bfloat16", 1, False, 1, 0.0, False, "0.06M", 1.0),
         ]
