@@ -43,6 +43,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ssg_engine.kv_cache import write_and_read
+
 from . import KernelLaunch, interpreter_tiles, jit, require_kernel_device
 
 try:
@@ -180,10 +182,9 @@ def qkv_norm_rope_cache_reference(
 ) -> torch.Tensor:
     """PyTorch specification (the models' eager code): qkv (R, l, 3*H*D) -> q (R, H, l, D) in the cache dtype
     (not necessarily contiguous); writes k, v into ``k_cache``/``v_cache[layer, :R, :, start:start + l]``."""
-    R, l, _ = check_qkv_inputs(qkv, k_cache, v_cache, layer, start, num_heads, scale_mul, rope)
+    check_qkv_inputs(qkv, k_cache, v_cache, layer, start, num_heads, scale_mul, rope)
     q, k, v = qkv_norm_rope_reference(qkv, num_heads, scale_mul, rope)
-    k_cache[layer, :R, :, start:start + l].copy_(k)
-    v_cache[layer, :R, :, start:start + l].copy_(v)
+    write_and_read(k_cache, v_cache, layer, start, k.to(k_cache.dtype), v.to(v_cache.dtype))  # the cache's kv_write_ op
     return q.to(k_cache.dtype)
 
 

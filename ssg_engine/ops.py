@@ -162,13 +162,9 @@ def qkv_norm_rope_cache_(
             return impl.qkv_norm_rope_cache_triton(
                 qkv, k_cache, v_cache, layer, start, num_heads=num_heads, scale_mul=scale_mul, rope=rope,
             )
-        # the reference: the eager prologue, and the cache's graph-safe write op (kv_write_) for the store
-        from ssg_engine.kv_cache import write_and_read
-
-        impl.check_qkv_inputs(qkv, k_cache, v_cache, layer, start, num_heads, scale_mul, rope)
-        q, k, v = impl.qkv_norm_rope_reference(qkv, num_heads, scale_mul, rope)
-        write_and_read(k_cache, v_cache, layer, start, k.to(k_cache.dtype), v.to(v_cache.dtype))
-        return q.to(k_cache.dtype)
+        return impl.qkv_norm_rope_cache_reference(
+            qkv, k_cache, v_cache, layer, start, num_heads=num_heads, scale_mul=scale_mul, rope=rope,
+        )
 
 
 def matmul_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *, backend: str = "auto") -> torch.Tensor:
