@@ -70,10 +70,12 @@ def launch_cases(quick: bool, dtypes: Optional[Sequence[str]] = None) -> List["a
 
 
 def small_cases() -> List["aot_compile.Case"]:
-    """d16 at B=1 in float32: the same compile keys as ``--quick``'s B=64 launches (the batch size is not
-    specialized), on far smaller tensors."""
+    """d16 at B=1 in float32, and the QKV epilogue of every preset at B=1 with a 2-layer cache: the same compile keys
+    as ``--quick``'s B=64 launches (neither the batch size nor the layer index is specialized), on far smaller
+    tensors."""
     f32 = [torch.float32]
-    return [*aot_compile.guidance_cases(["d16"], [1], f32), *aot_compile.sampling_cases(["d16"], [1], f32)]
+    return [*aot_compile.guidance_cases(["d16"], [1], f32), *aot_compile.sampling_cases(["d16"], [1], f32),
+            *aot_compile.qkv_norm_rope_cache_cases(aot_compile.PRESETS, [1], aot_compile.DTYPES, cache_layers=2)]
 
 
 def footprint(launch: KernelLaunch) -> int:

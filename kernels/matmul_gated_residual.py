@@ -46,7 +46,8 @@ def check_matmul_gated_residual_inputs(
 ) -> torch.Tensor:
     """Validate (ValueErrors name the argument): x (R, l, K) and weight (N, K) of one dtype among float32, bfloat16,
     float16; bias (N,) floating or None; residual (R, l, N) floating, of the promoted dtype of residual and x;
-    gamma floating and broadcastable to (R, 1, N); one device. Returns gamma broadcast to (R, 1, N) (a view)."""
+    gamma floating and broadcastable to (R, 1, N); one device. With ``kernel=False`` (the reference) under autocast,
+    weight and residual dtypes follow eager's casts instead. Returns gamma broadcast to (R, 1, N) (a view)."""
     if not isinstance(x, torch.Tensor) or x.ndim != 3:
         raise ValueError(f"x must be an (R, l, K) tensor; got {describe(x)}")
     _, n = check_linear(x, weight, bias, kernel)
@@ -55,7 +56,7 @@ def check_matmul_gated_residual_inputs(
         raise ValueError(f"residual must be a floating-point ({r}, {l}, {n}) tensor (x's rows, weight's N); got {describe(residual)}")
     if residual.device != x.device:
         raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
-    if torch.promote_types(residual.dtype, x.dtype) != residual.dtype and kernel:
+    if torch.promote_types(residual.dtype, x.dtype) != residual.dtype and (kernel or not torch.is_autocast_enabled(x.device.type)):
         raise ValueError(f"residual dtype {residual.dtype} is narrower than x dtype {x.dtype}: the output (residual's dtype) "
                          "would round the eager result")
     if not isinstance(gamma, torch.Tensor) or not gamma.is_floating_point():

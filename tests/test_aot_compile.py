@@ -133,3 +133,17 @@ def test_the_engine_launches_only_swept_configurations(tmp_path):
                if key not in launches["configs"] or any((key, arch) not in compiled for arch in ARCHS)]
     assert not missing, f"the Engine launches {len(missing)} configurations the committed sweep lacks:\n" + \
         "\n".join(missing) + f"\nregenerate: {REGENERATE}"
+
+
+def test_aot_vs_jit_quick_launches_materialise_in_little_memory():
+    """``aot_vs_jit --quick`` (the device check's dry run) materialises one launch per compile key of the quick set:
+    each must exist (a smaller twin with the same key) and fit in 1 GiB, else the CPU dry run allocates for minutes
+    (Infinity-2B's whole KV cache at B=64 is 176 GB)."""
+    code = ("import aot_vs_jit as a, aot_compile as c\n"
+            "cases = a.launch_cases(True); keys = {c.launch_key(x.launch) for x in cases}\n"
+            "reps = {k: v for k, v in a.representatives(cases + a.small_cases(), 90).items() if k in keys}\n"
+            "assert len(reps) == len(keys) == 9, (len(reps), len(keys))\n"
+            "for case, _ in reps.values(): assert a.footprint(case.launch) < 2 ** 30, case.describe()\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "bench"), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
