@@ -13,7 +13,7 @@ from ...config import ModelConfig
 
 # Keys of upstream's config.json that do not change inference (training, HF bookkeeping, kernel selection).
 IGNORED_KEYS = frozenset({
-    "architectures", "model_type", "transformers_version", "_name_or_path", "torch_dtype", "vae_path",
+    "architectures", "model_type", "transformers_version", "_name_or_path", "torch_dtype", "dtype", "vae_path",
     "drop_rate", "attn_drop_rate", "drop_path_rate", "cond_drop_rate", "flash_if_available", "fused_if_available",
     "diffusion_batch_mul", "diffusion_head_repeats", "latent_condition_weight", "num_classes",
     "dropout", "beta", "test_mode", "levels", "hybrid", "freeze_codebook_for_hybrid", "disable_quant_resi",

@@ -17,6 +17,7 @@ import dataclasses
 import math
 from typing import Callable, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -209,13 +210,32 @@ class AdaLNBeforeHead(nn.Module):
 # ---------------------------------------------------------------------------------------------- conditions, state
 
 
+def maskgit_groups(orders: torch.Tensor, num_iters: int) -> List[torch.Tensor]:
+    """Upstream's MaskGIT schedule over the last scale: orders (B, L) (a permutation per row) -> the positions each
+    pass predicts, (B, n_it) ascending per row (upstream selects them with a boolean mask). Pass ``it`` keeps
+    ``m_it = max(1, min(m_{it-1} - 1, floor(L cos(pi/2 (it+1)/n))))`` masked (counts from row 0, equal in every row)
+    and predicts ``orders[:, m_it:m_{it-1}]``; the last pass predicts what is left."""
+    B, L = orders.shape
+    groups, prev = [], L
+    for it in range(num_iters):
+        if it == num_iters - 1:
+            groups.append(orders[:, :prev])
+            break
+        m = max(1, min(prev - 1, int(np.floor(L * np.cos(math.pi / 2.0 * (it + 1) / num_iters)))))
+        groups.append(orders[:, m:prev])
+        prev = m
+    return [g.sort(dim=1).values for g in groups]
+
+
 @dataclasses.dataclass
 class HARTCondition:
     """What ``HARTTransformer.condition`` takes: text features ``context`` (B, Lc, Cc) float32 (the text encoder's
     output, upstream ``encode_prompts``), ``context_mask`` (B, Lc) (nonzero = real token), ``context_position_ids``
     (B, Lc) int64 (default ``cumsum(mask) - 1``, upstream's rule). ``diffusion_cfg``: the CFG weight of the last
     scale's diffusion head; ``noise``: its noise source (default: upstream's global generators); ``residual=False``
-    skips the head (upstream ``final_stage != 0``: the last scale's codes only)."""
+    skips the head (upstream ``final_stage != 0``: the last scale's codes only). ``num_maskgit_iters``: passes over
+    the last scale, each on the tokens :func:`maskgit_groups` picks from ``maskgit_orders`` (B, pn_last^2) (one
+    permutation per image; needed when ``num_maskgit_iters > 1``)."""
 
     context: torch.Tensor
     context_mask: torch.Tensor
@@ -223,6 +243,8 @@ class HARTCondition:
     diffusion_cfg: float = 1.0
     noise: Optional[NoiseSource] = None
     residual: bool = True
+    num_maskgit_iters: int = 1
+    maskgit_orders: Optional[torch.Tensor] = None
 
 
 @dataclasses.dataclass
@@ -230,7 +252,7 @@ class HARTState:
     """One batch's sampling state (``R = 2B`` rows). ``x``: the current scale's input (R, l, C); ``f_hat``: the
     accumulated latent (B, Cvae, H, W); ``hidden``: the last scale's final hidden states (R, l, C), kept by ``step``
     for the diffusion head; ``hard_tokens``: the last scale's drawn codes (B, l) (the head's condition, even when
-    soft embeddings are fed); ``residual``: the continuous residual once drawn (B, l, Cvae)."""
+    soft embeddings are fed); ``groups``: the positions of each MaskGIT pass over the last scale; ``residual``: the continuous residual once drawn (B, l, Cvae)."""
 
     batch: int
     cond: torch.Tensor  # context embeddings (R, Lc, D)
@@ -243,6 +265,7 @@ class HARTState:
     f_hat: torch.Tensor
     diffusion_cfg: float
     noise: NoiseSource
+    groups: List[torch.Tensor]  # the last scale's MaskGIT passes: positions (B, n_it), ascending per row
     use_residual: bool = True
     hidden: Optional[torch.Tensor] = None
     hard_tokens: Optional[torch.Tensor] = None
@@ -380,18 +403,48 @@ class HARTTransformer(nn.Module):
             ropes.append(image_rope(grid_positions((pn,), largest), offset, self.head_dim))
         lvl_pos = self.lvl_pos()
         qw = self.tokenizer.quantize.embedding.weight
+        last = self.patch_nums[-1] ** 2
+        if cond.num_maskgit_iters < 1:
+            raise ValueError(f"num_maskgit_iters must be >= 1; got {cond.num_maskgit_iters}")
+        if cond.num_maskgit_iters == 1:
+            groups = [torch.arange(last, device=ctx.device).expand(B, last)]
+        elif cond.maskgit_orders is None or tuple(cond.maskgit_orders.shape) != (B, last):
+            raise ValueError(f"maskgit_orders (B, {last}) are required with num_maskgit_iters > 1")
+        else:
+            groups = maskgit_groups(cond.maskgit_orders.to(ctx.device).long(), cond.num_maskgit_iters)
         return HARTState(
             batch=B, cond=ctx, modulations=[block.modulation(pooled) for block in self.blocks], head_scale=head_scale,
             head_shift=head_shift, ropes=ropes, lvl_pos=lvl_pos, x=ctx + lvl_pos[:, : self.context_token],
             f_hat=qw.new_zeros(B, self.Cvae, largest, largest), diffusion_cfg=float(cond.diffusion_cfg),
-            noise=cond.noise if cond.noise is not None else UpstreamGlobalNoise(), use_residual=bool(cond.residual),
+            noise=cond.noise if cond.noise is not None else UpstreamGlobalNoise(), groups=groups, use_residual=bool(cond.residual),
         )
 
     def step(self, state: HARTState, si: int, kv: KVStore) -> torch.Tensor:
-        """Logits (R, pn*pn, V) of scale ``si`` (scale 0: of the last context position). Keys and values go through
-        ``kv`` already normalised and rotated (HART's RoPE pairs dims half a head apart with separate row/column
-        angles, which ``kv``'s pairwise rotation cannot express), so ``kv`` is called without ``scale_mul``/``rope``."""
-        start, rope = self.begin_ends[si][0], state.ropes[si]
+        """Logits (R, pn*pn, V) of scale ``si`` (scale 0: of the last context position). The last scale runs one pass
+        per MaskGIT group (``state.groups``), each on its tokens of the same input map, each appending its keys and
+        values; logits and hidden states (``state.hidden``) come back in grid order.
+
+        Keys and values go through ``kv`` already normalised and rotated (HART's RoPE pairs dims half a head apart
+        with separate row/column angles, which ``kv``'s pairwise rotation cannot express): ``kv`` gets no
+        ``scale_mul``/``rope``."""
+        if si < len(self.patch_nums) - 1:
+            x = self._blocks(state, state.x, self.begin_ends[si][0], state.ropes[si], kv)
+            if si == 0:
+                x = x[:, -1:]
+            return self.head(self.head_nm(x.float(), state.head_scale, state.head_shift).float()).float()
+        start, (cos, sin) = self.begin_ends[si][0], state.ropes[si]
+        hidden = torch.empty_like(state.x)
+        for group in state.groups:
+            index = torch.cat([group, group], dim=0)  # both CFG halves on the conditional rows' positions
+            gather = lambda t: t.gather(1, index[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
+            x = self._blocks(state, gather(state.x), start, (gather(cos), gather(sin)), kv)
+            hidden.scatter_(1, index[..., None].expand(-1, -1, x.shape[-1]), x)
+            start += group.shape[1]
+        state.hidden = hidden
+        return self.head(self.head_nm(hidden.float(), state.head_scale, state.head_shift).float()).float()
+
+    def _blocks(self, state: HARTState, x: torch.Tensor, start: int, rope: Rope, kv: KVStore) -> torch.Tensor:
+        """The blocks over x (R, l, C) at cache positions ``[start, start + l)`` -> final hidden states (R, l, C)."""
 
         def attention(h: torch.Tensor, layer: int, attn: Attention) -> torch.Tensor:
             q, k, v = attn.qkv(h, rope)
@@ -400,14 +453,9 @@ class HARTTransformer(nn.Module):
             q, k, v = kv(layer, packed, start, num_heads=H)
             return attn.attend(q, k, v, None)
 
-        x = state.x
         for layer, block in enumerate(self.blocks):
             x = block(x, state.modulations[layer], lambda h, i=layer, a=block.attn: attention(h, i, a))
-        if si == len(self.patch_nums) - 1:
-            state.hidden = x
-        if si == 0:
-            x = x[:, -1:]
-        return self.head(self.head_nm(x.float(), state.head_scale, state.head_shift).float()).float()
+        return x
 
     def next_input(self, state: HARTState, si: int, tokens: torch.Tensor) -> None:
         """Add scale ``si``'s tokens (B, pn*pn) to the latent; at the last scale also draw the continuous residual."""
@@ -437,13 +485,17 @@ class HARTTransformer(nn.Module):
 
     def residual(self, state: HARTState, hidden: torch.Tensor, hard_tokens: torch.Tensor) -> torch.Tensor:
         """The diffusion head's continuous residual (B, l, Cvae) for the last scale's hidden states (R, l, C) and
-        drawn codes (B, l): condition ``decoder_norm(hidden + word_embed(codebook[codes]))`` (both halves), CFG
-        ``state.diffusion_cfg`` on epsilon, conditional half returned."""
-        d = self.word_embed(self.tokenizer.quantize.embedding(hard_tokens))
-        z = self.decoder_norm(hidden + torch.cat([d, d], dim=0))
-        R, l, C = z.shape
-        out = self.diffloss.sample(z.reshape(R * l, C), state.diffusion_cfg, state.noise)
-        return out.reshape(R, l, -1).chunk(2, dim=0)[0]
+        drawn codes (B, l), one draw per MaskGIT group in order: condition ``decoder_norm(hidden +
+        word_embed(codebook[codes]))`` (both halves), CFG ``state.diffusion_cfg`` on epsilon, conditional half kept."""
+        out = hidden.new_empty(state.batch, hidden.shape[1], self.Cvae)
+        for group in state.groups:
+            d = self.word_embed(self.tokenizer.quantize.embedding(hard_tokens.gather(1, group)))
+            index = torch.cat([group, group], dim=0)[..., None]
+            z = self.decoder_norm(hidden.gather(1, index.expand(-1, -1, hidden.shape[-1])) + torch.cat([d, d], dim=0))
+            R, n, C = z.shape
+            r = self.diffloss.sample(z.reshape(R * n, C), state.diffusion_cfg, state.noise).reshape(R, n, -1)[: state.batch]
+            out.scatter_(1, group[..., None].expand(-1, -1, self.Cvae), r)
+        return out
 
     def decode(self, state: HARTState, backend: str = "reference") -> torch.Tensor:
         """Images (B, 3, H, W) float32 in [0, 1] from the accumulated latent."""

@@ -9,9 +9,12 @@ logits; the diffusion head conditioned on the hard codes.
 Random draws. ``upstream_compat=True`` reproduces upstream's draws when the global generators are seeded as its
 caller does: tokens (and Gumbel noise) from a generator seeded with ``seed`` on the model's device (``g_seed``;
 None: the global one), the diffusion's starting noise from the global CPU generator and its per-step noise from
-the global generator of the device, MaskGIT orders from ``np.random`` (drawn, though one MaskGIT iteration does not
-use them). ``upstream_compat=False`` (the seeded rule): tokens from ``torch.Generator(device).manual_seed(seed)``,
-all diffusion noise from ``torch.Generator(device).manual_seed(seed + 1)``; no global state is read or changed.
+the global generator of the device, MaskGIT orders from ``np.random`` (upstream ``sample_orders``; drawn even when
+one MaskGIT pass does not use them). ``upstream_compat=False`` (the seeded rule): tokens from
+``torch.Generator(device).manual_seed(seed)``, all diffusion noise from ``torch.Generator(device).manual_seed(seed +
+1)``, MaskGIT orders ``torch.randperm`` per image from ``torch.Generator().manual_seed(seed + 2)``; no global state
+is read or changed. Either way the last scale's tokens are drawn group by group (MaskGIT passes in order, grid order
+within a pass), as upstream draws them.
 """
 from __future__ import annotations
 
@@ -49,10 +52,21 @@ def upstream_top_k(si: int) -> int:
     return 600 if si < 7 else 300
 
 
-def _draw_maskgit_orders(B: int, length: int) -> None:
-    """Upstream ``sample_orders``' ``np.random`` draws (one permutation per image), for the global state only."""
+def upstream_orders(B: int, length: int) -> torch.Tensor:
+    """Upstream ``sample_orders``: one ``np.random.shuffle``d permutation per image -> (B, length) int64."""
+    orders = []
     for _ in range(B):
-        np.random.shuffle(np.array(list(range(length))))
+        order = np.array(list(range(length)))
+        np.random.shuffle(order)
+        orders.append(order)
+    return torch.Tensor(np.array(orders)).long()
+
+
+def seeded_orders(B: int, length: int, seed: int) -> torch.Tensor:
+    """The seeded rule's MaskGIT orders: ``torch.randperm`` per image from ``torch.Generator().manual_seed(seed)``."""
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return torch.stack([torch.randperm(length, generator=gen) for _ in range(B)])
 
 
 @torch.no_grad()
@@ -72,9 +86,8 @@ def sample_hart_reference(
     num_maskgit_iters: int = 1,
 ) -> HARTSampleOutput:
     """Sample B images from text features ``context`` (B, Lc, Cc) float32 with ``context_mask`` (B, Lc) and
-    optional position ids (B, Lc) int64 (default ``cumsum(mask) - 1``). See the module docstring for the draws."""
-    if num_maskgit_iters != 1:
-        raise ValueError(f"num_maskgit_iters must be 1 (upstream's default; more iterations are not implemented); got {num_maskgit_iters}")
+    optional position ids (B, Lc) int64 (default ``cumsum(mask) - 1``). See the module docstring for the draws.
+    ``residual=False``: upstream ``final_stage != 0`` (no diffusion head)."""
     device = context.device
     B, K = context.shape[0], len(model.patch_nums)
     rng: Optional[torch.Generator] = None
@@ -82,37 +95,50 @@ def sample_hart_reference(
         rng = torch.Generator(device=device)
         rng.manual_seed(seed)
     noise: NoiseSource
+    last = model.patch_nums[-1] ** 2
     if upstream_compat:
-        noise = UpstreamGlobalNoise()
+        noise, orders = UpstreamGlobalNoise(), upstream_orders(B, last)
     else:
         if seed is None:
             raise ValueError("seed must be an integer unless upstream_compat=True (then None draws from the global generators)")
         noise_rng = torch.Generator(device=device)
         noise_rng.manual_seed(seed + 1)
-        noise = GeneratorNoise(noise_rng)
+        noise, orders = GeneratorNoise(noise_rng), seeded_orders(B, last, seed + 2)
     weights = cfg_weights(cfg, K)
     sizes = model.scale_sizes()
     guide = Guidance(guidance_schedule(cfg, ssg, sizes, device, cfg_ts=weights), ssg, ssg_guidance_reference)
-    state = model.condition(HARTCondition(context, context_mask, context_position_ids, weights[-1], noise, residual))
+    state = model.condition(HARTCondition(
+        context, context_mask, context_position_ids, weights[-1], noise, residual, num_maskgit_iters, orders.to(device)
+    ))
     codebook = model.tokenizer.quantize.embedding.weight
 
-    def pick(si: int, logits_2B: torch.Tensor):
-        if si == K - 1 and upstream_compat:
-            _draw_maskgit_orders(B, model.patch_nums[-1] ** 2)
-        guided, _ = guide(si, logits_2B)
-        if not torch.isfinite(guided).all():
-            raise nonfinite_logits_error(si, sizes[si])
+    def draw(si: int, guided: torch.Tensor):
+        """Tokens (B, l) and, with ``more_smooth``, soft embeddings (B, l, Cvae) from guided logits (B, l, V)."""
         rows = guided.reshape(-1, guided.shape[-1])
         top_k = upstream_top_k(si)
         idx = sample_logits_reference(rows, top_k, top_p, 1.0, rng).view(B, -1)
-        if si == K - 1:
-            state.hard_tokens = idx
         if not more_smooth:
             return idx, None
         ratio = min(si, K - 2) / (K - 1)
         masked = rows.masked_fill(~top_k_top_p_mask_reference(rows, top_k, top_p, 1.0), float("-inf"))
         soft = gumbel_softmax_with_rng(masked.view_as(guided).mul(1 + ratio), max(0.27 * (1 - ratio * 0.95), 0.005), rng)
         return idx, soft @ codebook.unsqueeze(0)
+
+    def pick(si: int, logits_2B: torch.Tensor):
+        guided, _ = guide(si, logits_2B)
+        if not torch.isfinite(guided).all():
+            raise nonfinite_logits_error(si, sizes[si])
+        if si < K - 1:
+            return draw(si, guided)
+        idx = torch.empty(guided.shape[:2], dtype=torch.long, device=device)
+        soft = guided.new_empty(B, guided.shape[1], model.Cvae) if more_smooth else None
+        for group in state.groups:
+            g_idx, g_soft = draw(si, guided.gather(1, group[..., None].expand(-1, -1, guided.shape[-1])))
+            idx.scatter_(1, group, g_idx)
+            if soft is not None:
+                soft.scatter_(1, group[..., None].expand(-1, -1, model.Cvae), g_soft)
+        state.hard_tokens = idx
+        return idx, soft
 
     images, tokens = run_scales(model, state, ConcatKVCache(model.depth), pick)
     return HARTSampleOutput(images=images, tokens=tokens, residual=state.residual)

@@ -26,21 +26,31 @@ class HARTTokenizer(VQVAE):
 
     def tokens_to_fhat(self, ms_idx_Bl: Sequence[torch.Tensor], residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Tokens of every scale (B, pn*pn) and the last scale's continuous residual (B, pn_last^2, Cvae) or None ->
-        f_hat (B, Cvae, H, W) float32, in upstream's sampler order (bicubic up, refine, add; last scale added raw)."""
+        f_hat (B, Cvae, H, W): :meth:`embeddings_to_fhat` with the last scale's codebook embeddings plus residual."""
         K = len(self.patch_nums)
         if len(ms_idx_Bl) != K:
             raise ValueError(f"ms_idx_Bl must hold {K} scales; got {len(ms_idx_Bl)}")
-        B, side, q = ms_idx_Bl[0].shape[0], self.patch_nums[-1], self.quantize
-        f_hat = q.embedding.weight.new_zeros(B, self.Cvae, side, side)
-        for si, pn in enumerate(self.patch_nums[:-1]):
-            h = q.embedding(ms_idx_Bl[si]).transpose(1, 2).reshape(B, self.Cvae, pn, pn)
-            f_hat.add_(q.quant_resi[si / (K - 1)](F.interpolate(h, size=(side, side), mode="bicubic")))
-        last = q.embedding(ms_idx_Bl[-1])
+        last = self.quantize.embedding(ms_idx_Bl[-1])
         if residual is not None:
             if residual.shape != last.shape:
                 raise ValueError(f"residual must have shape {tuple(last.shape)}; got {tuple(residual.shape)}")
             last = last + residual
-        return f_hat + last.transpose(1, 2).reshape(B, self.Cvae, side, side)
+        return self.embeddings_to_fhat(ms_idx_Bl[:-1], last)
+
+    def embeddings_to_fhat(self, ms_idx_Bl: Sequence[torch.Tensor], last_BlC: torch.Tensor) -> torch.Tensor:
+        """Tokens of all scales but the last (B, pn*pn) and the last scale's embeddings (B, pn_last^2, Cvae) ->
+        f_hat (B, Cvae, H, W) in upstream's sampler order (bicubic up, refine, add; the last scale added as it is)."""
+        K = len(self.patch_nums)
+        if len(ms_idx_Bl) != K - 1:
+            raise ValueError(f"ms_idx_Bl must hold the first {K - 1} scales; got {len(ms_idx_Bl)}")
+        B, side, q = last_BlC.shape[0], self.patch_nums[-1], self.quantize
+        if tuple(last_BlC.shape[1:]) != (side * side, self.Cvae):
+            raise ValueError(f"last_BlC must have shape (B, {side * side}, {self.Cvae}); got {tuple(last_BlC.shape)}")
+        f_hat = q.embedding.weight.new_zeros(B, self.Cvae, side, side)
+        for si, pn in enumerate(self.patch_nums[:-1]):
+            h = q.embedding(ms_idx_Bl[si]).transpose(1, 2).reshape(B, self.Cvae, pn, pn)
+            f_hat.add_(q.quant_resi[si / (K - 1)](F.interpolate(h, size=(side, side), mode="bicubic")))
+        return f_hat.add_(last_BlC.transpose(1, 2).reshape(B, self.Cvae, side, side))
 
     def decode_tokens(self, ms_idx_Bl: Sequence[torch.Tensor], residual: Optional[torch.Tensor] = None, backend: str = "reference") -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] from tokens and residual (see :meth:`tokens_to_fhat`)."""
