@@ -13,7 +13,6 @@ from typing import List, Optional, Protocol, Tuple
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 VAE_SCALE = 0.6  # upstream DiffLoss.vae_scale: the head denoises residual / 0.6
 TRAIN_STEPS = 1000
