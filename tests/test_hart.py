@@ -117,3 +117,13 @@ def test_bad_inputs(model):
         HARTConfig(attn_type="gpt2")
     with pytest.raises(ValueError, match="ms_idx_Bl"):
         model.tokenizer.tokens_to_fhat([torch.zeros(2, 1, dtype=torch.long)])
+
+
+def test_preset_builds_with_upstream_sizes():
+    from ssg_engine.families.hart.config import PRESETS
+
+    cfg = PRESETS["hart_0.7b_1024px"]
+    assert cfg.patch_nums == (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64) and cfg.context_token == 300
+    with torch.device("meta"):
+        m = HART(cfg, HARTTokenizer(HARTTokenizerConfig(), cfg.patch_nums))
+    assert m.cache_layout() == (cfg.depth, cfg.num_heads, 300 + sum(p * p for p in cfg.patch_nums[1:]), cfg.embed_dim // cfg.num_heads)

@@ -178,3 +178,32 @@ def test_full_run_upstream_compat(name, n, ema_models, plain_models):
         got = out.tokens[-1] if group is None else out.tokens[-1].gather(1, group)
         assert torch.equal(got, g[f"{p}.last.idx.{it}"]), f"{name} {p} last-scale tokens of pass {it}"
     assert_close(out.images, g[f"{p}.img"], 1e-6, f"{name} {p} images")
+
+
+def test_autoregressive_infer_cfg_signature(ema_models):
+    """Upstream's entry point, called as sample.py calls it (top_k is accepted and ignored, as upstream)."""
+    name = CONFIGS[0]
+    g, run, model = golden(name), runs(name)[0], ema_models[name]
+    assert run["weights"] == "ema"
+    torch.manual_seed(run["torch_seed"])
+    np.random.seed(run["np_seed"])
+    img = model.autoregressive_infer_cfg(
+        B=run["B"], label_B=g["ctx.tensor"], cfg=run["cfg"], g_seed=run["g_seed"], top_k=7, top_p=run["top_p"],
+        more_smooth=run["more_smooth"], context_position_ids=g["ctx.position_ids"], context_mask=g["ctx.mask"],
+        num_maskgit_iters=run["num_maskgit_iters"],
+    )
+    assert_close(img, g["ar0.img"], 1e-6, f"{name} ar0 images via autoregressive_infer_cfg")
+
+
+def test_single_file_weights(tmp_path, ema_models):
+    """A ``.pth`` file next to its config.json loads the same model as the released folder."""
+    import shutil
+
+    name = CONFIGS[0]
+    shutil.copy(GOLDEN / name / "llm" / "config.json", tmp_path / "config.json")
+    torch.save(torch.load(GOLDEN / name / "llm" / "ema_model.bin", weights_only=True), tmp_path / "hart.pth")
+    model = load_hart(llm=tmp_path / "hart.pth", tokenizer=GOLDEN / name / "tokenizer")
+    want = ema_models[name].state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="no weights file"):
+        load_hart(llm=tmp_path / "missing.pth", tokenizer=GOLDEN / name / "tokenizer")

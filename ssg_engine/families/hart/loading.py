@@ -22,6 +22,7 @@ from .tokenizer import HARTTokenizer
 
 PathLike = Union[str, Path]
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
 def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
@@ -102,13 +103,14 @@ def load_hart(
     if llm is None or tokenizer is None:
         raise ValueError("load_hart needs root, or both llm and tokenizer")
     llm, tokenizer = Path(llm), Path(tokenizer)
-    llm_dir, tok_dir = (llm if llm.is_dir() else llm.parent), (tokenizer if tokenizer.is_dir() else tokenizer.parent)
+    llm_is_file, tok_is_file = llm.suffix in WEIGHT_SUFFIXES, tokenizer.suffix in WEIGHT_SUFFIXES
+    llm_dir, tok_dir = (llm.parent if llm_is_file else llm), (tokenizer.parent if tok_is_file else tokenizer)
     cfg = HARTConfig.from_dict(_read_config(llm_dir))
     tok_cfg = HARTTokenizerConfig.from_dict(_read_config(tok_dir))
     tok = HARTTokenizer(tok_cfg, cfg.patch_nums)
-    tok_file = tokenizer if tokenizer.is_file() else _weights_in(tok_dir, prefer_ema=False)
+    tok_file = tokenizer if tok_is_file else _weights_in(tok_dir, prefer_ema=False)
     _load_strict(tok, tokenizer_state_dict(read_state_dict(tok_file), tok), f"tokenizer {tok_file}")
     model = HART(cfg, tok)
-    llm_file = llm if llm.is_file() else _weights_in(llm_dir, prefer_ema)
+    llm_file = llm if llm_is_file else _weights_in(llm_dir, prefer_ema)
     _load_strict(model, transformer_state_dict(read_state_dict(llm_file), model), f"HART {llm_file}")
     return model.to(device).eval()
