@@ -106,7 +106,7 @@ class Attention(nn.Module):
         if attn_l2_norm:
             self.scale = 1.0
             self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
-            self.max_scale_mul = torch.log(torch.tensor(100)).item()  # upstream's float32 log(100), not math.log
+            self.max_scale_mul = torch.log(torch.tensor(100, device="cpu")).item()  # upstream's float32 log(100)
         else:
             self.scale = 0.25 / math.sqrt(self.head_dim)
         self.qkv_proj = nn.Linear(C, 3 * C, bias=False)
