@@ -252,10 +252,10 @@ class HARTState:
     """One batch's sampling state (``R = 2B`` rows). ``x``: the current scale's input (R, l, C); ``f_hat``: the
     accumulated latent (B, Cvae, H, W); ``hidden``: the last scale's final hidden states (R, l, C), kept by ``step``
     for the diffusion head; ``hard_tokens``: the last scale's drawn codes (B, l) (the head's condition, even when
-    soft embeddings are fed); ``groups``: the positions of each MaskGIT pass over the last scale; ``residual``: the continuous residual once drawn (B, l, Cvae)."""
+    soft embeddings are fed); ``groups``: the positions of each MaskGIT pass over the last scale; ``residual``: the
+    continuous residual once drawn (B, l, Cvae)."""
 
     batch: int
-    cond: torch.Tensor  # context embeddings (R, Lc, D)
     modulations: List[torch.Tensor]
     head_scale: torch.Tensor
     head_shift: torch.Tensor
@@ -413,7 +413,7 @@ class HARTTransformer(nn.Module):
         else:
             groups = maskgit_groups(cond.maskgit_orders.to(ctx.device).long(), cond.num_maskgit_iters)
         return HARTState(
-            batch=B, cond=ctx, modulations=[block.modulation(pooled) for block in self.blocks], head_scale=head_scale,
+            batch=B, modulations=[block.modulation(pooled) for block in self.blocks], head_scale=head_scale,
             head_shift=head_shift, ropes=ropes, lvl_pos=lvl_pos, x=ctx + lvl_pos[:, : self.context_token],
             f_hat=qw.new_zeros(B, self.Cvae, largest, largest), diffusion_cfg=float(cond.diffusion_cfg),
             noise=cond.noise if cond.noise is not None else UpstreamGlobalNoise(), groups=groups, use_residual=bool(cond.residual),
