@@ -29,10 +29,11 @@ LAYERS: Dict[str, List[str]] = {
     # the fused ops sit below the models: a model's layers call them (with the sampler's backend), and their PyTorch
     # references are the models' eager code (the oracle); the reference backend stores K/V with the cache's write op
     "kernels": ["kernels.*", "ops", "kv_cache"],
-    "models": ["models.*", "memory"],
+    "models": ["models.*", "memory", "families", "families.hart", "families.hart.config", "families.hart.diffusion",
+               "families.hart.tokenizer", "families.hart.model"],
     "guidance": ["guidance", "params"],
-    "samplers": ["pipeline", "sampler", "infinity_sampler", "engine"],
-    "api": [PACKAGE, "loading", "text", "api", "pretrained", "analysis", "imaging", "costs", "plan"],
+    "samplers": ["pipeline", "sampler", "infinity_sampler", "engine", "families.hart.sampler"],
+    "api": [PACKAGE, "loading", "text", "api", "pretrained", "analysis", "imaging", "costs", "plan", "families.hart.loading"],
     "training and evaluation": ["training.*", "eval.*"],
     "command line": ["cli.*", "__main__"],
 }

@@ -1,0 +1,174 @@
+"""HART's reference sampler: upstream ``HARTForT2I.autoregressive_infer_cfg`` step for step, driven through
+:func:`ssg_engine.pipeline.run_scales` (the last scale's diffusion residual is the model's ``next_input`` hook).
+
+Upstream's fixed choices, kept: CFG weight ``cfg * si / (K - 1)``, the last scale reusing scale K-2's weight (the
+loop variable goes stale) for its logits and for the diffusion head; top-k 600 below scale 7 and 300 from there
+on (upstream ignores its ``top_k`` argument); ``more_smooth`` Gumbel noise from the token generator on the filtered
+logits; the diffusion head conditioned on the hard codes.
+
+Random draws. ``upstream_compat=True`` reproduces upstream's draws when the global generators are seeded as its
+caller does: tokens (and Gumbel noise) from a generator seeded with ``seed`` on the model's device (``g_seed``;
+None: the global one), the diffusion's starting noise from the global CPU generator and its per-step noise from
+the global generator of the device, MaskGIT orders from ``np.random`` (upstream ``sample_orders``; drawn even when
+one MaskGIT pass does not use them). ``upstream_compat=False`` (the seeded rule): tokens from
+``torch.Generator(device).manual_seed(seed)``, all diffusion noise from ``torch.Generator(device).manual_seed(seed +
+1)``, MaskGIT orders ``torch.randperm`` per image from ``torch.Generator().manual_seed(seed + 2)``; no global state
+is read or changed. Either way the last scale's tokens are drawn group by group (MaskGIT passes in order, grid order
+within a pass), as upstream draws them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from ...guidance import SSG, cfg_ratio
+from ...kernels.sampling import sample_logits_reference, top_k_top_p_mask_reference
+from ...kernels.ssg_guidance import ssg_guidance_reference
+from ...pipeline import Guidance, guidance_schedule, nonfinite_logits_error, run_scales
+from ...sampler import ConcatKVCache, gumbel_softmax_with_rng
+from .diffusion import GeneratorNoise, NoiseSource, UpstreamGlobalNoise
+from .model import HARTCondition, HARTTransformer
+
+
+@dataclasses.dataclass
+class HARTSampleOutput:
+    """``images`` (B, 3, H, W) in [0, 1]; ``tokens[k]`` (B, pn_k^2); ``residual`` (B, pn_last^2, Cvae) or None."""
+
+    images: torch.Tensor
+    tokens: List[torch.Tensor]
+    residual: Optional[torch.Tensor]
+
+
+def cfg_weights(cfg: float, num_scales: int) -> List[float]:
+    """Upstream's per-scale CFG weights: the ramp, the last scale with the previous scale's weight."""
+    return [cfg_ratio(cfg, si, num_scales) for si in range(num_scales - 1)] + [cfg_ratio(cfg, num_scales - 2, num_scales)]
+
+
+def upstream_top_k(si: int) -> int:
+    """Upstream's hard-coded top-k of scale ``si``."""
+    return 600 if si < 7 else 300
+
+
+def upstream_orders(B: int, length: int) -> torch.Tensor:
+    """Upstream ``sample_orders``: one ``np.random.shuffle``d permutation per image -> (B, length) int64."""
+    orders = []
+    for _ in range(B):
+        order = np.array(list(range(length)))
+        np.random.shuffle(order)
+        orders.append(order)
+    return torch.Tensor(np.array(orders)).long()
+
+
+def seeded_orders(B: int, length: int, seed: int) -> torch.Tensor:
+    """The seeded rule's MaskGIT orders: ``torch.randperm`` per image from ``torch.Generator().manual_seed(seed)``."""
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return torch.stack([torch.randperm(length, generator=gen) for _ in range(B)])
+
+
+@torch.no_grad()
+def sample_hart_reference(
+    model: HARTTransformer,
+    context: torch.Tensor,
+    context_mask: torch.Tensor,
+    context_position_ids: Optional[torch.Tensor] = None,
+    *,
+    cfg: float = 4.5,
+    top_p: float = 0.0,
+    seed: Optional[int] = None,
+    more_smooth: bool = False,
+    residual: bool = True,
+    upstream_compat: bool = False,
+    ssg: Optional[SSG] = None,
+    num_maskgit_iters: int = 1,
+) -> HARTSampleOutput:
+    """Sample B images from text features ``context`` (B, Lc, Cc) float32 with ``context_mask`` (B, Lc) and
+    optional position ids (B, Lc) int64 (default ``cumsum(mask) - 1``). See the module docstring for the draws.
+    ``residual=False``: upstream ``final_stage != 0`` (no diffusion head)."""
+    device = context.device
+    B, K = context.shape[0], len(model.patch_nums)
+    rng: Optional[torch.Generator] = None
+    if seed is not None:
+        rng = torch.Generator(device=device)
+        rng.manual_seed(seed)
+    noise: NoiseSource
+    last = model.patch_nums[-1] ** 2
+    if upstream_compat:
+        noise, orders = UpstreamGlobalNoise(), upstream_orders(B, last)
+    else:
+        if seed is None:
+            raise ValueError("seed must be an integer unless upstream_compat=True (then None draws from the global generators)")
+        noise_rng = torch.Generator(device=device)
+        noise_rng.manual_seed(seed + 1)
+        noise, orders = GeneratorNoise(noise_rng), seeded_orders(B, last, seed + 2)
+    weights = cfg_weights(cfg, K)
+    sizes = model.scale_sizes()
+    guide = Guidance(guidance_schedule(cfg, ssg, sizes, device, cfg_ts=weights), ssg, ssg_guidance_reference)
+    state = model.condition(HARTCondition(
+        context, context_mask, context_position_ids, weights[-1], noise, residual, num_maskgit_iters, orders.to(device)
+    ))
+    codebook = model.tokenizer.quantize.embedding.weight
+
+    def draw(si: int, guided: torch.Tensor):
+        """Tokens (B, l) and, with ``more_smooth``, soft embeddings (B, l, Cvae) from guided logits (B, l, V)."""
+        rows = guided.reshape(-1, guided.shape[-1])
+        top_k = upstream_top_k(si)
+        idx = sample_logits_reference(rows, top_k, top_p, 1.0, rng).view(B, -1)
+        if not more_smooth:
+            return idx, None
+        ratio = min(si, K - 2) / (K - 1)
+        masked = rows.masked_fill(~top_k_top_p_mask_reference(rows, top_k, top_p, 1.0), float("-inf"))
+        soft = gumbel_softmax_with_rng(masked.view_as(guided).mul(1 + ratio), max(0.27 * (1 - ratio * 0.95), 0.005), rng)
+        return idx, soft @ codebook.unsqueeze(0)
+
+    def pick(si: int, logits_2B: torch.Tensor):
+        guided, _ = guide(si, logits_2B)
+        if not torch.isfinite(guided).all():
+            raise nonfinite_logits_error(si, sizes[si])
+        if si < K - 1:
+            return draw(si, guided)
+        idx = torch.empty(guided.shape[:2], dtype=torch.long, device=device)
+        soft = guided.new_empty(B, guided.shape[1], model.Cvae) if more_smooth else None
+        for group in state.groups:
+            g_idx, g_soft = draw(si, guided.gather(1, group[..., None].expand(-1, -1, guided.shape[-1])))
+            idx.scatter_(1, group, g_idx)
+            if soft is not None:
+                soft.scatter_(1, group[..., None].expand(-1, -1, model.Cvae), g_soft)
+        state.hard_tokens = idx
+        return idx, soft
+
+    images, tokens = run_scales(model, state, ConcatKVCache(model.depth), pick)
+    return HARTSampleOutput(images=images, tokens=tokens, residual=state.residual)
+
+
+class HART(HARTTransformer):
+    """The HART transformer with upstream's sampling method, for drop-in use."""
+
+    @torch.no_grad()
+    def autoregressive_infer_cfg(
+        self,
+        B: int,
+        label_B: torch.Tensor,
+        g_seed: Optional[int] = None,
+        cfg: float = 1.5,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        more_smooth: bool = False,
+        context_position_ids: Optional[torch.Tensor] = None,
+        context_mask: Optional[torch.Tensor] = None,
+        final_stage: int = 0,
+        num_maskgit_iters: int = 1,
+    ) -> torch.Tensor:
+        """Upstream's signature: images (B, 3, H, W) in [0, 1] from text features ``label_B`` (B, Lc, Cc), with
+        upstream's draws (``upstream_compat``). ``top_k`` is accepted and ignored, as upstream does."""
+        if label_B is None or context_mask is None or context_position_ids is None:
+            raise ValueError("label_B (text features), context_mask and context_position_ids are required, as upstream")
+        if label_B.shape[0] != B:
+            raise ValueError(f"label_B has {label_B.shape[0]} rows for batch size B={B}")
+        return sample_hart_reference(
+            self, label_B, context_mask, context_position_ids, cfg=cfg, top_p=top_p, seed=g_seed, more_smooth=more_smooth,
+            residual=final_stage == 0, upstream_compat=True, num_maskgit_iters=num_maskgit_iters,
+        ).images
