@@ -33,7 +33,8 @@ LAYERS: Dict[str, List[str]] = {
                "families.hart.tokenizer", "families.hart.model"],
     "guidance": ["guidance", "params"],
     "samplers": ["pipeline", "sampler", "infinity_sampler", "engine", "families.hart.sampler"],
-    "api": [PACKAGE, "loading", "text", "api", "pretrained", "analysis", "imaging", "costs", "plan", "families.hart.loading"],
+    "api": [PACKAGE, "loading", "text", "api", "pretrained", "analysis", "imaging", "costs", "plan", "families.hart.loading",
+            "families.hart.text"],
     "training and evaluation": ["training.*", "eval.*"],
     "command line": ["cli.*", "__main__"],
 }
