@@ -111,9 +111,10 @@ def test_features_file_round_trip(tmp_path: Path):
     back = HARTTextFeatures.load(tmp_path / "f.pt")
     for name in ("context", "context_mask", "context_position_ids"):
         assert torch.equal(getattr(back, name), getattr(ref, name))
-    # position ids are optional in the file: upstream's cumsum(mask) - 1
-    torch.save({"features": ref.context, "mask": ref.context_mask}, tmp_path / "g.pt")
-    assert torch.equal(HARTTextFeatures.load(tmp_path / "g.pt").context_position_ids, ref.context_position_ids)
+    # position ids are optional in the file (upstream's cumsum(mask) - 1)
+    torch.save({"features": ref.context, "mask": ref.context_mask.to(torch.uint8)}, tmp_path / "g.pt")
+    back = HARTTextFeatures.load(tmp_path / "g.pt")  # an integer 0/1 mask is read as bool
+    assert torch.equal(back.context_mask, ref.context_mask) and torch.equal(back.context_position_ids, ref.context_position_ids)
 
 
 @pytest.mark.parametrize("edit, message", [
