@@ -283,6 +283,32 @@ def sampling_cost(rows: int, vocab: int, scale: int) -> StageCost:
     return StageCost("sampling", scale, float(flops), float(4 * rows * vocab + 8 * rows), "fp32")
 
 
+def hart_diffusion_cost(cfg: "HARTConfig", batch: int, Cvae: int = 32, dtype: torch.dtype = torch.bfloat16, path: str = "floor") -> StageCost:
+    """HART's residual diffusion head for ``batch`` images: ``cfg.num_sampling_steps`` denoiser passes over
+    2B x pn_last^2 rows (CFG: both halves denoise the conditional noise), the MLP in ``dtype`` with a codebook of
+    ``Cvae`` channels. FLOPs are counted (the head on the meta device under ``FlopCounterMode``); bytes on the
+    ``floor`` path are the linears' inputs, weights and outputs, on ``unfused`` every aten op's (upstream's eager
+    head: its LayerNorm / modulate / SiLU / gate chains), ``fused`` is not modelled (the floor stands for it)."""
+    from .families.hart.diffusion import DiffusionHead, GeneratorNoise  # noqa: PLC0415 (costs sits above the families)
+
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    rows = 2 * batch * cfg.patch_nums[-1] ** 2
+    with torch.device("meta"):
+        head = DiffusionHead(Cvae, cfg.embed_dim, cfg.diff_width, cfg.diff_depth, cfg.num_sampling_steps).to(dtype)
+        z = torch.empty(rows, cfg.embed_dim, dtype=dtype)
+
+    def run() -> torch.Tensor:
+        return head.sample(z, cfg=4.5, noise=GeneratorNoise(None))
+
+    with torch.no_grad():
+        cost, _ = _measured("diffusion head", len(cfg.patch_nums) - 1, "bf16" if dtype != torch.float32 else "tf32", run)
+    if path == "unfused":
+        nbytes, launches, _ = _traffic(run)
+        cost = dataclasses.replace(cost, bytes=float(nbytes), launches=launches)
+    return cost
+
+
 @functools.lru_cache(maxsize=64)
 def stage_costs(
     cfg: ModelConfig,
@@ -508,6 +534,42 @@ def _share(r: Roofline, names: Sequence[str]) -> Tuple[float, float]:
     return t / r.seconds, (c / t if t else 0.0)
 
 
+def _hart_diffusion_section(batches: Sequence[int]) -> List[str]:
+    """The report's section on HART's residual diffusion head (its floor and upstream's eager head)."""
+    from .families.hart.config import PRESETS as HART_PRESETS  # noqa: PLC0415 (costs sits above the families)
+
+    name = "hart_0.7b_1024px"
+    cfg = HART_PRESETS[name]
+    lines = [
+        "", f"## HART's residual diffusion head ({name}: {cfg.diff_depth} blocks of width {cfg.diff_width}, "
+        f"{cfg.num_sampling_steps} steps, CFG)", "",
+        "Counted by `hart_diffusion_cost` (`ssg_engine/costs.py`): the head on the meta device, bf16, every step over",
+        f"2B x {cfg.patch_nums[-1]}^2 rows. `unfused` is upstream's eager head op by op (its LayerNorm, modulate, SiLU and",
+        "gate chains around the GEMMs); the fused head would read and write what the floor counts. The transformer's",
+        "widths in this preset are not checked against the released config.json (not available here).", "",
+        "| B | GPU | TFLOP / img | floor GB | floor ms | unfused GB | unfused launches | unfused ms (roofline) | unfused / floor |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for batch in batches:
+        floor, unfused = hart_diffusion_cost(cfg, batch), hart_diffusion_cost(cfg, batch, path="unfused")
+        for key in ("h100", "h200"):
+            f, u = roofline([floor], GPUS[key]), roofline([unfused], GPUS[key])
+            lines.append(f"| {batch} | {GPUS[key].name} | {floor.flops / batch / 1e12:.2f} | {floor.bytes / 1e9:.1f} | "
+                         f"{f.seconds * 1e3:.2f} | {unfused.bytes / 1e9:.1f} | {unfused.launches} | {u.seconds * 1e3:.2f} | "
+                         f"{u.seconds / f.seconds:.2f}x |")
+    lines += [
+        "",
+        "Does it need its own kernel? Not a new kind: at the floor the head is compute-bound (large GEMMs, 2B x 4096",
+        "rows by 1024 wide, which cuBLAS runs near peak), and what upstream loses to the floor is its elementwise",
+        "chains, the same shapes issue #20 fused in the transformer blocks: LayerNorm + modulate (`ada_ln_modulate`,",
+        "with the norm's affine folded into the modulation), the second MLP GEMM + gated residual",
+        "(`matmul_gated_residual`), and the first MLP GEMM + SiLU (`matmul_gelu`'s tile loop with a SiLU epilogue,",
+        "not written yet). Per-token conditioning `cond_embed(z)` is the same at every step (upstream recomputes it:",
+        "about 4% of the head's FLOPs) and can be computed once per batch.",
+    ]
+    return lines
+
+
 def report(presets: Sequence[str] = tuple(PRESET_DEPTHS), batches: Sequence[int] = (1, 16, 64)) -> str:
     """The Markdown report of ``bench/results/cost_model.md`` (bf16 transformer)."""
     lines = [
@@ -537,6 +599,7 @@ def report(presets: Sequence[str] = tuple(PRESET_DEPTHS), batches: Sequence[int]
                     f"{batch / r.seconds:.1f} | {cells} | {r.seconds / roofline(plain, gpu).seconds - 1:.2%} |"
                 )
     lines += _paths_section([p for p in ("d16", "d30") if p in presets], (1, 64), ("h100", "h200"))
+    lines += _hart_diffusion_section((1, 64))
     for preset in presets:
         for batch in batches:
             lines += ["", f"## {preset}, B={batch}, {GPUS['h200'].name}", ""]

@@ -3,6 +3,8 @@
 ``stage_costs`` takes seconds per (model, batch) on the meta device and is cached, so the tests share
 a few: d16 at B in {1, 16, 64} and every preset at B=16.
 """
+import dataclasses
+
 import pytest
 import torch
 
@@ -191,3 +193,24 @@ def test_predicted_adds_launch_overhead_and_bad_path():
     assert costs.predicted(stages, gpu, "eager") == pytest.approx(base + 4e-6 * launches)
     with pytest.raises(ValueError, match="path must be one of"):
         costs.stage_costs(ModelConfig.preset("d16"), 1, path="fast")
+
+
+@pytest.mark.parametrize("steps,batch", [("8", 1), ("5", 3)])
+def test_hart_diffusion_head_flops_by_hand(steps, batch):
+    """Two FLOPs per weight per row per step: input projection, time MLP, condition embedding, per block the AdaLN
+    linear (W -> 3W) and the two MLP linears, the final AdaLN (W -> 2W) and output (W -> 2 Cvae); CFG rows 2B x pn^2.
+    The 0.7B preset at 8 steps is the issue's estimate: about 4.8 TFLOP per 1024 px image."""
+    from ssg_engine.families.hart.config import PRESETS
+
+    cfg = dataclasses.replace(PRESETS["hart_0.7b_1024px"], num_sampling_steps=steps)
+    W, Cz, Cvae = cfg.diff_width, cfg.embed_dim, 32
+    macs = Cvae * W + 256 * W + W * W + Cz * W + cfg.diff_depth * (3 * W * W + 2 * W * W) + 2 * W * W + 2 * Cvae * W
+    rows = 2 * batch * cfg.patch_nums[-1] ** 2
+    floor = costs.hart_diffusion_cost(cfg, batch)
+    assert floor.flops == 2 * macs * rows * int(steps)
+    if steps == "8":
+        assert 4.7e12 < floor.flops / batch < 4.9e12
+    unfused = costs.hart_diffusion_cost(cfg, batch, path="unfused")
+    assert unfused.flops == floor.flops and unfused.bytes > 2 * floor.bytes and unfused.launches > 0
+    with pytest.raises(ValueError, match="path must be one of"):
+        costs.hart_diffusion_cost(cfg, batch, path="fast")
