@@ -135,7 +135,7 @@ def expected_guided(raw: List[torch.Tensor], model, cfg: float, beta: float, pri
     for si, (x, t) in enumerate(zip(raw, cfg_weights(cfg, K))):
         x = x.double()
         c = (1 + t) * x[:B] - t * x[B:]
-        g = c if si == 0 else c + beta * (c - dse_reference(prev, pns[si - 1], pns[si]))
+        g = c if si == 0 or beta == 0 else c + beta * (c - dse_reference(prev, pns[si - 1], pns[si]))
         out.append(g)
         prev = g if prior_source == "guided" else c
     return out
