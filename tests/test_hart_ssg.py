@@ -74,7 +74,8 @@ def settings(name: str, n: int) -> dict:
 
 
 def same(a, b) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a.tokens, b.tokens)) and torch.equal(a.residual, b.residual) and torch.equal(a.images, b.images)
+    tokens = all(torch.equal(x, y) for x, y in zip(a.tokens, b.tokens))
+    return tokens and torch.equal(a.residual, b.residual) and torch.equal(a.images, b.images)
 
 
 class Recorder:
@@ -86,7 +87,8 @@ class Recorder:
         self.top_ks: List[int] = []
         self.soft_in: List[torch.Tensor] = []  # per Gumbel call: its logits input
         self.hard: List[torch.Tensor] = []  # the diffusion head's condition codes
-        op, draw, gumbel = hart_sampler.ssg_guidance_reference, hart_sampler.sample_logits_reference, hart_sampler.gumbel_softmax_with_rng
+        op, draw = hart_sampler.ssg_guidance_reference, hart_sampler.sample_logits_reference
+        gumbel = hart_sampler.gumbel_softmax_with_rng
 
         def rec_op(logits_2B, *a, **k):
             self.raw.append(logits_2B.clone())

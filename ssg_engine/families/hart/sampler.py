@@ -4,8 +4,8 @@
 Upstream's fixed choices, kept: CFG weight ``cfg * si / (K - 1)``, the last scale reusing scale K-2's weight (the
 loop variable goes stale) for its logits and for the diffusion head; top-k 600 below scale 7 and 300 from there
 on (upstream ignores its ``top_k`` argument: ``HARTParams.top_k=None``; an integer top-k is honoured instead); no
-temperature (``HARTParams.temperature`` divides the guided logits, 1 = upstream); ``more_smooth`` Gumbel noise from the token generator on the filtered
-logits; the diffusion head conditioned on the hard codes.
+temperature (``HARTParams.temperature`` divides the guided logits, 1 = upstream); ``more_smooth`` Gumbel noise from
+the token generator on the filtered logits; the diffusion head conditioned on the hard codes.
 
 Random draws. ``upstream_compat=True`` reproduces upstream's draws when the global generators are seeded as its
 caller does: tokens (and Gumbel noise) from a generator seeded with ``seed`` on the model's device (``g_seed``;
@@ -121,7 +121,8 @@ def sample_hart_reference(
         noise, orders = GeneratorNoise(noise_rng), seeded_orders(B, last, seed + 2)
     weights = cfg_weights(params.cfg, K)
     sizes = model.scale_sizes()
-    guide = Guidance(guidance_schedule(params.cfg, params.ssg, sizes, device, cfg_ts=weights), params.ssg, ssg_guidance_reference)
+    schedule = guidance_schedule(params.cfg, params.ssg, sizes, device, cfg_ts=weights)
+    guide = Guidance(schedule, params.ssg, ssg_guidance_reference)
     state = model.condition(HARTCondition(
         context, context_mask, context_position_ids, weights[-1], noise, residual, params.num_maskgit_iters, orders.to(device)
     ))
@@ -185,7 +186,9 @@ class HART(HARTTransformer):
             raise ValueError("label_B (text features), context_mask and context_position_ids are required, as upstream")
         if label_B.shape[0] != B:
             raise ValueError(f"label_B has {label_B.shape[0]} rows for batch size B={B}")
-        params = HARTParams(cfg=cfg, top_k=None, top_p=top_p, seed=g_seed, more_smooth=more_smooth, num_maskgit_iters=num_maskgit_iters)
+        params = HARTParams(
+            cfg=cfg, top_k=None, top_p=top_p, seed=g_seed, more_smooth=more_smooth, num_maskgit_iters=num_maskgit_iters
+        )
         return sample_hart_reference(
             self, label_B, context_mask, context_position_ids, params, residual=final_stage == 0, upstream_compat=True
         ).images
