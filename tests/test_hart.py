@@ -110,7 +110,7 @@ def test_bad_inputs(model):
     with pytest.raises(TypeError, match="HARTCondition"):
         model.condition(ctx)
     with pytest.raises(ValueError, match="seed"):
-        sample_hart_reference(model, ctx, mask)
+        sample_hart_reference(model, ctx, mask, seed=None)
     with pytest.raises(ValueError, match="unknown config keys"):
         HARTConfig.from_dict({"depth": 2, "deepth": 3})
     with pytest.raises(ValueError, match="attn_type"):

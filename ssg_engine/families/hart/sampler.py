@@ -3,8 +3,9 @@
 
 Upstream's fixed choices, kept: CFG weight ``cfg * si / (K - 1)``, the last scale reusing scale K-2's weight (the
 loop variable goes stale) for its logits and for the diffusion head; top-k 600 below scale 7 and 300 from there
-on (upstream ignores its ``top_k`` argument); ``more_smooth`` Gumbel noise from the token generator on the filtered
-logits; the diffusion head conditioned on the hard codes.
+on (upstream ignores its ``top_k`` argument: ``HARTParams.top_k=None``; an integer top-k is honoured instead); no
+temperature (``HARTParams.temperature`` divides the guided logits, 1 = upstream); ``more_smooth`` Gumbel noise from
+the token generator on the filtered logits; the diffusion head conditioned on the hard codes.
 
 Random draws. ``upstream_compat=True`` reproduces upstream's draws when the global generators are seeded as its
 caller does: tokens (and Gumbel noise) from a generator seeded with ``seed`` on the model's device (``g_seed``;
@@ -19,14 +20,15 @@ within a pass), as upstream draws them.
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
-from ...guidance import SSG, cfg_ratio
+from ...guidance import cfg_ratio
 from ...kernels.sampling import sample_logits_reference, top_k_top_p_mask_reference
 from ...kernels.ssg_guidance import ssg_guidance_reference
+from ...params import HARTParams
 from ...pipeline import Guidance, guidance_schedule, nonfinite_logits_error, run_scales
 from ...sampler import ConcatKVCache, gumbel_softmax_with_rng
 from .diffusion import GeneratorNoise, NoiseSource, UpstreamGlobalNoise
@@ -69,25 +71,38 @@ def seeded_orders(B: int, length: int, seed: int) -> torch.Tensor:
     return torch.stack([torch.randperm(length, generator=gen) for _ in range(B)])
 
 
+def resolve_hart_params(params: Optional[HARTParams], overrides: Dict[str, Any], model: Any) -> HARTParams:
+    """``params`` (default ``HARTParams()``) with keyword ``overrides`` applied and validated, for ``model`` (an SSG
+    without beta takes the model's)."""
+    if params is not None and not isinstance(params, HARTParams):
+        raise TypeError(f"params must be an ssg_engine.params.HARTParams or None, got {type(params).__name__}")
+    params = params or HARTParams()
+    return (params.replace(**overrides) if overrides else params).for_model(model)
+
+
 @torch.no_grad()
 def sample_hart_reference(
     model: HARTTransformer,
     context: torch.Tensor,
     context_mask: torch.Tensor,
     context_position_ids: Optional[torch.Tensor] = None,
+    params: Optional[HARTParams] = None,
     *,
-    cfg: float = 4.5,
-    top_p: float = 0.0,
-    seed: Optional[int] = None,
-    more_smooth: bool = False,
     residual: bool = True,
     upstream_compat: bool = False,
-    ssg: Optional[SSG] = None,
-    num_maskgit_iters: int = 1,
+    **overrides: Any,
 ) -> HARTSampleOutput:
     """Sample B images from text features ``context`` (B, Lc, Cc) float32 with ``context_mask`` (B, Lc) and
-    optional position ids (B, Lc) int64 (default ``cumsum(mask) - 1``). See the module docstring for the draws.
-    ``residual=False``: upstream ``final_stage != 0`` (no diffusion head)."""
+    optional position ids (B, Lc) int64 (default ``cumsum(mask) - 1``). ``params`` (default ``HARTParams()``; upstream's
+    release settings: ``params.HART_UPSTREAM``) or keyword overrides of its fields (``cfg=``, ``top_k=``, ``top_p=``,
+    ``temperature=``, ``seed=``, ``ssg=``, ``more_smooth=``, ``num_maskgit_iters=``) give the settings. See the module
+    docstring for the draws. ``residual=False``: upstream ``final_stage != 0`` (no diffusion head).
+
+    SSG (``params.ssg``) guides the CFG-combined logits of every scale >= 1, the last one over its whole grid (prior
+    from scale K-2's logits) before the MaskGIT groups draw; the diffusion head is conditioned on the guided draws
+    (docs/ssg_method.md, "SSG on hybrid tokens")."""
+    params = resolve_hart_params(params, overrides, model)
+    seed, more_smooth = params.seed, params.more_smooth
     device = context.device
     B, K = context.shape[0], len(model.patch_nums)
     rng: Optional[torch.Generator] = None
@@ -104,18 +119,19 @@ def sample_hart_reference(
         noise_rng = torch.Generator(device=device)
         noise_rng.manual_seed(seed + 1)
         noise, orders = GeneratorNoise(noise_rng), seeded_orders(B, last, seed + 2)
-    weights = cfg_weights(cfg, K)
+    weights = cfg_weights(params.cfg, K)
     sizes = model.scale_sizes()
-    guide = Guidance(guidance_schedule(cfg, ssg, sizes, device, cfg_ts=weights), ssg, ssg_guidance_reference)
+    schedule = guidance_schedule(params.cfg, params.ssg, sizes, device, cfg_ts=weights)
+    guide = Guidance(schedule, params.ssg, ssg_guidance_reference)
     state = model.condition(HARTCondition(
-        context, context_mask, context_position_ids, weights[-1], noise, residual, num_maskgit_iters, orders.to(device)
+        context, context_mask, context_position_ids, weights[-1], noise, residual, params.num_maskgit_iters, orders.to(device)
     ))
     codebook = model.tokenizer.quantize.embedding.weight
 
     def draw(si: int, guided: torch.Tensor):
         """Tokens (B, l) and, with ``more_smooth``, soft embeddings (B, l, Cvae) from guided logits (B, l, V)."""
         rows = guided.reshape(-1, guided.shape[-1])
-        top_k = upstream_top_k(si)
+        top_k, top_p = upstream_top_k(si) if params.top_k is None else params.top_k, params.top_p
         idx = sample_logits_reference(rows, top_k, top_p, 1.0, rng).view(B, -1)
         if not more_smooth:
             return idx, None
@@ -126,6 +142,8 @@ def sample_hart_reference(
 
     def pick(si: int, logits_2B: torch.Tensor):
         guided, _ = guide(si, logits_2B)
+        if params.temperature != 1.0:
+            guided = guided / params.temperature
         if not torch.isfinite(guided).all():
             raise nonfinite_logits_error(si, sizes[si])
         if si < K - 1:
@@ -168,7 +186,9 @@ class HART(HARTTransformer):
             raise ValueError("label_B (text features), context_mask and context_position_ids are required, as upstream")
         if label_B.shape[0] != B:
             raise ValueError(f"label_B has {label_B.shape[0]} rows for batch size B={B}")
+        params = HARTParams(
+            cfg=cfg, top_k=None, top_p=top_p, seed=g_seed, more_smooth=more_smooth, num_maskgit_iters=num_maskgit_iters
+        )
         return sample_hart_reference(
-            self, label_B, context_mask, context_position_ids, cfg=cfg, top_p=top_p, seed=g_seed, more_smooth=more_smooth,
-            residual=final_stage == 0, upstream_compat=True, num_maskgit_iters=num_maskgit_iters,
+            self, label_B, context_mask, context_position_ids, params, residual=final_stage == 0, upstream_compat=True
         ).images
