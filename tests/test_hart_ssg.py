@@ -25,8 +25,7 @@ from ssg_engine.params import HART_UPSTREAM, HARTParams
 
 GOLDEN = Path(__file__).parent / "golden" / "hart"
 CONFIGS = ("a_d2", "b_d3")
-if not all((GOLDEN / name / "golden.safetensors").is_file() for name in CONFIGS):
-    pytest.skip("no HART golden data in tests/golden/hart", allow_module_level=True)
+assert all((GOLDEN / name / "golden.safetensors").is_file() for name in CONFIGS), f"HART golden data missing from {GOLDEN}"
 
 
 def golden(name: str) -> Dict[str, torch.Tensor]:
