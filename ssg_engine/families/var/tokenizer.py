@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import ops
-from ..config import ModelConfig
+from ... import ops
+from .config import ModelConfig
 
 # ----------------------------------------------------------------------------- conv backbone
 

@@ -29,13 +29,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import ops
-from ..config import normalise_fields
-from ..kernels.qkv_norm_rope_cache import qkv_norm_rope_reference
-from ..validation import as_number
-from .bsq_vae import BSQVAE, accumulate_codes, bits_to_codes
-from .family import KVStore
-from .var import FFN
+from ... import ops
+from ...kernels.qkv_norm_rope_cache import qkv_norm_rope_reference
+from ...models.family import KVStore
+from ...models.layers import FFN
+from ...validation import as_number, normalise_fields
+from .tokenizer import BSQVAE, accumulate_codes, bits_to_codes
 
 # ---------------------------------------------------------------------------------------------- scale schedules
 

@@ -2,6 +2,8 @@
 
 Shapes: ``B`` images, ``L`` tokens over all scales (680 for VAR-256), ``C`` width, ``V`` vocabulary,
 ``Cvae`` codebook dim. Sampling doubles the batch for classifier-free guidance (conditional half first).
+
+``ssg_engine.models.var`` is this module, kept for compatibility.
 """
 from __future__ import annotations
 
@@ -13,22 +15,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import ops
-from ..config import ModelConfig
-from ..kernels.qkv_norm_rope_cache import qkv_norm_rope_reference
-from .family import KVStore
-from .vqvae import VQVAE
-
-
-class FFN(nn.Module):
-    """fc1 -> GELU(tanh) -> fc2 (upstream names); a block runs it as ``ops.matmul_gelu`` then
-    ``ops.matmul_gated_residual`` (fc2 with the block's gate and residual), see :meth:`AdaLNSelfAttn.forward_modulated`."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden, dim)
+from ... import ops
+from ...kernels.qkv_norm_rope_cache import qkv_norm_rope_reference
+from ...models.family import KVStore
+from ...models.layers import FFN
+from .config import ModelConfig
+from .tokenizer import VQVAE
 
 
 class SelfAttention(nn.Module):

@@ -1,24 +1,36 @@
-"""A small word-level text encoder trained jointly with a text-to-image model (no pretrained weights).
+"""Infinity's text conditioning: a small word-level encoder trained jointly with a text-to-image model (no
+pretrained weights), and the optional Flan-T5 features of upstream's ``encode_prompt`` (``tools/run_infinity.py``,
+commit 4c27bbb).
 
-Prompts are lowercased and split on anything that is not a letter; each word is looked up in a fixed vocabulary,
-embedded, given a learned position, and passed through a few pre-norm transformer encoder layers (bidirectional,
-padding masked). :meth:`TextEncoder.encode` returns the packed :class:`~ssg_engine.models.infinity.TextFeatures`
-(``kv_compact`` (N, width), ``lens``): the interface Flan-T5's features feed into the Infinity transformer.
+The small encoder: prompts are lowercased and split on anything that is not a letter; each word is looked up in a
+fixed vocabulary, embedded, given a learned position, and passed through a few pre-norm transformer encoder layers
+(bidirectional, padding masked). :meth:`TextEncoder.encode` returns the packed
+:class:`~ssg_engine.families.infinity.model.TextFeatures` (``kv_compact`` (N, width), ``lens``): the interface Flan-T5's
+features feed into the Infinity transformer.
+
+Flan-T5 (:class:`T5TextEncoder`) is optional: it needs ``transformers`` and ``sentencepiece`` (``pip install
+'ssg-engine[text]'``) and a local folder with google/flan-t5-xl's files (``config.json``, the weights, the tokenizer
+files); nothing is downloaded.
+
+``ssg_engine.text`` and ``ssg_engine.models.text_encoder`` are this module, kept for compatibility.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import field_type_problem
-from ..data import prompt_words
-from .infinity import TextFeatures
+from ...data import prompt_words
+from ...validation import check_prompts, field_type_problem
+from .model import TextFeatures
+
+MAX_LENGTH = 512  # upstream's tokenizer max_length (= the released models' text_maxlen)
+_WEIGHTS = "google/flan-t5-xl's files (config.json, the model weights and the tokenizer files)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,3 +176,55 @@ def load_text_encoder(weights: Union[str, Path], config: TextEncoderConfig, devi
                          f"{config.width}, {config.layers} layers): {first}; give the weights and config.json written together")
     enc.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return enc.to(device).eval().requires_grad_(False)
+
+
+class T5TextEncoder:
+    """Flan-T5 encoder + tokenizer from the local folder ``path``; ``encode`` gives the packed features Infinity takes.
+
+    ``dtype``: the encoder's weights (None: float16 on CUDA, as upstream; float32 on CPU, where float16 is slow).
+    """
+
+    def __init__(self, path: Union[str, Path], device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None) -> None:
+        folder = Path(path)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"text encoder folder not found: {folder}; download {_WEIGHTS} into a local folder and pass it")
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"text encoder folder {folder} has no config.json; it must hold {_WEIGHTS}")
+        try:
+            from transformers import AutoTokenizer, T5EncoderModel
+        except ImportError as e:
+            raise ImportError(f"the text encoder needs transformers and sentencepiece ({e}); pip install 'ssg-engine[text]', "
+                              "or pass precomputed text features instead") from None
+        self.device = torch.device(device)
+        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        try:  # transformers raises many error types (and multi-line messages) for damaged or foreign files
+            self.tokenizer = AutoTokenizer.from_pretrained(str(folder), revision=None, legacy=True)
+            model, info = T5EncoderModel.from_pretrained(str(folder), dtype=self.dtype, output_loading_info=True)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"text encoder folder {folder}: cannot load it ({first}); it must hold {_WEIGHTS}") from None
+        missing = [k for k in info.get("missing_keys", []) if k]
+        mismatched = [k for k, *_ in info.get("mismatched_keys", [])]
+        if missing or mismatched:  # transformers would start them from random values
+            first = f"missing {missing[0]}" if missing else f"wrong shape at {mismatched[0]}"
+            raise ValueError(f"text encoder folder {folder}: its weights do not fit its config.json ({first}); it must hold {_WEIGHTS}")
+        if len(self.tokenizer) > model.config.vocab_size:
+            raise ValueError(f"text encoder folder {folder}: the tokenizer has {len(self.tokenizer)} tokens but the model embeds "
+                             f"{model.config.vocab_size}; give the tokenizer files of the same model")
+        self.tokenizer.model_max_length = MAX_LENGTH
+        self.model = model.to(self.device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> TextFeatures:
+        """Packed float32 features of B prompts: ``kv_compact`` (N, Ct5) and ``lens`` (each prompt's token count with
+        its end token, at most 512; longer prompts are truncated). Each prompt is encoded on its own, padded to 512
+        tokens, as upstream's ``encode_prompt`` does (the same shapes, so the same kernels)."""
+        feats, lens = [], []
+        for prompt in check_prompts(prompts):
+            tokens = self.tokenizer(text=[prompt], max_length=MAX_LENGTH, padding="max_length", truncation=True, return_tensors="pt")
+            mask = tokens.attention_mask.to(self.device)
+            hidden = self.model(input_ids=tokens.input_ids.to(self.device), attention_mask=mask)["last_hidden_state"].float()
+            n = int(mask.sum())
+            feats.append(hidden[0, :n])
+            lens.append(n)
+        return TextFeatures(torch.cat(feats), lens)

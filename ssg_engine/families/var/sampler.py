@@ -3,7 +3,9 @@
 This path is the specification every fast path is tested against: on CPU in float32 with SSG off and
 temperature 1 it makes the same calls in the same order as upstream (a ``torch.cat`` KV cache, one
 ``torch.Generator`` used only by the draws), so the same seed gives the same tokens at every scale. It drives
-the model through :func:`ssg_engine.pipeline.run_scales` with the kernels' PyTorch references as its ops.
+the model through :func:`ssg_engine.pipeline.run_scales` with the kernels' PyTorch references as its ops
+(``ssg_engine.sampler`` is this module, kept for compatibility; it re-exports the pipeline's ``ConcatKVCache`` and
+``resolve_params``, which the other families' samplers share).
 """
 from __future__ import annotations
 
@@ -13,15 +15,17 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .guidance import SSG
-from .kernels.qkv_norm_rope_cache import qkv_norm_rope_reference
-from .kernels.sampling import sample_logits_reference, top_k_top_p_mask_reference
-from .kernels.ssg_guidance import ssg_guidance_reference
-from .models.var import VARTransformer
-from .models.vqvae import VQVAE
-from .params import SamplingParams
-from .pipeline import Guidance, guidance_schedule, nonfinite_logits_error, run_scales
-from .validation import as_number, class_labels
+from ...guidance import SSG
+from ...kernels.sampling import sample_logits_reference, top_k_top_p_mask_reference
+from ...kernels.ssg_guidance import ssg_guidance_reference
+from ...params import SamplingParams
+from ...pipeline import ConcatKVCache, Guidance, guidance_schedule, nonfinite_logits_error, resolve_params, run_scales
+from ...validation import as_number, class_labels
+from .model import VARTransformer
+from .tokenizer import VQVAE
+
+__all__ = ["ConcatKVCache", "LabelsLike", "SampleOutput", "VAR", "check_models", "generate_reference", "gumbel_softmax_with_rng", "resolve_labels",
+           "resolve_params", "sample_reference"]
 
 LabelsLike = Union[None, int, Sequence[int], torch.Tensor]
 
@@ -36,43 +40,12 @@ class SampleOutput:
     sampled_logits: Optional[List[torch.Tensor]] = None  # after SSG and temperature, before top-k/top-p
 
 
-class ConcatKVCache:
-    """Upstream's KV cache: each scale's keys/values concatenated to those cached so far (``torch.cat``); q/k
-    normalisation and RoPE in eager PyTorch (the fused kernel's reference); the model's other ops on the reference
-    backend (a :class:`ssg_engine.models.family.KVStore`)."""
-
-    backend = "reference"
-
-    def __init__(self, num_layers: int) -> None:
-        self.k: List[Optional[torch.Tensor]] = [None] * num_layers
-        self.v: List[Optional[torch.Tensor]] = [None] * num_layers
-
-    def __call__(
-        self, layer: int, qkv: torch.Tensor, start: int, *, num_heads: int, scale_mul: Optional[torch.Tensor] = None,
-        rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = qkv_norm_rope_reference(qkv, num_heads, scale_mul, rope)
-        if self.k[layer] is not None:
-            k, v = torch.cat((self.k[layer], k), dim=2), torch.cat((self.v[layer], v), dim=2)
-        self.k[layer], self.v[layer] = k, v
-        return q, k, v
-
-
 def check_models(var: Any, vae: Any, where: str) -> None:
     """``TypeError`` unless ``var`` is a VAR and ``vae`` a VQVAE (``load_models`` returns them as ``(vae, var)``)."""
     if not isinstance(var, VARTransformer) or not isinstance(vae, VQVAE):
         raise TypeError(
             f"{where} takes the VAR, then the VQVAE (load_models returns (vae, var)); got {type(var).__name__}, {type(vae).__name__}"
         )
-
-
-def resolve_params(params: Optional[SamplingParams], overrides: dict, model: Any) -> SamplingParams:
-    """``params`` (default ``SamplingParams()``) with keyword ``overrides`` applied and validated, for ``model``
-    (an SSG without beta takes the model's: ``SamplingParams.for_model``)."""
-    if params is not None and not isinstance(params, SamplingParams):
-        raise TypeError(f"params must be an ssg_engine.SamplingParams or None, got {type(params).__name__}")
-    params = (params or SamplingParams()).replace(**overrides) if overrides else (params or SamplingParams())
-    return params.for_model(model)
 
 
 def resolve_labels(var: VARTransformer, B: int, label_B: LabelsLike, rng: Optional[torch.Generator]) -> torch.Tensor:
@@ -169,6 +142,16 @@ def sample_reference(
         cfg_logits=cfg_logits if record_logits else None,
         sampled_logits=sampled_logits if record_logits else None,
     )
+
+
+def generate_reference(var: VARTransformer, vae: VQVAE, cond: Any, params: SamplingParams) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """``generate``'s path off CUDA for VAR: one image per class label of ``cond`` from :func:`sample_reference` with
+    ``params`` (resolved), ``vae`` attached; (images (B, 3, H, W), tokens per scale (B, pn^2))."""
+    labels = class_labels(cond, var.num_classes, next(var.parameters()).device)
+    if not var.vae_proxy or var.vae_proxy[0] is not vae:
+        var.attach_vae(vae)
+    out = sample_reference(var, int(labels.shape[0]), labels, params)
+    return out.images, out.tokens
 
 
 class VAR(VARTransformer):

@@ -1,12 +1,21 @@
-"""Model hyper-parameters: ``ModelConfig``, the public presets, and inference from checkpoints."""
+"""VAR's hyper-parameters: ``ModelConfig``, the public presets, and inference from checkpoints.
+
+(``ssg_engine.config`` is this module, kept for compatibility; the config-field helpers shared by every family live
+in :mod:`ssg_engine.validation` and are re-exported here.)
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import numbers
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+from ...validation import AssumedSettingWarning, field_type_problem, normalise_fields, read_config_file
+
+__all__ = [  # the helpers are re-exported: ssg_engine.config (this module) has always held them
+    "ARCH_FIELDS", "PATCH_NUMS_256", "PATCH_NUMS_512", "PRESET_DEPTHS", "AssumedSettingWarning", "ModelConfig", "field_type_problem",
+    "infer_config", "matching_presets", "normalise_fields", "preset_key", "read_config_file",
+]
 
 PATCH_NUMS_256: Tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512: Tuple[int, ...] = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
@@ -14,69 +23,6 @@ PATCH_NUMS_512: Tuple[int, ...] = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
 ARCH_FIELDS: Tuple[str, ...] = (
     "V", "Cvae", "ch", "patch_nums", "depth", "embed_dim", "num_heads", "num_classes", "attn_l2_norm", "shared_aln", "share_quant_resi",
 )
-
-
-class AssumedSettingWarning(UserWarning):
-    """A model setting that neither the checkpoint nor the config gave was assumed (the message names it and how to
-    set it): if the model was trained otherwise, its samples are wrong."""
-
-
-def field_type_problem(name: str, kind: str, value: Any) -> Optional[str]:
-    """Why ``value`` does not fit a config field annotated ``kind`` (``int``, ``float``, ``bool``, ``Optional[int]`` or
-    ``Tuple[int, ...]``); None if it does. Floats must be finite."""
-    def integral(v: Any) -> bool:
-        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-    if kind == "Optional[int]":
-        ok, want = value is None or integral(value), "an integer or null"
-    elif kind == "bool":
-        ok, want = isinstance(value, bool), "true or false"
-    elif kind == "int":
-        ok, want = integral(value), "an integer"
-    elif kind == "float":
-        ok, want = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value), "a finite number"
-    else:
-        ok, want = isinstance(value, (list, tuple)) and all(integral(v) for v in value), "a list of integers"
-    return None if ok else f"{name} must be {want} (got {value!r})"
-
-
-def read_config_file(path: Union[str, Path]) -> Dict[str, Any]:
-    """The JSON object of config file ``path``; one ``FileNotFoundError``/``ValueError`` line naming the file and the
-    fix for a missing file, a folder, a binary or unreadable file, bad JSON, or JSON that is not an object."""
-    path = Path(path)
-    if path.is_dir():
-        hint = f" (e.g. {path / 'config.json'})" if (path / "config.json").is_file() else ""
-        raise FileNotFoundError(f"config path {path} is a directory; pass the JSON config file{hint}")
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ValueError(f"config file {path} is not a text file (a checkpoint?); pass the JSON config") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"config file {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}; fix the file") from None
-    except OSError as e:
-        raise OSError(f"config file {path} cannot be read ({e.strerror}); check its permissions") from None
-    if not isinstance(data, dict):
-        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(data), "a number")
-        raise ValueError(f'config file {path} must be a JSON object of config fields ({{"field": value, ...}}), not {kind}')
-    return data
-
-
-def normalise_fields(config: Any) -> List[str]:
-    """The type problems of a config dataclass's fields (:func:`field_type_problem`); each field that fits is
-    normalised in place (NumPy numbers, lists -> bool / int / float / tuple of ints) so that equal configs compare equal."""
-    problems = []
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        problem = field_type_problem(f.name, f.type, value)
-        if problem:
-            problems.append(problem)
-        elif value is not None:
-            tuple_of_ints = f.type.startswith("Tuple")
-            cast = {"bool": bool, "float": float}.get(f.type, (lambda v: tuple(int(x) for x in v)) if tuple_of_ints else int)
-            object.__setattr__(config, f.name, cast(value))
-    return problems
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import ops
+from ... import ops
 
 Schedule = Sequence[Sequence[int]]
 UP_MODE = "trilinear"  # codes and summed codes between scales (upstream's z_interplote_up)

@@ -9,7 +9,7 @@ same bits at every scale (``tests/test_infinity_sampler.py`` checks this against
 
 Infinity's CFG ``w * c + (1 - w) * u`` is VAR's ``(1 + t) * c - t * u`` with ``t = w - 1`` (bit-identical in
 float32: ``w - 1`` and ``1 + t`` are exact for ``w >= 1``), so the loop and guidance are the pipeline's
-(:func:`ssg_engine.pipeline.run_scales` over an :class:`ssg_engine.models.infinity.InfinityRequest`,
+(:func:`ssg_engine.pipeline.run_scales` over an :class:`ssg_engine.families.infinity.model.InfinityRequest`,
 :class:`ssg_engine.pipeline.Guidance` with per-scale ``cfg_ts``). Where the
 logits are not mixed (``w_k == 1``, or CFG only at layers) the model returns the conditional rows only and the
 guidance op gets them twice with ``t = 0`` (``(1 + 0) * x - 0 * x == x`` exactly).
@@ -18,34 +18,22 @@ SSG on bit logits (see docs/ssg_method.md, "SSG on bitwise tokens"): the logits 
 flattened to (B, h*w, 2d) and guided as VAR's (B, h*w, V): the prior operator acts on the spatial grid, for every
 (bit, side) channel, from the previous scale's CFG-combined logits (as handed to the sampler: upstream divides by the
 temperature ``tau_k`` before CFG).
+
+``ssg_engine.infinity_sampler`` is this module, kept for compatibility.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
-from .guidance import SSG
-from .kernels.sampling import sample_logits_reference
-from .kernels.ssg_guidance import ssg_guidance_reference
-from .models.infinity import InfinityRequest, InfinityTransformer, PaddedText, TextFeatures, scale_schedule
-from .params import SamplingParams
-from .pipeline import Guidance, guidance_schedule, nonfinite_logits_error, run_scales
-from .sampler import ConcatKVCache
-
-# the keywords of a text-conditional (Infinity) request besides SamplingParams' fields
-INFINITY_KEYWORDS = ("h_div_w", "pn", "schedule", "negative", "cfg_insertion_layer", "cfg_list", "tau_list")
-
-
-def family_keywords(overrides: Dict[str, Any], text_conditional: bool) -> Dict[str, Any]:
-    """Pop the Infinity keywords out of ``overrides`` (the rest are SamplingParams fields); for a class-conditional
-    model any of them is a ``TypeError``."""
-    family = {k: overrides.pop(k) for k in INFINITY_KEYWORDS if k in overrides}
-    if family and not text_conditional:
-        raise TypeError(f"{next(iter(family))}= is a text-conditional (Infinity) keyword; a class-conditional VAR takes labels and SamplingParams only")
-    return family
-
+from ...guidance import SSG
+from ...kernels.sampling import sample_logits_reference
+from ...kernels.ssg_guidance import ssg_guidance_reference
+from ...params import SamplingParams
+from ...pipeline import ConcatKVCache, Guidance, guidance_schedule, nonfinite_logits_error, run_scales
+from .model import InfinityRequest, InfinityTransformer, PaddedText, TextFeatures, scale_schedule
 
 @dataclasses.dataclass
 class InfinitySampleOutput:
@@ -141,3 +129,18 @@ def sample_infinity_reference(
         images=images, bits=bits, summed_codes=state.summed_codes,
         logits=logits_rec if record_logits else None, cfg_logits=cfg_rec if record_logits else None,
     )
+
+
+def generate_reference(
+    model: InfinityTransformer, vae: Any, cond: Any, params: SamplingParams, **keywords: Any
+) -> Tuple[Optional[torch.Tensor], List[torch.Tensor]]:
+    """``generate``'s path off CUDA for Infinity: one image per prompt of ``cond`` (text features) from
+    :func:`sample_infinity_reference` with ``params`` (resolved) and the Infinity ``keywords`` (see
+    :func:`infinity_request`); (images (B, 3, H, W), bits per scale (B, h*w, d) int64)."""
+    request = infinity_request(model, vae, params, **keywords)
+    out = sample_infinity_reference(
+        model, vae, cond, request.schedule, cfg_list=request.cfg_list, tau_list=request.tau_list,
+        top_k=params.top_k, top_p=params.top_p, seed=params.seed, cfg_insertion_layer=request.cfg_insertion_layer,
+        negative=request.negative, ssg=params.ssg,
+    )
+    return out.images, out.bits
