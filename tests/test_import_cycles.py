@@ -28,7 +28,7 @@ LAYERS: Dict[str, List[str]] = {
     # the family registry (families/__init__.py) imports its families' specs by "module:ATTRIBUTE" strings on first use,
     # never by import statement, so it sits at the bottom; so do shared checkpoint reading and VAR's config
     "foundation": [
-        "files", "cache", "extension", "profiling", "backend", "data", "validation", "checkpoints",
+        "config", "files", "cache", "extension", "profiling", "backend", "data", "validation", "checkpoints",
         "families", "families.var", "families.infinity", "families.var.config",
     ],
     # the fused ops sit below the models: a model's layers call them (with the sampler's backend), and their PyTorch
@@ -40,19 +40,20 @@ LAYERS: Dict[str, List[str]] = {
     ],
     "guidance": ["guidance", "params"],
     "samplers": [
-        "pipeline", "engine", "families.var.sampler", "families.infinity.sampler",
+        "pipeline", "sampler", "infinity_sampler", "engine", "families.var.sampler", "families.infinity.sampler",
         "families.var.spec", "families.infinity.spec",
     ],
-    "api": [PACKAGE, "loading", "api", "pretrained", "analysis", "imaging", "costs", "plan", "families.var.loading", "families.infinity.loading"],
+    "api": [PACKAGE, "loading", "text", "api", "pretrained", "analysis", "imaging", "costs", "plan", "families.var.loading", "families.infinity.loading"],
     "training and evaluation": ["training.*", "eval.*"],
     "command line": ["cli.*", "__main__"],
 }
 # Shared modules that still import a family's modules by name (everything else asks the registry,
-# ssg_engine.families): the code that knows one family's details:
+# ssg_engine.families): the old import paths kept for compatibility, and the code that knows one family's details:
 # the Engine (Infinity's requests, text padding and graph keys), the memory plan and planner (each family's
 # presets and sizes), the shipped models, the VAR spectra, training, evaluation and the command line.
 FAMILY_AWARE = {
-    "loading",  # re-exports the families' loaders
+    "config", "sampler", "infinity_sampler", "text", "loading", "models.var", "models.vqvae", "models.infinity",
+    "models.bsq_vae", "models.text_encoder",  # kept for compatibility
     "engine", "memory", "plan", "costs", "pretrained", "analysis", "training.*", "eval.*", "cli.*",
 }
 

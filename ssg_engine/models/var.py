@@ -1,0 +1,8 @@
+"""Kept for compatibility: ``ssg_engine.models.var`` is ``ssg_engine.families.var.model`` (VAR transformer), which now lives in its
+family's folder. This module replaces itself with that one, so every name (private ones too), ``isinstance`` checks,
+pickles naming ``ssg_engine.models.var`` and patches of its attributes all reach the same objects."""
+import sys
+
+from ssg_engine.families.var import model as _module
+
+sys.modules[__name__] = _module
