@@ -157,3 +157,11 @@ def resolve_params(params: Optional[SamplingParams], overrides: dict, model: Any
         raise TypeError(f"params must be an ssg_engine.SamplingParams or None, got {type(params).__name__}")
     params = (params or SamplingParams()).replace(**overrides) if overrides else (params or SamplingParams())
     return params.for_model(model)
+
+
+def gumbel_softmax_with_rng(logits: torch.Tensor, tau: float, rng: Optional[torch.Generator]) -> torch.Tensor:
+    """Soft Gumbel-softmax drawing its noise from ``rng`` (upstream's ``more_smooth`` visualisation mode)."""
+    if rng is None:
+        return torch.nn.functional.gumbel_softmax(logits, tau=tau, hard=False, dim=-1)
+    gumbels = -torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_(generator=rng).log()
+    return ((logits + gumbels) / tau).softmax(-1)

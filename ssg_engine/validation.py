@@ -167,3 +167,16 @@ def check_prompts(prompts: Any, what: str = "prompts") -> List[str]:
         raise ValueError(f"{what}[{empty[0]}] is an empty prompt; write some text (for no negative prompt, pass none: "
                          "the model's cfg_uncond is used)")
     return list(prompts)
+
+
+def check_feature_tensor(t: Any, name: str, ndim: int) -> None:
+    """``TypeError``/``ValueError`` naming ``name`` unless ``t`` is a dense real floating tensor of ``ndim`` dims with data
+    (not on the meta device)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor with {ndim} dims; got {type(t).__name__}")
+    if t.layout != torch.strided or t.is_meta:
+        raise ValueError(f"{name} must be a dense tensor with data; got a {t.layout} tensor on {t.device}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a real floating-point tensor; got dtype {t.dtype}")
+    if t.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dims; got shape {tuple(t.shape)}")

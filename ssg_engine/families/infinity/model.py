@@ -33,7 +33,7 @@ from ... import ops
 from ...kernels.qkv_norm_rope_cache import qkv_norm_rope_reference
 from ...models.family import KVStore
 from ...models.layers import FFN
-from ...validation import as_number, normalise_fields
+from ...validation import as_number, check_feature_tensor, normalise_fields
 from .tokenizer import BSQVAE, accumulate_codes, bits_to_codes
 
 # ---------------------------------------------------------------------------------------------- scale schedules
@@ -211,19 +211,6 @@ class TextFeatures:
         if not bool(torch.isfinite(out.kv_compact).all()):
             raise ValueError("text: the features hold NaN or inf; encode the prompts again")
         return out
-
-
-def check_feature_tensor(t: Any, name: str, ndim: int) -> None:
-    """``TypeError``/``ValueError`` naming ``name`` unless ``t`` is a dense real floating tensor of ``ndim`` dims with data
-    (not on the meta device)."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor with {ndim} dims; got {type(t).__name__}")
-    if t.layout != torch.strided or t.is_meta:
-        raise ValueError(f"{name} must be a dense tensor with data; got a {t.layout} tensor on {t.device}")
-    if not t.is_floating_point():
-        raise ValueError(f"{name} must be a real floating-point tensor; got dtype {t.dtype}")
-    if t.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dims; got shape {tuple(t.shape)}")
 
 
 def prompt_lengths(lens: Any) -> List[int]:

@@ -4,8 +4,8 @@ This path is the specification every fast path is tested against: on CPU in floa
 temperature 1 it makes the same calls in the same order as upstream (a ``torch.cat`` KV cache, one
 ``torch.Generator`` used only by the draws), so the same seed gives the same tokens at every scale. It drives
 the model through :func:`ssg_engine.pipeline.run_scales` with the kernels' PyTorch references as its ops
-(``ssg_engine.sampler`` is this module, kept for compatibility; it re-exports the pipeline's ``ConcatKVCache`` and
-``resolve_params``, which the other families' samplers share).
+(``ssg_engine.sampler`` is this module, kept for compatibility; it re-exports the pipeline's ``ConcatKVCache``,
+``resolve_params`` and ``gumbel_softmax_with_rng``, which the other families' samplers share).
 """
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ from ...guidance import SSG
 from ...kernels.sampling import sample_logits_reference, top_k_top_p_mask_reference
 from ...kernels.ssg_guidance import ssg_guidance_reference
 from ...params import SamplingParams
-from ...pipeline import ConcatKVCache, Guidance, guidance_schedule, nonfinite_logits_error, resolve_params, run_scales
+from ...pipeline import (
+    ConcatKVCache, Guidance, guidance_schedule, gumbel_softmax_with_rng, nonfinite_logits_error, resolve_params, run_scales,
+)
 from ...validation import as_number, class_labels
 from .model import VARTransformer
 from .tokenizer import VQVAE
@@ -65,14 +67,6 @@ def resolve_labels(var: VARTransformer, B: int, label_B: LabelsLike, rng: Option
     if labels.shape[0] != B:
         raise ValueError(f"got {labels.shape[0]} labels for batch size B={B}")
     return labels
-
-
-def gumbel_softmax_with_rng(logits: torch.Tensor, tau: float, rng: Optional[torch.Generator]) -> torch.Tensor:
-    """Soft Gumbel-softmax drawing its noise from ``rng`` (upstream's ``more_smooth`` visualisation mode)."""
-    if rng is None:
-        return torch.nn.functional.gumbel_softmax(logits, tau=tau, hard=False, dim=-1)
-    gumbels = -torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_(generator=rng).log()
-    return ((logits + gumbels) / tau).softmax(-1)
 
 
 @torch.no_grad()
