@@ -50,9 +50,9 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.compiler.compiler import make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from ssg_engine.config import ModelConfig  # noqa: E402
+from ssg_engine.families.var.config import ModelConfig  # noqa: E402
 from ssg_engine.guidance import cfg_ratio  # noqa: E402
-from ssg_engine.models.infinity import INFINITY_PRESETS, scale_schedule  # noqa: E402
+from ssg_engine.families.infinity.model import INFINITY_PRESETS, scale_schedule  # noqa: E402
 from ssg_engine.kernels import KernelLaunch, config_key, launch_config  # noqa: E402
 from ssg_engine.kernels.group_norm_silu import group_norm_silu_launch  # noqa: E402
 from ssg_engine.kernels.ada_ln_modulate import ada_ln_modulate_launch  # noqa: E402
@@ -62,7 +62,7 @@ from ssg_engine.kernels.matmul_gated_residual import matmul_gated_residual_launc
 from ssg_engine.kernels.matmul_gelu import matmul_gelu_launch  # noqa: E402
 from ssg_engine.kernels.sampling import sample_logits_launch  # noqa: E402
 from ssg_engine.kernels.ssg_guidance import ssg_guidance_launch  # noqa: E402
-from ssg_engine.models.infinity import INFINITY_PRESETS, scale_schedule  # noqa: E402
+from ssg_engine.families.infinity.model import INFINITY_PRESETS, scale_schedule  # noqa: E402
 
 PRESETS = ("d16", "d20", "d24", "d30", "d36")
 BATCHES = (1, 16, 64)
@@ -193,7 +193,7 @@ def ada_ln_modulate_cases(presets: Sequence[str], batches: Sequence[int], dtypes
     of a (2B, 1, 6, C) modulation (the head's AdaLN: of (2B, 1, 2, C)). VAR: x, modulation and out in the engine's
     dtype. Infinity (1M schedule, square): float32 residual stream and modulation (autocast off), out float32 (as
     ``ada_layer_norm``) or the engine's dtype (what the next linear reads under autocast)."""
-    from ssg_engine.models.infinity import InfinityConfig, scale_schedule
+    from ssg_engine.families.infinity.model import InfinityConfig, scale_schedule
 
     def launches(C: int, batch: int, x_dtype: torch.dtype, out_dtype: torch.dtype, ls: Sequence[int]) -> Iterator[Tuple[str, int, KernelLaunch]]:
         # (gamma1, gamma2, scale1, scale2, shift1, shift2) of a block; (scale, shift) of the head

@@ -191,7 +191,7 @@ def sampler_cases(smoke: bool) -> List[Dict]:
 
 
 def bits_cases(smoke: bool) -> List[Dict]:
-    from ssg_engine.models.infinity import scale_schedule
+    from ssg_engine.families.infinity.model import scale_schedule
 
     schedule, batches, d = (scale_schedule(1.0, 3), (1, 2), 8) if smoke else (scale_schedule(1.0, "1M"), BITS_BATCHES, BITS_D)
     return [dict(B=B, hw_prev=schedule[i - 1] if i else None, hw=hw, V=2 * d) for B in batches for i, hw in enumerate(schedule)]
@@ -199,7 +199,7 @@ def bits_cases(smoke: bool) -> List[Dict]:
 
 def qkv_cases(smoke: bool) -> List[Dict]:
     """A middle and the last scale of each model in QKV_MODELS (smoke: tiny heads on the first 3 scales)."""
-    from ssg_engine.models.infinity import scale_schedule
+    from ssg_engine.families.infinity.model import scale_schedule
 
     var_scales = [pn * pn for pn in PATCH_NUMS]
     inf_scales = [h * w for h, w in scale_schedule(1.0, "1M")]
@@ -239,7 +239,7 @@ def count_launches(fn: Callable[[], object]) -> int:
 
 def run_qkv(case: Dict, args, device: str, copy_gbps: Optional[float]) -> Dict:
     from ssg_engine.kernels.qkv_norm_rope_cache import qkv_norm_rope_cache_reference, qkv_norm_rope_cache_triton
-    from ssg_engine.models.infinity import rope_tables, scale_schedule
+    from ssg_engine.families.infinity.model import rope_tables, scale_schedule
 
     B, l, H, D, start = case["B"], case["l"], case["H"], case["D"], case["start"]
     dtype = torch.bfloat16

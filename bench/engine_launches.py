@@ -34,13 +34,13 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple  # noqa: E402
 import torch  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily  # noqa: E402
 
-from ssg_engine.config import ModelConfig  # noqa: E402
+from ssg_engine.families.var.config import ModelConfig  # noqa: E402
 from ssg_engine.engine import Engine, device_schedule  # noqa: E402
 from ssg_engine.guidance import SSG  # noqa: E402
 from ssg_engine.kernels import config_key, record_launches  # noqa: E402
 from ssg_engine.loading import build_models  # noqa: E402
-from ssg_engine.models.bsq_vae import BSQVAE, BSQVAEConfig  # noqa: E402
-from ssg_engine.models.infinity import INFINITY_PRESETS, RATIO_TABLE, InfinityConfig, InfinityTransformer, PaddedText, TextFeatures  # noqa: E402
+from ssg_engine.families.infinity.tokenizer import BSQVAE, BSQVAEConfig  # noqa: E402
+from ssg_engine.families.infinity.model import INFINITY_PRESETS, RATIO_TABLE, InfinityConfig, InfinityTransformer, PaddedText, TextFeatures  # noqa: E402
 from ssg_engine.params import SamplingParams  # noqa: E402
 from ssg_engine.pipeline import guidance_schedule  # noqa: E402
 

@@ -46,18 +46,18 @@ import torch  # noqa: E402
 from torch.utils import _pytree as pytree  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode, _pop_mode_temporarily  # noqa: E402
 
-from ssg_engine.config import ModelConfig  # noqa: E402
+from ssg_engine.families.var.config import ModelConfig  # noqa: E402
 from ssg_engine.engine import Engine  # noqa: E402
 from ssg_engine.guidance import SSG  # noqa: E402
-from ssg_engine.infinity_sampler import sample_infinity_reference  # noqa: E402
+from ssg_engine.families.infinity.sampler import sample_infinity_reference  # noqa: E402
 from ssg_engine.kernels import KernelLaunch  # noqa: E402
 from ssg_engine.loading import build_models  # noqa: E402
-from ssg_engine.models import infinity  # noqa: E402
-from ssg_engine.models.bsq_vae import BSQVAE, BSQVAEConfig  # noqa: E402
-from ssg_engine.models.infinity import INFINITY_PRESETS, InfinityConfig, InfinityTransformer, TextFeatures, scale_schedule  # noqa: E402
+from ssg_engine.families.infinity import model as infinity  # noqa: E402
+from ssg_engine.families.infinity.tokenizer import BSQVAE, BSQVAEConfig  # noqa: E402
+from ssg_engine.families.infinity.model import INFINITY_PRESETS, InfinityConfig, InfinityTransformer, TextFeatures, scale_schedule  # noqa: E402
 from ssg_engine.params import SamplingParams  # noqa: E402
 from ssg_engine.pipeline import NonFiniteLogitsError  # noqa: E402
-from ssg_engine.sampler import sample_reference  # noqa: E402
+from ssg_engine.families.var.sampler import sample_reference  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden" / "infinity"

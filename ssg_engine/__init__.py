@@ -13,14 +13,16 @@ __version__ = "0.1.0"
 
 # public name -> the module (relative to this package) that defines it
 _EXPORTS: Dict[str, str] = {
-    **dict.fromkeys(["ModelConfig", "AssumedSettingWarning"], ".config"),
+    "ModelConfig": ".families.var.config",
+    "AssumedSettingWarning": ".validation",
     **dict.fromkeys(["SSG", "dse", "dse_operator", "prior", "ssg_logits"], ".guidance"),
-    **dict.fromkeys(["VQVAE", "VARTransformer"], ".models"),
+    "VQVAE": ".families.var.tokenizer",
+    "VARTransformer": ".families.var.model",
     "SamplingParams": ".params",
     "NonFiniteLogitsError": ".pipeline",
-    **dict.fromkeys(["VAR", "SampleOutput", "sample_reference"], ".sampler"),
-    **dict.fromkeys(["InfinityRequest", "InfinityTransformer", "PaddedText", "TextFeatures", "scale_schedule"], ".models.infinity"),
-    **dict.fromkeys(["InfinitySampleOutput", "sample_infinity_reference"], ".infinity_sampler"),
+    **dict.fromkeys(["VAR", "SampleOutput", "sample_reference"], ".families.var.sampler"),
+    **dict.fromkeys(["InfinityRequest", "InfinityTransformer", "PaddedText", "TextFeatures", "scale_schedule"], ".families.infinity.model"),
+    **dict.fromkeys(["InfinitySampleOutput", "sample_infinity_reference"], ".families.infinity.sampler"),
     "Engine": ".engine",
     "generate": ".api",
     **dict.fromkeys(["CheckpointError", "build_models", "checkpoint_family", "load_infinity", "load_models", "random_models"], ".loading"),

@@ -14,8 +14,8 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
+from .families.var.sampler import SampleOutput
 from .guidance import SSG, dct_matrix, prior
-from .sampler import SampleOutput
 
 
 @dataclasses.dataclass
@@ -103,7 +103,7 @@ def plot_spectra(runs: Dict[str, List[ScaleSpectrum]], path: Union[str, Path], t
 
 def spectra_for(var, labels: torch.Tensor, seed: int, ssg: Optional[SSG], **sampling) -> List[ScaleSpectrum]:
     """Sample with ``sample_reference`` and return the per-scale spectra (prior from ``ssg`` or DSE)."""
-    from .sampler import sample_reference
+    from .families.var.sampler import sample_reference
 
     out = sample_reference(var, int(labels.shape[0]), labels, seed=seed, ssg=ssg, record_logits=True, **sampling)
     kind, interp = (ssg.prior, ssg.interp) if ssg is not None else ("dse", "bilinear")

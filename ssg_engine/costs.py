@@ -72,7 +72,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-from .config import ModelConfig, PRESET_DEPTHS
+from .families.var.config import ModelConfig, PRESET_DEPTHS
 from .kernels.sampling import sample_logits_reference
 from .kernels.ssg_guidance import ssg_guidance_reference
 from .loading import build_models

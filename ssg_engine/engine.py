@@ -20,18 +20,18 @@ import torch
 
 from . import ops
 from .backend import resolve_backend
+from .families import DEFAULT_FAMILY, FamilySpec, family, family_of, split_keywords
+from .families.infinity.model import MAX_SCALES, InfinityRequest, InfinityTransformer, PaddedText, RequestTensors, TextFeatures
+from .families.infinity.sampler import infinity_request
+from .families.infinity.tokenizer import BSQVAE
+from .families.var.model import VARTransformer
+from .families.var.tokenizer import VQVAE
 from .guidance import cfg_ratio
-from .infinity_sampler import family_keywords, infinity_request
 from .kv_cache import StaticKVCache
 from .memory import CONTEXT_BYTES, GiB, MemoryPlan, infinity_plan, itemsize, largest_batch
-from .models.bsq_vae import BSQVAE
 from .models.family import NextScaleModel
-from .models.infinity import MAX_SCALES, InfinityRequest, InfinityTransformer, PaddedText, RequestTensors, TextFeatures
-from .models.var import VARTransformer
-from .models.vqvae import VQVAE
 from .params import SamplingParams, check_seed
-from .pipeline import Guidance, ScaleGuidance, guidance_schedule, nonfinite_logits_error, run_scales
-from .sampler import check_models, resolve_params
+from .pipeline import Guidance, ScaleGuidance, guidance_schedule, nonfinite_logits_error, resolve_params, run_scales
 from .validation import as_number, class_labels
 
 # a batch's condition as run_batch takes it: labels (n,), or text: packed (eager, upstream's varlen cross-attention) or
@@ -52,13 +52,13 @@ def graph_key(params: SamplingParams, num_scales: int) -> tuple:
     return params.top_k, params.top_p, params.temperature, ssg_key
 
 
-def check_family(model: Any, vae: Any, where: str) -> None:
-    """``TypeError`` unless (model, vae) is (VARTransformer, VQVAE) or (InfinityTransformer, BSQVAE)."""
-    if isinstance(model, InfinityTransformer):
-        if not isinstance(vae, BSQVAE):
-            raise TypeError(f"{where}: an InfinityTransformer takes its BSQVAE (ssg_engine.models.bsq_vae.load_bsq_vae); got {type(vae).__name__}")
-    else:
-        check_models(model, vae, where)
+def check_family(model: Any, vae: Any, where: str) -> FamilySpec:
+    """The spec of ``model``'s family (:mod:`ssg_engine.families`); ``TypeError`` naming ``where`` unless (model, vae)
+    is that family's pair, e.g. (VARTransformer, VQVAE) or (InfinityTransformer, BSQVAE). A model of no family is
+    checked as ``DEFAULT_FAMILY``'s (its message says what a sampler takes)."""
+    spec = family_of(model) or family(DEFAULT_FAMILY)
+    spec.check_pair(model, vae, where)
+    return spec
 
 
 def _rows(cond: Cond) -> int:
@@ -145,7 +145,7 @@ class Engine:
         vae_dtype: Optional[torch.dtype] = None,
         device_memory: Optional[int] = None,
     ) -> None:
-        check_family(model, vae, "Engine(var, vae)")
+        self.spec = check_family(model, vae, "Engine(var, vae)")
         self.source_model = model  # the model given (Infinity samples with a copy in dtype: self.model)
         self.max_batch = as_number(max_batch, "max_batch", "a positive integer", integer=True, valid=lambda v: v > 0)
         self.max_graphs = as_number(max_graphs, "max_graphs", "a positive integer", integer=True, valid=lambda v: v > 0)
@@ -195,7 +195,7 @@ class Engine:
         # with graphs the condition stays on the host until a captured batch stages it (pinned, non-blocking)
         home = torch.device("cpu") if self.cuda_graphs else self.device
         if not self.infinity:
-            family_keywords(family, text_conditional=False)
+            split_keywords(dict(family), self.spec)
             return self.model, class_labels(cond, self.model.num_classes, home), params
 
         maxlen = self.model.config.text_maxlen
@@ -222,7 +222,7 @@ class Engine:
         """Sample one image per label (VAR) or prompt (Infinity: text features, anything ``TextFeatures.coerce``
         takes). Non-finite logits raise ``NonFiniteLogitsError`` naming the first bad scale, checked once after all
         chunks (the only host sync of the call)."""
-        family = family_keywords(overrides, self.infinity)
+        family = split_keywords(overrides, self.spec)
         model, cond_t, params = self.bind(cond, resolve_params(params, overrides, self.model), **family)
         chunks = range(0, _rows(cond_t), self.max_batch)
         seed = check_seed(params.seed, count=len(chunks)) or 0

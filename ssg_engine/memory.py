@@ -25,8 +25,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .models.bsq_vae import BSQVAE, BSQVAEConfig
-from .models.infinity import INFINITY_PRESETS, InfinityConfig, InfinityTransformer, as_schedule
+from .families.infinity.model import INFINITY_PRESETS, InfinityConfig, InfinityTransformer, as_schedule
+from .families.infinity.tokenizer import BSQVAE, BSQVAEConfig
 
 GiB = 1 << 30
 CONTEXT_BYTES = 1 * GiB  # CUDA context, cuBLAS workspaces, allocator fragmentation

@@ -13,7 +13,9 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .guidance import SSG, cfg_ratio, prior_operator
+from .kernels.qkv_norm_rope_cache import qkv_norm_rope_reference
 from .models.family import KVStore, NextScaleModel
+from .params import SamplingParams
 from .profiling import nvtx_range
 
 Scalar = Union[float, torch.Tensor]
@@ -124,3 +126,42 @@ def run_scales(
     with nvtx_range("vae decode"):
         images = model.decode(state, kv.backend)
     return images, tokens
+
+
+class ConcatKVCache:
+    """Upstream's KV cache: each scale's keys/values concatenated to those cached so far (``torch.cat``); q/k
+    normalisation and RoPE in eager PyTorch (the fused kernel's reference); the model's other ops on the reference
+    backend (a :class:`ssg_engine.models.family.KVStore`)."""
+
+    backend = "reference"
+
+    def __init__(self, num_layers: int) -> None:
+        self.k: List[Optional[torch.Tensor]] = [None] * num_layers
+        self.v: List[Optional[torch.Tensor]] = [None] * num_layers
+
+    def __call__(
+        self, layer: int, qkv: torch.Tensor, start: int, *, num_heads: int, scale_mul: Optional[torch.Tensor] = None,
+        rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = qkv_norm_rope_reference(qkv, num_heads, scale_mul, rope)
+        if self.k[layer] is not None:
+            k, v = torch.cat((self.k[layer], k), dim=2), torch.cat((self.v[layer], v), dim=2)
+        self.k[layer], self.v[layer] = k, v
+        return q, k, v
+
+
+def resolve_params(params: Optional[SamplingParams], overrides: dict, model: Any) -> SamplingParams:
+    """``params`` (default ``SamplingParams()``) with keyword ``overrides`` applied and validated, for ``model``
+    (an SSG without beta takes the model's: ``SamplingParams.for_model``)."""
+    if params is not None and not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be an ssg_engine.SamplingParams or None, got {type(params).__name__}")
+    params = (params or SamplingParams()).replace(**overrides) if overrides else (params or SamplingParams())
+    return params.for_model(model)
+
+
+def gumbel_softmax_with_rng(logits: torch.Tensor, tau: float, rng: Optional[torch.Generator]) -> torch.Tensor:
+    """Soft Gumbel-softmax drawing its noise from ``rng`` (upstream's ``more_smooth`` visualisation mode)."""
+    if rng is None:
+        return torch.nn.functional.gumbel_softmax(logits, tau=tau, hard=False, dim=-1)
+    gumbels = -torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_(generator=rng).log()
+    return ((logits + gumbels) / tau).softmax(-1)

@@ -24,10 +24,10 @@ from typing import Optional, Union
 
 import torch
 
-from .config import ModelConfig
+from .families.infinity.model import INFINITY_PRESETS, UNSUPPORTED_PRESETS, InfinityConfig, scale_schedule
+from .families.var.config import ModelConfig
 from .loading import build_models
 from .memory import CONTEXT_BYTES, GiB, MemoryPlan, infinity_plan, itemsize, module_bytes
-from .models.infinity import INFINITY_PRESETS, UNSUPPORTED_PRESETS, InfinityConfig, scale_schedule
 
 __all__ = ["CONTEXT_BYTES", "GiB", "MemoryPlan", "plan"]
 

@@ -61,8 +61,8 @@ def load_infinity_folder(folder: Union[str, Path], device: Union[str, torch.devi
     and eval mode on ``device``; FileNotFoundError naming the missing files."""
     from safetensors.torch import load_file
 
-    from .models.bsq_vae import BSQVAEConfig, load_bsq_vae
-    from .models.infinity import InfinityConfig, InfinityTransformer
+    from .families.infinity.model import InfinityConfig, InfinityTransformer
+    from .families.infinity.tokenizer import BSQVAEConfig, load_bsq_vae
 
     folder = Path(folder)
     missing = [f for f in _INFINITY_FILES if not (folder / f).is_file()]
@@ -81,9 +81,9 @@ def load_infinity_folder(folder: Union[str, Path], device: Union[str, torch.devi
 
 def folder_text_encoder(folder: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Any:
     """The small text encoder of a folder written by ``train_fashion_mnist_infinity`` (float32, eval mode)."""
-    from .models.text_encoder import TextEncoderConfig, load_text_encoder
+    from .families.infinity.text import TextEncoderConfig, load_text_encoder
 
-    from .config import read_config_file
+    from .families.var.config import read_config_file
 
     folder = Path(folder)
     spec = read_config_file(folder / "config.json").get("text_encoder")
@@ -99,7 +99,7 @@ def folder_text_encoder(folder: Union[str, Path], device: Union[str, torch.devic
 
 def infinity_folder_schedule(folder: Union[str, Path] = INFINITY_DIR) -> Tuple[Tuple[int, int], ...]:
     """The scale schedule ((h, w) per scale) of an Infinity model folder (its config.json's ``schedule``)."""
-    from .models.infinity import scale_schedule
+    from .families.infinity.model import scale_schedule
 
     sched = json.loads((Path(folder) / "config.json").read_text())["schedule"]
     return scale_schedule(sched["h_div_w"], sched["num_scales"])

@@ -1,11 +1,15 @@
-"""Argument normalisation shared by every layer: one message shape for every bad number."""
+"""Argument normalisation shared by every layer: one message shape for every bad number; the config-field checks and
+config-file reading every family's config uses; prompt lists."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import numbers
 import os
 import sys
-from typing import Any, Callable, NoReturn, Union
+from pathlib import Path
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -87,3 +91,92 @@ def refuse_module_run(module: str, *commands: str) -> NoReturn:
     sys.stderr.write(f"error: python -m {module} is not a command; run {where} (python -m ssg_engine.cli works too); "
                      "see ssg-engine --help\n")
     raise SystemExit(2)
+
+
+class AssumedSettingWarning(UserWarning):
+    """A model setting that neither the checkpoint nor the config gave was assumed (the message names it and how to
+    set it): if the model was trained otherwise, its samples are wrong."""
+
+
+def field_type_problem(name: str, kind: str, value: Any) -> Optional[str]:
+    """Why ``value`` does not fit a config field annotated ``kind`` (``int``, ``float``, ``bool``, ``Optional[int]`` or
+    ``Tuple[int, ...]``); None if it does. Floats must be finite."""
+    def integral(v: Any) -> bool:
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    if kind == "Optional[int]":
+        ok, want = value is None or integral(value), "an integer or null"
+    elif kind == "bool":
+        ok, want = isinstance(value, bool), "true or false"
+    elif kind == "int":
+        ok, want = integral(value), "an integer"
+    elif kind == "float":
+        ok, want = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value), "a finite number"
+    else:
+        ok, want = isinstance(value, (list, tuple)) and all(integral(v) for v in value), "a list of integers"
+    return None if ok else f"{name} must be {want} (got {value!r})"
+
+
+def read_config_file(path: Union[str, Path]) -> Dict[str, Any]:
+    """The JSON object of config file ``path``; one ``FileNotFoundError``/``ValueError`` line naming the file and the
+    fix for a missing file, a folder, a binary or unreadable file, bad JSON, or JSON that is not an object."""
+    path = Path(path)
+    if path.is_dir():
+        hint = f" (e.g. {path / 'config.json'})" if (path / "config.json").is_file() else ""
+        raise FileNotFoundError(f"config path {path} is a directory; pass the JSON config file{hint}")
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"config file {path} is not a text file (a checkpoint?); pass the JSON config") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config file {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}; fix the file") from None
+    except OSError as e:
+        raise OSError(f"config file {path} cannot be read ({e.strerror}); check its permissions") from None
+    if not isinstance(data, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(data), "a number")
+        raise ValueError(f'config file {path} must be a JSON object of config fields ({{"field": value, ...}}), not {kind}')
+    return data
+
+
+def normalise_fields(config: Any) -> List[str]:
+    """The type problems of a config dataclass's fields (:func:`field_type_problem`); each field that fits is
+    normalised in place (NumPy numbers, lists -> bool / int / float / tuple of ints) so that equal configs compare equal."""
+    problems = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        problem = field_type_problem(f.name, f.type, value)
+        if problem:
+            problems.append(problem)
+        elif value is not None:
+            tuple_of_ints = f.type.startswith("Tuple")
+            cast = {"bool": bool, "float": float}.get(f.type, (lambda v: tuple(int(x) for x in v)) if tuple_of_ints else int)
+            object.__setattr__(config, f.name, cast(value))
+    return problems
+
+
+def check_prompts(prompts: Any, what: str = "prompts") -> List[str]:
+    """``prompts`` as a list of non-empty strings; else one ``TypeError``/``ValueError`` line naming ``what``."""
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"{what} must be a list of strings (one per image; wrap a single prompt as [prompt]); got {type(prompts).__name__}")
+    if not prompts:
+        raise ValueError(f"{what} is empty; give at least one prompt")
+    empty = [i for i, p in enumerate(prompts) if not p.strip()]
+    if empty:
+        raise ValueError(f"{what}[{empty[0]}] is an empty prompt; write some text (for no negative prompt, pass none: "
+                         "the model's cfg_uncond is used)")
+    return list(prompts)
+
+
+def check_feature_tensor(t: Any, name: str, ndim: int) -> None:
+    """``TypeError``/``ValueError`` naming ``name`` unless ``t`` is a dense real floating tensor of ``ndim`` dims with data
+    (not on the meta device)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor with {ndim} dims; got {type(t).__name__}")
+    if t.layout != torch.strided or t.is_meta:
+        raise ValueError(f"{name} must be a dense tensor with data; got a {t.layout} tensor on {t.device}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a real floating-point tensor; got dtype {t.dtype}")
+    if t.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dims; got shape {tuple(t.shape)}")

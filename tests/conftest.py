@@ -101,7 +101,7 @@ def one_thread():
 
 def golden_infinity_config(name: str):
     """The InfinityConfig of golden configuration ``name`` (from its config.json: upstream's keywords and the VAE's d)."""
-    from ssg_engine.models.infinity import InfinityConfig
+    from ssg_engine.families.infinity.model import InfinityConfig
 
     c = json.loads((_require(INFINITY_GOLDEN / name) / "config.json").read_text())
     return InfinityConfig.from_upstream(c["infinity"], c["vae"]["vae_model"]["codebook_dim"])
@@ -111,7 +111,7 @@ def load_golden_infinity(name: str):
     """(model loaded with upstream's weights, eval mode; the golden tensors) of golden configuration ``name``."""
     from safetensors.torch import load_file
 
-    from ssg_engine.models.infinity import InfinityTransformer
+    from ssg_engine.families.infinity.model import InfinityTransformer
 
     model = InfinityTransformer(golden_infinity_config(name)).eval()
     model.load_upstream(torch.load(INFINITY_GOLDEN / name / "infinity.pth", weights_only=True))

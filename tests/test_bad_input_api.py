@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ssg_engine import SSG, CheckpointError, ModelConfig, generate, load_models, sample_reference
-from ssg_engine.config import ARCH_FIELDS
+from ssg_engine.families.var.config import ARCH_FIELDS
 from ssg_engine.engine import Engine
 from ssg_engine.guidance import DEFAULT_BETA
 from ssg_engine.pretrained import PRETRAINED_DIR

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ssg_engine import ModelConfig, build_models
-from ssg_engine.config import PATCH_NUMS_512, infer_config, matching_presets
+from ssg_engine.families.var.config import PATCH_NUMS_512, infer_config, matching_presets
 
 PRESET_TO_CKPT = {"d16": "var_d16", "d20": "var_d20", "d24": "var_d24", "d30": "var_d30", "d36": "var_d36_512"}
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from ssg_engine import costs
-from ssg_engine.config import ModelConfig
+from ssg_engine.families.var.config import ModelConfig
 from ssg_engine.loading import build_models
-from ssg_engine.models.vqvae import ResnetBlock
+from ssg_engine.families.var.tokenizer import ResnetBlock
 
 
 def by_stage(stages, name):

@@ -22,13 +22,13 @@ from conftest import INFINITY_GOLDEN as INF
 from conftest import load_golden_infinity, packed, rel_err
 
 from ssg_engine import SSG, SamplingParams
-from ssg_engine.config import ModelConfig
+from ssg_engine.families.var.config import ModelConfig
 from ssg_engine.engine import Engine
-from ssg_engine.infinity_sampler import sample_infinity_reference
+from ssg_engine.families.infinity.sampler import sample_infinity_reference
 from ssg_engine.kernels import KernelLaunch
 from ssg_engine.loading import build_models, load_models
-from ssg_engine.models.bsq_vae import load_bsq_vae
-from ssg_engine.sampler import sample_reference
+from ssg_engine.families.infinity.tokenizer import load_bsq_vae
+from ssg_engine.families.var.sampler import sample_reference
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),

@@ -9,7 +9,7 @@ from ssg_engine.families.hart.model import HARTCondition, maskgit_groups
 from ssg_engine.families.hart.sampler import HART, cfg_weights, sample_hart_reference
 from ssg_engine.families.hart.tokenizer import HARTTokenizer
 from ssg_engine.models.family import NextScaleModel
-from ssg_engine.sampler import ConcatKVCache
+from ssg_engine.pipeline import ConcatKVCache
 
 PN = (1, 2, 3, 4)
 

@@ -14,7 +14,7 @@ from ssg_engine.families.hart.diffusion import DiffusionHead
 from ssg_engine.families.hart.loading import load_hart
 from ssg_engine.families.hart.model import HARTCondition, maskgit_groups
 from ssg_engine.families.hart.sampler import cfg_weights, sample_hart_reference
-from ssg_engine.sampler import ConcatKVCache
+from ssg_engine.pipeline import ConcatKVCache
 
 GOLDEN = Path(__file__).parent / "golden" / "hart"
 # every recorded model configuration (a folder with upstream's llm/ layout; text/ holds the text encoder's data)

@@ -25,19 +25,42 @@ COMPILED_MODULES = {f"{PACKAGE}._C"}
 # relative to the package ("X.*" is the package X and everything in it); "ssg_engine" is the package's __init__,
 # which re-exports the API.
 LAYERS: Dict[str, List[str]] = {
-    "foundation": ["config", "files", "cache", "extension", "profiling", "backend", "data", "validation"],
+    # the family registry (families/__init__.py) imports its families' specs by "module:ATTRIBUTE" strings on first use,
+    # never by import statement, so it sits at the bottom; so do shared checkpoint reading and VAR's config
+    "foundation": [
+        "config", "files", "cache", "extension", "profiling", "backend", "data", "validation", "checkpoints",
+        "families", "families.var", "families.infinity", "families.hart", "families.var.config",
+    ],
     # the fused ops sit below the models: a model's layers call them (with the sampler's backend), and their PyTorch
     # references are the models' eager code (the oracle); the reference backend stores K/V with the cache's write op
     "kernels": ["kernels.*", "ops", "kv_cache"],
-    "models": ["models.*", "memory", "families", "families.hart", "families.hart.config", "families.hart.diffusion",
-               "families.hart.tokenizer", "families.hart.model"],
+    "models": [
+        "models.*", "memory", "families.var.model", "families.var.tokenizer", "families.infinity.model",
+        "families.infinity.tokenizer", "families.infinity.text", "families.hart.config", "families.hart.diffusion",
+        "families.hart.tokenizer", "families.hart.model",
+    ],
     "guidance": ["guidance", "params"],
-    "samplers": ["pipeline", "sampler", "infinity_sampler", "engine", "families.hart.sampler"],
-    "api": [PACKAGE, "loading", "text", "api", "pretrained", "analysis", "imaging", "costs", "plan", "families.hart.loading",
-            "families.hart.text"],
+    "samplers": [
+        "pipeline", "sampler", "infinity_sampler", "engine", "families.var.sampler", "families.infinity.sampler",
+        "families.hart.sampler", "families.var.spec", "families.infinity.spec",
+    ],
+    "api": [PACKAGE, "loading", "text", "api", "pretrained", "analysis", "imaging", "costs", "plan", "families.var.loading",
+            "families.infinity.loading", "families.hart.loading", "families.hart.text"],
     "training and evaluation": ["training.*", "eval.*"],
     "command line": ["cli.*", "__main__"],
 }
+# Shared modules that still import a family's modules by name (everything else asks the registry,
+# ssg_engine.families): the old import paths kept for compatibility, and the code that knows one family's details:
+# the Engine (Infinity's requests, text padding and graph keys), the memory plan and planner (each family's
+# presets and sizes), the shipped models, the VAR spectra, training, evaluation and the command line.
+FAMILY_AWARE = {
+    "config", "sampler", "infinity_sampler", "text", "loading", "models.var", "models.vqvae", "models.infinity",
+    "models.bsq_vae", "models.text_encoder",  # kept for compatibility
+    "engine", "memory", "plan", "costs", "pretrained", "analysis", "training.*", "eval.*", "cli.*",
+}
+# A family that builds on another's modules, by name: HART's hybrid tokenizer is VAR's multi-scale VQ-VAE (upstream
+# HART's ``var_quantize_multiple_res``) plus a continuous residual, configured by VAR's ModelConfig.
+FAMILY_REUSE = {"hart": {"var"}}
 
 
 def package_modules() -> Dict[str, Path]:
@@ -152,3 +175,27 @@ def test_layers_are_respected():
         for m, targets in sorted(graph.items()) for t in sorted(targets) if layer_of(t) > layer_of(m)
     ]
     assert not upward, "imports from a higher layer (move the shared code down, or the import up):\n" + "\n".join(upward)
+
+
+def test_shared_code_asks_the_registry():
+    """No module outside ``ssg_engine/families/<name>/`` imports a family's modules, except the ``FAMILY_AWARE`` ones;
+    a family imports no other family (shared layers go to ``models.layers``) except as ``FAMILY_REUSE`` says."""
+    leaks = []
+    for m, targets in sorted(import_graph().items()):
+        relative = m.removeprefix(PACKAGE + ".")
+        home = relative.split(".")[1] if relative.startswith("families.") and relative.count(".") >= 1 else None
+        for t in sorted(targets):
+            parts = t.removeprefix(PACKAGE + ".").split(".")
+            if len(parts) < 3 or parts[0] != "families":
+                continue  # not a family's module (the registry, ssg_engine.families, is for everyone)
+            if home is None and any(_matches(name, m) for name in FAMILY_AWARE):
+                continue
+            if home != parts[1] and parts[1] not in FAMILY_REUSE.get(home, ()):
+                leaks.append(f"{m} imports {t}")
+    assert not leaks, "import a family through the registry (ssg_engine.families.family / family_of):\n" + "\n".join(leaks)
+
+
+def test_every_family_aware_module_exists():
+    modules = import_graph()
+    stale = sorted(name for name in FAMILY_AWARE if not any(_matches(name, m) for m in modules))
+    assert not stale, f"FAMILY_AWARE names modules that do not exist: {', '.join(stale)}"

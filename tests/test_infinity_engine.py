@@ -15,9 +15,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ssg_engine import SSG, SamplingParams, generate
 from ssg_engine.engine import Engine
-from ssg_engine.infinity_sampler import sample_infinity_reference
-from ssg_engine.models.bsq_vae import load_bsq_vae
-from ssg_engine.models.infinity import (
+from ssg_engine.families.infinity.sampler import sample_infinity_reference
+from ssg_engine.families.infinity.tokenizer import load_bsq_vae
+from ssg_engine.families.infinity.model import (
     PaddedText, TextFeatures, masked_cross_attention, scale_schedule,
     varlen_cross_attention,
 )
@@ -459,7 +459,7 @@ def test_infinity_graph_owns_what_it_reads(setups):
     import gc
 
     from ssg_engine import guidance
-    from ssg_engine.models import infinity
+    from ssg_engine.families.infinity import model as infinity
 
     _, graphs = _gpu_engines(setups["wide_d8"], torch.bfloat16)
     kw = dict(h_div_w=0.5, pn=5, cfg=3.0, top_k=0, top_p=0.9, seed=0, ssg=SSG(beta=0.5, prior="dse"))

@@ -15,7 +15,7 @@ from conftest import TINY, golden_infinity_config, rel_err
 
 from ssg_engine.cli import main
 from ssg_engine.loading import CheckpointError, checkpoint_family, load_infinity, load_models, read_state_dict
-from ssg_engine.models.infinity import (
+from ssg_engine.families.infinity.model import (
     INFINITY_PRESETS,
     INFINITY_SHAPE_FIELDS,
     InfinityConfig,

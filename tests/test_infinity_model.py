@@ -10,7 +10,7 @@ from conftest import INFINITY_CONFIGS as CONFIGS
 from conftest import INFINITY_GOLDEN as INF
 from conftest import TINY, golden_infinity_config, load_golden_infinity, packed, rel_err
 
-from ssg_engine.models.infinity import (
+from ssg_engine.families.infinity.model import (
     InfinityConfig,
     InfinityState,
     InfinityTransformer,
@@ -18,8 +18,8 @@ from ssg_engine.models.infinity import (
     as_schedule,
     scale_schedule,
 )
-from ssg_engine.models.bsq_vae import bits_to_codes
-from ssg_engine.sampler import ConcatKVCache
+from ssg_engine.families.infinity.tokenizer import bits_to_codes
+from ssg_engine.pipeline import ConcatKVCache
 
 TOL = 1e-5
 
@@ -120,7 +120,7 @@ def test_cached_steps_with_golden_bits(case, run):
 @torch.no_grad()
 def test_decode_with_bsq_vae(case):
     """ar0's image from the replayed state through the BSQ VAE (ssg_engine.models.bsq_vae, when present)."""
-    bsq_vae = pytest.importorskip("ssg_engine.models.bsq_vae")
+    bsq_vae = pytest.importorskip("ssg_engine.families.infinity.tokenizer")
     name, model, T, config = case
     state, _ = replay(model, T, name, 0)
     img = model.decode(state, bsq_vae.load_bsq_vae(INF / name / "vae.pth"))

@@ -11,10 +11,10 @@ from conftest import INFINITY_GOLDEN as INF
 from conftest import load_golden_infinity, packed, rel_err
 
 from ssg_engine.guidance import SSG, dse_reference, prior_operator
-from ssg_engine.infinity_sampler import sample_infinity_reference
+from ssg_engine.families.infinity.sampler import sample_infinity_reference
 from ssg_engine.kernels.ssg_guidance import ssg_guidance_reference
-from ssg_engine.models.bsq_vae import load_bsq_vae
-from ssg_engine.models.infinity import InfinityTransformer
+from ssg_engine.families.infinity.tokenizer import load_bsq_vae
+from ssg_engine.families.infinity.model import InfinityTransformer
 
 TOL = 1e-5
 
@@ -130,7 +130,7 @@ def test_bad_lists_are_clear_errors(models):
 
 def test_prompt_longer_than_the_unconditional_text_is_a_clear_error(models):
     """CFG pairs each prompt with ``cfg_uncond[:len]``: a longer prompt is one ValueError line, not a shape traceback."""
-    from ssg_engine.models.infinity import TextFeatures
+    from ssg_engine.families.infinity.model import TextFeatures
 
     model, _ = models["sq_d16"]
     n = model.config.text_maxlen + 8

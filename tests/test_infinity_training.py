@@ -38,7 +38,7 @@ def test_prompts_articles_and_vocabulary():
 
 
 def test_text_encoder_errors_and_config_round_trip(tmp_path):
-    from ssg_engine.models.text_encoder import TextEncoder, TextEncoderConfig
+    from ssg_engine.families.infinity.text import TextEncoder, TextEncoderConfig
 
     cfg = TextEncoderConfig(prompt_vocabulary(), width=128, layers=1, heads=2, max_len=12)
     cfg.to_json(tmp_path / "t.json")
@@ -56,7 +56,7 @@ def test_text_encoder_errors_and_config_round_trip(tmp_path):
 
 def test_straight_through_bits_equal_inference_bits():
     from ssg_engine.data import load_fashion_mnist, prepare_images
-    from ssg_engine.models.bsq_vae import BSQVAE
+    from ssg_engine.families.infinity.tokenizer import BSQVAE
     from ssg_engine.training.bsq_trainer import quantize_train
 
     recipe = _recipe()
@@ -75,7 +75,7 @@ def test_straight_through_bits_equal_inference_bits():
 def test_tiny_run_writes_a_loadable_deterministic_folder(tiny_runs):
     from safetensors.torch import load_file
 
-    from ssg_engine.infinity_sampler import sample_infinity_reference
+    from ssg_engine.families.infinity.sampler import sample_infinity_reference
     from ssg_engine.pretrained import infinity_folder_schedule, load_infinity_folder
 
     root, metrics = tiny_runs
@@ -114,7 +114,7 @@ def test_cli_train_infinity_flags():
 
 def test_shipped_infinity_model_loads_fits_and_samples_its_classes():
     from ssg_engine.eval.classifier import class_accuracy, load_classifier
-    from ssg_engine.infinity_sampler import sample_infinity_reference
+    from ssg_engine.families.infinity.sampler import sample_infinity_reference
     from ssg_engine.pretrained import INFINITY_DIR, INFINITY_SAMPLING, PRETRAINED_DIR, infinity_folder_schedule, load_pretrained_infinity
 
     weights = [*PRETRAINED_DIR.glob("*.safetensors"), *INFINITY_DIR.glob("*.safetensors")]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import GOLDEN, rel_err
 
-from ssg_engine.models.bsq_vae import BSQVAE, BSQVAEConfig, load_bsq_vae
+from ssg_engine.families.infinity.tokenizer import BSQVAE, BSQVAEConfig, load_bsq_vae
 
 INFINITY = GOLDEN / "infinity"
 CONFIGS = ("sq_d16", "wide_d8")

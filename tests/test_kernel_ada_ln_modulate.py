@@ -224,7 +224,7 @@ def test_reference_is_var_chain_bit_for_bit():
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
 def test_reference_is_infinity_ada_layer_norm_bit_for_bit(dtype):
-    from ssg_engine.models.infinity import ada_layer_norm
+    from ssg_engine.families.infinity.model import ada_layer_norm
 
     x, scale, shift = make_inputs(2, 5, 96, dtype, mod_dtype=BF16, seed=9, device="cpu")
     assert torch.equal(ada_ln_modulate_reference(x, scale, shift, EPS, F32), ada_layer_norm(x, scale, shift, EPS))

@@ -188,8 +188,8 @@ DECODER_TOL = 1e-4
 
 
 def test_vqvae_decoder_backends():
-    from ssg_engine.config import ModelConfig
-    from ssg_engine.models.vqvae import VQVAE
+    from ssg_engine.families.var.config import ModelConfig
+    from ssg_engine.families.var.tokenizer import VQVAE
 
     torch.manual_seed(0)
     cfg = ModelConfig(V=16, Cvae=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=(1, 2), using_sa=False)
@@ -203,7 +203,7 @@ def test_vqvae_decoder_backends():
 
 
 def test_bsq_decoder_backends():
-    from ssg_engine.models.bsq_vae import BSQVAE, BSQVAEConfig
+    from ssg_engine.families.infinity.tokenizer import BSQVAE, BSQVAEConfig
 
     torch.manual_seed(0)
     cfg = BSQVAEConfig(codebook_dim=4, base_ch=24, num_res_blocks=1, encoder_ch_mult=(1, 2), decoder_ch_mult=(1, 2),

@@ -21,7 +21,8 @@ from ssg_engine.kernels.qkv_norm_rope_cache import (  # noqa: E402
     qkv_norm_rope_cache_reference,
     qkv_norm_rope_cache_triton,
 )
-from ssg_engine.models import infinity, var  # noqa: E402
+from ssg_engine.families.infinity import model as infinity  # noqa: E402
+from ssg_engine.families.var import model as var  # noqa: E402
 
 from conftest import kernel_test_settings  # noqa: E402
 

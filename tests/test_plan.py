@@ -8,7 +8,7 @@ from ssg_engine import SamplingParams
 from ssg_engine.engine import Engine
 from ssg_engine.plan import CONTEXT_BYTES, GiB, plan
 from ssg_engine.pretrained import PRETRAINED_DIR, load_pretrained
-from ssg_engine.config import ModelConfig
+from ssg_engine.families.var.config import ModelConfig
 
 
 def test_plan_matches_the_engine_on_the_shipped_model():
@@ -70,7 +70,7 @@ def test_plan_command_prints_the_roofline_floor(capsys):
 def golden_infinity():
     from conftest import INFINITY_GOLDEN, load_golden_infinity, packed
 
-    from ssg_engine.models.bsq_vae import load_bsq_vae
+    from ssg_engine.families.infinity.tokenizer import load_bsq_vae
 
     model, T = load_golden_infinity("sq_d16")
     return model, load_bsq_vae(INFINITY_GOLDEN / "sq_d16" / "vae.pth"), packed(T, "text")
@@ -81,7 +81,7 @@ def test_infinity_plan_matches_the_engine(golden_infinity):
     """The exact lines (weights of the Engine's copy and VAE, KV cache, text keys/values) equal what a bfloat16
     Engine holds after a batch of 2 at a 5-scale schedule."""
     from ssg_engine.memory import infinity_plan
-    from ssg_engine.models.infinity import PaddedText, scale_schedule
+    from ssg_engine.families.infinity.model import PaddedText, scale_schedule
 
     model, vae, text = golden_infinity
     engine = Engine(model, vae, max_batch=2, device="cpu", dtype=torch.bfloat16, cuda_graphs=False, backend="reference")
@@ -102,7 +102,7 @@ def test_infinity_2b_at_1m_kv_per_row_and_largest_batch():
     """Infinity-2B at 1M (1:1, 10521 tokens): 2.76 GB of bf16 KV per cache row (two per image with CFG); at most 11
     images fit 80 GiB, 64 do not."""
     from ssg_engine.memory import infinity_plan, largest_batch
-    from ssg_engine.models.infinity import scale_schedule
+    from ssg_engine.families.infinity.model import scale_schedule
 
     sched = scale_schedule(1.0, "1M")
     one = infinity_plan("infinity_2b", sched, torch.bfloat16, 1)
@@ -129,7 +129,7 @@ def test_engine_refuses_a_bucket_the_plan_says_does_not_fit(golden_infinity):
     """With device_memory set to what a batch of 2 needs, max_batch 4 with 3 prompts (bucket 4) is one ValueError
     naming max_batch and the largest that fits, before anything is allocated; max_batch 2 runs."""
     from ssg_engine.memory import CONTEXT_BYTES, infinity_plan
-    from ssg_engine.models.infinity import TextFeatures, scale_schedule
+    from ssg_engine.families.infinity.model import TextFeatures, scale_schedule
 
     model, vae, text = golden_infinity
     text = TextFeatures.coerce(text)

@@ -22,8 +22,8 @@ from conftest import load_golden_infinity, packed
 from ssg_engine import SSG, SamplingParams, guidance
 from ssg_engine.engine import Engine, _request_key, _StaticBatch
 from ssg_engine.kv_cache import KV_WRITE_SCHEMA, PyStaticKVCache, write_and_read
-from ssg_engine.models import infinity
-from ssg_engine.models.bsq_vae import load_bsq_vae
+from ssg_engine.families.infinity import model as infinity
+from ssg_engine.families.infinity.tokenizer import load_bsq_vae
 
 
 @pytest.fixture(scope="module")

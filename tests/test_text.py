@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssg_engine.models.infinity import TextFeatures
-from ssg_engine.text import MAX_LENGTH, T5TextEncoder, check_prompts
+from ssg_engine.families.infinity.model import TextFeatures
+from ssg_engine.families.infinity.text import MAX_LENGTH, T5TextEncoder, check_prompts
 
 
 def test_missing_folder_says_where_the_weights_go(tmp_path: Path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ssg_engine.config import ModelConfig
+from ssg_engine.families.var.config import ModelConfig
 from ssg_engine.data import (
     DEFAULT_DIR, ENV_VAR, FASHION_MNIST_CLASSES, FashionMNISTMissing, class_index, load_fashion_mnist, prepare_images,
 )

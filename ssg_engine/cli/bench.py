@@ -19,11 +19,11 @@ TRACE_SUFFIXES = (".json", ".json.gz")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ..config import ModelConfig
     from ..engine import Engine
+    from ..families.var.config import ModelConfig
+    from ..families.var.sampler import sample_reference
     from ..files import atomic_output
     from ..loading import random_models
-    from ..sampler import sample_reference
 
     if args.random and (args.var or args.vae or args.config or args.preset or args.patch_nums):
         raise UsageError("--random uses random weights of a preset: drop --var/--vae/--config/--preset/--patch-nums, or drop --random")

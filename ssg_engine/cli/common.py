@@ -225,7 +225,7 @@ def check_model_args(args: argparse.Namespace) -> None:
 def load_from_args(args: argparse.Namespace, dtype: torch.dtype = torch.float32, device: Optional[str] = None):
     """(vae, var) from --var/--vae (with --config/--preset/--patch-nums), or the shipped Fashion-MNIST model; on
     ``device`` (default: --device), the VAR in ``dtype``."""
-    from ..config import infer_config
+    from ..families.var.config import infer_config
     from ..loading import expect_family, load_models, read_state_dict
 
     check_model_args(args)
@@ -246,7 +246,7 @@ def load_infinity_from_args(args: argparse.Namespace, device: Optional[str] = No
     Fashion-MNIST text-to-image model (with its own text encoder); float32 on ``device`` (default: --device)."""
     import warnings
 
-    from ..config import AssumedSettingWarning, read_config_file
+    from ..families.var.config import AssumedSettingWarning, read_config_file
     from ..loading import CheckpointError, load_infinity
     from ..pretrained import load_pretrained_infinity
 
@@ -292,7 +292,7 @@ def text_encoder_from_args(args: argparse.Namespace, device: str):
             from ..pretrained import folder_text_encoder
 
             return folder_text_encoder(folder, device)
-        from ..text import T5TextEncoder
+        from ..families.infinity.text import T5TextEncoder
 
         return T5TextEncoder(folder, device=device)
     except (ImportError, ValueError, OSError) as e:

@@ -9,8 +9,8 @@ from typing import Any
 
 from ..data import SPLIT_SIZES
 from ..eval import ablation, fid_sample
+from ..families.infinity.model import scale_schedule
 from ..files import portable_path
-from ..models.infinity import scale_schedule
 from ..pretrained import INFINITY_SAMPLING, SAMPLING, pretrained_files
 from ..validation import check_memory
 from .common import (

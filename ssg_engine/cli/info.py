@@ -16,11 +16,11 @@ VAE_FIELDS = ("V", "Cvae", "ch", "ch_mult", "num_res_blocks", "in_channels", "qu
 
 def _infinity_info(args: argparse.Namespace, sd: Dict[str, Any], family: str) -> Dict[str, Any]:
     """Config fields (and matching presets) of an Infinity or BSQ VAE state dict: all from the shapes."""
-    from ..models.bsq_vae import load_bsq_vae
+    from ..families.infinity.tokenizer import load_bsq_vae
     import torch
 
+    from ..families.infinity.model import INFINITY_SHAPE_FIELDS, InfinityConfig, InfinityTransformer
     from ..loading import STALE_INFINITY_BUFFERS
-    from ..models.infinity import INFINITY_SHAPE_FIELDS, InfinityConfig, InfinityTransformer
 
     for flag, value in (("--config", args.config), ("--patch-nums", args.patch_nums)):
         if value:
@@ -37,8 +37,9 @@ def _infinity_info(args: argparse.Namespace, sd: Dict[str, Any], family: str) ->
 def cmd_info(args: argparse.Namespace) -> int:
     """The checkpoint's family and config: from --config (checked against the shapes), else inferred; only fields that
     are known."""
-    from ..config import ModelConfig, infer_config, matching_presets
-    from ..loading import FAMILY_KEYS, FAMILY_NAMES, CheckpointError, _check_and_load, build_models, checkpoint_family, read_state_dict
+    from ..checkpoints import _check_and_load
+    from ..families.var.config import ModelConfig, infer_config, matching_presets
+    from ..loading import FAMILY_KEYS, FAMILY_NAMES, CheckpointError, build_models, checkpoint_family, read_state_dict
 
     sd = read_state_dict(args.ckpt)
     family = checkpoint_family(sd)

@@ -15,9 +15,9 @@ PLAN_MAX_BYTES = 2**50  # 1 PiB: far above any GPU, and small enough that every 
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from ..config import ModelConfig
+    from ..families.infinity.model import INFINITY_PRESETS
+    from ..families.var.config import ModelConfig
     from ..memory import largest_batch
-    from ..models.infinity import INFINITY_PRESETS
     from ..plan import GiB, plan
 
     infinity = args.preset in INFINITY_PRESETS
@@ -50,7 +50,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Any) -> None:
-    from ..models.infinity import INFINITY_PRESETS
+    from ..families.infinity.model import INFINITY_PRESETS
 
     p = sub.add_parser("plan", help="memory of one Engine batch (weights, KV cache, logits, activations, decode); does it fit a GPU?")
     g = p.add_mutually_exclusive_group()

@@ -57,7 +57,7 @@ def parse_pn(text: Optional[str]) -> Union[None, int, str]:
 def read_text_features(path: str, Ct5: int):
     """--text-features FILE.pt: ``{"kv_compact": (N, Ct5), "lens": (B,)}``, ``{"features": (B, T, Ct5), "mask": (B, T)}``
     or upstream's ``(kv_compact, lens, cu_seqlens_k, max_seqlen_k)``, as TextFeatures of width ``Ct5``."""
-    from ..models.infinity import TextFeatures
+    from ..families.infinity.model import TextFeatures
 
     file = Path(path)  # its existence: check_family_flags
     try:
@@ -105,7 +105,7 @@ def check_family_flags(args: argparse.Namespace) -> None:
 def check_schedule_flags(args: argparse.Namespace) -> None:
     """--h-div-w in Infinity's ratio table and --pn a number of scales or a table name (checked before any model
     loads; the schedule itself, which may take the model's number of scales, is made later)."""
-    from ..models.infinity import scale_schedule
+    from ..families.infinity.model import scale_schedule
 
     h_div_w = 1.0 if args.h_div_w is None else args.h_div_w
     try:
@@ -145,7 +145,7 @@ def infinity_conditions(args: argparse.Namespace, model, vae, text_encoder) -> T
     """(text features of every image, image count, Infinity keywords) from --prompt/--text-features, --per-prompt,
     --negative-prompt, --h-div-w and --pn; everything is checked (and every prompt encoded) before sampling."""
     from ..data import CLASS_PHRASES, TRAIN_TEMPLATES, make_prompt
-    from ..models.infinity import TextFeatures, scale_schedule
+    from ..families.infinity.model import TextFeatures, scale_schedule
 
     per = args.per_prompt or 1
     features = read_text_features(args.text_features, model.Ct5) if args.text_features is not None else None

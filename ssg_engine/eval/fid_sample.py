@@ -265,7 +265,7 @@ def manifest_for(job: FidSampleJob, var, classes: List[int]) -> Dict[str, object
 def sample_shard(var, vae, shard: Shard, sampling: SamplingParams, sampler: str) -> np.ndarray:
     """The shard's images as uint8 NHWC, sampled with the seed ``shard_seed(sampling.seed, shard.cls, shard.start)``."""
     from ..api import generate
-    from ..sampler import sample_reference
+    from ..families.var.sampler import sample_reference
 
     seed = shard_seed(sampling.seed, shard.cls, shard.start)
     labels = [shard.cls] * shard.n

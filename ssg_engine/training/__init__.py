@@ -23,11 +23,11 @@ from typing import Any, Dict, Iterator, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from ..config import ModelConfig
+from ..families.infinity.model import InfinityConfig, scale_schedule
+from ..families.infinity.text import TextEncoderConfig
+from ..families.infinity.tokenizer import BSQVAEConfig
+from ..families.var.config import ModelConfig
 from ..files import DISK_FULL, exclusive_lock, output_error
-from ..models.bsq_vae import BSQVAEConfig
-from ..models.infinity import InfinityConfig, scale_schedule
-from ..models.text_encoder import TextEncoderConfig
 from .bsq_trainer import evaluate_bsq_vae, train_bsq_vae
 from .infinity_trainer import encode_bits, evaluate_infinity, init_infinity_weights, train_infinity
 from .var_trainer import evaluate_var, init_var_weights, tokenize, train_var
@@ -189,7 +189,8 @@ def train_fashion_mnist(
     (this makes the run timing-dependent; leave them None for a deterministic run).
     Returns the metrics dict (also written to ``metrics.json``).
     """
-    from ..models import VQVAE, VARTransformer
+    from ..families.var.model import VARTransformer
+    from ..families.var.tokenizer import VQVAE
 
     _check_positive(
         vae_steps=vae_steps, var_steps=var_steps, batch_size=batch_size, var_batch_size=var_batch_size,
@@ -341,9 +342,9 @@ def train_fashion_mnist_infinity(
     Returns the metrics dict (also written to ``metrics.json``).
     """
     from ..data import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES
-    from ..models.bsq_vae import BSQVAE
-    from ..models.infinity import InfinityTransformer
-    from ..models.text_encoder import TextEncoder
+    from ..families.infinity.model import InfinityTransformer
+    from ..families.infinity.text import TextEncoder
+    from ..families.infinity.tokenizer import BSQVAE
     from ..pretrained import INFINITY_SAMPLING
 
     _check_positive(

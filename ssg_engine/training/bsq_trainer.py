@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..models.bsq_vae import DOWN_MODE, UP_MODE, BSQVAE
+from ..families.infinity.tokenizer import DOWN_MODE, UP_MODE, BSQVAE
 from .vqvae_trainer import cosine_lr, psnr, set_lr, shuffled_batches
 
 

@@ -18,9 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import make_prompt
-from ..models.bsq_vae import BSQVAE
-from ..models.infinity import InfinityTransformer, TextFeatures
-from ..models.text_encoder import TextEncoder
+from ..families.infinity.model import InfinityTransformer, TextFeatures
+from ..families.infinity.text import TextEncoder
+from ..families.infinity.tokenizer import BSQVAE
 from .vqvae_trainer import adamw_decay_groups, cosine_lr, set_lr, shuffled_batches
 
 Schedule3 = Sequence[Sequence[int]]  # (1, h, w) entries

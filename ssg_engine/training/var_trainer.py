@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..models.var import VARTransformer
-from ..models.vqvae import VQVAE
+from ..families.var.model import VARTransformer
+from ..families.var.tokenizer import VQVAE
 from .vqvae_trainer import _sched_step, adamw_decay_groups, cosine_lr, set_lr, shuffled_batches
 
 

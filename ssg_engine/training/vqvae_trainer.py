@@ -19,7 +19,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..models.vqvae import VQVAE
+from ..families.var.tokenizer import VQVAE
 
 
 def quantize_train(vae: VQVAE, f: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:

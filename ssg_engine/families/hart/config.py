@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, Mapping, Tuple
 
-from ...config import ModelConfig
+from ..var.config import ModelConfig  # HART reuses VAR's VQ-VAE, configured by its ModelConfig
 
 # Keys of upstream's config.json that do not change inference (training, HF bookkeeping, kernel selection).
 IGNORED_KEYS = frozenset({

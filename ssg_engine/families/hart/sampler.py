@@ -29,8 +29,7 @@ from ...guidance import cfg_ratio
 from ...kernels.sampling import sample_logits_reference, top_k_top_p_mask_reference
 from ...kernels.ssg_guidance import ssg_guidance_reference
 from ...params import HARTParams
-from ...pipeline import Guidance, guidance_schedule, nonfinite_logits_error, run_scales
-from ...sampler import ConcatKVCache, gumbel_softmax_with_rng
+from ...pipeline import ConcatKVCache, Guidance, guidance_schedule, gumbel_softmax_with_rng, nonfinite_logits_error, run_scales
 from .diffusion import GeneratorNoise, NoiseSource, UpstreamGlobalNoise
 from .model import HARTCondition, HARTTransformer
 

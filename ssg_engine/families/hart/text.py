@@ -27,8 +27,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from ...models.infinity import check_feature_tensor
-from ...text import check_prompts
+from ...validation import check_feature_tensor, check_prompts
 from .model import HARTCondition
 
 MAX_LENGTH = 300  # sample.py --max_token_length

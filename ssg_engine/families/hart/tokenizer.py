@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ...models.vqvae import VQVAE
+from ..var.tokenizer import VQVAE  # the hybrid tokenizer is VAR's multi-scale VQ-VAE plus a residual
 from .config import HARTTokenizerConfig
 
 

@@ -1,0 +1,44 @@
+"""VAR's entry in the family registry (:mod:`ssg_engine.families`). Importing it imports no model code (nor torch):
+each function imports what it needs when it runs."""
+from __future__ import annotations
+
+from typing import Any, Tuple
+
+from .. import FamilySpec
+
+
+def _owns(model: Any) -> bool:
+    from .model import VARTransformer
+
+    return isinstance(model, VARTransformer)
+
+
+def _check_pair(model: Any, vae: Any, where: str) -> None:
+    from .sampler import check_models
+
+    check_models(model, vae, where)
+
+
+def _placement(model: Any) -> Tuple[Any, Any]:
+    """The model's device, and its weights' dtype (an Engine casts VAR to it)."""
+    return next(model.parameters()).device, model.head.weight.dtype
+
+
+def _generate_reference(model: Any, vae: Any, cond: Any, params: Any, **keywords: Any) -> Tuple[Any, Any]:
+    from .sampler import generate_reference
+
+    return generate_reference(model, vae, cond, params, **keywords)
+
+
+SPEC = FamilySpec(
+    name="var",
+    title="VAR",
+    kind="class-conditional VAR",
+    takes="labels and SamplingParams",
+    checkpoints={"var": ("pos_1LC", "VAR"), "vqvae": ("quantize.embedding.weight", "VQ-VAE")},
+    loader="ssg_engine.families.var.loading:load_models",
+    owns=_owns,
+    check_pair=_check_pair,
+    placement=_placement,
+    generate_reference=_generate_reference,
+)
