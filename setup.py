@@ -12,7 +12,7 @@ pure-Python fallback is used.
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ext_modules = []
 cmdclass = {}
@@ -37,10 +37,8 @@ setup(
     version="0.1.0",
     description="Kernel-optimized inference engine for multi-scale visual autoregressive (VAR) models with Scaled Spatial Guidance",
     python_requires=">=3.9",
-    packages=[
-        "ssg_engine", "ssg_engine.models", "ssg_engine.kernels", "ssg_engine.training", "ssg_engine.eval", "ssg_engine.cli",
-        "ssg_engine.csrc",
-    ],
+    # every package under ssg_engine/ (the family folders included), plus the kernels and C++ sources mapped into it
+    packages=sorted({*find_packages(include=["ssg_engine", "ssg_engine.*"]), "ssg_engine.kernels", "ssg_engine.csrc"}),
     package_dir={"ssg_engine": "ssg_engine", "ssg_engine.kernels": "kernels", "ssg_engine.csrc": "csrc"},
     package_data={"ssg_engine": ["assets/**/*"], "ssg_engine.eval": ["assets/*"], "ssg_engine.csrc": ["*.cpp"]},
     include_package_data=True,
