@@ -156,6 +156,17 @@ def normalise_fields(config: Any) -> List[str]:
     return problems
 
 
+def local_model_folder(path: Union[str, Path], what: str, files: str) -> Path:
+    """``path`` as the folder of a Hugging Face model saved locally (it holds ``config.json``); else one
+    ``FileNotFoundError`` line naming ``what`` (e.g. "text encoder folder") and the ``files`` it must hold."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what} not found: {folder}; download {files} into a local folder and pass it")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{what} {folder} has no config.json; it must hold {files}")
+    return folder
+
+
 def check_prompts(prompts: Any, what: str = "prompts") -> List[str]:
     """``prompts`` as a list of non-empty strings; else one ``TypeError``/``ValueError`` line naming ``what``."""
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not all(isinstance(p, str) for p in prompts):

@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from ...validation import check_feature_tensor, check_prompts
+from ...validation import check_feature_tensor, check_prompts, local_model_folder
 from .model import HARTCondition
 
 MAX_LENGTH = 300  # sample.py --max_token_length
@@ -128,11 +128,7 @@ class Qwen2TextEncoder:
                  autocast: bool = True, max_length: int = MAX_LENGTH, use_system_prompt: bool = True) -> None:
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"max_length must be an integer >= 1 (upstream: {MAX_LENGTH}); got {max_length!r}")
-        folder = Path(path)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"text model folder not found: {folder}; download {_WEIGHTS} into a local folder and pass it")
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"text model folder {folder} has no config.json; it must hold {_WEIGHTS}")
+        folder = local_model_folder(path, "text model folder", _WEIGHTS)
         try:
             from transformers import AutoModel, AutoTokenizer
         except ImportError as e:

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...data import prompt_words
-from ...validation import check_prompts, field_type_problem
+from ...validation import check_prompts, field_type_problem, local_model_folder
 from .model import TextFeatures
 
 MAX_LENGTH = 512  # upstream's tokenizer max_length (= the released models' text_maxlen)
@@ -185,11 +185,7 @@ class T5TextEncoder:
     """
 
     def __init__(self, path: Union[str, Path], device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None) -> None:
-        folder = Path(path)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"text encoder folder not found: {folder}; download {_WEIGHTS} into a local folder and pass it")
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"text encoder folder {folder} has no config.json; it must hold {_WEIGHTS}")
+        folder = local_model_folder(path, "text encoder folder", _WEIGHTS)
         try:
             from transformers import AutoTokenizer, T5EncoderModel
         except ImportError as e:
