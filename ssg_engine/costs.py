@@ -63,7 +63,7 @@ import argparse
 import dataclasses
 import functools
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +76,9 @@ from .families.var.config import ModelConfig, PRESET_DEPTHS
 from .kernels.sampling import sample_logits_reference
 from .kernels.ssg_guidance import ssg_guidance_reference
 from .loading import build_models
+
+if TYPE_CHECKING:
+    from .families.hart.config import HARTConfig
 
 # The sampler kernel's passes over a row (kernels/sampling.py) for top-k 900 / top-p 0.96 at
 # V = 4096: row max/min, 17 top-k and 12 top-p bisection passes on average (Gaussian logits,
