@@ -26,7 +26,8 @@ PathLike = Union[str, Path]
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-def _weights_in(folder: Path, prefer_ema: bool) -> Path:
+def weights_in(folder: Path, prefer_ema: bool) -> Path:
+    """The weights file of a released ``llm/`` or ``tokenizer/`` folder (``ema_model.bin`` first when ``prefer_ema``)."""
     if prefer_ema and (folder / "ema_model.bin").is_file():
         return folder / "ema_model.bin"
     for name in WEIGHT_FILES:
@@ -119,15 +120,15 @@ def load_hart(
             raise FileNotFoundError(f"load_hart: {name} {value} does not exist")
     llm, tokenizer = Path(llm), Path(tokenizer)
     llm_dir, tok_dir = (llm if llm.is_dir() else llm.parent), (tokenizer if tokenizer.is_dir() else tokenizer.parent)
+    llm_file = weights_in(llm_dir, prefer_ema) if llm.is_dir() else llm
+    tok_file = weights_in(tok_dir, prefer_ema=False) if tokenizer.is_dir() else tokenizer
+    llm_sd = _checked(read_state_dict(llm_file), "hart", str(llm_file))  # another family's files: before their configs
+    tok_sd = _checked(read_state_dict(tok_file), "hart_tokenizer", str(tok_file))
     cfg = HARTConfig.from_dict(_config(config, llm_dir, "HART transformer", "config"))
     tok_cfg = HARTTokenizerConfig.from_dict(_config(tokenizer_config, tok_dir, "HART tokenizer", "tokenizer_config"))
     tok = HARTTokenizer(tok_cfg, cfg.patch_nums)
-    tok_file = _weights_in(tok_dir, prefer_ema=False) if tokenizer.is_dir() else tokenizer
-    tok_sd = _checked(read_state_dict(tok_file), "hart_tokenizer", str(tok_file))
     _load_strict(tok, tokenizer_state_dict(tok_sd, tok), f"tokenizer {tok_file}")
     model = HART(cfg, tok)
-    llm_file = _weights_in(llm_dir, prefer_ema) if llm.is_dir() else llm
-    llm_sd = _checked(read_state_dict(llm_file), "hart", str(llm_file))
     _load_strict(model, transformer_state_dict(llm_sd, model), f"HART {llm_file}")
     tok.to(device=device).eval()
     return model.to(device=device).eval(), tok
