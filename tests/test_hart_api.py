@@ -146,3 +146,18 @@ def test_wrong_family_pairs_in_every_direction(hart, var_pair, inf_pair):
             se.generate(m, v, features(model))
     with pytest.raises(TypeError, match="more_smooth= is a text-conditional \\(HART\\) keyword"):
         split_keywords({"more_smooth": True}, family("var"))
+
+
+def test_generate_prompts_with_a_text_encoder(hart):
+    """Prompts go through ``text_encoder.encode`` (here a stand-in giving fixed features per prompt)."""
+    model, tok = hart
+    table = {"a cat": features(model, (5,), seed=1), "a dog": features(model, (9,), seed=2)}
+
+    class Encoder:
+        def encode(self, prompts):
+            rows = [table[p] for p in prompts]
+            return se.HARTTextFeatures(torch.cat([r.context for r in rows]), torch.cat([r.context_mask for r in rows]))
+
+    got = se.generate(model, tok, ["a cat", "a dog"], text_encoder=Encoder(), seed=5)
+    f = Encoder().encode(["a cat", "a dog"])
+    assert torch.equal(got, se.generate(model, tok, f, seed=5))

@@ -6,6 +6,7 @@ says how to fix it; ``run_cli`` prints it as one ``error: ...`` line with exit s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -295,8 +296,12 @@ def load_hart_from_args(args: argparse.Namespace, device: Optional[str] = None):
     if args.text_encoder is not None:
         from ..families.hart.text import Qwen2TextEncoder
 
+        with contextlib.suppress(ImportError):  # transformers' "Loading weights" bar: a bad command line stays one line
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         try:
-            encoder = Qwen2TextEncoder(args.text_encoder, device=device)
+            encoder = Qwen2TextEncoder(args.text_encoder, device=device, max_length=model.context_token)  # upstream: equal
         except (ImportError, ValueError, OSError) as e:
             raise UsageError(f"--text-encoder: {e}") from None
     return model, tokenizer, encoder
