@@ -18,14 +18,16 @@ _EXPORTS: Dict[str, str] = {
     **dict.fromkeys(["SSG", "dse", "dse_operator", "prior", "ssg_logits"], ".guidance"),
     "VQVAE": ".families.var.tokenizer",
     "VARTransformer": ".families.var.model",
-    "SamplingParams": ".params",
+    **dict.fromkeys(["SamplingParams", "HARTParams"], ".params"),
     "NonFiniteLogitsError": ".pipeline",
     **dict.fromkeys(["VAR", "SampleOutput", "sample_reference"], ".families.var.sampler"),
     **dict.fromkeys(["InfinityRequest", "InfinityTransformer", "PaddedText", "TextFeatures", "scale_schedule"], ".families.infinity.model"),
     **dict.fromkeys(["InfinitySampleOutput", "sample_infinity_reference"], ".families.infinity.sampler"),
     "Engine": ".engine",
     "generate": ".api",
-    **dict.fromkeys(["CheckpointError", "build_models", "checkpoint_family", "load_infinity", "load_models", "random_models"], ".loading"),
+    **dict.fromkeys(["CheckpointError", "build_models", "checkpoint_family", "load_hart", "load_infinity", "load_models", "random_models"], ".loading"),
+    **dict.fromkeys(["HARTTextFeatures", "Qwen2TextEncoder"], ".families.hart.text"),
+    "sample_hart_reference": ".families.hart.sampler",
     "plan": ".plan",
     "to_uint8": ".imaging",
 }
@@ -35,6 +37,7 @@ __all__ = [
     "load_models", "load_infinity", "checkpoint_family", "random_models", "VAR", "VARTransformer", "VQVAE", "SamplingParams", "NonFiniteLogitsError",
     "SampleOutput", "generate", "sample_reference", "Engine", "plan", "InfinityTransformer", "InfinityRequest",
     "TextFeatures", "PaddedText", "scale_schedule", "InfinitySampleOutput", "sample_infinity_reference", "to_uint8",
+    "load_hart", "HARTParams", "HARTTextFeatures", "Qwen2TextEncoder", "sample_hart_reference",
 ]
 
 

@@ -69,6 +69,13 @@ def generate(
     :func:`ssg_engine.families.infinity.sampler.infinity_request`). On CUDA this runs an ``Engine`` (``engine``, else one
     from ``ENGINE_CACHE``; Philox draws from ``seed``), elsewhere the reference sampler (a ``torch.Generator``
     seeded with ``seed``): the same distributions, not the same random numbers.
+
+    HART (``se.load_hart``'s (model, tokenizer)): ``cond`` HART text features (``HARTTextFeatures`` or ``(context,
+    mask[, position_ids])``) or prompts with ``text_encoder`` (``Qwen2TextEncoder``); ``params`` a ``HARTParams``
+    (default ``HARTParams()``; upstream's release settings: ``ssg_engine.params.HART_UPSTREAM``), overrides its
+    fields (``more_smooth=``, ``num_maskgit_iters=`` too) and ``upstream_compat=``, ``residual=`` (see
+    ``sample_hart_reference``). There is no HART Engine yet: HART runs its reference sampler on every device, CUDA
+    included; ``return_tokens`` gives its codes per scale (B, pn^2) int64.
     """
     spec = check_family(model, vae, "generate(var, vae, labels)")
     negative = overrides.get("negative")
@@ -87,9 +94,12 @@ def generate(
     elif negative_prompts:
         raise TypeError("negative: prompts (str) need text_encoder= (e.g. ssg_engine.text); or pass text features")
     device = next(model.parameters()).device
-    if engine is not None or device.type == "cuda":
+    if engine is not None and not spec.engine:
+        raise TypeError(f"engine: there is no {spec.title} Engine yet; leave engine=None (the reference sampler runs)")
+    if engine is not None or (device.type == "cuda" and spec.engine):
         images, tokens = (engine or ENGINE_CACHE.get(model, vae)).generate(cond, params, **overrides)
     else:  # the family's reference sampler
         keywords = split_keywords(overrides, spec)
-        images, tokens = spec.generate_reference(model, vae, cond, resolve_params(params, overrides, model), **keywords)
+        resolve = spec.resolve_params or resolve_params
+        images, tokens = spec.generate_reference(model, vae, cond, resolve(params, overrides, model), **keywords)
     return (images, tokens) if return_tokens else images

@@ -20,7 +20,7 @@ import torch
 
 from . import ops
 from .backend import resolve_backend
-from .families import DEFAULT_FAMILY, FamilySpec, family, family_of, split_keywords
+from .families import DEFAULT_FAMILY, FamilySpec, all_families, family, family_of, split_keywords
 from .families.infinity.model import MAX_SCALES, InfinityRequest, InfinityTransformer, PaddedText, RequestTensors, TextFeatures
 from .families.infinity.sampler import infinity_request
 from .families.infinity.tokenizer import BSQVAE
@@ -57,6 +57,10 @@ def check_family(model: Any, vae: Any, where: str) -> FamilySpec:
     is that family's pair, e.g. (VARTransformer, VQVAE) or (InfinityTransformer, BSQVAE). A model of no family is
     checked as ``DEFAULT_FAMILY``'s (its message says what a sampler takes)."""
     spec = family_of(model) or family(DEFAULT_FAMILY)
+    other = next((o for o in all_families() if o is not spec and o.owns_tokenizer and o.owns_tokenizer(vae)), None)
+    if other is not None:  # another family's tokenizer (HART's subclasses VAR's VQVAE)
+        raise TypeError(f"{where}: {type(vae).__name__} is a {other.title} tokenizer; a {spec.kind} model takes its own "
+                        f"(load the pair with {spec.loader_name})")
     spec.check_pair(model, vae, where)
     return spec
 
@@ -146,6 +150,8 @@ class Engine:
         device_memory: Optional[int] = None,
     ) -> None:
         self.spec = check_family(model, vae, "Engine(var, vae)")
+        if not self.spec.engine:
+            raise TypeError(f"Engine: there is no {self.spec.title} Engine yet; use ssg_engine.generate (its reference sampler)")
         self.source_model = model  # the model given (Infinity samples with a copy in dtype: self.model)
         self.max_batch = as_number(max_batch, "max_batch", "a positive integer", integer=True, valid=lambda v: v > 0)
         self.max_graphs = as_number(max_graphs, "max_graphs", "a positive integer", integer=True, valid=lambda v: v > 0)

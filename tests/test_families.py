@@ -59,7 +59,7 @@ def test_registry_lookups():
     assert [s.name for s in families.all_families()] == list(families.FAMILIES)
     var, infinity = family("var"), family("infinity")
     assert isinstance(var, FamilySpec) and var.loader_name == "load_models" and infinity.loader_name == "load_infinity"
-    with pytest.raises(ValueError, match="family must be one of var, infinity"):
+    with pytest.raises(ValueError, match="family must be one of var, infinity, hart"):
         family("hart-typo")
     from ssg_engine.loading import read_state_dict
 

@@ -62,13 +62,13 @@ class ReplayNoise:
 @pytest.fixture(scope="module")
 def ema_models():
     """Each configuration as upstream's sample.py loads it by default (``llm/ema_model.bin``), loaded once."""
-    return {name: load_hart(GOLDEN / name) for name in CONFIGS}
+    return {name: load_hart(GOLDEN / name)[0] for name in CONFIGS}
 
 
 @pytest.fixture(scope="module")
 def plain_models():
     """The non-EMA weights (``llm/model.safetensors``) of each configuration, loaded once."""
-    return {name: load_hart(GOLDEN / name, prefer_ema=False) for name in CONFIGS}
+    return {name: load_hart(GOLDEN / name, prefer_ema=False)[0] for name in CONFIGS}
 
 
 @pytest.fixture(scope="module", params=CONFIGS)
@@ -202,8 +202,8 @@ def test_single_file_weights(tmp_path, ema_models):
     name = CONFIGS[0]
     shutil.copy(GOLDEN / name / "llm" / "config.json", tmp_path / "config.json")
     torch.save(torch.load(GOLDEN / name / "llm" / "ema_model.bin", weights_only=True), tmp_path / "hart.pth")
-    model = load_hart(llm=tmp_path / "hart.pth", tokenizer=GOLDEN / name / "tokenizer")
+    model, _ = load_hart(tmp_path / "hart.pth", GOLDEN / name / "tokenizer")
     want = ema_models[name].state_dict()
     assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
-    with pytest.raises(ValueError, match="no weights file"):
-        load_hart(llm=tmp_path / "missing.pth", tokenizer=GOLDEN / name / "tokenizer")
+    with pytest.raises(FileNotFoundError, match="llm .*missing.pth does not exist"):
+        load_hart(tmp_path / "missing.pth", GOLDEN / name / "tokenizer")

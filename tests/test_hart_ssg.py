@@ -40,7 +40,7 @@ def run_args(name: str, n: int) -> dict:
 
 @pytest.fixture(scope="module")
 def models():
-    return {name: load_hart(GOLDEN / name) for name in CONFIGS}
+    return {name: load_hart(GOLDEN / name)[0] for name in CONFIGS}
 
 
 @pytest.fixture(scope="module")

@@ -37,15 +37,15 @@ LAYERS: Dict[str, List[str]] = {
     "models": [
         "models.*", "memory", "families.var.model", "families.var.tokenizer", "families.infinity.model",
         "families.infinity.tokenizer", "families.infinity.text", "families.hart.config", "families.hart.diffusion",
-        "families.hart.tokenizer", "families.hart.model",
+        "families.hart.tokenizer", "families.hart.model", "families.hart.text",
     ],
     "guidance": ["guidance", "params"],
     "samplers": [
         "pipeline", "sampler", "infinity_sampler", "engine", "families.var.sampler", "families.infinity.sampler",
-        "families.hart.sampler", "families.var.spec", "families.infinity.spec",
+        "families.hart.sampler", "families.var.spec", "families.infinity.spec", "families.hart.spec",
     ],
     "api": [PACKAGE, "loading", "text", "api", "pretrained", "analysis", "imaging", "costs", "plan", "families.var.loading",
-            "families.infinity.loading", "families.hart.loading", "families.hart.text"],
+            "families.infinity.loading", "families.hart.loading"],
     "training and evaluation": ["training.*", "eval.*"],
     "command line": ["cli.*", "__main__"],
 }

@@ -182,7 +182,7 @@ def test_info_matches_a_preset(tmp_path, capsys):
 @pytest.mark.parametrize("argv, words", [
     (["info", str(INF / "sq_d16" / "infinity.pth"), "--patch-nums", "1,2"], ["error: --patch-nums: only for VAR / VQ-VAE", "is an Infinity checkpoint", "drop --patch-nums"]),
     (["info", str(INF / "sq_d16" / "vae.pth"), "--config", str(TINY / "config.json")], ["error: --config: only for VAR / VQ-VAE", "a BSQ VAE checkpoint"]),
-    (["info", "{tmp}/both.pth"], ["is not a VAR, VQ-VAE, Infinity or BSQ VAE state dict", "exactly one of the keys", "give one of those checkpoints"]),
+    (["info", "{tmp}/both.pth"], ["is not a VAR, VQ-VAE, Infinity, BSQ VAE, HART or HART tokenizer state dict", "exactly one of the keys", "give one of those checkpoints"]),
     (["sample", "--var", str(INF / "sq_d16" / "infinity.pth"), "--vae", str(INF / "sq_d16" / "vae.pth"), "--out", "{tmp}/x.png"],
      ["infinity.pth is an Infinity checkpoint, not a VAR one", "--family infinity"]),
 ])

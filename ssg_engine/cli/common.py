@@ -6,6 +6,7 @@ says how to fix it; ``run_cli`` prints it as one ``error: ...`` line with exit s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -17,7 +18,7 @@ import torch
 
 from ..files import OutputError
 from ..guidance import DEFAULT_BETA, DSE_INTERPS, PRIORS, SSG
-from ..params import INFINITY_UPSTREAM, SamplingParams
+from ..params import HART_UPSTREAM, INFINITY_UPSTREAM, SamplingParams
 from ..pretrained import INFINITY_SAMPLING, INFINITY_SSG_BETA, SAMPLING, load_pretrained
 
 
@@ -163,7 +164,7 @@ def check_output_dir(path: str, flag: str) -> None:
 # ----------------------------------------------------------------------------- model flags
 
 
-FAMILIES = ("var", "infinity")
+FAMILIES = ("var", "infinity", "hart")
 
 
 def add_model_args(p: argparse.ArgumentParser, infinity: bool = False) -> None:
@@ -171,7 +172,8 @@ def add_model_args(p: argparse.ArgumentParser, infinity: bool = False) -> None:
     ``infinity`` also --family (var | infinity) and --text-encoder."""
     if infinity:
         p.add_argument("--family", choices=FAMILIES, default="var",
-                       help="var: class-conditional VAR (index tokens); infinity: text-to-image Infinity (bitwise tokens)")
+                       help="var: class-conditional VAR (index tokens); infinity: text-to-image Infinity (bitwise tokens); "
+                            "hart: text-to-image HART (--var: upstream's llm/ folder, --vae: its tokenizer/ folder)")
     p.add_argument("--var", help="transformer checkpoint (.pth or .safetensors): a VAR, or with --family infinity an Infinity "
                                  "(infinity_*.pth); default: the shipped Fashion-MNIST model of the family")
     p.add_argument("--vae", help="its VAE checkpoint: VQ-VAE (VAR) or BSQ VAE (Infinity, e.g. infinity_vae_d32reg.pth)")
@@ -208,6 +210,13 @@ def check_model_args(args: argparse.Namespace) -> None:
     text_encoder = getattr(args, "text_encoder", None)
     if model_family(args) == "var" and text_encoder is not None:
         raise UsageError("--text-encoder is for text-conditional models; add --family infinity, or drop it")
+    if model_family(args) == "hart":
+        if not args.var:
+            raise UsageError("--family hart needs --var LLM (upstream's llm/ folder, or a weights file next to its config.json) "
+                             "and --vae TOKENIZER (its tokenizer/ folder); there is no shipped HART model")
+        for flag, value in (("--preset", args.preset), ("--patch-nums", args.patch_nums)):
+            if value is not None:
+                raise UsageError(f"{flag} is not for HART: its config is llm/config.json (or --config FILE.json); drop {flag}")
     if model_family(args) == "infinity" and args.patch_nums is not None:
         raise UsageError("--patch-nums describes VAR checkpoints; an Infinity schedule is --h-div-w and --pn")
     if not args.var:
@@ -218,8 +227,9 @@ def check_model_args(args: argparse.Namespace) -> None:
     if args.config is not None and not Path(args.config).is_file():
         raise UsageError(f"--config {args.config}: no such file; give the model's config JSON (a `train` folder's config.json)")
     if text_encoder is not None and not Path(text_encoder).is_dir():
-        raise UsageError(f"--text-encoder {text_encoder}: text encoder folder not found; give a local folder with "
-                         "google/flan-t5-xl's files, or a folder written by `train --family infinity`")
+        files = ("Qwen2's files (HART's text encoder)" if model_family(args) == "hart" else
+                 "google/flan-t5-xl's files, or a folder written by `train --family infinity`")
+        raise UsageError(f"--text-encoder {text_encoder}: text encoder folder not found; give a local folder with {files}")
 
 
 def load_from_args(args: argparse.Namespace, dtype: torch.dtype = torch.float32, device: Optional[str] = None):
@@ -274,6 +284,29 @@ def load_infinity_from_args(args: argparse.Namespace, device: Optional[str] = No
     return model, vae, text_encoder_from_args(args, device)
 
 
+def load_hart_from_args(args: argparse.Namespace, device: Optional[str] = None):
+    """(model, tokenizer, text encoder or None) from --var (upstream's llm/ folder or file), --vae (tokenizer/),
+    --config (the llm's config.json instead of the folder's) and --text-encoder (Qwen2 folder), on --device."""
+    from ..loading import load_hart
+
+    check_model_args(args)
+    device = device or args.device
+    model, tokenizer = load_hart(args.var, args.vae, config=args.config, device=device)
+    encoder = None
+    if args.text_encoder is not None:
+        from ..families.hart.text import Qwen2TextEncoder
+
+        with contextlib.suppress(ImportError):  # transformers' "Loading weights" bar: a bad command line stays one line
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        try:
+            encoder = Qwen2TextEncoder(args.text_encoder, device=device, max_length=model.context_token)  # upstream: equal
+        except (ImportError, ValueError, OSError) as e:
+            raise UsageError(f"--text-encoder: {e}") from None
+    return model, tokenizer, encoder
+
+
 def report_assumed_settings(args: argparse.Namespace) -> None:
     """One ``warning: ...`` line per setting ``load_infinity_from_args`` found assumed (it names the setting and how
     to set it); called once every flag has been checked, so that a bad command line stays one ``error:`` line."""
@@ -308,7 +341,9 @@ def model_ssg_beta(args: argparse.Namespace) -> float:
 def model_sampling(args: argparse.Namespace) -> SamplingParams:
     """The sampling settings of the model the flags name: the shipped model's card (``pretrained.SAMPLING``, or
     ``INFINITY_SAMPLING`` with --family infinity), or upstream's protocol (``SamplingParams()``; Infinity:
-    ``params.INFINITY_UPSTREAM``) for --var/--vae checkpoints."""
+    ``params.INFINITY_UPSTREAM``) for --var/--vae checkpoints; HART: ``params.HART_UPSTREAM``."""
+    if model_family(args) == "hart":
+        return HART_UPSTREAM
     if model_family(args) == "infinity":
         return INFINITY_UPSTREAM if args.var else INFINITY_SAMPLING
     return SamplingParams() if args.var else SAMPLING

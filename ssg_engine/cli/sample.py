@@ -16,7 +16,7 @@ from ..files import OutputError
 from ..params import SamplingParams
 from .common import (
     INT64_MAX, UsageError, add_batch_args, add_model_args, add_sampling_args, check_model_args, check_output_dir, check_output_file,
-    float_arg, int_arg, labels_from_args, load_from_args, load_infinity_from_args, model_family, model_sampling, model_ssg_beta,
+    float_arg, int_arg, labels_from_args, load_from_args, load_hart_from_args, load_infinity_from_args, model_family, model_sampling, model_ssg_beta,
     parse_classes, report_assumed_settings, resolve_ssg_args, sampling_from_args,
 )
 
@@ -88,7 +88,12 @@ def check_family_flags(args: argparse.Namespace) -> None:
             raise UsageError(f"{given[0]} is for text-to-image models; add --family infinity")
         return
     if args.classes is not None or args.per_class != 1:
-        raise UsageError("--classes/--per-class are for class-conditional models; with --family infinity give --prompt (and --per-prompt)")
+        raise UsageError(f"--classes/--per-class are for class-conditional models; with --family {model_family(args)} give --prompt (and --per-prompt)")
+    if model_family(args) == "hart":
+        given = [f for f in ("--negative-prompt", "--h-div-w", "--pn") if infinity_flags[f] is not None]
+        if given:
+            raise UsageError(f"{given[0]} is for --family infinity; HART's size and scales are its config's, and its CFG "
+                             "uses the model's empty text")
     if args.prompt is not None and args.text_features is not None:
         raise UsageError("give --prompt or --text-features, not both")
     if args.text_features is not None and args.negative_prompt is not None:
@@ -96,10 +101,12 @@ def check_family_flags(args: argparse.Namespace) -> None:
     if args.text_features is not None and not args.text_features.strip():
         raise UsageError("--text-features is empty; give a .pt file saved with torch.save")
     if args.var and args.text_encoder is None and args.text_features is None:
-        raise UsageError("--family infinity with --var/--vae needs --text-encoder FOLDER (Flan-T5) or --text-features FILE.pt")
+        encoder = "Qwen2" if model_family(args) == "hart" else "Flan-T5"
+        raise UsageError(f"--family {model_family(args)} with --var/--vae needs --text-encoder FOLDER ({encoder}) or --text-features FILE.pt")
     if args.text_features is not None and not Path(args.text_features).is_file():
         raise UsageError(f"--text-features {args.text_features}: no such file; give a .pt file saved with torch.save")
-    check_schedule_flags(args)
+    if model_family(args) == "infinity":
+        check_schedule_flags(args)
 
 
 def check_schedule_flags(args: argparse.Namespace) -> None:
@@ -132,7 +139,7 @@ def check_image_count(args: argparse.Namespace, count: int, pixels: int) -> None
     machine's memory; ``UsageError`` naming --per-prompt / --per-class otherwise (before any sampling)."""
     from ..validation import check_memory
 
-    flag, per = ("--per-prompt", args.per_prompt or 1) if model_family(args) == "infinity" else ("--per-class", args.per_class)
+    flag, per = ("--per-prompt", args.per_prompt or 1) if model_family(args) != "var" else ("--per-class", args.per_class)
     images = count * (2 if getattr(args, "compare", False) else 1)
     try:
         check_memory(images * 2 * 3 * 4 * pixels, f"{flag} {per}",
@@ -180,6 +187,35 @@ def infinity_conditions(args: argparse.Namespace, model, vae, text_encoder) -> T
     return text, text.batch, family
 
 
+def hart_conditions(args: argparse.Namespace, model, tokenizer, text_encoder) -> Tuple[Any, int]:
+    """(HART text features of every image, image count) from --text-features (``HARTTextFeatures.save``'s file) or
+    --prompt with --text-encoder, and --per-prompt; checked (and every prompt encoded) before sampling."""
+    per = args.per_prompt or 1
+    if args.text_features is not None:
+        from ..families.hart.text import HARTTextFeatures
+
+        try:
+            features = HARTTextFeatures.load(args.text_features)
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"--text-features: {e}") from None
+        check_image_count(args, features.batch * per, image_pixels(model, tokenizer))
+        text = features[torch.arange(features.batch).repeat_interleave(per)]
+    else:  # a text encoder: check_family_flags asked for one
+        if not args.prompt:
+            raise UsageError("--family hart needs --prompt TEXT (repeat it for more) with --text-encoder, or --text-features FILE.pt")
+        check_image_count(args, len(args.prompt) * per, image_pixels(model, tokenizer))
+        try:
+            text = text_encoder.encode([p for p in args.prompt for _ in range(per)])
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"--prompt: {e}") from None
+    Lc, Cc = model.context_token, model.context_embed.weight.shape[1]
+    if tuple(text.context.shape[1:]) != (Lc, Cc):
+        source = "--text-features" if args.text_features is not None else "--text-encoder"
+        raise UsageError(f"{source} gives features of shape (B, {text.context.shape[1]}, {text.context.shape[2]}); this HART takes "
+                         f"(B, {Lc}, {Cc}) (context_token, context_dim); give the text encoder the model was trained with")
+    return text, text.batch
+
+
 def check_encoder_width(text: Any, Ct5: int) -> None:
     """The --text-encoder's features (``text``) have the model's width ``Ct5``; ``UsageError`` otherwise."""
     if text.kv_compact.shape[1] != Ct5:
@@ -205,6 +241,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
             raise UsageError(f"{'--text-features' if args.text_features else '--prompt'}: a prompt has {max(conditions.lens)} "
                              f"tokens, more than the {model.config.text_maxlen} (text_maxlen) that the model's unconditional text "
                              "covers for CFG; shorten it" + ("" if args.text_features else ", or give --negative-prompt"))
+        nrow = args.per_prompt if (args.per_prompt or 1) > 1 else None
+    elif model_family(args) == "hart":
+        model, vae, text_encoder = load_hart_from_args(args)
+        conditions, n = hart_conditions(args, model, vae, text_encoder)
+        family = {}
         nrow = args.per_prompt if (args.per_prompt or 1) > 1 else None
     else:
         vae, model = load_from_args(args)
@@ -278,17 +319,18 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
     """Register ``sample`` and ``spectrum`` on the ``ssg-engine`` subparsers."""
-    p = sub.add_parser("sample", help="sample class-conditional (VAR) or text-conditional (--family infinity) images into a PNG grid")
+    p = sub.add_parser("sample", help="sample class-conditional (VAR) or text-conditional (--family infinity | hart) images into a PNG grid")
     add_model_args(p, infinity=True)
     add_sampling_args(p)
     add_batch_args(p)
     p.add_argument("--prompt", action="append", default=None,
-                   help="--family infinity: a prompt (repeat the flag for more; default: one per Fashion-MNIST class with the "
+                   help="--family infinity | hart: a prompt (repeat the flag for more; default: one per Fashion-MNIST class with the "
                         "shipped model)")
-    p.add_argument("--per-prompt", type=int_arg(1), default=None, help="--family infinity: images per prompt (one grid row per prompt)")
+    p.add_argument("--per-prompt", type=int_arg(1), default=None, help="--family infinity | hart: images per prompt (one grid row per prompt)")
     p.add_argument("--text-features", default=None,
                    help="--family infinity: precomputed text features (.pt: {'kv_compact': (N, C), 'lens': [..]} or "
-                        "{'features': (B, T, C), 'mask': (B, T)}) instead of --prompt")
+                        "{'features': (B, T, C), 'mask': (B, T)}) instead of --prompt; --family hart: a file written by "
+                        "HARTTextFeatures.save")
     p.add_argument("--negative-prompt", default=None, help="--family infinity: negative prompt for CFG (default: the learned empty text)")
     p.add_argument("--h-div-w", type=float_arg(0.1, 10.0), default=None,
                    help="--family infinity: height / width, one of Infinity's ratios (default 1.0)")

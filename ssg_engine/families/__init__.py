@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 FAMILIES: Dict[str, str] = {
     "var": "ssg_engine.families.var.spec:SPEC",
     "infinity": "ssg_engine.families.infinity.spec:SPEC",
+    "hart": "ssg_engine.families.hart.spec:SPEC",
 }
 # the family a model of no registered family is checked as (its messages say what a sampler takes)
 DEFAULT_FAMILY = "var"
@@ -44,7 +45,10 @@ class FamilySpec:
     ``check_pair(model, vae, where)``: ``TypeError`` naming ``where`` unless they are this family's pair;
     ``placement(model)``: (device, dtype) an Engine for it runs at; ``generate_reference(model, vae, cond, params,
     overrides)``: (images (B, 3, H, W), tokens per scale) from the family's reference sampler (``overrides``: keyword
-    overrides of ``params``, the family's keywords among them).
+    overrides of ``params``, the family's keywords among them). Optional: ``owns_tokenizer(vae)``: ``vae`` is this
+    family's tokenizer (another family's model given it is one ``TypeError``); ``resolve_params(params, overrides,
+    model)``: the family's own sampling settings (default: ``SamplingParams``); ``engine``: whether an ``Engine`` runs
+    it (False: the reference sampler on every device).
     """
 
     name: str
@@ -59,6 +63,9 @@ class FamilySpec:
     generate_reference: Callable[..., Tuple[Any, List[Any]]]
     keywords: Tuple[str, ...] = ()
     text_conditional: bool = False
+    owns_tokenizer: Optional[Callable[[Any], bool]] = None
+    resolve_params: Optional[Callable[[Any, Dict[str, Any], Any], Any]] = None
+    engine: bool = True
 
     def detect(self, state_dict: Mapping[str, Any]) -> bool:
         """Whether ``state_dict`` holds the marker key of one of this family's checkpoint kinds."""

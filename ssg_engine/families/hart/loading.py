@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
+
+from ...checkpoints import CheckpointError, expect_family, read_state_dict
 
 from .config import HARTConfig, HARTTokenizerConfig
 from .sampler import HART
@@ -22,31 +24,16 @@ from .tokenizer import HARTTokenizer
 
 PathLike = Union[str, Path]
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
-def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file or a ``torch.save``d dict (``.pth``/``.bin``), on the CPU."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"no weights file at {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path} does not hold a state dict")
-    return sd
-
-
-def _weights_in(folder: Path, prefer_ema: bool) -> Path:
+def weights_in(folder: Path, prefer_ema: bool) -> Path:
+    """The weights file of a released ``llm/`` or ``tokenizer/`` folder (``ema_model.bin`` first when ``prefer_ema``)."""
     if prefer_ema and (folder / "ema_model.bin").is_file():
         return folder / "ema_model.bin"
     for name in WEIGHT_FILES:
         if (folder / name).is_file():
             return folder / name
-    raise ValueError(f"{folder} holds none of {WEIGHT_FILES}")
+    raise CheckpointError(f"{folder} holds none of {WEIGHT_FILES}; give the folder with the weights, or the weights file")
 
 
 def transformer_state_dict(sd: Dict[str, torch.Tensor], model: HART) -> Dict[str, torch.Tensor]:
@@ -76,41 +63,72 @@ def tokenizer_state_dict(sd: Dict[str, torch.Tensor], tokenizer: HARTTokenizer) 
 def _load_strict(module: torch.nn.Module, sd: Dict[str, torch.Tensor], what: str) -> None:
     missing, unexpected = module.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{what}: missing keys {sorted(missing)[:8]}, unexpected keys {sorted(unexpected)[:8]}")
+        raise CheckpointError(f"{what}: missing keys {sorted(missing)[:8]}, unexpected keys {sorted(unexpected)[:8]}")
 
 
-def _read_config(folder: Path) -> dict:
+def _read_config(folder: Path, what: str, flag: str) -> dict:
     path = folder / "config.json"
     if not path.is_file():
-        raise ValueError(f"no config.json in {folder}")
+        raise CheckpointError(f"no config.json in {folder}: the {what} needs upstream's config.json next to its weights "
+                              f"(or give {flag}=, a config dict or the path of a config.json)")
     return json.loads(path.read_text())
 
 
+def _config(given: Union[None, PathLike, Mapping[str, Any]], folder: Path, what: str, flag: str) -> dict:
+    """``given`` (a dict, or the path of a config.json), else ``folder``'s config.json."""
+    if given is None:
+        return _read_config(folder, what, flag)
+    if isinstance(given, Mapping):
+        return dict(given)
+    if isinstance(given, (str, Path)) and Path(given).is_file():
+        return json.loads(Path(given).read_text())
+    raise ValueError(f"{flag} must be a dict of config.json's keys or the path of a config.json; got {given!r}")
+
+
+def _checked(sd: Dict[str, torch.Tensor], kind: str, what: str) -> Dict[str, torch.Tensor]:
+    """``sd`` unless it is another family's (or the other part's) checkpoint: ``CheckpointError`` naming ``what``."""
+    expect_family(sd, kind, what)
+    return sd
+
+
 def load_hart(
-    root: Optional[PathLike] = None,
-    *,
-    llm: Optional[PathLike] = None,
+    llm: PathLike,
     tokenizer: Optional[PathLike] = None,
+    *,
+    config: Union[None, PathLike, Mapping[str, Any]] = None,
+    tokenizer_config: Union[None, PathLike, Mapping[str, Any]] = None,
     prefer_ema: bool = True,
     device: Union[str, torch.device] = "cpu",
-) -> HART:
-    """HART (with its tokenizer attached) in float32, eval mode, on ``device``.
+    dtype: torch.dtype = torch.float32,
+) -> Tuple[HART, HARTTokenizer]:
+    """(model, tokenizer) of HART (the tokenizer is also attached to the model), in eval mode on ``device``.
 
-    ``root``: a released folder with ``llm/`` and ``tokenizer/``; or ``llm``/``tokenizer``: those folders, or files
-    (a weights file next to its ``config.json``). ``prefer_ema``: use ``llm/ema_model.bin`` when present."""
-    if root is not None:
-        llm, tokenizer = Path(root) / "llm", Path(root) / "tokenizer"
-    if llm is None or tokenizer is None:
-        raise ValueError("load_hart needs root, or both llm and tokenizer")
+    ``llm``: upstream's released ``llm/`` folder (``config.json`` and ``ema_model.bin`` (used when ``prefer_ema``),
+    ``model.safetensors`` or ``pytorch_model.bin``) or one weights file (``.pth``/``.bin``/``.safetensors``) next to
+    its ``config.json``; ``tokenizer``: the ``tokenizer/`` folder or file likewise. ``tokenizer=None``: ``llm`` is a
+    released root holding both folders. ``config`` / ``tokenizer_config``: the configs instead of the config.json
+    files (a dict of their keys, or a path). ``dtype``: float32 only (HART's reference sampler runs in float32).
+    A checkpoint of another family, or the two parts swapped, is one ``CheckpointError``."""
+    if dtype != torch.float32:
+        raise ValueError(f"dtype must be torch.float32 (HART's reference sampler runs in float32); got {dtype}")
+    if tokenizer is None:
+        llm, tokenizer = Path(llm) / "llm", Path(llm) / "tokenizer"
+    for name, value in (("llm", llm), ("tokenizer", tokenizer)):
+        if not isinstance(value, (str, Path)):
+            raise TypeError(f"load_hart: {name} must be a folder or file path, got {type(value).__name__}")
+        if not Path(value).exists():
+            raise FileNotFoundError(f"load_hart: {name} {value} does not exist")
     llm, tokenizer = Path(llm), Path(tokenizer)
-    llm_is_file, tok_is_file = llm.suffix in WEIGHT_SUFFIXES, tokenizer.suffix in WEIGHT_SUFFIXES
-    llm_dir, tok_dir = (llm.parent if llm_is_file else llm), (tokenizer.parent if tok_is_file else tokenizer)
-    cfg = HARTConfig.from_dict(_read_config(llm_dir))
-    tok_cfg = HARTTokenizerConfig.from_dict(_read_config(tok_dir))
+    llm_dir, tok_dir = (llm if llm.is_dir() else llm.parent), (tokenizer if tokenizer.is_dir() else tokenizer.parent)
+    llm_file = weights_in(llm_dir, prefer_ema) if llm.is_dir() else llm
+    tok_file = weights_in(tok_dir, prefer_ema=False) if tokenizer.is_dir() else tokenizer
+    llm_sd = _checked(read_state_dict(llm_file), "hart", str(llm_file))  # another family's files: before their configs
+    tok_sd = _checked(read_state_dict(tok_file), "hart_tokenizer", str(tok_file))
+    cfg = HARTConfig.from_dict(_config(config, llm_dir, "HART transformer", "config"))
+    tok_cfg = HARTTokenizerConfig.from_dict(_config(tokenizer_config, tok_dir, "HART tokenizer", "tokenizer_config"))
     tok = HARTTokenizer(tok_cfg, cfg.patch_nums)
-    tok_file = tokenizer if tok_is_file else _weights_in(tok_dir, prefer_ema=False)
-    _load_strict(tok, tokenizer_state_dict(read_state_dict(tok_file), tok), f"tokenizer {tok_file}")
+    _load_strict(tok, tokenizer_state_dict(tok_sd, tok), f"tokenizer {tok_file}")
     model = HART(cfg, tok)
-    llm_file = llm if llm_is_file else _weights_in(llm_dir, prefer_ema)
-    _load_strict(model, transformer_state_dict(read_state_dict(llm_file), model), f"HART {llm_file}")
-    return model.to(device).eval()
+    _load_strict(model, transformer_state_dict(llm_sd, model), f"HART {llm_file}")
+    tok.to(device=device).eval()
+    return model.to(device=device).eval(), tok

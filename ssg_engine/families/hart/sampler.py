@@ -20,7 +20,7 @@ within a pass), as upstream draws them.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from ...params import HARTParams
 from ...pipeline import ConcatKVCache, Guidance, guidance_schedule, gumbel_softmax_with_rng, nonfinite_logits_error, run_scales
 from .diffusion import GeneratorNoise, NoiseSource, UpstreamGlobalNoise
 from .model import HARTCondition, HARTTransformer
+
+if TYPE_CHECKING:
+    from .text import HARTTextFeatures
 
 
 @dataclasses.dataclass
@@ -191,3 +194,29 @@ class HART(HARTTransformer):
         return sample_hart_reference(
             self, label_B, context_mask, context_position_ids, params, residual=final_stage == 0, upstream_compat=True
         ).images
+
+
+def hart_features(cond: Any) -> "HARTTextFeatures":
+    """``cond`` as :class:`HARTTextFeatures`: those, or a tuple ``(context (B, Lc, Cc), mask (B, Lc)[, position_ids
+    (B, Lc)])``; ``TypeError`` naming ``cond`` otherwise."""
+    from .text import HARTTextFeatures
+
+    if isinstance(cond, HARTTextFeatures):
+        return cond
+    if isinstance(cond, tuple) and len(cond) in (2, 3):
+        return HARTTextFeatures(*cond)
+    raise TypeError("cond: a HART model takes HARTTextFeatures or (context, mask[, position_ids]), or prompts with "
+                    f"text_encoder= (ssg_engine.families.hart.text.Qwen2TextEncoder); got {type(cond).__name__}")
+
+
+def generate_reference(model: HARTTransformer, vae: Any, cond: Any, params: HARTParams, *, upstream_compat: bool = False,
+                       residual: bool = True, **fields: Any) -> Any:
+    """(images (B, 3, H, W), tokens per scale) of :func:`sample_hart_reference` for text features ``cond`` (see
+    :func:`hart_features`), on the model's device; ``fields``: ``HARTParams`` fields (``more_smooth=``,
+    ``num_maskgit_iters=``) over ``params``."""
+    features = hart_features(cond)
+    device = next(model.parameters()).device
+    out = sample_hart_reference(model, features.context.to(device), features.context_mask.to(device),
+                                features.context_position_ids.to(device), params.replace(**fields) if fields else params,
+                                residual=residual, upstream_compat=upstream_compat)
+    return out.images, out.tokens

@@ -85,6 +85,10 @@ class HARTTextFeatures:
     def batch(self) -> int:
         return self.context.shape[0]
 
+    def __getitem__(self, rows: Any) -> "HARTTextFeatures":
+        """The prompts ``rows`` (a slice or an index tensor) of these features."""
+        return HARTTextFeatures(self.context[rows], self.context_mask[rows], self.context_position_ids[rows])
+
     def condition(self, **options: Any) -> HARTCondition:
         """A :class:`HARTCondition` with these features; ``options``: its other fields (``diffusion_cfg``, ...)."""
         return HARTCondition(context=self.context, context_mask=self.context_mask,

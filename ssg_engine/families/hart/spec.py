@@ -1,0 +1,66 @@
+"""HART's entry in the family registry (:mod:`ssg_engine.families`). Importing it imports no model code (nor torch):
+each function imports what it needs when it runs. HART has no Engine yet: ``engine=False`` (``generate`` runs the
+reference sampler on every device)."""
+from __future__ import annotations
+
+from typing import Any, Tuple
+
+from .. import FamilySpec
+
+
+def _owns(model: Any) -> bool:
+    from .model import HARTTransformer
+
+    return isinstance(model, HARTTransformer)
+
+
+def _owns_tokenizer(vae: Any) -> bool:
+    from .tokenizer import HARTTokenizer
+
+    return isinstance(vae, HARTTokenizer)
+
+
+def _check_pair(model: Any, vae: Any, where: str) -> None:
+    if not _owns_tokenizer(vae):
+        raise TypeError(f"{where}: a HART model takes its HARTTokenizer (se.load_hart returns (model, tokenizer)); got {type(vae).__name__}")
+    if model.tokenizer_proxy and model.tokenizer is not vae:
+        raise TypeError(f"{where}: this HARTTokenizer is not the one attached to the model; pass the pair se.load_hart returned")
+
+
+def _placement(model: Any) -> Tuple[Any, Any]:
+    """The model's device, float32 (the reference sampler's)."""
+    import torch
+
+    return next(model.parameters()).device, torch.float32
+
+
+def _resolve_params(params: Any, overrides: Any, model: Any) -> Any:
+    from .sampler import resolve_hart_params
+
+    return resolve_hart_params(params, overrides, model)
+
+
+def _generate_reference(model: Any, vae: Any, cond: Any, params: Any, **keywords: Any) -> Tuple[Any, Any]:
+    from .sampler import generate_reference
+
+    return generate_reference(model, vae, cond, params, **keywords)
+
+
+SPEC = FamilySpec(
+    name="hart",
+    title="HART",
+    kind="text-conditional (HART)",
+    takes="HART text features (HARTTextFeatures or (context, mask[, position_ids])), HARTParams and more_smooth=, num_maskgit_iters=, upstream_compat=, residual=",
+    checkpoints={"hart": ("diffloss.net.input_proj.weight", "HART transformer"),
+                 "hart_tokenizer": ("vae.quantize.embedding.weight", "HART tokenizer")},
+    loader="ssg_engine.families.hart.loading:load_hart",
+    owns=_owns,
+    check_pair=_check_pair,
+    placement=_placement,
+    generate_reference=_generate_reference,
+    keywords=("more_smooth", "num_maskgit_iters", "upstream_compat", "residual"),
+    text_conditional=True,
+    owns_tokenizer=_owns_tokenizer,
+    resolve_params=_resolve_params,
+    engine=False,
+)
