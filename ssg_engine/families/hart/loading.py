@@ -33,7 +33,9 @@ def weights_in(folder: Path, prefer_ema: bool) -> Path:
     for name in WEIGHT_FILES:
         if (folder / name).is_file():
             return folder / name
-    raise CheckpointError(f"{folder} holds none of {WEIGHT_FILES}; give the folder with the weights, or the weights file")
+    looked_for = (("ema_model.bin",) if prefer_ema else ()) + WEIGHT_FILES
+    raise CheckpointError(f"checkpoint {folder} is a directory holding none of {', '.join(looked_for)} (not a "
+                          "released HART llm/ or tokenizer/ folder); pass the checkpoint file inside it, or such a folder")
 
 
 def transformer_state_dict(sd: Dict[str, torch.Tensor], model: HART) -> Dict[str, torch.Tensor]:
