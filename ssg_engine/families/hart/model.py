@@ -314,6 +314,10 @@ class HARTTransformer(nn.Module):
             raise ValueError("tokenizer does not fit this HART (Cvae, V or patch_nums differ)")
         self.tokenizer_proxy = (tokenizer,)
 
+    def attach_vae(self, vae: HARTTokenizer) -> None:
+        """:meth:`attach_tokenizer` under the name the Engine's placement calls (VAR's)."""
+        self.attach_tokenizer(vae)
+
     @property
     def tokenizer(self) -> HARTTokenizer:
         if not self.tokenizer_proxy:
