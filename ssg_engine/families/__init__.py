@@ -50,7 +50,8 @@ class FamilySpec:
     model)``: the family's own sampling settings (default: ``SamplingParams``); ``engine``: whether an ``Engine`` runs
     it (False: the reference sampler on every device); ``engine_bind(model, cond, params, home, **keywords)``: the
     family's Engine request (a ``NextScaleModel``), its condition on device ``home`` and the params the Engine applies
-    (None: VAR's labels or Infinity's request).
+    (None: VAR's labels or Infinity's request); ``engine_serves(params, overrides)``: whether the Engine serves that
+    request (False: ``generate`` runs the reference sampler on CUDA too; None: it serves every request).
     """
 
     name: str
@@ -69,6 +70,7 @@ class FamilySpec:
     resolve_params: Optional[Callable[[Any, Dict[str, Any], Any], Any]] = None
     engine: bool = True
     engine_bind: Optional[Callable[..., Tuple[Any, Any, Any]]] = None
+    engine_serves: Optional[Callable[[Any, Dict[str, Any]], bool]] = None
 
     def detect(self, state_dict: Mapping[str, Any]) -> bool:
         """Whether ``state_dict`` holds the marker key of one of this family's checkpoint kinds."""

@@ -61,6 +61,13 @@ def _engine_bind(model: Any, cond: Any, params: Any, home: Any, *, upstream_comp
     return request, type(features)(*(t.to(home) for t in features.tensors())), params
 
 
+def _engine_serves(params: Any, overrides: Any) -> bool:
+    """The Engine feeds hard codes and draws from its seed tensor: ``more_smooth`` and ``upstream_compat`` requests
+    are the reference sampler's."""
+    more_smooth = overrides.get("more_smooth", getattr(params, "more_smooth", False))
+    return not (more_smooth or overrides.get("upstream_compat", False))
+
+
 SPEC = FamilySpec(
     name="hart",
     title="HART",
@@ -78,4 +85,5 @@ SPEC = FamilySpec(
     owns_tokenizer=_owns_tokenizer,
     resolve_params=_resolve_params,
     engine_bind=_engine_bind,
+    engine_serves=_engine_serves,
 )
