@@ -16,7 +16,7 @@ import torch
 
 import ssg_engine as se
 from ssg_engine import SSG
-from ssg_engine.engine import Engine
+from ssg_engine.engine import Engine, _request_key, _StaticBatch
 from ssg_engine.families.hart.loading import load_hart
 from ssg_engine.families.hart.model import HARTCondition
 from ssg_engine.families.hart.request import SeededNoise, seeded_normal, seeded_orders, seeded_uniform
@@ -164,3 +164,47 @@ def test_bad_inputs(pairs):
         engine.run_batch(text, torch.tensor([0]), HARTParams())
     with pytest.raises(TypeError, match="h_div_w"):
         engine.generate(text, h_div_w=1.0)
+
+
+def test_static_batch_replays_refill_condition_and_seed(pairs):
+    """The captured-graph path's buffers (CPU: the loop on them): each replay reads the new features and seed, and
+    gives what an eager run of the same request gives. The diffusion head's CFG weight is baked into a graph (part of
+    its key: another cfg captures another graph)."""
+    model, tok = pairs["a_d2"]
+    text = features("a_d2")
+    engine = Engine(model, tok, max_batch=4, device="cpu", dtype=torch.float32, backend="reference")
+    params = HARTParams(cfg=2.0, top_k=50, seed=0, num_maskgit_iters=2, ssg=SSG(beta=0.3))
+    request, cond, bound = engine.bind(text.pad_rows(4), params)
+    batch = _StaticBatch(engine, request, cond, bound)
+    assert batch.cond.context.data_ptr() != cond.context.data_ptr()
+    flipped = HARTTextFeatures(cond.context.flip(0), cond.context_mask.flip(0), cond.context_position_ids.flip(0))
+    for c, seed in ((cond, 3), (flipped, 4), (cond, 5)):
+        r, c_b, p = engine.bind(c, params)
+        images, tokens, _ = batch.replay(r, c_b, seed, p)
+        images, tokens = images.clone(), [t.clone() for t in tokens]
+        eager = engine.run_batch(c_b, torch.tensor([seed]), p, model=r)
+        assert torch.equal(images, eager[0]) and all(torch.equal(a, b) for a, b in zip(tokens, eager[1]))
+    assert _request_key(request) != _request_key(engine.bind(cond, params.replace(cfg=1.5))[0])
+
+
+# ----------------------------------------------------------------------------- GPU only (bench/device_check.sh)
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; run by bench/device_check.sh")
+
+
+@pytest.mark.gpu
+@gpu
+def test_graph_replay_agrees_with_eager():
+    """One CUDA graph per bucket holds the loop, the MaskGIT passes, the diffusion steps and the decode: replays with
+    new features and seeds give the eager Engine's tokens (greedy and sampled) and images (float32)."""
+    model, tok = load_hart(GOLDEN / "b_d3")
+    model, text = model.cuda(), features("b_d3")
+    eager = Engine(model, tok, max_batch=4, device="cuda", dtype=torch.float32, cuda_graphs=False)
+    graphs = Engine(model, tok, max_batch=4, device="cuda", dtype=torch.float32, cuda_graphs=True)
+    assert graphs.cuda_graphs
+    for rows, seed, top_k in ((slice(0, 2), 0, 1), (slice(0, 2), 1, 50), (slice(1, 2), 2, 50)):
+        params = HARTParams(cfg=3.0, top_k=top_k, seed=seed, num_maskgit_iters=3, ssg=SSG(beta=0.4))
+        a_img, a_tok = eager.generate(text[rows], params)
+        b_img, b_tok = graphs.generate(text[rows], params)
+        assert all(torch.equal(a, b) for a, b in zip(a_tok, b_tok)), (rows, seed)
+        assert rel(b_img, a_img) < TOL
+    assert len(graphs._graphs) == 3  # (bucket 2, greedy), (bucket 2, top-k 50), (bucket 1, top-k 50)
