@@ -171,6 +171,8 @@ class Engine:
             # CUDA (backend="triton" runs the kernels there, as the tests of the fused path do)
             backend = "reference"
         self.backend = resolve_backend(backend, self.device)  # an unknown or unusable backend fails here
+        if self.spec.engine_dtypes and str(dtype).removeprefix("torch.") not in self.spec.engine_dtypes:
+            raise ValueError(f"dtype: the {self.spec.title} Engine runs at {', '.join(self.spec.engine_dtypes)}; got {dtype}")
         self.dtype = dtype
         self.infinity = isinstance(model, InfinityTransformer)
         if self.infinity:

@@ -164,6 +164,8 @@ def test_bad_inputs(pairs):
         engine.run_batch(text, torch.tensor([0]), HARTParams())
     with pytest.raises(TypeError, match="h_div_w"):
         engine.generate(text, h_div_w=1.0)
+    with pytest.raises(ValueError, match="dtype: the HART Engine runs at float32"):
+        Engine(model, tok, device="cpu", dtype=torch.bfloat16)
 
 
 def test_static_batch_replays_refill_condition_and_seed(pairs):

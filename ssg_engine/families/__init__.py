@@ -51,7 +51,8 @@ class FamilySpec:
     it (False: the reference sampler on every device); ``engine_bind(model, cond, params, home, **keywords)``: the
     family's Engine request (a ``NextScaleModel``), its condition on device ``home`` and the params the Engine applies
     (None: VAR's labels or Infinity's request); ``engine_serves(params, overrides)``: whether the Engine serves that
-    request (False: ``generate`` runs the reference sampler on CUDA too; None: it serves every request).
+    request (False: ``generate`` runs the reference sampler on CUDA too; None: it serves every request);
+    ``engine_dtypes``: the names of the Engine dtypes the family runs at (``"float32"``; empty: any).
     """
 
     name: str
@@ -71,6 +72,7 @@ class FamilySpec:
     engine: bool = True
     engine_bind: Optional[Callable[..., Tuple[Any, Any, Any]]] = None
     engine_serves: Optional[Callable[[Any, Dict[str, Any]], bool]] = None
+    engine_dtypes: Tuple[str, ...] = ()
 
     def detect(self, state_dict: Mapping[str, Any]) -> bool:
         """Whether ``state_dict`` holds the marker key of one of this family's checkpoint kinds."""

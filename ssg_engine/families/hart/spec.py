@@ -86,4 +86,5 @@ SPEC = FamilySpec(
     resolve_params=_resolve_params,
     engine_bind=_engine_bind,
     engine_serves=_engine_serves,
+    engine_dtypes=("float32",),  # its heads and diffusion head run in float32, as the reference sampler's
 )
