@@ -120,7 +120,11 @@ def _request_key(model: NextScaleModel) -> tuple:
 
 
 class Engine:
-    """Batch sampler for a loaded model pair: (VARTransformer, VQVAE) or (InfinityTransformer, BSQVAE).
+    """Batch sampler for a loaded model pair: (VARTransformer, VQVAE), (InfinityTransformer, BSQVAE) or
+    (HARTTransformer, HARTTokenizer) (float32 only; its request from the family's ``FamilySpec.engine_bind``:
+    :class:`ssg_engine.families.hart.request.HARTRequest`, its MaskGIT passes and diffusion head inside the loop and
+    the graph, their random numbers from the seed tensor; text features and ``HARTParams``, ``num_maskgit_iters=``,
+    ``residual=``).
 
     ``Engine(model, vae, max_batch=64, device="cuda", dtype=torch.bfloat16, cuda_graphs=True, backend="auto",
     device_memory=None)``;
