@@ -84,7 +84,8 @@ def engine_run(engine: Engine, text: HARTTextFeatures, params: HARTParams, seed:
     return images, tokens, bad, [g for _, g in engine.last_logits], captured["state"]
 
 
-BACKENDS = ["reference"] + (["triton"] if TRITON else [])
+# the Triton kernels on the CPU interpreter: 40-60 s a case
+BACKENDS = ["reference"] + ([pytest.param("triton", marks=pytest.mark.slow)] if TRITON else [])
 CASES = [("a_d2", 1), ("b_d3", 1), ("a_d2", 3)]
 
 
@@ -180,7 +181,7 @@ def test_static_batch_replays_refill_condition_and_seed(pairs):
     batch = _StaticBatch(engine, request, cond, bound)
     assert batch.cond.context.data_ptr() != cond.context.data_ptr()
     flipped = HARTTextFeatures(cond.context.flip(0), cond.context_mask.flip(0), cond.context_position_ids.flip(0))
-    for c, seed in ((cond, 3), (flipped, 4), (cond, 5)):
+    for c, seed in ((cond, 3), (flipped, 4)):
         r, c_b, p = engine.bind(c, params)
         images, tokens, _ = batch.replay(r, c_b, seed, p)
         images, tokens = images.clone(), [t.clone() for t in tokens]
