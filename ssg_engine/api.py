@@ -74,8 +74,10 @@ def generate(
     mask[, position_ids])``) or prompts with ``text_encoder`` (``Qwen2TextEncoder``); ``params`` a ``HARTParams``
     (default ``HARTParams()``; upstream's release settings: ``ssg_engine.params.HART_UPSTREAM``), overrides its
     fields (``more_smooth=``, ``num_maskgit_iters=`` too) and ``upstream_compat=``, ``residual=`` (see
-    ``sample_hart_reference``). There is no HART Engine yet: HART runs its reference sampler on every device, CUDA
-    included; ``return_tokens`` gives its codes per scale (B, pn^2) int64.
+    ``sample_hart_reference``). On CUDA (or with ``engine=``) HART runs the Engine (float32; MaskGIT orders and the
+    diffusion head's noise drawn from the seed tensor too), except for requests only the reference sampler serves
+    (``more_smooth=True``, ``upstream_compat=True``: the reference sampler runs, on CUDA; ``engine=`` with them is one
+    ``ValueError``); ``return_tokens`` gives its codes per scale (B, pn^2) int64.
     """
     spec = check_family(model, vae, "generate(var, vae, labels)")
     negative = overrides.get("negative")
@@ -96,7 +98,8 @@ def generate(
     device = next(model.parameters()).device
     if engine is not None and not spec.engine:
         raise TypeError(f"engine: there is no {spec.title} Engine yet; leave engine=None (the reference sampler runs)")
-    if engine is not None or (device.type == "cuda" and spec.engine):
+    serves = spec.engine_serves is None or spec.engine_serves(params, overrides)  # e.g. not HART's more_smooth
+    if engine is not None or (device.type == "cuda" and spec.engine and serves):
         images, tokens = (engine or ENGINE_CACHE.get(model, vae)).generate(cond, params, **overrides)
     else:  # the family's reference sampler
         keywords = split_keywords(overrides, spec)

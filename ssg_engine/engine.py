@@ -78,6 +78,8 @@ def _pad_rows(cond: Optional[Cond], b: int) -> Optional[Cond]:
     """``cond`` padded to ``b`` rows (labels 0; text: one zero token, so that no row attends to nothing)."""
     if cond is None or _rows(cond) == b:
         return cond
+    if hasattr(cond, "pad_rows"):  # a family's own condition type (HART's text features)
+        return cond.pad_rows(b)
     if isinstance(cond, TextFeatures):
         kv = cond.kv_compact
         return TextFeatures(torch.cat((kv, kv.new_zeros(b - cond.batch, kv.shape[1]))), cond.lens + [1] * (b - cond.batch))
@@ -90,6 +92,8 @@ def _pad_rows(cond: Optional[Cond], b: int) -> Optional[Cond]:
 
 
 def _tensors(cond: Optional[Cond]) -> Tuple[torch.Tensor, ...]:
+    if hasattr(cond, "tensors"):  # a family's own condition type
+        return tuple(cond.tensors())
     return () if cond is None else (cond.features, cond.mask) if isinstance(cond, PaddedText) else (cond,)
 
 
@@ -97,6 +101,8 @@ def _static(cond: Optional[Cond], device: torch.device) -> Optional[Cond]:
     """A buffer of ``cond``'s shapes on ``device`` for a captured graph (refilled from :func:`_tensors` before each replay)."""
     if cond is None:
         return None
+    if hasattr(cond, "static_like"):  # a family's own condition type
+        return cond.static_like(device)
     if isinstance(cond, PaddedText):
         return PaddedText(torch.empty_like(cond.features, device=device), torch.empty_like(cond.mask, device=device))
     return torch.empty_like(cond, device=device)
@@ -108,11 +114,17 @@ def _request_key(model: NextScaleModel) -> tuple:
     are device tensors refilled before each replay (:class:`RequestTensors`)."""
     if isinstance(model, InfinityRequest):
         return model.schedule, tuple(w != 1 for w in model.cfg_list), model.cfg_insertion_layer, model.negative is not None
+    if hasattr(model, "graph_key"):  # another family's request (HART's: top-k per scale, the diffusion head's settings)
+        return model.graph_key()
     return ()
 
 
 class Engine:
-    """Batch sampler for a loaded model pair: (VARTransformer, VQVAE) or (InfinityTransformer, BSQVAE).
+    """Batch sampler for a loaded model pair: (VARTransformer, VQVAE), (InfinityTransformer, BSQVAE) or
+    (HARTTransformer, HARTTokenizer) (float32 only; its request from the family's ``FamilySpec.engine_bind``:
+    :class:`ssg_engine.families.hart.request.HARTRequest`, its MaskGIT passes and diffusion head inside the loop and
+    the graph, their random numbers from the seed tensor; text features and ``HARTParams``, ``num_maskgit_iters=``,
+    ``residual=``).
 
     ``Engine(model, vae, max_batch=64, device="cuda", dtype=torch.bfloat16, cuda_graphs=True, backend="auto",
     device_memory=None)``;
@@ -163,6 +175,8 @@ class Engine:
             # CUDA (backend="triton" runs the kernels there, as the tests of the fused path do)
             backend = "reference"
         self.backend = resolve_backend(backend, self.device)  # an unknown or unusable backend fails here
+        if self.spec.engine_dtypes and str(dtype).removeprefix("torch.") not in self.spec.engine_dtypes:
+            raise ValueError(f"dtype: the {self.spec.title} Engine runs at {', '.join(self.spec.engine_dtypes)}; got {dtype}")
         self.dtype = dtype
         self.infinity = isinstance(model, InfinityTransformer)
         if self.infinity:
@@ -200,6 +214,9 @@ class Engine:
         ``params.temperature`` becomes ``tau_list``, applied before CFG)."""
         # with graphs the condition stays on the host until a captured batch stages it (pinned, non-blocking)
         home = torch.device("cpu") if self.cuda_graphs else self.device
+        if self.spec.engine_bind is not None:  # a family that binds its own requests (HART)
+            request, cond_t, params = self.spec.engine_bind(self.model, cond, params, home, **family)
+            return request, cond_t, params
         if not self.infinity:
             split_keywords(dict(family), self.spec)
             return self.model, class_labels(cond, self.model.num_classes, home), params
@@ -229,7 +246,8 @@ class Engine:
         takes). Non-finite logits raise ``NonFiniteLogitsError`` naming the first bad scale, checked once after all
         chunks (the only host sync of the call)."""
         family = split_keywords(overrides, self.spec)
-        model, cond_t, params = self.bind(cond, resolve_params(params, overrides, self.model), **family)
+        resolve = self.spec.resolve_params or resolve_params
+        model, cond_t, params = self.bind(cond, resolve(params, overrides, self.model), **family)
         chunks = range(0, _rows(cond_t), self.max_batch)
         seed = check_seed(params.seed, count=len(chunks)) or 0
         images, tokens, nonfinite = [], [], []
@@ -270,6 +288,12 @@ class Engine:
         model = self.model if model is None else model
         if self.infinity and not isinstance(model, InfinityRequest):
             raise TypeError("run_batch on an Infinity engine needs model= an InfinityRequest (from engine.bind)")
+        if self.spec.engine_bind is not None and not hasattr(model, "seeded"):
+            raise TypeError(f"run_batch on a {self.spec.title} engine needs model= its request (from engine.bind)")
+        if hasattr(model, "seeded"):  # a request drawing more than tokens from the seed (HART: MaskGIT orders, diffusion noise)
+            model = model.seeded(seed)
+        # top-k per scale: the request's (HART: upstream's 600/300), else params.top_k at every scale
+        top_ks = getattr(model, "top_ks", None) or [params.top_k] * len(model.scale_sizes())
         if schedule is None:
             schedule = guidance_schedule(0.0, params.ssg, model.scale_sizes(), self.device, cfg_ts=self._cfg_ts(model, params))
         guide = Guidance(schedule, params.ssg, functools.partial(ops.ssg_guidance, backend=self.backend))
@@ -301,7 +325,7 @@ class Engine:
                 return bits, None
             b, hw, C = guided.shape
             draws = guided.view(b, hw * C // width, width)
-            idx = ops.sample_logits(draws, params.top_k, params.top_p, params.temperature, seed, self.offsets[si], backend=self.backend)
+            idx = ops.sample_logits(draws, top_ks[si], params.top_p, params.temperature, seed, self.offsets[si], backend=self.backend)
             idx = idx.clamp_(0, width - 1)  # NaN logits can give out-of-range tokens: the flag reports them
             return (idx if C == width else idx.view(b, hw, C // width)), None
 
@@ -316,8 +340,9 @@ class Engine:
     # ------------------------------------------------------------------ batches
     @staticmethod
     def _cfg_ts(model: NextScaleModel, params: SamplingParams) -> List[float]:
-        """The CFG weight ``t_k`` of every scale: Infinity's request lists, else VAR's ramp of ``params.cfg``."""
-        if isinstance(model, InfinityRequest):
+        """The CFG weight ``t_k`` of every scale: a request's (Infinity's lists, HART's ramp), else VAR's ramp of
+        ``params.cfg``."""
+        if hasattr(model, "cfg_ts"):
             return model.cfg_ts()
         K = len(model.scale_sizes())
         return [cfg_ratio(params.cfg, si, K) for si in range(K)]

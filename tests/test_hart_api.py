@@ -52,7 +52,7 @@ def test_markers_pick_exactly_one_kind_of_every_family():
     assert {k: (spec.name, kind) for k, (spec, kind) in found.items()} == {
         "hart": ("hart", "hart"), "hart_tokenizer": ("hart", "hart_tokenizer"), "var": ("var", "var"),
         "vqvae": ("var", "vqvae"), "infinity": ("infinity", "infinity"), "bsq_vae": ("infinity", "bsq_vae")}
-    assert hart.loader_name == "load_hart" and hart.text_conditional and not hart.engine
+    assert hart.loader_name == "load_hart" and hart.text_conditional and hart.engine and hart.engine_bind is not None
 
 
 def test_load_hart_prefers_ema_and_takes_files(hart, tmp_path):
@@ -130,8 +130,8 @@ def test_generate_hart_bad_input_is_one_clear_error(hart):
         se.generate(model, tok, torch.zeros(2, dtype=torch.long))
     with pytest.raises(TypeError, match="prompts \\(str\\) need text_encoder"):
         se.generate(model, tok, ["a cat"])
-    with pytest.raises(TypeError, match="no HART Engine yet"):
-        se.Engine(model, tok)
+    with pytest.raises(ValueError, match="more_smooth"):
+        se.generate(model, tok, f, engine=se.Engine(model, tok, device="cpu", dtype=torch.float32), more_smooth=True)
 
 
 def test_wrong_family_pairs_in_every_direction(hart, var_pair, inf_pair):

@@ -42,7 +42,7 @@ LAYERS: Dict[str, List[str]] = {
     "guidance": ["guidance", "params"],
     "samplers": [
         "pipeline", "sampler", "infinity_sampler", "engine", "families.var.sampler", "families.infinity.sampler",
-        "families.hart.sampler", "families.var.spec", "families.infinity.spec", "families.hart.spec",
+        "families.hart.sampler", "families.hart.request", "families.var.spec", "families.infinity.spec", "families.hart.spec",
     ],
     "api": [PACKAGE, "loading", "text", "api", "pretrained", "analysis", "imaging", "costs", "plan", "families.var.loading",
             "families.infinity.loading", "families.hart.loading"],

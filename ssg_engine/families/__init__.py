@@ -48,7 +48,11 @@ class FamilySpec:
     overrides of ``params``, the family's keywords among them). Optional: ``owns_tokenizer(vae)``: ``vae`` is this
     family's tokenizer (another family's model given it is one ``TypeError``); ``resolve_params(params, overrides,
     model)``: the family's own sampling settings (default: ``SamplingParams``); ``engine``: whether an ``Engine`` runs
-    it (False: the reference sampler on every device).
+    it (False: the reference sampler on every device); ``engine_bind(model, cond, params, home, **keywords)``: the
+    family's Engine request (a ``NextScaleModel``), its condition on device ``home`` and the params the Engine applies
+    (None: VAR's labels or Infinity's request); ``engine_serves(params, overrides)``: whether the Engine serves that
+    request (False: ``generate`` runs the reference sampler on CUDA too; None: it serves every request);
+    ``engine_dtypes``: the names of the Engine dtypes the family runs at (``"float32"``; empty: any).
     """
 
     name: str
@@ -66,6 +70,9 @@ class FamilySpec:
     owns_tokenizer: Optional[Callable[[Any], bool]] = None
     resolve_params: Optional[Callable[[Any, Dict[str, Any], Any], Any]] = None
     engine: bool = True
+    engine_bind: Optional[Callable[..., Tuple[Any, Any, Any]]] = None
+    engine_serves: Optional[Callable[[Any, Dict[str, Any]], bool]] = None
+    engine_dtypes: Tuple[str, ...] = ()
 
     def detect(self, state_dict: Mapping[str, Any]) -> bool:
         """Whether ``state_dict`` holds the marker key of one of this family's checkpoint kinds."""

@@ -7,6 +7,7 @@ static shapes (every row is at the same step: no boolean indexing). Noise comes 
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import List, Optional, Protocol, Tuple
 
@@ -18,10 +19,17 @@ VAE_SCALE = 0.6  # upstream DiffLoss.vae_scale: the head denoises residual / 0.6
 TRAIN_STEPS = 1000
 
 
+@functools.lru_cache(maxsize=None)
+def _frequencies(half: int, max_period: float, device: torch.device) -> torch.Tensor:
+    """(half,) float32 computed on the CPU (upstream's order), kept on ``device`` (never evicted: no host copy per call,
+    so a captured CUDA graph reads it)."""
+    return torch.exp(-math.log(max_period) * torch.arange(0, half, dtype=torch.float32) / half).to(device)
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding (N,) -> (N, dim) float32, [cos, sin] halves (GLIDE/DiT)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(0, half, dtype=torch.float32) / half).to(t.device)
+    freqs = _frequencies(half, max_period, t.device)
     args = t[:, None].float() * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -147,8 +155,9 @@ class SpacedSchedule:
         self.posterior_mean_coef2 = (1.0 - cum_prev) * np.sqrt(1.0 - betas) / (1.0 - cum)
 
     def coef(self, name: str, i: int, like: torch.Tensor) -> torch.Tensor:
-        """Table ``name`` at step ``i`` as upstream's ``_extract_into_tensor``: float64 -> float32, broadcast to ``like``."""
-        return torch.from_numpy(getattr(self, name)).to(like.device)[i].float() + torch.zeros_like(like)
+        """Table ``name`` at step ``i`` as upstream's ``_extract_into_tensor``: float64 -> float32, broadcast to ``like``
+        (a fill: no host-to-device copy, so a captured CUDA graph holds it)."""
+        return torch.full_like(like, float(np.float32(getattr(self, name)[i])), dtype=torch.float32)
 
 
 class NoiseSource(Protocol):

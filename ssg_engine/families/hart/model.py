@@ -14,6 +14,7 @@ vocabulary, ``Cvae`` codebook dim, ``S = Lc + sum(pn^2 for pn in patch_nums[1:])
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable, List, Optional, Tuple
 
@@ -64,32 +65,36 @@ def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
 
 
-def _inv_freq(head_dim: int, stride: int) -> torch.Tensor:
-    return 1.0 / (10000 ** (torch.arange(0, head_dim, stride, dtype=torch.int64).float() / head_dim))
+@functools.lru_cache(maxsize=None)
+def _inv_freq(head_dim: int, stride: int, device: torch.device) -> torch.Tensor:
+    """RoPE inverse frequencies (head_dim / stride,) float32, computed on the CPU and kept on ``device`` (no host copy
+    per call: a captured CUDA graph's warm-up fills this cache; it never evicts)."""
+    return (1.0 / (10000 ** (torch.arange(0, head_dim, stride, dtype=torch.int64).float() / head_dim))).to(device)
 
 
 def context_rope(position_ids: torch.Tensor, head_dim: int) -> Rope:
     """1-D RoPE of the context tokens: position ids (R, Lc) -> cos, sin (R, Lc, D) float32."""
-    freqs = position_ids.float()[..., None] * _inv_freq(head_dim, 2).to(position_ids.device)
+    freqs = position_ids.float()[..., None] * _inv_freq(head_dim, 2, position_ids.device)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
 
 
-def grid_positions(patch_nums: Tuple[int, ...], largest: int) -> torch.Tensor:
+@functools.lru_cache(maxsize=None)
+def grid_positions(patch_nums: Tuple[int, ...], largest: int, device: torch.device = torch.device("cpu")) -> torch.Tensor:
     """Row/column of every token of the scales ``patch_nums`` on the largest grid: (sum pn^2, 2) float32."""
     parts = []
     for pn in patch_nums:
         r = torch.arange(pn)
         grid = torch.stack(torch.meshgrid(r, r, indexing="ij"), dim=-1)
         parts.append((grid / pn * largest).reshape(-1, 2))
-    return torch.cat(parts, 0)
+    return torch.cat(parts, 0).to(device)
 
 
 def image_rope(positions: torch.Tensor, offset: torch.Tensor, head_dim: int) -> Rope:
     """2-D RoPE of image tokens at ``positions`` (l, 2) shifted by ``offset`` (R,) (the last context position id):
     cos, sin (R, l, D) laid out [row, row, col, col] over D/4 frequencies each."""
     pos = positions.to(offset.device)[None] + offset[:, None, None]  # (R, l, 2) float32
-    inv = _inv_freq(head_dim, 4).to(offset.device)
+    inv = _inv_freq(head_dim, 4, offset.device)
     row, col = pos[..., 0:1] * inv, pos[..., 1:2] * inv
     emb = torch.cat((row, row, col, col), dim=-1)
     return emb.cos(), emb.sin()
@@ -314,6 +319,10 @@ class HARTTransformer(nn.Module):
             raise ValueError("tokenizer does not fit this HART (Cvae, V or patch_nums differ)")
         self.tokenizer_proxy = (tokenizer,)
 
+    def attach_vae(self, vae: HARTTokenizer) -> None:
+        """:meth:`attach_tokenizer` under the name the Engine's placement calls (VAR's)."""
+        self.attach_tokenizer(vae)
+
     @property
     def tokenizer(self) -> HARTTokenizer:
         if not self.tokenizer_proxy:
@@ -400,7 +409,7 @@ class HARTTransformer(nn.Module):
         ropes = [context_rope(pos_ids, self.head_dim)]
         largest = self.patch_nums[-1]
         for pn in self.patch_nums[1:]:
-            ropes.append(image_rope(grid_positions((pn,), largest), offset, self.head_dim))
+            ropes.append(image_rope(grid_positions((pn,), largest, offset.device), offset, self.head_dim))
         lvl_pos = self.lvl_pos()
         qw = self.tokenizer.quantize.embedding.weight
         last = self.patch_nums[-1] ** 2

@@ -1,6 +1,6 @@
 """HART's entry in the family registry (:mod:`ssg_engine.families`). Importing it imports no model code (nor torch):
-each function imports what it needs when it runs. HART has no Engine yet: ``engine=False`` (``generate`` runs the
-reference sampler on every device)."""
+each function imports what it needs when it runs. The Engine runs HART through its request
+(:class:`ssg_engine.families.hart.request.HARTRequest`, bound by ``_engine_bind``)."""
 from __future__ import annotations
 
 from typing import Any, Tuple
@@ -46,6 +46,28 @@ def _generate_reference(model: Any, vae: Any, cond: Any, params: Any, **keywords
     return generate_reference(model, vae, cond, params, **keywords)
 
 
+def _engine_bind(model: Any, cond: Any, params: Any, home: Any, *, upstream_compat: bool = False, residual: bool = True,
+                 **fields: Any) -> Tuple[Any, Any, Any]:
+    """(HARTRequest, text features on ``home``, params) for the Engine; ``upstream_compat=True`` is the reference
+    sampler's alone (one ``ValueError``)."""
+    from .request import hart_request
+    from .sampler import hart_features
+
+    if upstream_compat:
+        raise ValueError("upstream_compat: the Engine draws from its seed tensor; use upstream_compat=False, or the "
+                         "reference sampler (ssg_engine.families.hart.sampler.sample_hart_reference)")
+    request, params = hart_request(model, params, residual=residual, **fields)
+    features = hart_features(cond)
+    return request, type(features)(*(t.to(home) for t in features.tensors())), params
+
+
+def _engine_serves(params: Any, overrides: Any) -> bool:
+    """The Engine feeds hard codes and draws from its seed tensor: ``more_smooth`` and ``upstream_compat`` requests
+    are the reference sampler's."""
+    more_smooth = overrides.get("more_smooth", getattr(params, "more_smooth", False))
+    return not (more_smooth or overrides.get("upstream_compat", False))
+
+
 SPEC = FamilySpec(
     name="hart",
     title="HART",
@@ -62,5 +84,7 @@ SPEC = FamilySpec(
     text_conditional=True,
     owns_tokenizer=_owns_tokenizer,
     resolve_params=_resolve_params,
-    engine=False,
+    engine_bind=_engine_bind,
+    engine_serves=_engine_serves,
+    engine_dtypes=("float32",),  # its heads and diffusion head run in float32, as the reference sampler's
 )

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -88,6 +88,24 @@ class HARTTextFeatures:
     def __getitem__(self, rows: Any) -> "HARTTextFeatures":
         """The prompts ``rows`` (a slice or an index tensor) of these features."""
         return HARTTextFeatures(self.context[rows], self.context_mask[rows], self.context_position_ids[rows])
+
+    def pad_rows(self, b: int) -> "HARTTextFeatures":
+        """These features padded to ``b`` rows with empty prompts (zero context, one token at position 0)."""
+        extra = b - self.batch
+        mask = torch.zeros(extra, self.context_mask.shape[1], dtype=torch.bool, device=self.context_mask.device)
+        mask[:, 0] = True
+        return HARTTextFeatures(torch.cat((self.context, self.context.new_zeros(extra, *self.context.shape[1:]))),
+                                torch.cat((self.context_mask, mask)),
+                                torch.cat((self.context_position_ids, self.context_position_ids.new_zeros(extra, mask.shape[1]))))
+
+    def tensors(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(context, context_mask, context_position_ids): what a captured graph's static buffers are refilled from."""
+        return self.context, self.context_mask, self.context_position_ids
+
+    def static_like(self, device: torch.device) -> "HARTTextFeatures":
+        """Buffers of these features' shapes on ``device`` (empty prompts until refilled from :meth:`tensors`)."""
+        empty = HARTTextFeatures(self.context[:0], self.context_mask[:0], self.context_position_ids[:0]).pad_rows(self.batch)
+        return HARTTextFeatures(*(t.to(device) for t in empty.tensors()))
 
     def condition(self, **options: Any) -> HARTCondition:
         """A :class:`HARTCondition` with these features; ``options``: its other fields (``diffusion_cfg``, ...)."""

@@ -1,0 +1,143 @@
+"""HART bound to one Engine request (:class:`HARTRequest`), as a :class:`ssg_engine.models.family.NextScaleModel`, and
+the Engine's seeded randomness for HART's last scale: the MaskGIT orders and the diffusion head's noise.
+
+Both come from the Engine's seed tensor (1,) int64 through a counter-based hash (:func:`seeded_uniform`: torch integer
+ops on the seed's device, no host read, static shapes), so a captured CUDA graph replays them with a new seed and the
+reference and Triton backends draw the same numbers. They are not the reference sampler's ``torch.Generator`` draws:
+the same distributions, not the same random numbers (as the Engine's token draws).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, List, Optional, Tuple
+
+import torch
+
+from ...models.family import KVStore
+from ...params import HARTParams
+from .model import HARTCondition, HARTState, HARTTransformer
+from .sampler import cfg_weights, upstream_top_k
+from .text import HARTTextFeatures
+
+_MASK32 = 0xFFFFFFFF
+# streams of seeded_uniform: the MaskGIT orders and the diffusion noise (one stream per draw: 2 + 2 * call)
+ORDERS_STREAM, NOISE_STREAM = 1, 2
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (``lowbias32``) of int64 values in [0, 2^32) -> [0, 2^32), elementwise."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def seeded_uniform(seed: torch.Tensor, stream: int, shape: Tuple[int, ...]) -> torch.Tensor:
+    """``u ~ U(0, 1)`` float32 of ``shape`` from ``seed`` (1,) int64 and a stream number: element ``i`` is a hash of
+    (seed, stream, i), never exactly 0 or 1. Deterministic on every device; no host read of ``seed``."""
+    n = math.prod(shape)
+    key = _hash32((seed & _MASK32) ^ _hash32(((seed >> 32) & _MASK32) + stream * 0x9E3779B9 & _MASK32))
+    counter = torch.arange(n, dtype=torch.int64, device=seed.device)
+    bits = _hash32(_hash32((counter & _MASK32) ^ key) ^ ((counter >> 32) + key * 0x27D4EB2F & _MASK32))
+    return ((bits >> 8).float() + 0.5).mul_(1.0 / (1 << 24)).view(shape)
+
+
+def seeded_normal(seed: torch.Tensor, stream: int, shape: Tuple[int, ...]) -> torch.Tensor:
+    """Standard normal float32 of ``shape`` from ``seed`` (Box-Muller on two :func:`seeded_uniform` streams)."""
+    u1, u2 = seeded_uniform(seed, 2 * stream, shape), seeded_uniform(seed, 2 * stream + 1, shape)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
+
+
+class SeededNoise:
+    """The diffusion head's :class:`ssg_engine.families.hart.diffusion.NoiseSource` from the Engine's seed tensor: each
+    draw its own stream (the starting noise, then one per step), counted on the host (static per request)."""
+
+    def __init__(self, seed: torch.Tensor) -> None:
+        self.seed, self.calls = seed, 0
+
+    def _draw(self, shape: Tuple[int, ...]) -> torch.Tensor:
+        self.calls += 1
+        return seeded_normal(self.seed, NOISE_STREAM + self.calls, shape)
+
+    def initial(self, rows: int, channels: int, device: torch.device) -> torch.Tensor:
+        return self._draw((rows, channels)).to(device)
+
+    def step(self, like: torch.Tensor) -> torch.Tensor:
+        return self._draw(tuple(like.shape)).to(device=like.device, dtype=like.dtype)
+
+
+def seeded_orders(seed: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """MaskGIT orders (batch, length) int64: a uniformly random permutation per row (argsort of seeded uniforms)."""
+    return seeded_uniform(seed, ORDERS_STREAM, (batch, length)).argsort(dim=1)
+
+
+@dataclasses.dataclass
+class HARTRequest:
+    """A HART model bound to one Engine request: upstream's per-scale CFG weights (``cfg_ts``) and top-k
+    (``top_ks``), the diffusion head's CFG weight and switch, the MaskGIT passes, and the seed tensor (None until
+    :meth:`seeded`) its orders and noise come from. ``condition`` takes :class:`HARTTextFeatures` (B rows)."""
+
+    model: HARTTransformer
+    weights: List[float]
+    top_ks: List[int]
+    residual: bool = True
+    num_maskgit_iters: int = 1
+    seed: Optional[torch.Tensor] = None
+
+    @property
+    def draw_width(self) -> int:
+        return self.model.V
+
+    def graph_key(self) -> tuple:
+        """What a captured graph bakes in of this request (the CFG weights of the logits are device tensors)."""
+        return tuple(self.top_ks), self.residual, self.num_maskgit_iters, self.weights[-1]
+
+    def cfg_ts(self) -> List[float]:
+        return list(self.weights)
+
+    def seeded(self, seed: torch.Tensor) -> "HARTRequest":
+        """This request drawing its MaskGIT orders and diffusion noise from ``seed`` (1,) int64."""
+        return dataclasses.replace(self, seed=seed)
+
+    def scale_sizes(self) -> List[Tuple[int, int]]:
+        return self.model.scale_sizes()
+
+    def cache_layout(self) -> Tuple[int, int, int, int]:
+        return self.model.cache_layout()
+
+    def condition(self, text: HARTTextFeatures) -> HARTState:
+        if self.seed is None:
+            raise ValueError("HARTRequest.condition needs a seed tensor: call seeded(seed) first")
+        B, last = text.context.shape[0], self.model.patch_nums[-1] ** 2
+        orders = seeded_orders(self.seed, B, last) if self.num_maskgit_iters > 1 else None
+        return self.model.condition(HARTCondition(
+            text.context, text.context_mask, text.context_position_ids, self.weights[-1], SeededNoise(self.seed),
+            self.residual, self.num_maskgit_iters, orders,
+        ))
+
+    def step(self, state: HARTState, si: int, kv: KVStore) -> torch.Tensor:
+        return self.model.step(state, si, kv)
+
+    def next_input(self, state: HARTState, si: int, tokens: torch.Tensor) -> None:
+        self.model.next_input(state, si, tokens)
+
+    def next_input_embeddings(self, state: HARTState, si: int, embeddings: torch.Tensor) -> None:
+        self.model.next_input_embeddings(state, si, embeddings)
+
+    def decode(self, state: HARTState, backend: str = "reference") -> torch.Tensor:
+        return self.model.decode(state, backend)
+
+
+def hart_request(model: HARTTransformer, params: HARTParams, *, residual: bool = True, **fields: Any) -> Tuple[HARTRequest, HARTParams]:
+    """The Engine's request for ``params`` (``fields``: ``HARTParams`` fields over it, ``more_smooth=``,
+    ``num_maskgit_iters=``) and the params its sampler applies (top-k per scale from the request: ``top_k`` 0)."""
+    params = params.replace(**fields) if fields else params
+    if params.more_smooth:
+        raise ValueError("more_smooth: the HART Engine feeds the drawn codes only; use more_smooth=False, or "
+                         "ssg_engine.families.hart.sampler.sample_hart_reference")
+    K = len(model.patch_nums)
+    top_ks = [upstream_top_k(si) if params.top_k is None else params.top_k for si in range(K)]
+    request = HARTRequest(model, cfg_weights(params.cfg, K), top_ks, bool(residual), params.num_maskgit_iters)
+    return request, params
