@@ -167,6 +167,16 @@ def local_model_folder(path: Union[str, Path], what: str, files: str) -> Path:
     return folder
 
 
+def check_loading_info(info: Dict[str, Any], what: str, files: str) -> None:
+    """One ``ValueError`` line naming ``what`` (e.g. "text encoder folder X") unless transformers'
+    ``output_loading_info`` reports every weight loaded: missing or mismatched ones would start from random values."""
+    missing = [k for k in info.get("missing_keys", []) if k]
+    mismatched = [k for k, *_ in info.get("mismatched_keys", [])]
+    if missing or mismatched:
+        first = f"missing {missing[0]}" if missing else f"wrong shape at {mismatched[0]}"
+        raise ValueError(f"{what}: its weights do not fit its config.json ({first}); it must hold {files}")
+
+
 def check_prompts(prompts: Any, what: str = "prompts") -> List[str]:
     """``prompts`` as a list of non-empty strings; else one ``TypeError``/``ValueError`` line naming ``what``."""
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not all(isinstance(p, str) for p in prompts):

@@ -143,3 +143,14 @@ def test_unreadable_or_missing_features_file(tmp_path: Path):
     (tmp_path / "junk.pt").write_text("not a tensor file")
     with pytest.raises(ValueError, match=r"HART text features .*junk.pt: not a torch.save file"):
         HARTTextFeatures.load(tmp_path / "junk.pt")
+
+
+def test_loading_info_with_missing_or_mismatched_weights_is_one_error():
+    """Both text encoders refuse a folder whose weights transformers would partly start from random values."""
+    from ssg_engine.validation import check_loading_info
+
+    check_loading_info({"missing_keys": [], "mismatched_keys": []}, "text model folder X", "its files")
+    with pytest.raises(ValueError, match=r"^text model folder X: its weights do not fit its config.json \(missing a.w\); it must hold its files$"):
+        check_loading_info({"missing_keys": ["a.w"], "mismatched_keys": []}, "text model folder X", "its files")
+    with pytest.raises(ValueError, match=r"wrong shape at b.w"):
+        check_loading_info({"missing_keys": [], "mismatched_keys": [("b.w", (2,), (3,))]}, "text model folder X", "its files")

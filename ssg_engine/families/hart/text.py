@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ...validation import check_feature_tensor, check_prompts, local_model_folder
+from ...validation import check_feature_tensor, check_loading_info, check_prompts, local_model_folder
 from .model import HARTCondition
 
 MAX_LENGTH = 300  # sample.py --max_token_length
@@ -162,11 +162,7 @@ class Qwen2TextEncoder:
         except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ValueError(f"text model folder {folder}: cannot load it ({first}); it must hold {_WEIGHTS}") from None
-        missing = [k for k in info.get("missing_keys", []) if k]
-        mismatched = [k for k, *_ in info.get("mismatched_keys", [])]
-        if missing or mismatched:  # transformers would start them from random values
-            first = f"missing {missing[0]}" if missing else f"wrong shape at {mismatched[0]}"
-            raise ValueError(f"text model folder {folder}: its weights do not fit its config.json ({first}); it must hold {_WEIGHTS}")
+        check_loading_info(info, f"text model folder {folder}", _WEIGHTS)
         if self.tokenizer.pad_token_id is None:
             raise ValueError(f"text model folder {folder}: the tokenizer has no pad token (Qwen2's is <|endoftext|>); it must hold {_WEIGHTS}")
         self.device = torch.device(device)

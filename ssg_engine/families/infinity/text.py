@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...data import prompt_words
-from ...validation import check_prompts, field_type_problem, local_model_folder
+from ...validation import check_loading_info, check_prompts, field_type_problem, local_model_folder
 from .model import TextFeatures
 
 MAX_LENGTH = 512  # upstream's tokenizer max_length (= the released models' text_maxlen)
@@ -199,11 +199,7 @@ class T5TextEncoder:
         except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ValueError(f"text encoder folder {folder}: cannot load it ({first}); it must hold {_WEIGHTS}") from None
-        missing = [k for k in info.get("missing_keys", []) if k]
-        mismatched = [k for k, *_ in info.get("mismatched_keys", [])]
-        if missing or mismatched:  # transformers would start them from random values
-            first = f"missing {missing[0]}" if missing else f"wrong shape at {mismatched[0]}"
-            raise ValueError(f"text encoder folder {folder}: its weights do not fit its config.json ({first}); it must hold {_WEIGHTS}")
+        check_loading_info(info, f"text encoder folder {folder}", _WEIGHTS)
         if len(self.tokenizer) > model.config.vocab_size:
             raise ValueError(f"text encoder folder {folder}: the tokenizer has {len(self.tokenizer)} tokens but the model embeds "
                              f"{model.config.vocab_size}; give the tokenizer files of the same model")
