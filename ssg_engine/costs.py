@@ -78,7 +78,7 @@ from .kernels.ssg_guidance import ssg_guidance_reference
 from .loading import build_models
 
 if TYPE_CHECKING:
-    from .families.hart.config import HARTConfig
+    from .families.hart.config import HARTConfig, HARTTokenizerConfig
 
 # The sampler kernel's passes over a row (kernels/sampling.py) for top-k 900 / top-p 0.96 at
 # V = 4096: row max/min, 17 top-k and 12 top-p bisection passes on average (Gaussian logits,
@@ -87,6 +87,8 @@ if TYPE_CHECKING:
 SAMPLING_PASSES = 33
 
 PATHS = ("floor", "fused", "unfused")
+# The peak a dtype's matmuls run at (float32 matmuls: CUDA cores, as torch's default allow_tf32=False).
+PRECISIONS = {torch.bfloat16: "bf16", torch.float16: "bf16", torch.float32: "fp32"}
 # Seconds per kernel launch (module docstring): eager PyTorch dispatch + launch, and a node of a CUDA graph.
 LAUNCH_US = {"eager": 4.0, "graph": 1.5}
 
@@ -140,19 +142,20 @@ GPUS: Dict[str, GPU] = {
 
 
 class _TrafficCounter(TorchFunctionMode):
-    """Bytes read and written by the calls in ``_COUNTED`` (tensor arguments and result)."""
+    """Bytes read and written by the calls in ``_COUNTED`` (tensor arguments and result), and how many calls."""
 
     _COUNTED = (F.linear, F.conv2d, F.scaled_dot_product_attention, torch.bmm)
 
     def __init__(self) -> None:
         super().__init__()
-        self.bytes = 0
+        self.bytes, self.calls = 0, 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func in self._COUNTED:
             tensors = [a for a in (*args, *(kwargs or {}).values(), out) if isinstance(a, torch.Tensor)]
             self.bytes += sum(t.numel() * t.element_size() for t in tensors)
+            self.calls += 1
         return out
 
 
@@ -226,12 +229,17 @@ def _traffic(fn, fuse_silu: bool = False) -> Tuple[int, int, object]:
     return counter.bytes, counter.launches, out
 
 
-def fused_block_kernels(batch2: int, tokens: int, seen: int, C: int, hidden: int, heads: int, elem: int) -> List[Tuple[str, int]]:
+def fused_block_kernels(
+    batch2: int, tokens: int, seen: int, C: int, hidden: int, heads: int, elem: int, gated: bool = False,
+) -> List[Tuple[str, int]]:
     """(kernel, bytes) of one transformer block over ``tokens`` new tokens of ``batch2`` rows attending to ``seen``
     cached tokens, with issue #20's fused kernels; ``elem`` bytes per element. Weights (C_out, C_in) and biases are
-    read once per GEMM; the modulation vectors (scale, shift, gamma: (batch2, C) each) once per kernel."""
+    read once per GEMM; the modulation vectors (scale, shift, gamma: (batch2, C) each) once per kernel. ``gated``: a
+    SwiGLU MLP (HART's ``mlp_type="llama"``, no biases): the first GEMM reads the gate and up weights (2 x hidden x C)
+    and writes ``silu(gate) * up``."""
     R, vec = batch2 * tokens, batch2 * C
     act = R * C
+    fc1 = elem * (act + 2 * hidden * C + R * hidden) if gated else elem * (act + hidden * C + hidden + R * hidden)
     return [
         ("ln_modulate_1", elem * (act + 2 * vec + act)),  # x, scale1, shift1 -> h
         ("qkv_gemm", elem * (act + 3 * C * C + 3 * C + 3 * act)),  # h, W, packed bias -> qkv
@@ -239,25 +247,37 @@ def fused_block_kernels(batch2: int, tokens: int, seen: int, C: int, hidden: int
         ("attention", elem * (act + 2 * batch2 * seen * C + act)),  # q, K/V cache slice -> o
         ("proj_gemm_gated_residual", elem * (act + C * C + C + act + vec + act)),  # o, W, b, x, gamma1 -> x
         ("ln_modulate_2", elem * (act + 2 * vec + act)),
-        ("fc1_gemm_gelu", elem * (act + hidden * C + hidden + R * hidden)),  # h, W, b -> gelu(.)
+        ("fc1_gemm_gelu", fc1),  # h, W, b -> gelu(.) (gated: h, W_gate, W_up -> silu(.) * .)
         ("fc2_gemm_gated_residual", elem * (R * hidden + C * hidden + C + act + vec + act)),  # a, W, b, x, gamma2 -> x
     ]
 
 
-def upstream_block(block: torch.nn.Module, x: torch.Tensor, mod: torch.Tensor, past: int) -> torch.Tensor:
+def upstream_block(block: torch.nn.Module, x: torch.Tensor, mod: torch.Tensor, past: int, rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Upstream's block on x (2B, l, C) with modulation (2B, 1, 6, C): the qkv bias and q scale rebuilt per call,
-    a ``torch.cat`` KV cache holding ``past`` tokens that the new keys/values are concatenated to."""
+    a ``torch.cat`` KV cache holding ``past`` tokens that the new keys/values are concatenated to. ``rope``: HART's
+    block (cos, sin (2B, l, D), applied by its ``qkv``)."""
     rows, _, C = x.shape
     heads = block.attn.num_heads
     cached = x.new_empty(rows, heads, past, C // heads)
 
     def attend(h: torch.Tensor) -> torch.Tensor:
-        q, k, v = block.attn.qkv(h)
+        q, k, v = block.attn.qkv(h) if rope is None else block.attn.qkv(h, rope)
         if past:
             k, v = torch.cat((cached, k), dim=2), torch.cat((cached, v), dim=2)
         return block.attn.attend(q, k, v, None)
 
-    return block.forward_modulated(x, mod, attend)
+    return (block if rope is not None else block.forward_modulated)(x, mod, attend)
+
+
+def _on_path(cost: StageCost, path: str, fn, fused: Optional[Tuple[float, int]] = None, fuse_silu: bool = False) -> StageCost:
+    """``cost`` with the path's bytes and launches: counted op by op from ``fn`` on the unfused path, ``fused``
+    (bytes, launches) or else ``fn`` counted op by op on the fused path, as measured on the floor."""
+    if path == "unfused" or (path == "fused" and fused is None):
+        nbytes, launches, _ = _traffic(fn, fuse_silu)
+        return dataclasses.replace(cost, bytes=float(nbytes), launches=launches)
+    if path == "fused":
+        return dataclasses.replace(cost, bytes=float(fused[0]), launches=fused[1])
+    return cost
 
 
 def _measured(stage: str, scale: Optional[int], precision: str, fn) -> Tuple[StageCost, object]:
@@ -304,12 +324,153 @@ def hart_diffusion_cost(cfg: "HARTConfig", batch: int, Cvae: int = 32, dtype: to
     def run() -> torch.Tensor:
         return head.sample(z, cfg=4.5, noise=GeneratorNoise(None))
 
-    with torch.no_grad():
-        cost, _ = _measured("diffusion head", len(cfg.patch_nums) - 1, "bf16" if dtype != torch.float32 else "tf32", run)
+    with torch.no_grad(), _TrafficCounter() as linears:
+        cost, _ = _measured("diffusion head", len(cfg.patch_nums) - 1, PRECISIONS[dtype], run)
     if path == "unfused":
         nbytes, launches, _ = _traffic(run)
         cost = dataclasses.replace(cost, bytes=float(nbytes), launches=launches)
+    elif path == "fused":  # the floor's bytes; one kernel per GEMM (its elementwise chain fused) + one update per step
+        cost = dataclasses.replace(cost, launches=linears.calls + head.schedule.num_steps)
     return cost
+
+
+def hart_stage_costs(
+    cfg: "HARTConfig", batch: int, dtype: torch.dtype = torch.bfloat16, ssg: bool = True, path: str = "floor",
+    num_maskgit_iters: int = 1, tokenizer: Optional["HARTTokenizerConfig"] = None,
+) -> Tuple[StageCost, ...]:
+    """Every stage of one batch of ``batch`` HART images (2B transformer rows), in the HART Engine's order, with the
+    tokenizer ``tokenizer`` (default ``HARTTokenizerConfig()``) decoding in ``dtype`` (float32 as TF32):
+
+    * ``conditioning`` (once): the context's RMSNorm and embedding over 2B x ``context_token`` rows, the pooled AdaLN
+      modulations of every block and the head's;
+    * scale 0: ``blocks`` over the ``context_token`` context tokens (they attend to each other), ``head`` on the last
+      context position; every later scale ``k``: ``blocks`` over its ``pn_k^2`` tokens attending to the cache (the
+      last scale: one pass per MaskGIT group, ``num_maskgit_iters``, each attending to the context, the earlier scales
+      and the groups before it), ``head`` (float32 in the Engine, ``dtype`` here), ``guidance`` (CFG ramp + SSG prior
+      from scale 1 on), ``sampling``, ``next input`` (codebook, the tokenizer's refinement, ``word_embed`` + level
+      embedding; the last scale: the diffusion head's condition ``decoder_norm(hidden + word_embed(codes))``);
+    * ``diffusion head`` (last scale, :func:`hart_diffusion_cost` on the same path), ``decode`` (once).
+
+    FLOPs, bytes and launches per ``path`` as :func:`stage_costs` (the unfused block is upstream's, its ``torch.cat``
+    KV cache included; the fused block :func:`fused_block_kernels` with a SwiGLU MLP for ``mlp_type="llama"``).
+    The model is built on the meta device each call."""
+    from .families.hart.config import HARTTokenizerConfig  # noqa: PLC0415 (costs sits above the families)
+    from .families.hart.model import HARTCondition, HARTTransformer, LlamaMLP, maskgit_groups  # noqa: PLC0415
+    from .families.hart.tokenizer import HARTTokenizer  # noqa: PLC0415
+
+    if not isinstance(batch, int) or batch <= 0:
+        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    if not isinstance(num_maskgit_iters, int) or num_maskgit_iters < 1:
+        raise ValueError(f"num_maskgit_iters must be a positive integer, got {num_maskgit_iters!r}")
+    precision = PRECISIONS[dtype]
+    with torch.device("meta"):
+        tok = HARTTokenizer(HARTTokenizerConfig() if tokenizer is None else tokenizer, cfg.patch_nums)
+        model = HARTTransformer(cfg, tok).to(dtype)
+    model.word_embed.float()  # it embeds the float32 latent (the tokenizer stays float32), as in the Engine
+    meta = dict(device="meta", dtype=dtype)
+    B, rows, C, H, K, Lc, V = batch, 2 * batch, cfg.embed_dim, cfg.num_heads, len(cfg.patch_nums), cfg.context_token, model.V
+    D, elem, last = C // H, torch.empty(0, dtype=dtype).element_size(), cfg.patch_nums[-1] ** 2
+    ffn = model.blocks[0].ffn
+    gated = isinstance(ffn, LlamaMLP)
+    hidden = ffn.gate_proj.out_features if gated else ffn.fc1.out_features
+    costs: List[StageCost] = []
+
+    def add(cost: StageCost, fn, fused: Optional[Tuple[float, int]] = None, fuse_silu: bool = False) -> None:
+        costs.append(_on_path(cost, path, fn, fused, fuse_silu))
+
+    ctx = torch.empty(B, Lc, cfg.context_dim, **meta)
+    mask = torch.ones(B, Lc, dtype=torch.bool, device="meta")
+    orders = torch.arange(last, device="meta").expand(B, last) if num_maskgit_iters > 1 else None
+    condition = lambda: model.condition(HARTCondition(ctx, mask, num_maskgit_iters=num_maskgit_iters, maskgit_orders=orders))  # noqa: E731
+    cost, state = _measured("conditioning", None, precision, condition)
+    add(cost, condition)
+    mod, scale, shift = state.modulations[0], state.head_scale.to(dtype), state.head_shift.to(dtype)
+    if num_maskgit_iters > 1:
+        passes = [g.shape[1] for g in maskgit_groups(torch.arange(last).expand(1, last), num_maskgit_iters)]
+    else:
+        passes = [last]
+    block = model.blocks[0]
+    prev_cfg: Optional[torch.Tensor] = None
+    for si, pn in enumerate(cfg.patch_nums):
+        begin, end = model.begin_ends[si]
+        cos, sin = (t.to(dtype) for t in state.ropes[si])
+        parts = [(end - begin, begin)] if si < K - 1 else [(n, begin + sum(passes[:i])) for i, n in enumerate(passes)]
+        blocks = StageCost("blocks", si, 0.0, 0.0, precision)
+        for tokens, start in parts:  # the blocks are identical in shape: one is measured, counted ``depth`` times
+            x = torch.empty(rows, tokens, C, **meta)
+            rope = (cos[:, :tokens], sin[:, :tokens])
+            seen = start + tokens
+
+            def block_forward(x=x, rope=rope, seen=seen):  # the Engine's block over a static cache of ``seen`` tokens
+                def attend(h):
+                    q, _, _ = block.attn.qkv(h, rope)
+                    cache = torch.empty(rows, H, seen, D, **meta)
+                    return block.attn.attend(q, cache, cache, None)
+
+                return block(x, mod, attend)
+
+            cost, _ = _measured("blocks", si, precision, block_forward)
+            append = 4 * rows * tokens * C * elem  # k, v read and written into the cache
+            nbytes, launches = (cost.bytes + append) * cfg.depth, 0
+            if path == "unfused":
+                counted, launches, _ = _traffic(lambda x=x, rope=rope, start=start: upstream_block(block, x, mod, start, rope))
+                nbytes, launches = counted * cfg.depth, launches * cfg.depth
+            elif path == "fused":
+                kernels = fused_block_kernels(rows, tokens, seen, C, hidden, H, elem, gated=gated)
+                nbytes, launches = sum(b for _, b in kernels) * cfg.depth, len(kernels) * cfg.depth
+            blocks = dataclasses.replace(blocks, flops=blocks.flops + cost.flops * cfg.depth, bytes=blocks.bytes + float(nbytes),
+                                         launches=blocks.launches + launches)
+        costs.append(blocks)
+        tokens = 1 if si == 0 else pn * pn
+        h = torch.empty(rows, tokens, C, **meta)
+        head = lambda h=h: model.head(model.head_nm(h, scale, shift))  # noqa: E731
+        act, logits = rows * tokens * C, rows * tokens * V
+        head_fused = elem * (act + 2 * rows * C + act) + elem * (act + V * C + V + logits)  # LN+modulate, GEMM
+        add(_measured("head", si, precision, head)[0], head, (head_fused, 2))
+        prev_tokens = cfg.patch_nums[si - 1] ** 2 if si else 0
+        prior = ssg and si > 0
+        operator = torch.empty(tokens, prev_tokens, device="meta") if prior else None
+        logits_2B = torch.empty(rows, tokens, V, device="meta")
+        guided = torch.empty(B, tokens, V, device="meta")
+
+        def guide(logits_2B=logits_2B, prev=prev_cfg, operator=operator):
+            return ssg_guidance_reference(logits_2B, prev if operator is not None else None, operator, 4.5, 1.0 if operator is not None else 0.0)
+
+        cost = guidance_cost(B, tokens, prev_tokens, V, si, prior=prior)
+        add(cost, guide, (cost.bytes, 1))
+        prev_cfg = torch.empty(B, tokens, V, device="meta")
+        cost = sampling_cost(B * tokens, V, si)
+        add(cost, lambda g=guided: sample_logits_reference(g.view(-1, V), 600, 0.0, 1.0, None), (cost.bytes, 1))
+        codes = torch.zeros(B, tokens, dtype=torch.long, device="meta")
+        if si == K - 1:
+            state.hidden, state.hard_tokens = torch.empty(rows, tokens, C, **meta), codes
+
+            def next_input(state=state, codes=codes):  # the diffusion head's condition, then the latent update
+                d = model.word_embed(tok.quantize.embedding(codes))
+                z = model.decoder_norm(state.hidden + torch.cat([d, d], dim=0))
+                state.f_hat = state.f_hat + tok.quantize.embedding(codes).transpose(1, 2).reshape(B, -1, pn, pn)
+                return z
+        else:
+            def next_input(state=state, si=si, codes=codes):
+                model.next_input_embeddings(state, si, tok.quantize.embedding(codes))
+                return state.x
+
+        cost, _ = _measured("next input", si, "tf32", next_input)
+        add(cost, next_input)
+    costs.append(hart_diffusion_cost(cfg, batch, model.Cvae, dtype, path))
+    tok.post_quant_conv.to(dtype)
+    tok.decoder.to(dtype)
+    f_hat = torch.empty(B, model.Cvae, cfg.patch_nums[-1], cfg.patch_nums[-1], **meta)
+    decode = lambda: tok.fhat_to_img(f_hat)  # noqa: E731
+    cost = _measured("decode", None, "tf32" if dtype == torch.float32 else precision, decode)[0]
+    if path == "fused":
+        nbytes, launches, _ = _traffic(decode, fuse_silu=True)
+        costs.append(dataclasses.replace(cost, bytes=float(nbytes), launches=launches))
+    else:
+        add(cost, decode)
+    return tuple(costs)
 
 
 @functools.lru_cache(maxsize=64)
@@ -332,8 +493,7 @@ def stage_costs(
         raise ValueError(f"batch must be positive, got {batch}")
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    precisions = {torch.bfloat16: "bf16", torch.float16: "bf16", torch.float32: "fp32"}
-    precision = precisions[dtype]
+    precision = PRECISIONS[dtype]
     vae_dtype = dtype if vae_dtype is None else vae_dtype
     vae, var = build_models(cfg, "meta")
     var, quant = var.to(dtype), vae.quantize
@@ -343,14 +503,7 @@ def stage_costs(
     costs: List[StageCost] = []
 
     def add(cost: StageCost, fn, fused: Optional[Tuple[float, int]] = None, fuse_silu: bool = False) -> None:
-        """Append ``cost`` with the path's bytes and launches: counted op by op from ``fn`` on the unfused path,
-        ``fused`` (bytes, launches) or else ``fn`` counted op by op on the fused path, as measured on the floor."""
-        if path == "unfused" or (path == "fused" and fused is None):
-            nbytes, launches, _ = _traffic(fn, fuse_silu)
-            cost = dataclasses.replace(cost, bytes=float(nbytes), launches=launches)
-        elif path == "fused":
-            cost = dataclasses.replace(cost, bytes=float(fused[0]), launches=fused[1])
-        costs.append(cost)
+        costs.append(_on_path(cost, path, fn, fused, fuse_silu))
 
     def conditioning():
         cond = var.class_emb(torch.zeros(rows, dtype=torch.long, device="meta"))
@@ -422,7 +575,7 @@ def stage_costs(
         add(cost, next_input)
     vae.post_quant_conv.to(vae_dtype)
     vae.decoder.to(vae_dtype)
-    decode_precision = "tf32" if vae_dtype == torch.float32 else precisions[vae_dtype]
+    decode_precision = "tf32" if vae_dtype == torch.float32 else PRECISIONS[vae_dtype]
     decode = lambda: vae.fhat_to_img(f_hat.to(vae_dtype))  # noqa: E731
     cost = _measured("decode", None, decode_precision, decode)[0]
     if path == "fused":

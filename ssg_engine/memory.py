@@ -1,7 +1,7 @@
 """Memory plans: the bytes one Engine batch holds, computed from a config before loading anything, and the largest
-batch that fits a device. :class:`MemoryPlan` is shared by both families (VAR's plan is ``ssg_engine.plan.plan``);
+batch that fits a device. :class:`MemoryPlan` is shared by the families (VAR's plan is ``ssg_engine.plan.plan``);
 :func:`infinity_plan` is Infinity's, used by ``ssg_engine.plan`` and by the Engine's guard (it refuses a batch the
-plan says will not fit, before allocating).
+plan says will not fit, before allocating); :func:`hart_plan` is HART's (its docstring says what its lines count).
 
 Infinity, ``B`` images (``2B`` rows: the Engine always runs CFG's two halves), schedule with ``L`` tokens, last scale
 ``l`` tokens (``H x W`` latent), width ``C``, ``d`` bits, text padded to ``T = text_maxlen``:
@@ -25,6 +25,10 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from .families.hart.config import PRESETS as HART_PRESETS
+from .families.hart.config import HARTConfig, HARTTokenizerConfig
+from .families.hart.model import HARTTransformer, LlamaMLP
+from .families.hart.tokenizer import HARTTokenizer
 from .families.infinity.model import INFINITY_PRESETS, InfinityConfig, InfinityTransformer, as_schedule
 from .families.infinity.tokenizer import BSQVAE, BSQVAEConfig
 
@@ -46,7 +50,8 @@ def module_bytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
 @dataclasses.dataclass(frozen=True)
 class MemoryPlan:
     """Bytes held by the Engine for one batch (see ``ssg_engine.plan`` and this module's docstring for what each line
-    counts); ``condition`` is what the batch's conditioning holds for the whole loop (Infinity's text keys/values)."""
+    counts); ``condition`` is what the batch's conditioning holds for the whole loop (Infinity's text keys/values,
+    HART's modulations and RoPE tables); ``diffusion`` is the peak of HART's diffusion head at the last scale."""
 
     batch: int
     dtype: torch.dtype
@@ -56,20 +61,23 @@ class MemoryPlan:
     activations: int
     decode: int
     condition: int = 0
+    diffusion: int = 0
 
     @property
     def total(self) -> int:
-        """Peak: weights + KV cache + condition + the larger of (last-scale logits + activations) and the decode."""
-        return self.weights + self.kv_cache + self.condition + max(self.logits + self.activations, self.decode)
+        """Peak: weights + KV cache + condition + the largest of (last-scale logits + activations), the diffusion head
+        and the decode (they run one after the other)."""
+        return self.weights + self.kv_cache + self.condition + max(self.logits + self.activations, self.diffusion, self.decode)
 
     def fits(self, gpu_bytes: int) -> bool:
         return self.total + CONTEXT_BYTES <= gpu_bytes
 
     def table(self, gpu_bytes: Union[int, None] = None) -> str:
         rows = [("weights", self.weights), ("KV cache", self.kv_cache)]
-        rows += [("condition (text keys/values)", self.condition)] if self.condition else []
-        rows += [("logits (last scale)", self.logits), ("activations (one block, last scale)", self.activations),
-                 ("VAE decode", self.decode), ("peak total", self.total)]
+        rows += [("condition (text, modulations, RoPE)", self.condition)] if self.condition else []
+        rows += [("logits (last scale)", self.logits), ("activations (one block, last scale)", self.activations)]
+        rows += [("diffusion head (last scale)", self.diffusion)] if self.diffusion else []
+        rows += [("VAE decode", self.decode), ("peak total", self.total)]
         lines = [f"batch {self.batch}, {str(self.dtype).removeprefix('torch.')}"]
         lines += [f"  {name:<38} {value / GiB:8.2f} GiB" for name, value in rows]
         if gpu_bytes is not None:
@@ -110,6 +118,60 @@ def infinity_plan(
         logits=(2 * rows * last + 2 * batch * last + batch * prev) * two_d * 4,
         activations=int(rows * last * (6 + 2 * cfg.mlp_ratio) * C * size),
         decode=4 * batch * vae_cfg.base_ch * vae_cfg.decoder_ch_mult[0] * H * W * size,
+    )
+
+
+def hart_plan(
+    config: Union[str, HARTConfig], batch: int, dtype: torch.dtype = torch.float32, tokenizer: Optional[HARTTokenizerConfig] = None,
+) -> MemoryPlan:
+    """The memory plan of ``batch`` images of HART ``config`` (a preset name such as ``"hart_0.7b_1024px"`` or a
+    ``HARTConfig``) by an Engine in ``dtype`` (the HART Engine runs float32), with the hybrid tokenizer ``tokenizer``
+    (default: ``HARTTokenizerConfig()``, the released layout). ``B`` images, ``2B`` rows (CFG), ``S`` = context tokens
+    plus every scale after the first (``config.seq_len``; the MaskGIT passes fill the last scale's positions), last
+    scale ``l`` tokens, width ``C``, vocabulary ``V``, diffusion width ``W``:
+
+    - weights: the transformer with its diffusion head, and the tokenizer, every tensor in ``dtype`` (float32: what
+      the Engine holds; counted on the meta device);
+    - KV cache: K and V for every layer, ``2B`` rows, ``S`` tokens, ``C`` (exact: the Engine's static cache);
+    - condition: what the batch's state (``HARTTransformer.condition``) holds for the whole loop: the AdaLN
+      modulations ``depth * 2B * 6C``, the head's scale and shift ``2 * 2B * C``, the level embeddings ``S * C`` (in
+      ``dtype``), the RoPE cos/sin tables of every position ``2 * 2B * S * head_dim`` and the latent ``B * Cvae *
+      pn_last^2`` (float32) (exact);
+    - logits: at the last scale the head's ``(2B, l, V)`` float32 output, the guided and CFG logits ``(B, l, V)`` and
+      the previous scale's ``(B, l_prev, V)`` kept for the prior (as VAR's);
+    - activations: one block over the last scale, ``2B * l * (6C + k * hidden)`` elements (``k`` = 2 for the GELU
+      MLP, 3 for SwiGLU's gate, up and product), plus the scale's input and hidden states ``2 * 2B * l * C`` kept by
+      the state (an estimate, as VAR's);
+    - diffusion: the head over the last scale's ``N = 2B * l`` rows: the hidden states, their condition and its norm
+      (``3C``) and one res-block's live tensors (``x``, the step's condition, the AdaLN output ``3W``, the modulated
+      input, the MLP's hidden layer and its SiLU: ``8W``), ``N * (3C + 8W)`` elements (an estimate);
+    - decode: the tokenizer decoder's peak, four feature maps of its full-resolution level (``4 * B * ch * ch_mult[0] *
+      (16 pn_last)^2`` elements, an estimate as VAR's).
+    """
+    cfg = HART_PRESETS[config] if isinstance(config, str) and config in HART_PRESETS else config
+    if not isinstance(cfg, HARTConfig):
+        raise TypeError(f"config must be a HART preset name ({', '.join(HART_PRESETS)}) or a HARTConfig; got {config!r}")
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch <= 0:
+        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    tok_cfg = HARTTokenizerConfig() if tokenizer is None else tokenizer
+    with torch.device("meta"):
+        tok = HARTTokenizer(tok_cfg, cfg.patch_nums)
+        model = HARTTransformer(cfg, tok)
+    ffn = model.blocks[0].ffn
+    hidden, k = (ffn.gate_proj.out_features, 3) if isinstance(ffn, LlamaMLP) else (ffn.fc1.out_features, 2)
+    size, B, rows, C, V, S = itemsize(dtype), batch, 2 * batch, cfg.embed_dim, model.V, cfg.seq_len
+    last, prev = cfg.patch_nums[-1] ** 2, cfg.patch_nums[-2] ** 2
+    side = cfg.patch_nums[-1] * 2 ** (len(tok_cfg.ch_mult) - 1)
+    return MemoryPlan(
+        batch=batch,
+        dtype=dtype,
+        weights=module_bytes(model, dtype) + module_bytes(tok, dtype),
+        kv_cache=2 * cfg.depth * rows * S * C * size,
+        condition=(cfg.depth * rows * 6 * C + 2 * rows * C + S * C) * size + (2 * rows * S * model.head_dim + B * model.Cvae * last) * 4,
+        logits=(rows * last + 2 * B * last + B * prev) * V * 4,
+        activations=rows * last * (6 * C + k * hidden + 2 * C) * size,
+        diffusion=rows * last * (3 * C + 8 * cfg.diff_width) * size,
+        decode=4 * B * tok_cfg.ch * tok_cfg.ch_mult[0] * side * side * size,
     )
 
 

@@ -214,3 +214,95 @@ def test_hart_diffusion_head_flops_by_hand(steps, batch):
     assert unfused.flops == floor.flops and unfused.bytes > 2 * floor.bytes and unfused.launches > 0
     with pytest.raises(ValueError, match="path must be one of"):
         costs.hart_diffusion_cost(cfg, batch, path="fast")
+
+
+# ----------------------------------------------------------------------------- HART's transformer, end to end
+
+
+def _hart_golden(name):
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from ssg_engine.families.hart.loading import load_hart
+    from ssg_engine.families.hart.text import HARTTextFeatures
+
+    folder = Path(__file__).parent / "golden" / "hart" / name
+    model, tok = load_hart(folder)
+    g = load_file(str(folder / "golden.safetensors"))
+    return model, tok, HARTTextFeatures(g["ctx.tensor"], g["ctx.mask"], g["ctx.position_ids"])
+
+
+def _hart_block_flops_by_hand(cfg, batch, passes):
+    """Per block and pass of ``t`` new tokens attending to ``s``: 2 FLOPs per weight per row (qkv 3C^2, proj C^2, the
+    MLP's two or three matrices) plus attention 4 * t * s * C per row; 2B rows; ``depth`` blocks."""
+    from ssg_engine.families.hart.model import Block
+
+    C, rows = cfg.embed_dim, 2 * batch
+    with torch.device("meta"):
+        ffn = Block(cfg).ffn
+    mlp = sum(p.numel() for n, p in ffn.named_parameters() if n.endswith("weight"))
+    return cfg.depth * sum(2 * rows * t * (4 * C * C + mlp) + 4 * rows * t * s * C for t, s in passes)
+
+
+@pytest.mark.parametrize("name,iters", [("a_d2", 1), ("b_d3", 3)])
+def test_hart_stage_flops_against_the_engine_under_a_flop_counter(name, iters):
+    """The counted FLOPs of every HART stage (meta device) against two independent counts: torch's FLOP counter on a
+    real CPU Engine run of the golden tiny model (attention on SDPA's math path, so that every attention matmul is
+    counted) and the blocks by hand (context tokens at scale 0, every scale, the MaskGIT passes). Left over: the
+    bicubic upsampling, which the meta device decomposes into small matmuls (< 0.2%)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ssg_engine.engine import Engine
+    from ssg_engine.families.hart.model import maskgit_groups
+    from ssg_engine.params import HARTParams
+
+    model, tok, text = _hart_golden(name)
+    cfg, B = model.config, text.batch
+    engine = Engine(model, tok, max_batch=4, device="cpu", dtype=torch.float32, backend="reference")
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        engine.generate(text, HARTParams(cfg=2.0, seed=0, ssg=None, num_maskgit_iters=iters))
+    real = counter.get_total_flops()
+
+    stages = costs.hart_stage_costs(cfg, B, torch.float32, ssg=False, num_maskgit_iters=iters, tokenizer=tok.hart_config)
+    last = cfg.patch_nums[-1] ** 2
+    groups = [g.shape[1] for g in maskgit_groups(torch.arange(last).expand(1, last), iters)] if iters > 1 else [last]
+    passes, seen = [(cfg.context_token, cfg.context_token)], cfg.context_token
+    for pn in cfg.patch_nums[1:-1]:
+        seen += pn * pn
+        passes.append((pn * pn, seen))
+    for n in groups:
+        seen += n
+        passes.append((n, seen))
+    assert seen == cfg.seq_len and len(passes) == len(cfg.patch_nums) - 1 + len(groups)
+    blocks = sum(s.flops for s in by_stage(stages, "blocks"))
+    assert blocks == _hart_block_flops_by_hand(cfg, B, passes)
+    counted = sum(s.flops for s in stages if s.stage not in ("guidance", "sampling"))  # formulas, not matmuls
+    assert real > 0 and abs(counted - real) / real < 2e-3, (counted, real)
+    assert {s.stage for s in stages} == {"conditioning", "blocks", "head", "guidance", "sampling", "next input", "diffusion head", "decode"}
+
+
+@pytest.mark.slow
+def test_hart_07b_end_to_end_paths():
+    """The 0.7B preset at B=1: the diffusion head is one of the stages, the same FLOPs on every path, the fused path
+    reads less than the unfused one and launches fewer kernels, the blocks dominate the floor, float32 (the Engine
+    today) is slower than bfloat16 on the H100 and SSG adds guidance cost only."""
+    from ssg_engine.families.hart.config import PRESETS
+
+    cfg = PRESETS["hart_0.7b_1024px"]
+    floor, fused, unfused = (costs.hart_stage_costs(cfg, 1, path=p) for p in costs.PATHS)
+    assert by_stage(floor, "diffusion head")[0] == costs.hart_diffusion_cost(cfg, 1)
+    assert sum(s.flops for s in floor) == sum(s.flops for s in fused) == sum(s.flops for s in unfused)
+    assert sum(s.bytes for s in fused) < sum(s.bytes for s in unfused)
+    assert 0 < sum(s.launches for s in fused) < sum(s.launches for s in unfused)
+    h100 = costs.GPUS["h100"]
+    r = costs.roofline(floor, h100)
+    assert max(r.by_stage().items(), key=lambda kv: kv[1][2])[0] == "blocks"
+    assert costs.roofline(costs.hart_stage_costs(cfg, 1, torch.float32), h100).seconds > r.seconds
+    plain = costs.hart_stage_costs(cfg, 1, ssg=False)
+    assert [s.flops for s in plain if s.stage != "guidance"] == [s.flops for s in floor if s.stage != "guidance"]
+    with pytest.raises(ValueError, match="num_maskgit_iters"):
+        costs.hart_stage_costs(cfg, 1, num_maskgit_iters=0)
+    with pytest.raises(ValueError, match="batch must be a positive integer"):
+        costs.hart_stage_costs(cfg, 0)

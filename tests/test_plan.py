@@ -154,7 +154,7 @@ def test_plan_command_infinity(capsys):
 
     assert main(["plan", "--preset", "infinity_2b", "--pn", "1M", "--h-div-w", "1.0", "--batch-size", "16", "--gpu-memory", "80"]) == 0
     out = capsys.readouterr().out
-    assert "KV cache" in out and "condition (text keys/values)" in out and "does NOT fit in 80.0 GiB" in out
+    assert "KV cache" in out and "condition (text, modulations, RoPE)" in out and "does NOT fit in 80.0 GiB" in out
     assert "largest batch that fits: 11" in out
     for argv, flag in ((["--preset", "infinity_2b", "--pn", "9M"], "--pn"), (["--preset", "d16", "--pn", "1M"], "--pn"),
                        (["--preset", "infinity_2b", "--gpu", "h100"], "--gpu")):

@@ -1,6 +1,7 @@
 """``ssg-engine plan``: the memory one Engine batch needs (weights, KV cache, logits, activations, decode), whether it
-fits a GPU and the largest batch that does, and (``--gpu``, VAR) its roofline floor from the cost model, before
-loading anything. VAR presets or a config JSON; Infinity presets with ``--pn`` and ``--h-div-w``."""
+fits a GPU and the largest batch that does, and (``--gpu``, VAR and HART) its roofline floor from the cost model,
+before loading anything. VAR presets or a config JSON; Infinity presets with ``--pn`` and ``--h-div-w``; HART presets
+(float32, its Engine's dtype; the diffusion head's buffers are a line of their own)."""
 from __future__ import annotations
 
 import argparse
@@ -15,19 +16,22 @@ PLAN_MAX_BYTES = 2**50  # 1 PiB: far above any GPU, and small enough that every 
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from ..families.hart.config import PRESETS as HART_PRESETS
     from ..families.infinity.model import INFINITY_PRESETS
     from ..families.var.config import ModelConfig
     from ..memory import largest_batch
     from ..plan import GiB, plan
 
-    infinity = args.preset in INFINITY_PRESETS
+    infinity, hart = args.preset in INFINITY_PRESETS, args.preset in HART_PRESETS and not args.config
     if not infinity and (args.pn is not None or args.h_div_w is not None):
-        raise UsageError(f"--pn/--h-div-w: Infinity presets only ({', '.join(INFINITY_PRESETS)}); VAR's scales are in its config")
+        raise UsageError(f"--pn/--h-div-w: Infinity presets only ({', '.join(INFINITY_PRESETS)}); VAR's and HART's scales are in their config")
     if infinity and args.gpu:
-        raise UsageError("--gpu: the roofline (ssg_engine.costs) covers VAR presets only; drop --gpu for an Infinity preset")
-    config = ModelConfig.from_json(args.config) if args.config else args.preset if infinity else ModelConfig.preset(args.preset)
+        raise UsageError("--gpu: the roofline (ssg_engine.costs) covers VAR and HART presets; drop --gpu for an Infinity preset")
+    if hart and args.dtype not in (None, "float32"):
+        raise UsageError(f"--dtype {args.dtype}: the HART Engine runs at float32; drop --dtype for a HART preset")
+    config = ModelConfig.from_json(args.config) if args.config else args.preset if infinity or hart else ModelConfig.preset(args.preset)
     family = dict(pn=parse_pn(args.pn), h_div_w=args.h_div_w or 1.0) if infinity else {}
-    dtype = DTYPES[args.dtype]
+    dtype = DTYPES[args.dtype or ("float32" if hart else "bfloat16")]
     try:
         memory = plan(config, args.batch_size, dtype, **family)
     except ValueError as e:  # an --h-div-w or --pn not in Infinity's table
@@ -40,9 +44,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if gpu_bytes is not None:
         print(f"largest batch that fits: {largest_batch(lambda b: plan(config, b, dtype, **family), gpu_bytes)}")
     if args.gpu:
-        from ..costs import GPUS, roofline, stage_costs
+        from ..costs import GPUS, hart_stage_costs, roofline, stage_costs
 
-        r = roofline(stage_costs(config, args.batch_size, dtype), GPUS[args.gpu])
+        stages = hart_stage_costs(HART_PRESETS[config], args.batch_size, dtype) if hart else stage_costs(config, args.batch_size, dtype)
+        r = roofline(stages, GPUS[args.gpu])
         name, (_, _, seconds, compute) = max(r.by_stage().items(), key=lambda item: item[1][2])
         print(f"roofline floor on {r.gpu.name}: {r.seconds * 1e3:.2f} ms per batch ({args.batch_size / r.seconds:.1f} img/s); "
               f"largest stage: {name} ({seconds / r.seconds:.0%} of the floor, {compute / seconds:.0%} of it compute-bound)")
@@ -50,19 +55,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Any) -> None:
+    from ..families.hart.config import PRESETS as HART_PRESETS
     from ..families.infinity.model import INFINITY_PRESETS
 
     p = sub.add_parser("plan", help="memory of one Engine batch (weights, KV cache, logits, activations, decode); does it fit a GPU?")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--preset", default="d16", choices=VAR_PRESETS + list(INFINITY_PRESETS), help="public model (default d16)")
+    g.add_argument("--preset", default="d16", choices=VAR_PRESETS + list(INFINITY_PRESETS) + list(HART_PRESETS),
+                   help="public model (default d16)")
     g.add_argument("--config", help="VAR model config JSON instead of a preset")
     p.add_argument("--batch-size", type=int_arg(1), default=64, help="images per batch (CFG doubles the rows)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16",
-                   help="the model's dtype (VAR: the VQ-VAE decodes in it; Infinity: its linear weights and autocast)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="the model's dtype (default bfloat16; VAR: the VQ-VAE decodes in it; Infinity: its linear weights "
+                        "and autocast; HART: float32 only, its Engine's)")
     p.add_argument("--pn", default=None, help="Infinity: number of scales or 0.06M | 0.25M | 0.60M | 1M (default: 1M)")
     p.add_argument("--h-div-w", type=float_arg(0.1, 10.0), default=None, help="Infinity: height / width, one of its ratios (default 1.0)")
     p.add_argument("--gpu-memory", type=float_arg(0.5, 1e5), default=None,
                    help="GPU memory in GiB: say whether the batch fits, and the largest batch that does")
     p.add_argument("--gpu", choices=["h200", "h100", "a100", "rtx4090"], default=None,
-                   help="VAR: also print the roofline floor on this GPU (ssg_engine.costs: FLOPs and bytes per stage)")
+                   help="VAR and HART: also print the roofline floor on this GPU (ssg_engine.costs: FLOPs and bytes per stage)")
     p.set_defaults(func=cmd_plan)

@@ -128,8 +128,31 @@ class HARTTokenizerConfig:
         )
 
 
-# Presets: the 14-scale 1024-px schedule and 300 context tokens of hart-0.7b-1024px (upstream's README and sample.py).
-# The widths are not checked against the released config.json here; load that file when you have it (loading.py).
+# The released hart-0.7b-1024px ``llm/config.json`` was never available here (nor quoted anywhere we could search), so
+# every number of the preset says where it comes from; ``load_hart`` reads the real file and wins over this preset.
+HART_0_7B_1024PX = HARTConfig(
+    # upstream: sample.py / app.py ``--max_token_length`` default 300 (the text is padded to it: context tokens)
+    context_token=300,
+    # upstream: the text encoder's width (README/sample.py: Qwen2-VL-1.5B-Instruct, a Qwen2-1.5B with hidden size 1536)
+    context_dim=1536,
+    # the last side, 64, is upstream's: 1024 px over the tokenizer's 16x downsampling (``ch_mult`` of five levels);
+    # the 13 sides before it are our estimate (upstream's code defaults to VAR's 256-px schedule; no 1024-px list is
+    # in its code or README), the same as our HARTTokenizerConfig's ``v_patch_nums``
+    patch_nums=(1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64),
+    # our estimate: width = the context width (1536), 64-dim heads (VAR's and upstream's default head size: 24 heads),
+    # and the depth at which the checkpoint's name holds: 16 blocks give 732.5M parameters with the 36.6M diffusion
+    # head (24 blocks, this preset before, gave 1.07B, not a "0.7b")
+    embed_dim=1536, num_heads=24, depth=16,
+    # upstream: the text-to-image model is "llama-style" (attention with 2-D RoPE, RMSNorm; the paper); the SwiGLU MLP
+    # (``mlp_type="llama"``) is our estimate: at width 1536 it has the GELU MLP's parameters and FLOPs to 0.01%
+    mlp_type="llama", attn_type="llama", attn_l2_norm=True, mlp_ratio=4.0,
+    # upstream: HARTForT2IConfig's defaults; the diffusion head has 36.6M parameters at them (README: "37M")
+    diff_width=1024, diff_depth=6, num_sampling_steps="8",
+    # our estimate (unchecked, no effect on costs or memory beyond a few KB): context RMSNorm and the timestep level
+    # embedding on, as the tiny golden configuration a_d2
+    use_context_norm=True, use_timestep_embed=True,
+)
+
 PRESETS: Dict[str, HARTConfig] = {
-    "hart_0.7b_1024px": HARTConfig(),
+    "hart_0.7b_1024px": HART_0_7B_1024PX,
 }
