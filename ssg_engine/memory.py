@@ -21,7 +21,8 @@ Infinity, ``B`` images (``2B`` rows: the Engine always runs CFG's two halves), s
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional, Sequence, Union
+import functools
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -121,6 +122,19 @@ def infinity_plan(
     )
 
 
+@functools.lru_cache(maxsize=16)
+def _hart_layout(cfg: HARTConfig, tokenizer: HARTTokenizerConfig, dtype: torch.dtype) -> Tuple[int, int, int, int, int]:
+    """(weight bytes of the transformer and tokenizer in ``dtype``, the MLP's hidden width, its hidden tensors per
+    token (2 GELU, 3 SwiGLU), vocabulary, codebook channels), counted on the meta device (cached: a bisection over
+    the batch asks for the same config many times)."""
+    with torch.device("meta"):
+        tok = HARTTokenizer(tokenizer, cfg.patch_nums)
+        model = HARTTransformer(cfg, tok)
+    ffn = model.blocks[0].ffn
+    hidden, k = (ffn.gate_proj.out_features, 3) if isinstance(ffn, LlamaMLP) else (ffn.fc1.out_features, 2)
+    return module_bytes(model, dtype) + module_bytes(tok, dtype), hidden, k, model.V, model.Cvae
+
+
 def hart_plan(
     config: Union[str, HARTConfig], batch: int, dtype: torch.dtype = torch.float32, tokenizer: Optional[HARTTokenizerConfig] = None,
 ) -> MemoryPlan:
@@ -154,20 +168,16 @@ def hart_plan(
     if not isinstance(batch, int) or isinstance(batch, bool) or batch <= 0:
         raise ValueError(f"batch must be a positive integer, got {batch!r}")
     tok_cfg = HARTTokenizerConfig() if tokenizer is None else tokenizer
-    with torch.device("meta"):
-        tok = HARTTokenizer(tok_cfg, cfg.patch_nums)
-        model = HARTTransformer(cfg, tok)
-    ffn = model.blocks[0].ffn
-    hidden, k = (ffn.gate_proj.out_features, 3) if isinstance(ffn, LlamaMLP) else (ffn.fc1.out_features, 2)
-    size, B, rows, C, V, S = itemsize(dtype), batch, 2 * batch, cfg.embed_dim, model.V, cfg.seq_len
+    weights, hidden, k, V, Cvae = _hart_layout(cfg, tok_cfg, dtype)
+    size, B, rows, C, S, D = itemsize(dtype), batch, 2 * batch, cfg.embed_dim, cfg.seq_len, cfg.embed_dim // cfg.num_heads
     last, prev = cfg.patch_nums[-1] ** 2, cfg.patch_nums[-2] ** 2
     side = cfg.patch_nums[-1] * 2 ** (len(tok_cfg.ch_mult) - 1)
     return MemoryPlan(
         batch=batch,
         dtype=dtype,
-        weights=module_bytes(model, dtype) + module_bytes(tok, dtype),
+        weights=weights,
         kv_cache=2 * cfg.depth * rows * S * C * size,
-        condition=(cfg.depth * rows * 6 * C + 2 * rows * C + S * C) * size + (2 * rows * S * model.head_dim + B * model.Cvae * last) * 4,
+        condition=(cfg.depth * rows * 6 * C + 2 * rows * C + S * C) * size + (2 * rows * S * D + B * Cvae * last) * 4,
         logits=(rows * last + 2 * B * last + B * prev) * V * 4,
         activations=rows * last * (6 * C + k * hidden + 2 * C) * size,
         diffusion=rows * last * (3 * C + 8 * cfg.diff_width) * size,

@@ -161,3 +161,80 @@ def test_plan_command_infinity(capsys):
         assert main(["plan", *argv]) == 2
         err = capsys.readouterr().err
         assert flag in err and err.count("\n") == 1, err
+
+
+# ----------------------------------------------------------------------------- HART
+
+
+@torch.no_grad()
+def test_hart_plan_matches_the_engine():
+    """The exact lines (weights, KV cache of the context tokens and every scale, the state's condition) equal what the
+    float32 HART Engine holds after a batch of the golden a_d2 model, with one MaskGIT pass and with three (the passes
+    fill the last scale's positions: the same cache)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from ssg_engine.families.hart.loading import load_hart
+    from ssg_engine.families.hart.text import HARTTextFeatures
+    from ssg_engine.memory import hart_plan
+    from ssg_engine.params import HARTParams
+
+    folder = Path(__file__).parent / "golden" / "hart" / "a_d2"
+    model, tok = load_hart(folder)
+    g = load_file(str(folder / "golden.safetensors"))
+    text = HARTTextFeatures(g["ctx.tensor"], g["ctx.mask"], g["ctx.position_ids"])
+    B, cfg = text.batch, model.config
+    p = hart_plan(cfg, B, tokenizer=tok.hart_config)
+    assert plan(cfg, B).kv_cache == p.kv_cache == 2 * cfg.depth * 2 * B * cfg.seq_len * cfg.embed_dim * 4
+    for iters in (1, 3):
+        engine = Engine(model, tok, max_batch=B, device="cpu", dtype=torch.float32, backend="reference")
+        engine.generate(text, HARTParams(cfg=2.0, seed=0, num_maskgit_iters=iters))
+        assert engine.kv_cache_bytes() == p.kv_cache
+    held = sum(t.numel() * t.element_size() for m in (engine.model, engine.vae) for t in list(m.parameters()) + list(m.buffers()))
+    assert p.weights == held
+    request, cond, _ = engine.bind(text, HARTParams(cfg=2.0))
+    state = request.seeded(torch.zeros(1, dtype=torch.long)).condition(cond)
+    tensors = [*state.modulations, state.head_scale, state.head_shift, state.lvl_pos, state.f_hat] + [t for r in state.ropes for t in r]
+    assert p.condition == sum(t.numel() * t.element_size() for t in tensors)
+    last, prev = cfg.patch_nums[-1] ** 2, cfg.patch_nums[-2] ** 2
+    assert p.logits == (2 * B * last + 2 * B * last + B * prev) * model.V * 4
+    assert p.total == p.weights + p.kv_cache + p.condition + max(p.logits + p.activations, p.diffusion, p.decode)
+
+
+def test_hart_07b_kv_per_row_and_largest_batch():
+    """hart_0.7b_1024px (float32, 300 context tokens + 9451 image tokens = 9750 positions, 16 blocks of width 1536):
+    1.79 GiB of KV cache per image (two cache rows); the largest batch fits, one more does not."""
+    from ssg_engine.families.hart.config import PRESETS
+    from ssg_engine.memory import largest_batch
+
+    cfg = PRESETS["hart_0.7b_1024px"]
+    one = plan("hart_0.7b_1024px", 1)
+    assert cfg.seq_len == 9750 and one.kv_cache == 2 * 16 * 2 * 9750 * 1536 * 4
+    assert one.diffusion > 0 and one.weights > 4 * 0.7e9
+    for gib in (80, 141):
+        n = largest_batch(lambda b: plan("hart_0.7b_1024px", b), gib * GiB)
+        assert n > 1 and plan("hart_0.7b_1024px", n).fits(gib * GiB) and not plan("hart_0.7b_1024px", n + 1).fits(gib * GiB)
+    assert largest_batch(lambda b: plan(cfg, b), 80 * GiB) < largest_batch(lambda b: plan(cfg, b), 141 * GiB)
+
+
+def test_hart_plan_bad_input():
+    with pytest.raises(ValueError, match="HART Engine runs at float32"):
+        plan("hart_0.7b_1024px", 1, torch.bfloat16)
+    with pytest.raises(ValueError, match="pn apply to VAR and Infinity"):
+        plan("hart_0.7b_1024px", 1, pn="1M")
+    with pytest.raises(ValueError, match="batch must be a positive integer"):
+        plan("hart_0.7b_1024px", 0)
+
+
+def test_plan_command_hart(capsys):
+    from ssg_engine.cli import main
+
+    assert main(["plan", "--preset", "hart_0.7b_1024px", "--batch-size", "64", "--gpu-memory", "80", "--gpu", "h100"]) == 0
+    out = capsys.readouterr().out
+    assert "float32" in out and "diffusion head (last scale)" in out and "does NOT fit in 80.0 GiB" in out
+    assert "largest batch that fits: " in out and "roofline floor on H100 SXM" in out
+    for argv, flag in ((["--dtype", "bfloat16"], "--dtype"), (["--pn", "1M"], "--pn")):
+        assert main(["plan", "--preset", "hart_0.7b_1024px", *argv]) == 2
+        err = capsys.readouterr().err
+        assert flag in err and err.count("\n") == 1, err
