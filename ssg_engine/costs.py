@@ -1,4 +1,5 @@
-"""Cost model of one batch of VAR sampling: FLOPs and bytes per stage, and the roofline time on a GPU.
+"""Cost model of one batch of VAR sampling (and of HART's, :func:`hart_stage_costs`: its context tokens, MaskGIT
+passes and diffusion head): FLOPs and bytes per stage, and the roofline time on a GPU.
 
 Stages, in the order :class:`ssg_engine.engine.Engine` runs them:
 
@@ -43,7 +44,7 @@ Paths (``stage_costs(..., path=...)``; FLOPs are the same on every path, bytes a
 
 Not counted on the unfused path: upstream's float32 weights re-cast under fp16 autocast at every use and its
 AdaLN conditioning recomputed at every scale (``bench/bench_e2e.py``'s upstream_shaped arm has both): it is the
-reference loop in the transformer's dtype. VAR only: Infinity's blocks (RoPE, cross-attention) are not modelled.
+reference loop in the transformer's dtype. VAR and HART: Infinity's blocks (cross-attention) are not modelled.
 
 Launch overhead (:func:`predicted`): ``launches x LAUNCH_US[mode]``, 4 us per launch eagerly (host-bound
 PyTorch dispatch + ``cudaLaunchKernel``), 1.5 us inside a CUDA graph (the GPU-side gap between graph nodes);
@@ -55,6 +56,7 @@ VQ-VAE convolutions, which cuDNN runs in TF32 by default, fp32 CUDA cores for th
 kernels), and the batch takes the sum.
 
     python -m ssg_engine.costs --preset d16 --batch-size 16 --gpu h200
+    python -m ssg_engine.costs --preset hart_0.7b_1024px --batch-size 1 --gpu h100 --path fused
     python -m ssg_engine.costs --report bench/results/cost_model.md
 """
 from __future__ import annotations
@@ -334,6 +336,7 @@ def hart_diffusion_cost(cfg: "HARTConfig", batch: int, Cvae: int = 32, dtype: to
     return cost
 
 
+@functools.lru_cache(maxsize=16)
 def hart_stage_costs(
     cfg: "HARTConfig", batch: int, dtype: torch.dtype = torch.bfloat16, ssg: bool = True, path: str = "floor",
     num_maskgit_iters: int = 1, tokenizer: Optional["HARTTokenizerConfig"] = None,
@@ -690,25 +693,68 @@ def _share(r: Roofline, names: Sequence[str]) -> Tuple[float, float]:
     return t / r.seconds, (c / t if t else 0.0)
 
 
-def _hart_diffusion_section(batches: Sequence[int]) -> List[str]:
-    """The report's section on HART's residual diffusion head (its floor and upstream's eager head)."""
-    from .families.hart.config import PRESETS as HART_PRESETS  # noqa: PLC0415 (costs sits above the families)
+# GPU memory of the report's HART plan (datasheet capacity, GiB): H100 SXM 80 GB, H200 SXM 141 GB.
+HBM_GIB = {"h100": 80, "h200": 141}
 
-    name = "hart_0.7b_1024px"
+
+def _hart_section(name: str, gpus: Sequence[str] = ("h100", "h200")) -> List[str]:
+    """The report's HART end-to-end section: transformer + diffusion head + decode per path, dtype and batch, the
+    memory plan's largest batch, and what the diffusion head weighs."""
+    from .families.hart.config import PRESETS as HART_PRESETS  # noqa: PLC0415 (costs sits above the families)
+    from .memory import GiB, hart_plan, largest_batch  # noqa: PLC0415
+
     cfg = HART_PRESETS[name]
+    lines = [
+        "", f"## HART end to end ({name}: {cfg.depth} blocks of width {cfg.embed_dim}, {cfg.context_token} context tokens, "
+        f"{len(cfg.patch_nums)} scales to {cfg.patch_nums[-1]}x{cfg.patch_nums[-1]}, one MaskGIT pass)", "",
+        "Counted by `hart_stage_costs` (`ssg_engine/costs.py`): the context tokens at scale 0, every scale, the last scale's",
+        "MaskGIT passes, CFG's 2B rows, SSG prior on, the diffusion head (8 steps, `hart_diffusion_cost`) and the tokenizer's",
+        "decode; paths, launches and ms as in the VAR table above. The HART Engine runs float32 today (matmuls on fp32 CUDA",
+        "cores, decode TF32): its rows are what it can reach; the bf16 rows are what a bf16 HART Engine would. The preset's",
+        "depth and MLP are estimates (`families/hart/config.py` says each number's source). Shares are of the floor.", "",
+        "| dtype | B | GPU | TFLOP / img | floor ms | fused ms | fused +graph | unfused ms | unfused +eager | "
+        "launches fused / unfused | blocks | diffusion head | decode | rest |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rest = ("conditioning", "head", "guidance", "sampling", "next input")
+    for dtype, batch in ((torch.bfloat16, 1), (torch.bfloat16, 16), (torch.float32, 1)):
+        floor, fused, unfused = (hart_stage_costs(cfg, batch, dtype, path=p) for p in PATHS)
+        launches = [sum(s.launches for s in st) for st in (fused, unfused)]
+        for key in gpus:
+            gpu = GPUS[key]
+            r = roofline(floor, gpu)
+            ms = [predicted(floor, gpu), predicted(fused, gpu), predicted(fused, gpu, "graph"), predicted(unfused, gpu),
+                  predicted(unfused, gpu, "eager")]
+            shares = " | ".join(f"{_share(r, names)[0]:.0%}" for names in (("blocks",), ("diffusion head",), ("decode",), rest))
+            lines.append(f"| {str(dtype).removeprefix('torch.')} | {batch} | {gpu.name} | {r.flops / batch / 1e12:.1f} | "
+                         + " | ".join(f"{t * 1e3:.1f}" for t in ms) + f" | {launches[0]} / {launches[1]} | {shares} |")
+    fits = ", ".join(f"{largest_batch(lambda b: hart_plan(cfg, b), HBM_GIB[k] * GiB)} on {GPUS[k].name} ({HBM_GIB[k]} GiB)" for k in gpus)
+    one = hart_plan(cfg, 1)
+    lines += [
+        "", f"Memory plan (`ssg-engine plan --preset {name}`, float32, `ssg_engine.memory.hart_plan`): {one.weights / GiB:.2f} GiB "
+        f"of weights, {one.kv_cache / GiB:.2f} GiB of KV cache per image ({cfg.seq_len} positions x {cfg.depth} layers x 2 rows); "
+        f"largest batch per GPU: {fits}.",
+    ]
+    return lines + _hart_diffusion_section(cfg, name, (1, 64), gpus)
+
+
+def _hart_diffusion_section(cfg: "HARTConfig", name: str, batches: Sequence[int], gpus: Sequence[str]) -> List[str]:
+    """The report's section on HART's residual diffusion head (its floor and upstream's eager head)."""
+    e2e = roofline(hart_stage_costs(cfg, 1, path="fused"), GPUS["h100"])
+    head_share = _share(e2e, ("diffusion head",))
     lines = [
         "", f"## HART's residual diffusion head ({name}: {cfg.diff_depth} blocks of width {cfg.diff_width}, "
         f"{cfg.num_sampling_steps} steps, CFG)", "",
         "Counted by `hart_diffusion_cost` (`ssg_engine/costs.py`): the head on the meta device, bf16, every step over",
         f"2B x {cfg.patch_nums[-1]}^2 rows. `unfused` is upstream's eager head op by op (its LayerNorm, modulate, SiLU and",
-        "gate chains around the GEMMs); the fused head would read and write what the floor counts. The transformer's",
-        "widths in this preset are not checked against the released config.json (not available here).", "",
+        "gate chains around the GEMMs); the fused head would read and write what the floor counts. The head does not",
+        "depend on the transformer's depth (its condition is the transformer's width, 1536).", "",
         "| B | GPU | TFLOP / img | floor GB | floor ms | unfused GB | unfused launches | unfused ms (roofline) | unfused / floor |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for batch in batches:
         floor, unfused = hart_diffusion_cost(cfg, batch), hart_diffusion_cost(cfg, batch, path="unfused")
-        for key in ("h100", "h200"):
+        for key in gpus:
             f, u = roofline([floor], GPUS[key]), roofline([unfused], GPUS[key])
             lines.append(f"| {batch} | {GPUS[key].name} | {floor.flops / batch / 1e12:.2f} | {floor.bytes / 1e9:.1f} | "
                          f"{f.seconds * 1e3:.2f} | {unfused.bytes / 1e9:.1f} | {unfused.launches} | {u.seconds * 1e3:.2f} | "
@@ -721,7 +767,9 @@ def _hart_diffusion_section(batches: Sequence[int]) -> List[str]:
         "with the norm's affine folded into the modulation), the second MLP GEMM + gated residual",
         "(`matmul_gated_residual`), and the first MLP GEMM + SiLU (`matmul_gelu`'s tile loop with a SiLU epilogue,",
         "not written yet). Per-token conditioning `cond_embed(z)` is the same at every step (upstream recomputes it:",
-        "about 4% of the head's FLOPs) and can be computed once per batch.",
+        "about 4% of the head's FLOPs) and can be computed once per batch. End to end (bf16, B=1, fused, H100 SXM) the",
+        f"head is {head_share[0]:.0%} of the floor ({head_share[1]:.0%} of it compute-bound): the transformer's blocks,",
+        "not the head, set HART's time.",
     ]
     return lines
 
@@ -755,7 +803,7 @@ def report(presets: Sequence[str] = tuple(PRESET_DEPTHS), batches: Sequence[int]
                     f"{batch / r.seconds:.1f} | {cells} | {r.seconds / roofline(plain, gpu).seconds - 1:.2%} |"
                 )
     lines += _paths_section([p for p in ("d16", "d30") if p in presets], (1, 64), ("h100", "h200"))
-    lines += _hart_diffusion_section((1, 64))
+    lines += _hart_section("hart_0.7b_1024px")
     for preset in presets:
         for batch in batches:
             lines += ["", f"## {preset}, B={batch}, {GPUS['h200'].name}", ""]
@@ -764,8 +812,10 @@ def report(presets: Sequence[str] = tuple(PRESET_DEPTHS), batches: Sequence[int]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    ap = argparse.ArgumentParser(description="Per-stage FLOPs, bytes and roofline time of one batch of VAR sampling.")
-    ap.add_argument("--preset", default="d16", choices=list(PRESET_DEPTHS))
+    from .families.hart.config import PRESETS as HART_PRESETS  # noqa: PLC0415 (costs sits above the families)
+
+    ap = argparse.ArgumentParser(description="Per-stage FLOPs, bytes and roofline time of one batch of VAR or HART sampling.")
+    ap.add_argument("--preset", default="d16", choices=list(PRESET_DEPTHS) + list(HART_PRESETS))
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--gpu", default="h200", choices=list(GPUS))
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -777,7 +827,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         Path(args.report).write_text(report())
         print(f"wrote {args.report}")
         return
-    stages = stage_costs(ModelConfig.preset(args.preset), args.batch_size, getattr(torch, args.dtype), ssg=not args.no_ssg, path=args.path)
+    dtype = getattr(torch, args.dtype)
+    if args.preset in HART_PRESETS:
+        stages = hart_stage_costs(HART_PRESETS[args.preset], args.batch_size, dtype, ssg=not args.no_ssg, path=args.path)
+    else:
+        stages = stage_costs(ModelConfig.preset(args.preset), args.batch_size, dtype, ssg=not args.no_ssg, path=args.path)
     r = roofline(stages, GPUS[args.gpu])
     print(f"{args.preset}, B={args.batch_size}, {args.dtype}, SSG {'off' if args.no_ssg else 'on'}, {r.gpu.name}, path {args.path}")
     print("\n".join(_stage_table(r, args.batch_size)))
