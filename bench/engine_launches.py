@@ -13,7 +13,12 @@ configurations (``ssg_engine.kernels.launch_config``) and, per run, the configur
     python bench/engine_launches.py --quick --out /tmp/aot             # a few runs (the CI test)
 
 Infinity runs under ``torch.autocast`` of the fake tensors' device (CPU here, CUDA on a GPU); both autocast
-policies run its linear layers, so its logits, in ``dtype`` (the only autocast-dependent kernel input).
+policies run its linear layers, so its logits, in ``dtype`` (the only autocast-dependent kernel input). HART
+(``hart_0.7b_1024px``'s shapes) runs float32, its Engine's only dtype; its ``top_k`` None is upstream's per-scale
+top-k (600, then 300), its release setting.
+
+    python bench/engine_launches.py --family hart --out bench/results/aot   # HART's runs only; the file's other
+                                                                           # runs and configurations are kept
 """
 from __future__ import annotations
 
@@ -41,7 +46,12 @@ from ssg_engine.kernels import config_key, record_launches  # noqa: E402
 from ssg_engine.loading import build_models  # noqa: E402
 from ssg_engine.families.infinity.tokenizer import BSQVAE, BSQVAEConfig  # noqa: E402
 from ssg_engine.families.infinity.model import INFINITY_PRESETS, RATIO_TABLE, InfinityConfig, InfinityTransformer, PaddedText, TextFeatures  # noqa: E402
-from ssg_engine.params import SamplingParams  # noqa: E402
+from ssg_engine.families.hart.config import PRESETS as HART_PRESETS  # noqa: E402
+from ssg_engine.families.hart.config import HARTTokenizerConfig  # noqa: E402
+from ssg_engine.families.hart.model import HARTTransformer  # noqa: E402
+from ssg_engine.families.hart.text import HARTTextFeatures  # noqa: E402
+from ssg_engine.families.hart.tokenizer import HARTTokenizer  # noqa: E402
+from ssg_engine.params import HARTParams, SamplingParams  # noqa: E402
 from ssg_engine.pipeline import guidance_schedule  # noqa: E402
 
 MAX_BATCH = 64
@@ -61,18 +71,20 @@ OTHERS = (  # the default setting (bf16, B = 64, SSG, eager and graph): same sha
 SHAPES = SWEPT + CORE + OTHERS
 FILTERS = ((0, 0.0), (1, 0.0), (900, 0.0), (0, 0.96), (900, 0.96))  # (top_k, top_p)
 DEFAULT_FILTER = (900, 0.96)
+HART = ("hart", "hart_0.7b_1024px", "", 1.0)  # one shape class (V = 4096, 14 scales to 64x64)
+HART_FILTERS = ((None, 0.0), (None, 0.96), (0, 0.0), (1, 0.0), (900, 0.96))  # None: upstream's top-k per scale
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
     """One ``run_batch`` of the Engine."""
 
-    family: str  # "var" | "infinity"
+    family: str  # "var" | "infinity" | "hart"
     preset: str
     dtype: str
     bucket: int
     ssg: bool
-    top_k: int
+    top_k: Optional[int]  # HART: None = upstream's per-scale top-k
     top_p: float
     graph: bool  # the captured graph's schedule (device cfg/beta) instead of the eager one (numbers)
     pn: str = ""  # Infinity: total pixels and aspect ratio of the schedule
@@ -82,6 +94,16 @@ class Run:
         shape = f" {self.pn} h/w={self.h_div_w}" if self.family == "infinity" else ""
         return (f"{self.preset}{shape} B={self.bucket} {self.dtype} {'ssg' if self.ssg else 'no ssg'} "
                 f"top_k={self.top_k} top_p={self.top_p} {'graph' if self.graph else 'eager'}")
+
+
+def hart_runs() -> List[Run]:
+    """HART (float32): every bucket with SSG and upstream's filter, SSG off at B = 1 and 64, every filter at B = 64;
+    eager and graph."""
+    buckets = [1 << i for i in range(MAX_BATCH.bit_length())]
+    settings = [(b, True, HART_FILTERS[0]) for b in buckets] + [(b, False, HART_FILTERS[0]) for b in (1, MAX_BATCH)]
+    settings += [(MAX_BATCH, ssg, f) for ssg in (False, True) for f in HART_FILTERS[1:]]
+    family, preset, pn, ratio = HART
+    return [Run(family, preset, "float32", b, ssg, k, p, graph, pn, ratio) for (b, ssg, (k, p)), graph in itertools.product(settings, (False, True))]
 
 
 def all_runs(quick: bool = False) -> List[Run]:
@@ -106,7 +128,7 @@ def all_runs(quick: bool = False) -> List[Run]:
         for (dtype, bucket, ssg, (top_k, top_p)), graph in itertools.product(settings, (False, True)):
             family, preset, pn, ratio = shape
             runs[Run(family, preset, dtype, bucket, ssg, top_k, top_p, graph, pn, ratio)] = None
-    return sorted(runs, key=lambda r: (SHAPES.index((r.family, r.preset, r.pn, r.h_div_w)), r.dtype))
+    return sorted(runs, key=lambda r: (SHAPES.index((r.family, r.preset, r.pn, r.h_div_w)), r.dtype)) + hart_runs()
 
 
 @contextlib.contextmanager
@@ -124,6 +146,10 @@ def build_engine(family: str, preset: str, dtype: torch.dtype) -> Engine:
     with torch.device("cpu"):
         if family == "var":
             vae, model = build_models(ModelConfig.preset(preset).replace(depth=TWIN_DEPTH), device="cpu")
+        elif family == "hart":
+            cfg = dataclasses.replace(HART_PRESETS[preset], depth=TWIN_DEPTH)
+            vae = HARTTokenizer(HARTTokenizerConfig(v_patch_nums=cfg.patch_nums), cfg.patch_nums)
+            model = HARTTransformer(cfg, vae)
         else:
             cfg = dataclasses.replace(InfinityConfig.preset(preset), depth=TWIN_DEPTH, block_chunks=1)
             model, vae = InfinityTransformer(cfg), BSQVAE(BSQVAEConfig(codebook_dim=cfg.codebook_dim))
@@ -132,14 +158,22 @@ def build_engine(family: str, preset: str, dtype: torch.dtype) -> Engine:
 
 def run_once(engine: Engine, run: Run) -> None:
     """``engine.run_batch`` as ``Engine.generate`` (eager) or a captured graph (``run.graph``) calls it."""
-    params = SamplingParams(top_k=run.top_k, top_p=run.top_p, ssg=SSG() if run.ssg else None)
-    if engine.infinity:
+    ssg = SSG() if run.ssg else None
+    if run.family == "hart":
+        with unset_fake_temporarily():  # bind checks the features' values: real, small (a 7-token prompt, padded)
+            mask = torch.zeros(run.bucket, engine.model.context_token, dtype=torch.bool)
+            mask[:, :7] = True
+            text = HARTTextFeatures(torch.zeros(run.bucket, engine.model.context_token, engine.model.context_embed.in_features), mask)
+            model, cond, params = engine.bind(text, HARTParams(cfg=4.5, top_k=run.top_k, top_p=run.top_p, ssg=ssg))
+    elif engine.infinity:
+        params = SamplingParams(top_k=run.top_k, top_p=run.top_p, ssg=ssg)
         with unset_fake_temporarily():  # bind checks the features' values (finite): real, small
             text = TextFeatures(torch.zeros(7 * run.bucket, engine.model.Ct5), [7] * run.bucket)
             model, cond, params = engine.bind(text, params, pn=run.pn, h_div_w=run.h_div_w)
         if run.graph:  # what Engine.bind gives a graph-capturing engine
             cond = PaddedText.pad(cond, engine.model.config.text_maxlen)
     else:
+        params = SamplingParams(top_k=run.top_k, top_p=run.top_p, ssg=ssg)
         model, cond = engine.model, torch.zeros(run.bucket, dtype=torch.long)  # bind checks label values: no data here
     if params.ssg is not None:  # prior operators are built from data (DCT, nonzero): build them (cached) for real
         with unset_fake_temporarily():
@@ -176,11 +210,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench/results/aot", help="writes engine_launches.json here")
     ap.add_argument("--quick", action="store_true", help="a few runs (the CI test)")
+    ap.add_argument("--family", choices=["var", "infinity", "hart"], default=None,
+                    help="this family's runs only; the existing engine_launches.json's other runs and configurations are kept")
     args = ap.parse_args(argv)
     start = time.perf_counter()
-    result = record(all_runs(args.quick), log=lambda line: print(line, flush=True))
+    runs = [r for r in all_runs(args.quick) if args.family in (None, r.family)]
+    result = record(runs, log=lambda line: print(line, flush=True))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.family is not None and (out / "engine_launches.json").exists():
+        kept = json.loads((out / "engine_launches.json").read_text())
+        kept_runs = [r for r in kept["runs"] if r["family"] != args.family]
+        configs = {key: kept["configs"][key] for r in kept_runs for key in r["configs"]}
+        result = {"configs": dict(sorted({**configs, **result["configs"]}.items())), "runs": kept_runs + result["runs"]}
     (out / "engine_launches.json").write_text(json.dumps(result, indent=1) + "\n")
     launches = sum(r["launches"] for r in result["runs"])
     print(f"{len(result['runs'])} runs, {launches} launches, {len(result['configs'])} distinct configurations "

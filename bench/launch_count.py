@@ -18,13 +18,18 @@ outputs all alias an input (``to`` or ``contiguous`` that copy nothing). Both sa
   unwritten, which changes no count (the Engine has no data-dependent control flow; a non-finite flag raised from
   such values at the end of ``generate`` is ignored).
 
-Models (random weights): VAR d16 and d30 and Infinity-2B as *narrow twins* (same depth, schedule, vocabulary, codebook
-and VAE layout; width 128, 2 heads, VAE channels 32), since the number of launches does not depend on the width
-(checked here: a depth-2 VAR twin at width 128 and 256 must count the same, else the script fails); Infinity also on the
-two golden tiny configurations (``tests/golden/infinity``). B = 1, SSG off and on.
+Models (random weights): VAR d16 and d30, Infinity-2B and HART 0.7B (``hart_0.7b_1024px``: 300 context tokens, 14
+scales to 64x64, one MaskGIT pass, the 8-step diffusion head) as *narrow twins* (same depth, schedule, vocabulary,
+codebook and VAE layout; width 128, 2 heads, VAE channels 32; HART's diffusion head width 64 and text width 256),
+since the number of launches does not depend on the width (checked here: a depth-2 VAR twin at width 128 and 256 must
+count the same, else the script fails); Infinity and HART also on their two golden tiny configurations
+(``tests/golden/infinity``, ``tests/golden/hart``). B = 1, SSG off and on. HART's Engine runs float32 (its only
+dtype; its rows say ``engine_dtype``), with upstream's top-k (600/300), both samplers at CFG 4.5.
 
     python bench/launch_count.py --out bench/results/launch_count.json
     python bench/launch_count.py --quick          # the depth-2 width check and the golden tiny models only
+    python bench/launch_count.py --family hart --out bench/results/launch_count.json   # HART's rows only; the file's
+                                                  # other rows are kept as they are
 """
 from __future__ import annotations
 
@@ -55,7 +60,14 @@ from ssg_engine.loading import build_models  # noqa: E402
 from ssg_engine.families.infinity import model as infinity  # noqa: E402
 from ssg_engine.families.infinity.tokenizer import BSQVAE, BSQVAEConfig  # noqa: E402
 from ssg_engine.families.infinity.model import INFINITY_PRESETS, InfinityConfig, InfinityTransformer, TextFeatures, scale_schedule  # noqa: E402
-from ssg_engine.params import SamplingParams  # noqa: E402
+from ssg_engine.families.hart.config import PRESETS as HART_PRESETS  # noqa: E402
+from ssg_engine.families.hart.config import HARTTokenizerConfig  # noqa: E402
+from ssg_engine.families.hart.loading import load_hart  # noqa: E402
+from ssg_engine.families.hart.model import HARTTransformer  # noqa: E402
+from ssg_engine.families.hart.sampler import sample_hart_reference  # noqa: E402
+from ssg_engine.families.hart.text import HARTTextFeatures  # noqa: E402
+from ssg_engine.families.hart.tokenizer import HARTTokenizer  # noqa: E402
+from ssg_engine.params import HARTParams, SamplingParams  # noqa: E402
 from ssg_engine.pipeline import NonFiniteLogitsError  # noqa: E402
 from ssg_engine.families.var.sampler import sample_reference  # noqa: E402
 
@@ -71,6 +83,8 @@ NOT_LAUNCHING = {
 TWIN = dict(embed_dim=128, num_heads=2)  # the twins' width: head_dim 64 (VAR's; Infinity-2B has 128)
 GOALS = {"var": 0.40, "infinity": 0.50}  # issue #20: the Engine at most this fraction of the reference loop's count
 ENGINE_DTYPE = torch.bfloat16
+HART_ENGINE_DTYPE = torch.float32  # the HART Engine's only dtype
+HART_GOLDEN = REPO / "tests" / "golden" / "hart"
 
 
 class LaunchCount(TorchDispatchMode):
@@ -120,9 +134,10 @@ def count(fn: Callable[[], object]) -> LaunchCount:
     return counter
 
 
-def graph_path_engine(model, vae, B: int) -> Engine:
-    """A bf16 Triton Engine on its CUDA-graph path (static batch buffers, padded text), which a CPU runs eagerly."""
-    engine = Engine(model, vae, max_batch=B, device="cpu", dtype=ENGINE_DTYPE, cuda_graphs=False, backend="triton")
+def graph_path_engine(model, vae, B: int, dtype: torch.dtype = ENGINE_DTYPE) -> Engine:
+    """A Triton Engine (bf16 unless ``dtype``) on its CUDA-graph path (static batch buffers, padded text), which a CPU
+    runs eagerly."""
+    engine = Engine(model, vae, max_batch=B, device="cpu", dtype=dtype, cuda_graphs=False, backend="triton")
     engine.cuda_graphs = True  # nothing is captured off CUDA (_StaticBatch runs the loop on its static buffers)
     return engine
 
@@ -198,6 +213,30 @@ def count_infinity(cfg: InfinityConfig, vcfg: BSQVAEConfig, h_div_w: float, pn: 
     return dict(reference_ops=ref.ops, engine_ops=eng.ops, engine_triton=eng.triton)
 
 
+# ---------------------------------------------------------------------------------------------- HART
+
+
+def hart_twin() -> tuple:
+    """(model, tokenizer) of hart_0.7b_1024px's depth, context tokens, scales, vocabulary and diffusion steps, narrowed
+    (width 128, 2 heads, text 256 channels, diffusion head width 64, tokenizer channels 32), random weights."""
+    cfg = dataclasses.replace(HART_PRESETS["hart_0.7b_1024px"], **TWIN, context_dim=256, diff_width=64)
+    torch.manual_seed(0)
+    tok = HARTTokenizer(HARTTokenizerConfig(ch=32, v_patch_nums=cfg.patch_nums), cfg.patch_nums).eval()
+    return HARTTransformer(cfg, tok).eval(), tok
+
+
+def count_hart(model: HARTTransformer, tok: HARTTokenizer, ssg: bool, B: int = 1) -> Dict[str, int]:
+    gen = torch.Generator().manual_seed(0)
+    context = torch.randn(B, model.context_token, model.context_embed.in_features, generator=gen)
+    mask = torch.zeros(B, model.context_token, dtype=torch.bool)
+    mask[:, :7] = True  # a 7-token prompt, padded
+    params = HARTParams(cfg=4.5, seed=1, ssg=SSG(beta=0.5) if ssg else None)
+    ref = count(lambda: sample_hart_reference(model, context, mask, params=params))
+    engine = graph_path_engine(model, tok, B, HART_ENGINE_DTYPE)
+    eng = count(lambda: engine.generate(HARTTextFeatures(context, mask), params))
+    return dict(reference_ops=ref.ops, engine_ops=eng.ops, engine_triton=eng.triton)
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -212,7 +251,9 @@ def width_check() -> Dict[str, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, help="write the rows as JSON here")
-    ap.add_argument("--quick", action="store_true", help="the width check and the golden tiny Infinity models only")
+    ap.add_argument("--quick", action="store_true", help="the width check and the golden tiny models only")
+    ap.add_argument("--family", choices=["var", "infinity", "hart"], default=None,
+                    help="this family's rows only; with --out, the file's rows of the other families are kept")
     args = ap.parse_args()
     started = time.time()
     runs: List[tuple] = [("var", "depth-2 twin, widths 128 and 256", None, None)]
@@ -221,8 +262,13 @@ def main() -> None:
     runs += [("infinity", f"golden {name}", None, golden_config(name)) for name in ("sq_d16", "wide_d8")]
     if not args.quick:
         runs.append(("infinity", "infinity_2b twin (1M, 1:1)", None, (infinity_twin(), BSQVAEConfig(base_ch=32), 1.0, "1M")))
+    runs += [("hart", f"golden {name}", None, lambda name=name: load_hart(HART_GOLDEN / name)) for name in ("a_d2", "b_d3")]
+    if not args.quick:
+        runs.append(("hart", "hart_0.7b_1024px twin", None, hart_twin))
+    runs = [run for run in runs if args.family in (None, run[0])]
     rows = []
     for family, model, var_cfg, inf in runs:
+        hart_pair = inf() if family == "hart" else None
         for ssg in (False, True):
             t0 = time.time()
             if var_cfg is None and inf is None:
@@ -231,22 +277,32 @@ def main() -> None:
                 counts = width_check()
             elif family == "var":
                 counts = count_var(var_cfg, ssg)
+            elif family == "hart":
+                counts = count_hart(*hart_pair, ssg=ssg)
             else:
                 counts = count_infinity(*inf, ssg=ssg)
             ratio = counts["engine_ops"] / counts["reference_ops"]
-            goal = None if var_cfg is None and inf is None else GOALS[family]  # the width check is no goal row
+            goal = None if (var_cfg is None and inf is None) or family not in GOALS else GOALS[family]  # the width check: no goal
             row = dict(family=family, model=model, B=1, ssg=ssg, **counts, engine_fraction=round(ratio, 4),
                        goal=goal, meets_goal=None if goal is None else ratio <= goal, seconds=round(time.time() - t0, 1))
+            if family == "hart":
+                row["engine_dtype"] = str(HART_ENGINE_DTYPE).removeprefix("torch.")
             rows.append(row)
             print(f"{family:8s} {model:34s} SSG {'on ' if ssg else 'off'}: reference {counts['reference_ops']:6d}  engine "
                   f"{counts['engine_ops']:6d} ({counts['engine_triton']} Triton)  = {100 * ratio:5.1f}%"
                   + ("" if goal is None else f" (goal <= {100 * goal:.0f}%)"), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        result = dict(
-            method=__doc__.split("\n\n")[1].replace("\n", " "), engine_dtype=str(ENGINE_DTYPE).removeprefix("torch."),
-            torch=torch.__version__, python=platform.python_version(), seconds=round(time.time() - started, 1), rows=rows,
-        )
+        seconds = round(time.time() - started, 1)
+        if args.family is not None and args.out.exists():  # keep the other families' rows (and the file's run details)
+            result = json.loads(args.out.read_text())
+            result["rows"] = [r for r in result["rows"] if r["family"] != args.family] + rows
+            result[f"{args.family}_seconds"] = seconds
+        else:
+            result = dict(
+                method=__doc__.split("\n\n")[1].replace("\n", " "), engine_dtype=str(ENGINE_DTYPE).removeprefix("torch."),
+                torch=torch.__version__, python=platform.python_version(), seconds=seconds, rows=rows,
+            )
         tmp = args.out.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1) + "\n")
         tmp.replace(args.out)

@@ -356,7 +356,7 @@ def hart_stage_costs(
 
     FLOPs, bytes and launches per ``path`` as :func:`stage_costs` (the unfused block is upstream's, its ``torch.cat``
     KV cache included; the fused block :func:`fused_block_kernels` with a SwiGLU MLP for ``mlp_type="llama"``).
-    The model is built on the meta device each call."""
+    The model is built on the meta device (once per arguments: the result is cached)."""
     from .families.hart.config import HARTTokenizerConfig  # noqa: PLC0415 (costs sits above the families)
     from .families.hart.model import HARTCondition, HARTTransformer, LlamaMLP, maskgit_groups  # noqa: PLC0415
     from .families.hart.tokenizer import HARTTokenizer  # noqa: PLC0415
