@@ -711,7 +711,9 @@ def _hart_section(name: str, gpus: Sequence[str] = ("h100", "h200")) -> List[str
         "MaskGIT passes, CFG's 2B rows, SSG prior on, the diffusion head (8 steps, `hart_diffusion_cost`) and the tokenizer's",
         "decode; paths, launches and ms as in the VAR table above. The HART Engine runs float32 today (matmuls on fp32 CUDA",
         "cores, decode TF32): its rows are what it can reach; the bf16 rows are what a bf16 HART Engine would. The preset's",
-        "depth and MLP are estimates (`families/hart/config.py` says each number's source). Shares are of the floor.", "",
+        "depth and MLP are estimates (`families/hart/config.py` says each number's source). Shares are of the floor.",
+        "`fused` is issue #20's block kernels, which the HART Engine does not use yet (its fused ops: q/k norm + RoPE +",
+        "KV write, guidance, sampling, the decoder's GroupNorm + SiLU; `bench/launch_count.py`).", "",
         "| dtype | B | GPU | TFLOP / img | floor ms | fused ms | fused +graph | unfused ms | unfused +eager | "
         "launches fused / unfused | blocks | diffusion head | decode | rest |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
