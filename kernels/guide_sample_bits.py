@@ -148,9 +148,9 @@ def _check_inputs(
 
 def check_bit_seed(seed: torch.Tensor, offset: torch.Tensor, device: torch.device, batch: int) -> None:
     """``seed`` (1,) or (``batch``,) and ``offset`` (1,), int64 on ``device``; ``ValueError`` naming the bad one."""
-    check_seed_offset(seed, offset, device, max(batch, 1))
-    if seed.shape[0] not in (1, batch):
+    if isinstance(seed, torch.Tensor) and seed.ndim == 1 and seed.shape[0] not in (1, batch):
         raise ValueError(f"seed has {seed.shape[0]} keys; give 1, or one per image row ({batch})")
+    check_seed_offset(seed, offset, device, max(batch, 1))
 
 
 def guide_sample_bits_reference(
