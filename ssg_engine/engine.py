@@ -31,8 +31,8 @@ from .kv_cache import StaticKVCache
 from .memory import CONTEXT_BYTES, GiB, MemoryPlan, infinity_plan, itemsize, largest_batch
 from .models.family import NextScaleModel
 from .params import SamplingParams, check_seed
-from .seeding import RowSeeds, check_row_seeds
 from .pipeline import Guidance, ScaleGuidance, guidance_schedule, nonfinite_logits_error, resolve_params, run_scales
+from .seeding import RowSeeds, check_row_seeds
 from .validation import as_number, class_labels
 
 # a batch's condition as run_batch takes it: labels (n,), or text: packed (eager, upstream's varlen cross-attention) or
