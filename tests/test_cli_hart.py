@@ -48,7 +48,7 @@ def test_sample_compare_writes_both_grids_and_matches_generate(tmp_path, capsys)
     assert w > 2 * 2 * PX and 2 * PX <= h < 3 * PX  # two grids of 2 x 2 images side by side
     model, tok = se.load_hart(A / "llm", A / "tokenizer")
     f = se.HARTTextFeatures.load(feats)[torch.tensor([0, 0, 1, 1])]
-    want = se.generate(model, tok, f, se.params.HART_UPSTREAM.replace(cfg=2.0, seed=7))  # one batch: seed 7
+    want = se.generate(model, tok, f, se.params.HART_UPSTREAM.replace(cfg=2.0, seed=7))  # image j keyed by (7, j)
     got = torch.from_numpy(np.array(Image.open(per / "00001.png"))).permute(2, 0, 1).float() / 255
     assert (got - want[1]).abs().max() <= 1 / 255 + 1e-6  # the baseline's second image, as generate gives it
 

@@ -13,6 +13,7 @@ from conftest import INFINITY_GOLDEN
 import ssg_engine as se
 from ssg_engine.families import detect_family, family, family_of, split_keywords
 from ssg_engine.loading import CheckpointError, read_state_dict
+from ssg_engine.seeding import row_seeds
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 A = GOLDEN / "hart" / "a_d2"
@@ -107,14 +108,18 @@ def test_generate_hart_features_and_tuples(hart):
     images, tokens = se.generate(model, tok, f, cfg=2.0, seed=3, return_tokens=True)
     assert images.shape == (2, 3, 12, 12) and 0 <= images.min() and images.max() <= 1
     assert [t.shape[1] for t in tokens] == [p * p for p in model.patch_nums]
-    want = se.sample_hart_reference(model, f.context, f.context_mask, f.context_position_ids, se.HARTParams(cfg=2.0, seed=3))
+    keys = row_seeds(3, 2)  # generate's default: image r keyed by (seed, r)
+    want = se.sample_hart_reference(model, f.context, f.context_mask, f.context_position_ids, se.HARTParams(cfg=2.0), row_seeds=keys)
     assert torch.equal(images, want.images)
     again = se.generate(model, tok, (f.context, f.context_mask), se.HARTParams(cfg=2.0, seed=3))
     assert torch.equal(again, images)
     guided = se.generate(model, tok, f, cfg=2.0, seed=3, ssg=se.SSG(beta=0.5), more_smooth=True, num_maskgit_iters=2)
     ref = se.sample_hart_reference(model, f.context, f.context_mask, None,
-                                   se.HARTParams(cfg=2.0, seed=3, ssg=se.SSG(beta=0.5), more_smooth=True, num_maskgit_iters=2))
+                                   se.HARTParams(cfg=2.0, ssg=se.SSG(beta=0.5), more_smooth=True, num_maskgit_iters=2), row_seeds=keys)
     assert torch.equal(guided, ref.images) and not torch.equal(guided, images)
+    batch = se.generate(model, tok, f, cfg=2.0, seed=3, seeding="batch")  # the per-batch rule: one generator from seed
+    assert torch.equal(batch, se.sample_hart_reference(model, f.context, f.context_mask, f.context_position_ids,
+                                                       se.HARTParams(cfg=2.0, seed=3)).images)
 
 
 def test_generate_hart_bad_input_is_one_clear_error(hart):

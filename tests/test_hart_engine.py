@@ -25,6 +25,7 @@ from ssg_engine.families.hart.text import HARTTextFeatures
 from ssg_engine.kernels.ssg_guidance import ssg_guidance_reference
 from ssg_engine.params import HARTParams
 from ssg_engine.pipeline import ConcatKVCache, Guidance, guidance_schedule, run_scales
+from ssg_engine.seeding import row_seeds
 
 GOLDEN = Path(__file__).parent / "golden" / "hart"
 TOL = 1e-5
@@ -125,11 +126,11 @@ def test_generate_with_engine_is_seeded_and_padded(pairs):
     text = features("a_d2")
     engine = Engine(model, tok, max_batch=4, device="cpu", dtype=torch.float32, backend="reference")
     images, tokens = se.generate(model, tok, text, engine=engine, seed=11, cfg=2.0, return_tokens=True)
-    again = engine.generate(text, HARTParams(seed=11, cfg=2.0))
+    again = engine.generate(text, HARTParams(cfg=2.0), row_seeds=row_seeds(11, text.batch))  # generate's per-row keys
     assert images.shape[0] == text.batch and torch.equal(images, again[0])
     assert all(torch.equal(a, b) for a, b in zip(tokens, again[1]))
     other = engine.generate(text, HARTParams(seed=12, cfg=2.0))
-    assert not torch.equal(images, other[0])
+    assert not torch.equal(images, other[0]) and not torch.equal(other[0], engine.generate(text, HARTParams(seed=11, cfg=2.0))[0])
     # one prompt alone (bucket 1) gives what it gives in the batch of two (bucket 2): the padded row changes nothing
     # for the others but the seeded draws are per row index, so compare the first row only
     first = engine.generate(text[:1], HARTParams(seed=11, cfg=2.0, top_k=1))

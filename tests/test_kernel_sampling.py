@@ -4,6 +4,7 @@ Statistical tests use fixed seeds (deterministic runs) and state their threshold
 Logits are continuous random values, so exact float ties (where the kernel's top-p
 mask may keep a few more tied entries than the reference's sort) have probability 0.
 """
+import functools
 import math
 import os
 
@@ -218,6 +219,26 @@ def test_same_seed_and_offset_same_tokens_different_offset_new_stream():
     assert len(set(a.tolist())) > 25  # rows of one call use different counters
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_per_row_seeds_draw_each_block_from_its_own_key(backend):
+    """seed (S,): block s of R / S rows draws from key seed[s] with counters from 0, so a block's tokens do not depend on
+    the other blocks, their number or its place (per-row seeding). S = 1 is the batch rule (counter = row)."""
+    V, n = 32, 64  # 4 images of 64 draws each
+    logits = rand_logits(1, V, seed=9, scale=0.1).expand(4 * n, V)
+    keys = torch.tensor([11, 2**62 + 5, 7, 11], dtype=torch.int64, device=DEVICE)
+    offset = torch.tensor([3], dtype=torch.int64, device=DEVICE)
+    draw = functools.partial(ops.sample_logits, top_k=0, top_p=0.0, temperature=1.0, offset=offset, backend=backend)
+    together = draw(logits, seed=keys).view(4, n)
+    for b in range(4):  # each block alone, and block b second in a batch of two with another key
+        assert torch.equal(draw(logits[:n], seed=keys[b : b + 1]), together[b])
+        pair = draw(logits[: 2 * n], seed=torch.stack((keys[(b + 1) % 4] + 1, keys[b]))).view(2, n)
+        assert torch.equal(pair[1], together[b])
+    assert torch.equal(together[0], together[3])  # same key, same draws
+    assert (together[0] == together[1]).sum() < 12 and (together[0] == together[2]).sum() < 12  # ~2 of 64 by chance
+    batch = draw(logits, seed=keys[:1]).view(4, n)  # S = 1: one stream over all rows
+    assert torch.equal(batch[0], together[0]) and (batch[3] == together[3]).sum() < 12
+
+
 # ---- input validation ---------------------------------------------------------------------
 
 
@@ -234,7 +255,8 @@ def test_same_seed_and_offset_same_tokens_different_offset_new_stream():
         (dict(temperature=float("inf")), "temperature must be a finite number > 0"),
         (dict(temperature=float("nan")), "temperature must be a finite number > 0"),
         (dict(seed=torch.tensor([1], dtype=torch.int32)), "seed must be an int64 tensor of shape (1,)"),
-        (dict(seed=torch.tensor([1, 2])), "seed must be an int64 tensor of shape (1,)"),
+        (dict(seed=torch.tensor([1, 2, 3])), "seed has 3 keys for 4 rows"),
+        (dict(seed=torch.zeros(2, 1, dtype=torch.int64)), "seed must be an int64 tensor of shape (1,) or (S,)"),
         (dict(offset=torch.tensor(0)), "offset must be an int64 tensor of shape (1,)"),
         (dict(offset=5), "offset must be an int64 tensor of shape (1,); got int"),
         (dict(seed=torch.zeros(1, dtype=torch.int64, device="meta")), "seed is on meta"),
@@ -325,6 +347,23 @@ def test_gpu_frequencies():
     tokens = sample_logits_triton(row.expand(200_000, 32), 20, 0.9, 0.8, *seeds(2))
     stat, df = chi2_statistic(torch.bincount(tokens.cpu(), minlength=32), probs[0].cpu())
     assert stat < chi2_critical(df), f"chi2={stat:.1f} with df={df}"
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_per_row_seeds_in_a_cuda_graph():
+    """The compiled kernel reads seed[block] on the device: a captured graph replays new row seeds, and a block's draws
+    equal the same key's draws alone."""
+    logits = rand_logits(4 * 256, 4096, seed=14)
+    seed, offset = torch.tensor([1, 2, 3, 4], device=DEVICE), torch.tensor([5], device=DEVICE)
+    sample_logits_triton(logits, 900, 0.95, 1.0, seed, offset)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tokens = sample_logits_triton(logits, 900, 0.95, 1.0, seed, offset)
+    seed.copy_(torch.tensor([9, 8, 7, 6]))
+    graph.replay()
+    alone = sample_logits_triton(logits[512:768], 900, 0.95, 1.0, seed[2:3], offset)
+    assert torch.equal(tokens[512:768], alone)
 
 
 @pytest.mark.gpu

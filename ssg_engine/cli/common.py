@@ -408,7 +408,8 @@ def add_batch_args(p: argparse.ArgumentParser, *, labels: bool = True, batching:
                        help="class labels (integers; names such as 'sneaker bag' with the shipped model); default: all classes of the shipped model, else 0 1 2 3")
         p.add_argument("--per-class", type=int_arg(1), default=1, help="images per class (one grid row per class)")
     p.add_argument("--seed", type=int_arg(0), default=None,
-                   help=f"random seed, in [0, 2**63 - 1] (batch i uses seed + i); {model_default_help('seed')}")
+                   help=f"random seed, in [0, 2**63 - 1] (sample: image j draws from its own stream keyed by (seed, j), whatever "
+                        f"--batch-size); {model_default_help('seed')}")
     if batching:
         p.add_argument("--batch-size", type=int_arg(1), default=16)
 

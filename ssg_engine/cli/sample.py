@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 from ..files import OutputError
 from ..params import SamplingParams
 from .common import (
-    INT64_MAX, UsageError, add_batch_args, add_model_args, add_sampling_args, check_model_args, check_output_dir, check_output_file,
+    UsageError, add_batch_args, add_model_args, add_sampling_args, check_model_args, check_output_dir, check_output_file,
     float_arg, int_arg, labels_from_args, load_from_args, load_hart_from_args, load_infinity_from_args, model_family, model_sampling, model_ssg_beta,
     parse_classes, report_assumed_settings, resolve_ssg_args, sampling_from_args,
 )
@@ -30,18 +29,20 @@ Conditions = Union[List[int], Any]  # class labels, or TextFeatures of one promp
 def sample_batches(model, vae, conditions: Conditions, n: int, params: SamplingParams, batch_size: int, desc: str,
                    **family: Any) -> torch.Tensor:
     """Images for the ``n`` ``conditions`` (labels, or text features sliced by prompt) in batches of ``batch_size``;
-    batch ``i`` uses seed ``params.seed + i``; ``family``: Infinity keywords of ``generate`` (schedule, negative)."""
+    image ``j`` draws from its own stream keyed by ``(params.seed, j)`` (``ssg_engine.seeding.row_seeds``), so the batch
+    size changes no image; ``family``: Infinity keywords of ``generate`` (schedule, negative)."""
     from tqdm import tqdm
 
     from ..api import generate
+    from ..seeding import row_seeds
 
     starts = range(0, n, batch_size)
     images = []
     with tqdm(starts, desc=desc, unit="batch", file=sys.stderr) as bar:  # closed (its last line drawn) before an error is reported
-        for i, start in enumerate(bar):
+        for start in bar:
             stop = min(start + batch_size, n)
             extra = {k: (v[start:stop] if k == "negative" else v) for k, v in family.items()}
-            images.append(generate(model, vae, conditions[start:stop], params, seed=params.seed + i, **extra))
+            images.append(generate(model, vae, conditions[start:stop], params, row_seeds=row_seeds(params.seed, stop - start, start), **extra))
     return torch.cat(images)
 
 
@@ -254,9 +255,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
         conditions = labels_from_args(args, model.num_classes)
         n, family = len(conditions), {}
         nrow = args.per_class if args.per_class > 1 else None
-    last_seed = params.seed + math.ceil(n / args.batch_size) - 1
-    if last_seed > INT64_MAX:
-        raise UsageError(f"--seed {params.seed}: the last batch's seed {last_seed} passes 2**63 - 1; give a smaller --seed")
     report_assumed_settings(args)
     t0 = time.perf_counter()
     if args.compare:

@@ -10,7 +10,8 @@ others do not):
   (the ablations), for each beta.
 
 Per arm and seed: ``--samples`` class-balanced samples (labels ``i % num_classes``) drawn in batches
-whose seeds depend only on (seed, batch index), so all arms share the same random numbers. A text-conditional
+whose seeds depend only on (seed, batch index), so all arms share the same random numbers (per-batch draws:
+``generate(..., seeding="batch")``, the draws the stored results and bench/results/quality were made with). A text-conditional
 model is asked for sample ``i`` with the prompt of class ``i % 10`` in held-out template
 ``(i // 10) % len(HELD_OUT_TEMPLATES)`` (``ssg_engine.data``: templates never seen in training); its ``cfg`` is
 Infinity's CFG weight ``w`` and its temperature Infinity's ``tau``, at every scale. Metrics:
@@ -127,7 +128,7 @@ def sample_arm(model, vae, arm: Arm, n: int, seed: int, batch_size: int, cfg: fl
     for b, i in enumerate(range(0, n, batch_size)):
         img = generate(
             model, vae, conditions[i : i + batch_size], cfg=cfg, top_k=top_k, top_p=top_p,
-            temperature=arm.temperature, seed=batch_seed(seed, b), ssg=arm.ssg(), **extra,
+            temperature=arm.temperature, seed=batch_seed(seed, b), ssg=arm.ssg(), seeding="batch", **extra,
         )
         out.append(img.float().cpu())
     return torch.cat(out), labels

@@ -263,7 +263,8 @@ def manifest_for(job: FidSampleJob, var, classes: List[int]) -> Dict[str, object
 
 
 def sample_shard(var, vae, shard: Shard, sampling: SamplingParams, sampler: str) -> np.ndarray:
-    """The shard's images as uint8 NHWC, sampled with the seed ``shard_seed(sampling.seed, shard.cls, shard.start)``."""
+    """The shard's images as uint8 NHWC, sampled with the seed ``shard_seed(sampling.seed, shard.cls, shard.start)`` (per-batch
+    draws, ``seeding="batch"``, as the shards written before per-row seeding: a resumed set stays one rule)."""
     from ..api import generate
     from ..families.var.sampler import sample_reference
 
@@ -272,7 +273,7 @@ def sample_shard(var, vae, shard: Shard, sampling: SamplingParams, sampler: str)
     if sampler == "reference":
         images = sample_reference(var, shard.n, labels, sampling, seed=seed).images
     else:
-        images = generate(var, vae, labels, sampling, seed=seed)
+        images = generate(var, vae, labels, sampling, seed=seed, seeding="batch")
     return to_uint8_nhwc(images)
 
 
