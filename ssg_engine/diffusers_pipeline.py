@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Any, Union
 
+import torch
+
 try:
     from diffusers import DiffusionPipeline, ImagePipelineOutput
 except ImportError as e:  # the optional dependency, named with its fix
@@ -51,6 +53,16 @@ class SSGEngineDiffusionPipeline(DiffusionPipeline):
         if kwargs:
             raise TypeError(f"save_pretrained: {', '.join(sorted(kwargs))} not supported (the folder is written locally only)")
         return self.ssg_pipeline.save_pretrained(save_directory)
+
+    @property
+    def device(self) -> torch.device:
+        """The transformer's device (diffusers' own property reads ``.device`` of ModelMixin components, which ours are not)."""
+        return next(self.ssg_pipeline.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The transformer's floating-point dtype."""
+        return next(p.dtype for p in self.ssg_pipeline.model.parameters() if p.is_floating_point())
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
         """The bar's tqdm keywords (``disable=True``), for diffusers' bar and the wrapped pipeline's."""

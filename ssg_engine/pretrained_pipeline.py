@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+from tqdm import tqdm
 
 from . import __version__
 from .api import generate
@@ -243,9 +244,11 @@ class Pipeline:
             files: Dict[str, Optional[str]] = {}
             configs: Dict[str, Any] = {}
             if self.family == "hart":
-                for part, module, config in (("llm", self.model, self.model.config), ("tokenizer", self.vae, self.vae.hart_config)):
+                # upstream's names: the tokenizer's tensors under "vae." (its HARTAutoEncoder wraps the VQ-VAE)
+                for part, module, config, prefix in (("llm", self.model, self.model.config, ""),
+                                                     ("tokenizer", self.vae, self.vae.hart_config, "vae.")):
                     (tmp / part).mkdir()
-                    save_file(_state(module), str(tmp / part / "model.safetensors"))
+                    save_file({prefix + k: v for k, v in _state(module).items()}, str(tmp / part / "model.safetensors"))
                     (tmp / part / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
                     files[part] = f"{part}/model.safetensors"
             else:
@@ -328,19 +331,22 @@ class Pipeline:
         per = as_number(num_images_per_prompt, "num_images_per_prompt", "an integer >= 1", integer=True, valid=lambda v: v >= 1)
         rows = _rows(cond) * per
         size = rows if batch_size is None else as_number(batch_size, "batch_size", "an integer >= 1 or None", integer=True, valid=lambda v: v >= 1)
-        params = self._params(guidance_scale, top_k, top_p, temperature, ssg_scale, ssg, seed, generator, rows)
+        params = self._params(guidance_scale, top_k, top_p, temperature, ssg_scale, ssg, seed, generator)
         family = self._family_keywords(negative_prompt, h_div_w, cond, per)
         cond = repeat_rows(cond, per)
-        encoder = self.text_encoder if _is_prompts(cond) else None
+        if _is_prompts(cond):  # encoded once, before sampling (an unknown word is an error here), as generate encodes them
+            cond = self.text_encoder.encode(cond)
+            if isinstance(family.get("negative"), str):
+                family["negative"] = [family["negative"]] * rows
+            if "negative" in family:
+                family["negative"] = self.text_encoder.encode(family["negative"])
         images = []
-        from tqdm import tqdm
-
         starts = range(0, rows, size)
         with tqdm(starts, **{"desc": "ssg-engine", "unit": "batch", "file": sys.stderr, **self.progress_bar_config}) as bar:
             for start in bar:
                 stop = min(start + size, rows)
-                extra = {k: (v[start:stop] if k == "negative" and not isinstance(v, str) else v) for k, v in family.items()}
-                images.append(generate(self.model, self.vae, cond[start:stop], params, text_encoder=encoder, seeding="row",
+                extra = {k: (v[start:stop] if k == "negative" else v) for k, v in family.items()}
+                images.append(generate(self.model, self.vae, cond[start:stop], params, seeding="row",
                                        row_seeds=row_seeds(params.seed, stop - start, start), **extra))
         out = _convert(torch.cat(images), output_type)
         return PipelineOutput(images=out) if return_dict else (out,)
@@ -384,7 +390,7 @@ class Pipeline:
             if isinstance(labels, (str, int)) or (isinstance(labels, torch.Tensor) and labels.ndim == 0):
                 labels = [labels]
             if isinstance(labels, (list, tuple)) and any(isinstance(c, str) for c in labels):
-                labels = [self._class_index(c) for c in labels]
+                labels = [self._class_index(c) if isinstance(c, str) else c for c in labels]
             labels = class_labels(labels, self.model.num_classes, "cpu", name="class_labels")
             return labels, [self.class_names[c] if self.class_names else f"class {c}" for c in labels.tolist()]
         if labels is not None:
@@ -417,7 +423,7 @@ class Pipeline:
         return self.class_names.index(key)
 
     def _params(self, guidance_scale: Any, top_k: Any, top_p: Any, temperature: Any, ssg_scale: Any, ssg: Any, seed: Any,
-                generator: Any, rows: int) -> Sampling:
+                generator: Any) -> Sampling:
         """The card's settings with the arguments given (validated), SSG, and the seed (from ``generator``)."""
         if ssg is not None and ssg_scale is not None:
             raise ValueError("give ssg_scale or ssg, not both")
