@@ -47,6 +47,12 @@ def hart_pipe():
     return pipe
 
 
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal images up to the float32 rounding of computing them in batches of another size (the same tokens; measured
+    <= 1e-6 for VAR and Infinity, 1.3e-5 for HART; a uint8 level is 3.9e-3)."""
+    return a.shape == b.shape and float((a - b).abs().max()) <= 1e-4
+
+
 def hart_features(pipe, n=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     Lc, Cc = pipe.model.context_token, pipe.model.context_embed.weight.shape[1]
@@ -61,12 +67,13 @@ def test_var_pipe_equals_generate_and_ignores_batching(var_pipe):
     got = var_pipe(class_labels=["sneaker", 8], seed=5, output_type="pt").images
     want = se.generate(var_pipe.model, var_pipe.vae, [7, 8], pretrained.SAMPLING, seed=5)
     assert torch.equal(got, want)
-    # batch_size and num_images_per_prompt change neither the images nor their order
+    # batch_size and num_images_per_prompt change neither the images nor their order (the same tokens; the VAE's
+    # float32 convolutions of another batch size sum in another order: CLOSE)
     split = var_pipe(class_labels=[7, 8], seed=5, batch_size=1, output_type="pt").images
-    assert torch.equal(split, want)
+    assert close(split, want)
     per = var_pipe(class_labels=[7, 8], seed=5, num_images_per_prompt=2, batch_size=3, output_type="pt").images
-    assert torch.equal(per, se.generate(var_pipe.model, var_pipe.vae, [7, 7, 8, 8], pretrained.SAMPLING, seed=5))
-    assert not torch.equal(per[0], per[1])  # two images of one class are two draws
+    assert close(per, se.generate(var_pipe.model, var_pipe.vae, [7, 7, 8, 8], pretrained.SAMPLING, seed=5))
+    assert not close(per[0], per[1])  # two images of one class are two draws
 
 
 def test_var_pipe_arguments_map_to_sampling_params(var_pipe):
@@ -93,15 +100,15 @@ def test_infinity_pipe_equals_generate_and_ignores_batching(t2i_pipe):
     prompts = ["a sneaker", "a photo of a bag"]
     got = t2i_pipe(prompts, seed=2, num_images_per_prompt=2, batch_size=3, output_type="pt").images
     rows = [p for p in prompts for _ in range(2)]
-    want = se.generate(t2i_pipe.model, t2i_pipe.vae, rows, pretrained.INFINITY_SAMPLING, seed=2, text_encoder=t2i_pipe.text_encoder)
-    assert got.shape == (4, 3, 32, 32) and torch.equal(got, want)
+    rows_want = se.generate(t2i_pipe.model, t2i_pipe.vae, rows, pretrained.INFINITY_SAMPLING, seed=2, text_encoder=t2i_pipe.text_encoder)
+    assert got.shape == (4, 3, 32, 32) and close(got, rows_want)  # batch_size 3: two generate calls
     neg = t2i_pipe("a sneaker", negative_prompt="a bag", seed=2, guidance_scale=2.0, output_type="pt").images
     want = se.generate(t2i_pipe.model, t2i_pipe.vae, ["a sneaker"], pretrained.INFINITY_SAMPLING, seed=2, cfg=2.0,
                        negative="a bag", text_encoder=t2i_pipe.text_encoder)
     assert torch.equal(neg, want)
     feats = t2i_pipe.text_encoder.encode(prompts)
     embeds = t2i_pipe(prompt_embeds=feats, seed=2, num_images_per_prompt=2, output_type="pt").images
-    assert torch.equal(embeds, got)
+    assert torch.equal(embeds, rows_want)  # one batch, as generate's
     card = t2i_pipe("a sneaker", ssg=se.SSG(), seed=2, output_type="pt").images  # SSG(): the card's beta (0.15)
     assert torch.equal(card, t2i_pipe("a sneaker", ssg_scale=pretrained.INFINITY_SSG_BETA, seed=2, output_type="pt").images)
 
@@ -110,7 +117,9 @@ def test_hart_pipe_equals_generate_and_ignores_batching(hart_pipe):
     feats = hart_features(hart_pipe)
     got = hart_pipe(prompt_embeds=feats, seed=4, guidance_scale=2.0, num_images_per_prompt=2, batch_size=1, output_type="pt").images
     want = se.generate(hart_pipe.model, hart_pipe.vae, feats[torch.tensor([0, 0, 1, 1])], HART_UPSTREAM.replace(cfg=2.0, seed=4))
-    assert hart_pipe.sampling == HART_UPSTREAM and torch.equal(got, want)
+    assert hart_pipe.sampling == HART_UPSTREAM and close(got, want)  # batch_size 1: four generate calls
+    one = hart_pipe(prompt_embeds=feats, seed=4, guidance_scale=2.0, num_images_per_prompt=2, output_type="pt").images
+    assert torch.equal(one, want)
 
 
 # ----------------------------------------------------------------------------- outputs
