@@ -82,6 +82,7 @@ def save_png(image_CHW: torch.Tensor, path: Union[str, Path], upscale: int = 1) 
 
 
 LABEL_MARGIN = 4  # pixels around every label
+LABEL_FONT_SIZE = 13  # PIL's default font at this size (its bitmap fallback, without FreeType, has one size)
 LABEL_MAX_WIDTH = 240  # a longer row label is cut (with "...") at this many pixels
 
 
@@ -112,7 +113,7 @@ def labelled_grid(halves: Sequence[torch.Tensor], headers: Sequence[str], row_la
     if row_labels and len(row_labels) != rows:
         raise ValueError(f"row_labels: one per grid row ({rows}), got {len(row_labels)}")
     body = to_pil(side_by_side(grids, gap=gap), upscale).convert("RGB")
-    font = ImageFont.load_default()
+    font = ImageFont.load_default(size=LABEL_FONT_SIZE)
     measure = ImageDraw.Draw(body)
     left, top, _, bottom = measure.textbbox((0, 0), "Ag", font=font)
     line = bottom - top
