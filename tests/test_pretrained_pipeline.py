@@ -279,3 +279,20 @@ def test_pipeline_compare_is_labelled_and_holds_the_same_images(var_pipe):
     assert np.array_equal(grid[-H:, -W:], cells)
     assert (grid[: grid.shape[0] - H] < 128).any() and (grid[:, : grid.shape[1] - W] < 128).any()
     assert se.SSG().for_model(var_pipe.model).title() == "SSG beta=0.5, prior dse"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; run by bench/device_check.sh")
+@pytest.mark.parametrize("name, kwargs", [("fashion-mnist", {"class_labels": [7, 8, 0]}),
+                                          ("fashion-mnist-t2i", {"prompt": ["a sneaker", "a bag", "a coat"]})])
+def test_pipe_on_cuda_runs_the_engine_and_ignores_batching(name, kwargs):
+    pipe = se.Pipeline.from_pretrained(name, device="cuda")
+    pipe.set_progress_bar_config(disable=True)
+    whole = pipe(**kwargs, seed=3, num_images_per_prompt=2, output_type="pt").images
+    assert whole.device.type == "cuda" and whole.shape == (6, 3, 32, 32)
+    cond = kwargs.get("class_labels") or pipe.text_encoder.encode(kwargs["prompt"])
+    rows = pp.repeat_rows(cond if isinstance(cond, list) else cond, 2)
+    want = se.generate(pipe.model, pipe.vae, rows, pipe.sampling, seed=3)  # the Engine, one batch
+    assert close(whole, want)
+    split = pipe(**kwargs, seed=3, num_images_per_prompt=2, batch_size=4, output_type="pt").images
+    assert close(split, whole)  # another Engine bucket, the same rows' streams
