@@ -31,11 +31,9 @@ from .seeding import row_seeds
 from .validation import as_number, check_prompts, class_labels
 
 MANIFEST = "model_index.json"
-# The shipped models' names (``from_pretrained("fashion-mnist")``), each with what it is.
-SHIPPED = {
-    "fashion-mnist": "the class-conditional Fashion-MNIST VAR (ssg_engine/assets/fashion_mnist)",
-    "fashion-mnist-t2i": "the text-to-image Fashion-MNIST Infinity (ssg_engine/assets/fashion_mnist_infinity)",
-}
+# The shipped models' names (``from_pretrained("fashion-mnist")``): the class-conditional VAR (assets/fashion_mnist)
+# and the text-to-image Infinity (assets/fashion_mnist_infinity).
+SHIPPED = ("fashion-mnist", "fashion-mnist-t2i")
 OUTPUT_TYPES = ("pil", "np", "pt")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")

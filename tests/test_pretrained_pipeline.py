@@ -291,7 +291,7 @@ def test_pipe_on_cuda_runs_the_engine_and_ignores_batching(name, kwargs):
     whole = pipe(**kwargs, seed=3, num_images_per_prompt=2, output_type="pt").images
     assert whole.device.type == "cuda" and whole.shape == (6, 3, 32, 32)
     cond = kwargs.get("class_labels") or pipe.text_encoder.encode(kwargs["prompt"])
-    rows = pp.repeat_rows(cond if isinstance(cond, list) else cond, 2)
+    rows = pp.repeat_rows(cond, 2)
     want = se.generate(pipe.model, pipe.vae, rows, pipe.sampling, seed=3)  # the Engine, one batch
     assert close(whole, want)
     split = pipe(**kwargs, seed=3, num_images_per_prompt=2, batch_size=4, output_type="pt").images
