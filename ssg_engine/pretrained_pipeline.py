@@ -17,7 +17,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from tqdm import tqdm
@@ -29,6 +29,9 @@ from .guidance import SSG
 from .params import HART_UPSTREAM, INFINITY_UPSTREAM, HARTParams, SamplingParams
 from .seeding import row_seeds
 from .validation import as_number, check_prompts, class_labels
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 MANIFEST = "model_index.json"
 # The shipped models' names (``from_pretrained("fashion-mnist")``): the class-conditional VAR (assets/fashion_mnist)
@@ -350,7 +353,7 @@ class Pipeline:
         return PipelineOutput(images=out) if return_dict else (out,)
 
     def compare(self, prompt: Union[None, str, Sequence[str]] = None, *, ssg_scale: Optional[float] = None,
-                ssg: Optional[SSG] = None, upscale: Optional[int] = None, **kwargs: Any) -> "Image.Image":  # noqa: F821
+                ssg: Optional[SSG] = None, upscale: Optional[int] = None, **kwargs: Any) -> "Image.Image":
         """Baseline and SSG side by side, same seeds, as one labelled PIL image (:func:`ssg_engine.imaging.labelled_grid`):
         a header over each half ("baseline"; the SSG settings), one row per prompt / class (its text or class name),
         ``num_images_per_prompt`` images per row. ``ssg_scale`` / ``ssg`` as in ``__call__`` (neither: ``SSG()``, the
