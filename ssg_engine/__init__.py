@@ -30,6 +30,8 @@ _EXPORTS: Dict[str, str] = {
     "sample_hart_reference": ".families.hart.sampler",
     "plan": ".plan",
     "to_uint8": ".imaging",
+    **dict.fromkeys(["Pipeline", "PipelineOutput"], ".pretrained_pipeline"),
+    "SSGEngineDiffusionPipeline": ".diffusers_pipeline",
 }
 
 __all__ = [
@@ -37,7 +39,8 @@ __all__ = [
     "load_models", "load_infinity", "checkpoint_family", "random_models", "VAR", "VARTransformer", "VQVAE", "SamplingParams", "NonFiniteLogitsError",
     "SampleOutput", "generate", "sample_reference", "Engine", "plan", "InfinityTransformer", "InfinityRequest",
     "TextFeatures", "PaddedText", "scale_schedule", "InfinitySampleOutput", "sample_infinity_reference", "to_uint8",
-    "load_hart", "HARTParams", "HARTTextFeatures", "Qwen2TextEncoder", "sample_hart_reference",
+    "load_hart", "HARTParams", "HARTTextFeatures", "Qwen2TextEncoder", "sample_hart_reference", "Pipeline", "PipelineOutput",
+    "SSGEngineDiffusionPipeline",
 ]
 
 

@@ -294,6 +294,19 @@ class SSG:
         beta = getattr(model, "ssg_beta", None)
         return dataclasses.replace(self, beta=DEFAULT_BETA if beta is None else beta)
 
+    def title(self) -> str:
+        """A short human-readable name of these settings, for figure labels: ``"SSG beta=0.5, prior dse"``,
+        ``"SSG beta 0.2..0.8, prior dse"`` (a ramp), ``"SSG per-step betas, prior dse"``; ``"SSG model beta"`` when no
+        beta is given (apply :meth:`for_model` first to name it)."""
+        if self.betas is not None:
+            strength = "per-step betas"
+        elif self.beta_start is not None:
+            strength = f"beta {self.beta_start:g}..{self.beta_end:g}"
+        else:
+            strength = "model beta" if self.beta is None else f"beta={self.beta:g}"
+        prior = f"dse ({self.interp})" if self.prior == "dse" and self.interp != "bilinear" else self.prior
+        return f"SSG {strength}, prior {prior}"
+
     def step_betas(self, num_steps: int) -> List[float]:
         """Per-step beta for a ``num_steps``-scale model; 0 where SSG is off (always at step 0)."""
         last = num_steps - 1 if self.last_step is None else self.last_step

@@ -97,6 +97,17 @@ def folder_text_encoder(folder: Union[str, Path], device: Union[str, torch.devic
     return load_text_encoder(folder / "text_encoder.safetensors", config, device)
 
 
+def text_encoder_from_folder(folder: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Any:
+    """An Infinity text encoder from a local folder: one written by ``train_fashion_mnist_infinity`` (its small encoder,
+    ``text_encoder.safetensors``), else a Flan-T5 folder (``T5TextEncoder``); errors as those raise them."""
+    folder = Path(folder)
+    if (folder / "text_encoder.safetensors").is_file():
+        return folder_text_encoder(folder, device)
+    from .families.infinity.text import T5TextEncoder
+
+    return T5TextEncoder(folder, device=device)
+
+
 def infinity_folder_schedule(folder: Union[str, Path] = INFINITY_DIR) -> Tuple[Tuple[int, int], ...]:
     """The scale schedule ((h, w) per scale) of an Infinity model folder (its config.json's ``schedule``)."""
     from .families.infinity.model import scale_schedule

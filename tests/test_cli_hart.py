@@ -12,6 +12,7 @@ from PIL import Image
 
 import ssg_engine as se
 from ssg_engine.cli import main
+from ssg_engine.imaging import make_grid, side_by_side, to_pil
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 A = GOLDEN / "hart" / "a_d2"
@@ -44,8 +45,13 @@ def test_sample_compare_writes_both_grids_and_matches_generate(tmp_path, capsys)
                "--seed", "7", "--upscale", "1", "--out", str(out), "--out-dir", str(per)])
     assert rc == 0, capsys.readouterr().err
     assert "wrote" in capsys.readouterr().out
-    w, h = Image.open(out).size
-    assert w > 2 * 2 * PX and 2 * PX <= h < 3 * PX  # two grids of 2 x 2 images side by side
+    # two grids of 2 x 2 images side by side (the per-image PNGs: baseline 0-3, SSG 4-7), under a header band
+    each = torch.stack([torch.from_numpy(np.array(Image.open(per / f"{i:05d}.png"))).permute(2, 0, 1).float() / 255 for i in range(8)])
+    cells = np.asarray(to_pil(side_by_side([make_grid(each[:4], 2), make_grid(each[4:], 2)])))
+    grid = np.asarray(Image.open(out))
+    assert grid.shape[0] > cells.shape[0] and grid.shape[1] > cells.shape[1]
+    assert np.array_equal(grid[-cells.shape[0]:, -cells.shape[1]:], cells)
+    assert (grid[: grid.shape[0] - cells.shape[0]] < 128).any()  # the header's text
     model, tok = se.load_hart(A / "llm", A / "tokenizer")
     f = se.HARTTextFeatures.load(feats)[torch.tensor([0, 0, 1, 1])]
     want = se.generate(model, tok, f, se.params.HART_UPSTREAM.replace(cfg=2.0, seed=7))  # image j keyed by (7, j)

@@ -45,7 +45,7 @@ LAYERS: Dict[str, List[str]] = {
         "families.hart.sampler", "families.hart.request", "families.var.spec", "families.infinity.spec", "families.hart.spec",
     ],
     "api": [PACKAGE, "loading", "text", "api", "pretrained", "analysis", "imaging", "costs", "plan", "families.var.loading",
-            "families.infinity.loading", "families.hart.loading"],
+            "families.infinity.loading", "families.hart.loading", "pretrained_pipeline", "diffusers_pipeline"],
     "training and evaluation": ["training.*", "eval.*"],
     "command line": ["cli.*", "__main__"],
 }
@@ -56,7 +56,7 @@ LAYERS: Dict[str, List[str]] = {
 FAMILY_AWARE = {
     "config", "sampler", "infinity_sampler", "text", "loading", "models.var", "models.vqvae", "models.infinity",
     "models.bsq_vae", "models.text_encoder",  # kept for compatibility
-    "engine", "memory", "plan", "costs", "pretrained", "analysis", "training.*", "eval.*", "cli.*",
+    "engine", "memory", "plan", "costs", "pretrained", "pretrained_pipeline", "analysis", "training.*", "eval.*", "cli.*",
 }
 # A family that builds on another's modules, by name: HART's hybrid tokenizer is VAR's multi-scale VQ-VAE (upstream
 # HART's ``var_quantize_multiple_res``) plus a continuous residual, configured by VAR's ModelConfig.

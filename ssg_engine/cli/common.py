@@ -319,15 +319,10 @@ def text_encoder_from_args(args: argparse.Namespace, device: str):
     folder (``ssg_engine.text``); None without the flag."""
     if args.text_encoder is None:
         return None
-    folder = Path(args.text_encoder)
+    from ..pretrained import text_encoder_from_folder
+
     try:
-        if (folder / "text_encoder.safetensors").is_file():
-            from ..pretrained import folder_text_encoder
-
-            return folder_text_encoder(folder, device)
-        from ..families.infinity.text import T5TextEncoder
-
-        return T5TextEncoder(folder, device=device)
+        return text_encoder_from_folder(args.text_encoder, device)
     except (ImportError, ValueError, OSError) as e:
         raise UsageError(f"--text-encoder: {e}") from None
 

@@ -149,9 +149,9 @@ def check_image_count(args: argparse.Namespace, count: int, pixels: int) -> None
         raise UsageError(str(e)) from None
 
 
-def infinity_conditions(args: argparse.Namespace, model, vae, text_encoder) -> Tuple[Any, int, Dict[str, Any]]:
-    """(text features of every image, image count, Infinity keywords) from --prompt/--text-features, --per-prompt,
-    --negative-prompt, --h-div-w and --pn; everything is checked (and every prompt encoded) before sampling."""
+def infinity_conditions(args: argparse.Namespace, model, vae, text_encoder) -> Tuple[Any, int, Dict[str, Any], List[str]]:
+    """(text features of every image, image count, Infinity keywords, one label per prompt) from --prompt/--text-features,
+    --per-prompt, --negative-prompt, --h-div-w and --pn; everything is checked (and every prompt encoded) before sampling."""
     from ..data import CLASS_PHRASES, TRAIN_TEMPLATES, make_prompt
     from ..families.infinity.model import TextFeatures, scale_schedule
 
@@ -170,8 +170,9 @@ def infinity_conditions(args: argparse.Namespace, model, vae, text_encoder) -> T
     pixels = image_pixels(model, vae, schedule)
     if features is not None:
         check_image_count(args, features.batch * per, pixels)
-        prompts = [features[i : i + 1] for i in range(features.batch) for _ in range(per)]
-        text = TextFeatures(torch.cat([p.kv_compact for p in prompts]), [n for p in prompts for n in p.lens])
+        rows = [features[i : i + 1] for i in range(features.batch) for _ in range(per)]
+        text = TextFeatures(torch.cat([p.kv_compact for p in rows]), [n for p in rows for n in p.lens])
+        prompts = [f"features {i}" for i in range(features.batch)]
     else:  # a text encoder: check_family_flags asked for one
         prompts = args.prompt or [make_prompt(c, TRAIN_TEMPLATES[0]) for c in range(len(CLASS_PHRASES))]
         check_image_count(args, len(prompts) * per, pixels)
@@ -185,12 +186,13 @@ def infinity_conditions(args: argparse.Namespace, model, vae, text_encoder) -> T
             family["negative"] = text_encoder.encode([args.negative_prompt] * text.batch)
         except (TypeError, ValueError) as e:
             raise UsageError(f"--negative-prompt: {e}") from None
-    return text, text.batch, family
+    return text, text.batch, family, prompts
 
 
-def hart_conditions(args: argparse.Namespace, model, tokenizer, text_encoder) -> Tuple[Any, int]:
-    """(HART text features of every image, image count) from --text-features (``HARTTextFeatures.save``'s file) or
-    --prompt with --text-encoder, and --per-prompt; checked (and every prompt encoded) before sampling."""
+def hart_conditions(args: argparse.Namespace, model, tokenizer, text_encoder) -> Tuple[Any, int, List[str]]:
+    """(HART text features of every image, image count, one label per prompt) from --text-features
+    (``HARTTextFeatures.save``'s file) or --prompt with --text-encoder, and --per-prompt; checked (and every prompt
+    encoded) before sampling."""
     per = args.per_prompt or 1
     if args.text_features is not None:
         from ..families.hart.text import HARTTextFeatures
@@ -201,6 +203,7 @@ def hart_conditions(args: argparse.Namespace, model, tokenizer, text_encoder) ->
             raise UsageError(f"--text-features: {e}") from None
         check_image_count(args, features.batch * per, image_pixels(model, tokenizer))
         text = features[torch.arange(features.batch).repeat_interleave(per)]
+        labels = [f"features {i}" for i in range(features.batch)]
     else:  # a text encoder: check_family_flags asked for one
         if not args.prompt:
             raise UsageError("--family hart needs --prompt TEXT (repeat it for more) with --text-encoder, or --text-features FILE.pt")
@@ -209,12 +212,13 @@ def hart_conditions(args: argparse.Namespace, model, tokenizer, text_encoder) ->
             text = text_encoder.encode([p for p in args.prompt for _ in range(per)])
         except (TypeError, ValueError) as e:
             raise UsageError(f"--prompt: {e}") from None
+        labels = list(args.prompt)
     Lc, Cc = model.context_token, model.context_embed.weight.shape[1]
     if tuple(text.context.shape[1:]) != (Lc, Cc):
         source = "--text-features" if args.text_features is not None else "--text-encoder"
         raise UsageError(f"{source} gives features of shape (B, {text.context.shape[1]}, {text.context.shape[2]}); this HART takes "
                          f"(B, {Lc}, {Cc}) (context_token, context_dim); give the text encoder the model was trained with")
-    return text, text.batch
+    return text, text.batch, labels
 
 
 def check_encoder_width(text: Any, Ct5: int) -> None:
@@ -224,8 +228,16 @@ def check_encoder_width(text: Any, Ct5: int) -> None:
                          "text_channels); give the text encoder the model was trained with")
 
 
+def class_labels_text(classes: Sequence[int], named: bool) -> List[str]:
+    """Row labels of class-conditional grids: the Fashion-MNIST class names (``named``: the shipped model), else
+    ``"class N"``."""
+    from ..data import FASHION_MNIST_CLASSES
+
+    return [FASHION_MNIST_CLASSES[c] if named else f"class {c}" for c in classes]
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
-    from ..imaging import make_grid, save_png, side_by_side
+    from ..imaging import labelled_grid, make_grid, save_image, save_png
 
     check_output_file(args.out, PNG, "--out")
     if args.out_dir is not None:
@@ -237,34 +249,33 @@ def cmd_sample(args: argparse.Namespace) -> int:
     params = sampling_from_args(args, model_sampling(args), beta)
     if model_family(args) == "infinity":
         model, vae, text_encoder = load_infinity_from_args(args)
-        conditions, n, family = infinity_conditions(args, model, vae, text_encoder)
+        conditions, n, family, row_labels = infinity_conditions(args, model, vae, text_encoder)
         if "negative" not in family and params.cfg != 1 and max(conditions.lens) > model.config.text_maxlen:
             raise UsageError(f"{'--text-features' if args.text_features else '--prompt'}: a prompt has {max(conditions.lens)} "
                              f"tokens, more than the {model.config.text_maxlen} (text_maxlen) that the model's unconditional text "
                              "covers for CFG; shorten it" + ("" if args.text_features else ", or give --negative-prompt"))
-        nrow = args.per_prompt if (args.per_prompt or 1) > 1 else None
+        per = args.per_prompt or 1
     elif model_family(args) == "hart":
         model, vae, text_encoder = load_hart_from_args(args)
-        conditions, n = hart_conditions(args, model, vae, text_encoder)
+        conditions, n, row_labels = hart_conditions(args, model, vae, text_encoder)
         family = {}
-        nrow = args.per_prompt if (args.per_prompt or 1) > 1 else None
+        per = args.per_prompt or 1
     else:
         vae, model = load_from_args(args)
         check_image_count(args, len(parse_classes(args.classes, model.num_classes, named=not args.var)) * args.per_class,
                           image_pixels(model, vae))
         conditions = labels_from_args(args, model.num_classes)
         n, family = len(conditions), {}
-        nrow = args.per_class if args.per_class > 1 else None
+        per = args.per_class
+        row_labels = class_labels_text(parse_classes(args.classes, model.num_classes, named=not args.var), named=not args.var)
     report_assumed_settings(args)
     t0 = time.perf_counter()
     if args.compare:
         base = sample_batches(model, vae, conditions, n, params.replace(ssg=None), args.batch_size, "baseline", **family)
-        guided = sample_batches(model, vae, conditions, n, params, args.batch_size, f"SSG beta={beta:g}", **family)
-        grid = side_by_side([make_grid(base, nrow), make_grid(guided, nrow)])
+        guided = sample_batches(model, vae, conditions, n, params, args.batch_size, params.ssg.title(), **family)
         images = torch.cat([base, guided])
     else:
         images = sample_batches(model, vae, conditions, n, params, args.batch_size, "sampling", **family)
-        grid = make_grid(images, nrow)
     dt = time.perf_counter() - t0
     upscale = args.upscale or max(1, 128 // images.shape[-1])
     written: List[Path] = []
@@ -272,7 +283,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if args.out_dir:
             for i, img in enumerate(images):
                 written.append(save_png(img, Path(args.out_dir) / f"{i:05d}.png"))
-        save_png(grid, args.out, upscale=upscale)
+        if args.compare:  # one row per class / prompt, a header over each half
+            save_image(labelled_grid([base, guided], ["baseline", params.ssg.title()], row_labels, per, upscale), args.out)
+        else:
+            save_png(make_grid(images, per if per > 1 else None), args.out, upscale=upscale)
     except OutputError:
         for path in written:
             path.unlink(missing_ok=True)
