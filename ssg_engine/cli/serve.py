@@ -1,7 +1,9 @@
-"""``ssg-engine serve``: the HTTP service (``ssg_engine.serve``): OpenAI's images API, batching concurrent requests."""
+"""``ssg-engine serve``: the HTTP service (``ssg_engine.serve``): OpenAI's images API, batching concurrent requests.
+SIGTERM (or Ctrl-C) drains: new requests get 503, queued ones finish, then it exits (0; 130 after Ctrl-C)."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Any, List
 
@@ -54,9 +56,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         m.warm_up()
     app = create_app(models, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                      max_n=args.max_n, timeout_s=args.timeout_s, max_body_bytes=args.max_body_kb * 1024)
-    run_server(app, args.host, args.port, drain_timeout_s=args.timeout_s,
-               on_start=lambda url: print(f"serving {', '.join(m.name for m in models)} at {url}", file=sys.stderr, flush=True))
-    return 0
+    stopped_by = run_server(app, args.host, args.port, drain_timeout_s=args.timeout_s,
+                            on_start=lambda url: print(f"serving {', '.join(m.name for m in models)} at {url}", file=sys.stderr, flush=True))
+    if stopped_by == signal.SIGINT:  # Ctrl-C: drained, then the CLI's usual line and status
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0  # SIGTERM: drained
 
 
 def add_parsers(sub: Any) -> None:

@@ -4,7 +4,7 @@ web page at ``/``, over one ``Scheduler``; ``run_server`` serves it with uvicorn
 Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with one-line messages: 400 a body
 that is not a JSON object, 404 an unknown model, 413 a body over the size limit, 422 a bad field, 503 a full queue
 (with ``Retry-After``) or a draining server, 504 a request past its timeout. The app holds no state outside itself:
-everything lives on ``app.state``.
+everything lives on ``app.state``. Needs the ``serve`` extra (FastAPI, uvicorn).
 """
 from __future__ import annotations
 
@@ -13,10 +13,14 @@ import base64
 import contextlib
 import io
 import json
+import signal
+import threading
 import time
-from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
 from ..imaging import to_uint8
 from ..seeding import row_seeds
@@ -39,10 +43,8 @@ def png_b64(images: torch.Tensor) -> List[str]:
     return out
 
 
-def error_response(status: int, message: str, param: Optional[str] = None, headers: Optional[Dict[str, str]] = None) -> Any:
+def error_response(status: int, message: str, param: Optional[str] = None, headers: Optional[Dict[str, str]] = None) -> JSONResponse:
     """OpenAI's error body with HTTP ``status``."""
-    from fastapi.responses import JSONResponse
-
     kind = "invalid_request_error" if status < 500 else "server_error"
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status,
                         headers=headers)
@@ -55,13 +57,10 @@ async def _disconnected(receive: Any) -> None:
 
 
 def create_app(models: Sequence[ServedModel], *, max_batch: int = 16, max_wait_ms: float = 10.0, max_queue: int = 256,
-               max_n: int = 64, timeout_s: float = 300.0, max_body_bytes: int = 65536) -> Any:
+               max_n: int = 64, timeout_s: float = 300.0, max_body_bytes: int = 65536) -> FastAPI:
     """The FastAPI app serving ``models`` (the first is the default ``model``; call ``warm_up`` on them first). The
     scheduler's limits: ``max_batch`` rows per batch, ``max_wait_ms`` of waiting for more, ``max_queue`` rows
     waiting; per request at most ``max_n`` images, ``timeout_s`` seconds and a body of ``max_body_bytes``."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, PlainTextResponse
-
     served: Dict[str, ServedModel] = {m.name: m for m in models}
     if not served:
         raise ValueError("models: give at least one model to serve")
@@ -120,8 +119,6 @@ def create_app(models: Sequence[ServedModel], *, max_batch: int = 16, max_wait_m
 
     async def _generate(request: Request) -> Tuple[Any, int]:
         """(the response, the number of images in it)."""
-        from fastapi.responses import JSONResponse
-
         try:
             if scheduler.draining:
                 raise Draining("the server is shutting down and takes no new requests; retry on another replica")
@@ -159,15 +156,30 @@ def create_app(models: Sequence[ServedModel], *, max_batch: int = 16, max_wait_m
     return app
 
 
-def run_server(app: Any, host: str = "127.0.0.1", port: int = 8000, drain_timeout_s: float = 300.0,
-               on_start: Optional[Callable[[str], None]] = None) -> None:
+def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, drain_timeout_s: float = 300.0,
+               on_start: Optional[Callable[[str], None]] = None) -> Optional[int]:
     """Serve ``app`` with uvicorn until SIGTERM / Ctrl-C; then new requests get 503 while the queued and running ones
-    finish (at most ``drain_timeout_s``), and it returns. ``on_start(url)`` is called once it listens (port 0: the
-    port it got)."""
+    finish (at most ``drain_timeout_s``), and it returns the signal that stopped it (None: none). ``on_start(url)`` is
+    called once it listens (port 0: the port it got)."""
     import uvicorn
 
+    received: List[int] = []
+
     class DrainingServer(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:  # uvicorn's, without re-raising the signal once drained
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
         def handle_exit(self, sig: int, frame: Any) -> None:
+            received.append(sig)
             app.state.scheduler.draining = True
             super().handle_exit(sig, frame)
 
@@ -179,3 +191,4 @@ def run_server(app: Any, host: str = "127.0.0.1", port: int = 8000, drain_timeou
 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=int(drain_timeout_s) + 1)
     DrainingServer(config).run()
+    return received[0] if received else None

@@ -59,9 +59,16 @@ class ServedModel:
 
     def warm_up(self) -> None:
         """Generate one image (seed 0), so that the first request pays no first-call costs; sets ``size``."""
-        cond = "warm-up" if self.text_conditional else 0
+        cond = "a photo" if self.text_conditional else 0  # words of the shipped text encoder's vocabulary
         image = self.run([cond], Settings(self.defaults), torch.zeros(1, dtype=torch.int64))
         self.size = (int(image.shape[-2]), int(image.shape[-1]))
+
+    def check_prompt(self, prompt: str) -> None:
+        """``ValueError`` when this model's text encoder cannot take ``prompt`` (the shipped model's small vocabulary);
+        checked per request, so that one bad prompt never fails the batch it would have joined."""
+        tokenize = getattr(self.text_encoder, "token_ids", None)
+        if tokenize is not None:
+            tokenize([prompt])
 
     def default_beta(self) -> float:
         """The SSG beta this model uses when SSG is asked for without one (its card's, else the default)."""

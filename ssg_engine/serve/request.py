@@ -146,6 +146,12 @@ def parse_request(body: Any, models: Dict[str, ServedModel], max_n: int) -> Imag
         prompt = _text(body, "prompt")
         if prompt is None:
             raise _bad("prompt", f"{model.name} is text-to-image; give a prompt")
+        for field, text in (("prompt", prompt), ("negative_prompt", _text(body, "negative_prompt"))):
+            if text is not None:
+                try:
+                    model.check_prompt(text)
+                except ValueError as e:
+                    raise _bad(field, " ".join(str(e).split())) from None
         conds: List[Any] = [prompt] * (n or 1)
     else:
         if body.get("negative_prompt") is not None:
