@@ -47,6 +47,7 @@ setup(
         "triton": ["triton>=3.0"],
         "plot": ["matplotlib"],
         "text": ["transformers>=4.56", "sentencepiece"],  # ssg_engine.text (Flan-T5 features for Infinity)
+        "serve": ["fastapi>=0.110,<1", "uvicorn>=0.29,<1"],  # ssg-engine serve (tested with fastapi 0.165.0, uvicorn 0.55.0)
         "dev": ["pytest", "pytest-benchmark", "ninja", "pybind11", "matplotlib", "scipy"],
     },
     entry_points={"console_scripts": ["ssg-engine=ssg_engine.cli:main"]},
