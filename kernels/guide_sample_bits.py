@@ -22,11 +22,12 @@ guided tile here too. Outputs, all freshly allocated, none aliasing an input: ``
 :func:`guide_sample_bits_triton` does it in one pass over the logits: the grid covers (V tiles, N tiles, batch);
 each program guides a (BLOCK_N, BLOCK_V) tile in registers, splits it into its (BLOCK_N, BLOCK_V / 2) bit pairs and
 draws. No fp32 ``guided`` round trip through memory, no int64 tokens. Randomness: ``u ~ U[0, 1)`` from Philox (key
-``seed``, counter ``(bit index, offset_lo, offset_hi, 0)``, bit index ``(b * N + n) * d + j``), the counters and the
-rule ``bit = u * (m0 + m1) >= m0`` (``m = exp(x - max)`` over the kept sides) of
+``seed``, counter ``(bit index, offset_lo, offset_hi, 0)``, bit index ``(b * N + n) * d + j``; with per-row seeds,
+``seed`` (B,), key ``seed[b]`` and bit index ``n * d + j``: an image's bits depend only on its own key), the counters
+and the rule ``bit = u * (m0 + m1) >= m0`` (``m = exp(x - max)`` over the kept sides) of
 :func:`ssg_engine.kernels.sampling.sample_logits_triton` on the rows ``guided.view(-1, 2)``: the same seed and
 offset draw the same bits as guidance followed by that sampler (with top-p, up to the boundary rounding below).
-All math is fp32. ``seed`` and ``offset`` (int64, (1,)) are read on the device (CUDA-graph safe); ``temperature``,
+All math is fp32. ``seed`` (int64, (1,) or (B,)) and ``offset`` (int64, (1,)) are read on the device (CUDA-graph safe); ``temperature``,
 ``top_k``, ``top_p`` are Python numbers baked into the launch (the Engine's graph key holds them).
 
 Deviations from the reference: the draw (Philox instead of ``torch.multinomial``; the same distribution); on an
@@ -36,7 +37,7 @@ differs in the last bit between torch and Triton; measure zero for continuous lo
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -73,6 +74,7 @@ def _guide_sample_bits_kernel(
     HAS_PRIOR: tl.constexpr, T_IS_TENSOR: tl.constexpr, BETA_IS_TENSOR: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
     GREEDY: tl.constexpr, HAS_TOP_P: tl.constexpr, WRITE_CFG: tl.constexpr, WRITE_GUIDED: tl.constexpr,
+    PER_ROW_SEED: tl.constexpr,
 ):
     pid_v = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -119,7 +121,10 @@ def _guide_sample_bits_kernel(
     d = V // 2
     offs_j = pid_v * (BLOCK_V // 2) + tl.arange(0, BLOCK_V // 2)
     index = (b * N + offs_n[:, None]) * d + offs_j[None, :]
-    u = philox_uniform(seed_ptr, offset_ptr, index)
+    if PER_ROW_SEED:  # image b's own key; its bits counted from 0
+        u = philox_uniform(seed_ptr + b, offset_ptr, index - b * N * d)
+    else:
+        u = philox_uniform(seed_ptr, offset_ptr, index)
     bit = u * (m0 + m1) >= m0
     tl.store(bits_ptr + index, bit.to(tl.uint8), mask=mask_n[:, None] & (offs_j < d)[None, :])
 
@@ -141,6 +146,13 @@ def _check_inputs(
     check_sampling_args(top_k, top_p, temperature)
 
 
+def check_bit_seed(seed: torch.Tensor, offset: torch.Tensor, device: torch.device, batch: int) -> None:
+    """``seed`` (1,) or (``batch``,) and ``offset`` (1,), int64 on ``device``; ``ValueError`` naming the bad one."""
+    check_seed_offset(seed, offset, device, max(batch, 1))
+    if seed.shape[0] not in (1, batch):
+        raise ValueError(f"seed has {seed.shape[0]} keys; give 1, or one per image row ({batch})")
+
+
 def guide_sample_bits_reference(
     logits_2B: torch.Tensor,
     prev: Optional[torch.Tensor],
@@ -150,7 +162,7 @@ def guide_sample_bits_reference(
     top_k: int,
     top_p: float,
     temperature: float,
-    generator: Optional[torch.Generator] = None,
+    generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None,
     *,
     write_cfg: bool = True,
     write_guided: bool = False,
@@ -158,6 +170,7 @@ def guide_sample_bits_reference(
     """PyTorch specification: :func:`ssg_guidance_reference`, then ``sample_logits_reference`` on the bit rows.
 
     logits_2B (2B, N, V = 2d) -> bits (B, N, d) uint8, nonfinite (1,) bool, cfg and guided (B, N, V) fp32 or None.
+    ``generator``: one for all bits, or B (per-row seeding: image b's N * d bits from ``generator[b]``).
     """
     _check_inputs(logits_2B, prev, operator, cfg_t, beta, top_k, top_p, temperature)
     guided, cfg = ssg_guidance_reference(logits_2B, prev, operator, cfg_t, beta)
@@ -191,9 +204,9 @@ def guide_sample_bits_launch(
     ``bench/aot_compile.py`` compiles it (meta tensors work). The launch is None when N or V is 0.
     """
     _check_inputs(logits_2B, prev, operator, cfg_t, beta, top_k, top_p, temperature)
-    check_seed_offset(seed, offset, logits_2B.device)
     pointers, sizes, constexprs = guide_tile_args(logits_2B, prev, operator, cfg_t, beta, allow_tf32)
     batch, n, _, v = sizes[:4]
+    check_bit_seed(seed, offset, logits_2B.device, batch)
     device = logits_2B.device
     bits = torch.empty((batch, n, v // 2), dtype=torch.uint8, device=device)
     nonfinite = torch.zeros(1, dtype=torch.bool, device=device)
@@ -209,7 +222,8 @@ def guide_sample_bits_launch(
         *sizes,
         float(temperature), float(1.0 - top_p),
     )
-    constexprs.update(GREEDY=top_k == 1, HAS_TOP_P=0 < top_p < 1, WRITE_CFG=write_cfg, WRITE_GUIDED=write_guided)
+    constexprs.update(GREEDY=top_k == 1, HAS_TOP_P=0 < top_p < 1, WRITE_CFG=write_cfg, WRITE_GUIDED=write_guided,
+                      PER_ROW_SEED=seed.shape[0] > 1)
     grid = (triton.cdiv(v, constexprs["BLOCK_V"]), triton.cdiv(n, constexprs["BLOCK_N"]), batch)
     return KernelLaunch(_guide_sample_bits_kernel, grid, args, constexprs, num_warps=4), outputs
 
@@ -230,7 +244,8 @@ def guide_sample_bits_triton(
     write_guided: bool = False,
     allow_tf32: bool = False,
 ) -> BitsOutputs:
-    """Triton launcher with the reference's contract; randomness from device tensors ``seed``/``offset`` (int64, (1,))."""
+    """Triton launcher with the reference's contract; randomness from device tensors ``seed`` (int64, (1,), or (B,): one
+    key per image row) and ``offset`` (int64, (1,))."""
     if triton is None:
         raise RuntimeError("guide_sample_bits_triton needs triton; use guide_sample_bits_reference")
     launch, outputs = guide_sample_bits_launch(

@@ -28,9 +28,12 @@ for every pass; longer rows are re-read from L2 per pass):
    strictly above x is below ``top_p``". Each pass also counts the entries above the
    threshold (one fused reduction), and the search stops once the bracket holds at most
    one entry: every threshold in it then keeps the same set (about half the passes);
-5. inverse CDF: ``u ~ U[0, 1)`` from Philox (key = ``seed``, counter =
-   ``(row, offset_lo, offset_hi, 0)``), then a walk over the row in index order picks
-   the first kept index whose running mass exceeds ``u * Z_kept``.
+5. inverse CDF: ``u ~ U[0, 1)`` from Philox (key = ``seed[row // rows_per_seed]``, counter =
+   ``(row % rows_per_seed, offset_lo, offset_hi, 0)``), then a walk over the row in index
+   order picks the first kept index whose running mass exceeds ``u * Z_kept``. ``seed`` (S,)
+   holds one key for all R rows (S = 1: counter = row) or one per block of R / S consecutive
+   rows (per-row seeding, :mod:`ssg_engine.seeding`: an image's draws then depend only on its
+   own key and positions, not on the batch).
 
 Ties and boundaries (the only places the kernel's mask can differ from the reference):
 
@@ -48,14 +51,14 @@ Ties and boundaries (the only places the kernel's mask can differ from the refer
   (that is what the upstream mask + multinomial does).
 
 Rows must contain at least one finite logit and no NaN. The kernel reads ``seed``
-and ``offset`` (int64, shape (1,)) on the device, so it is CUDA-graph safe; the caller
-advances ``offset`` (e.g. ``offset += 1`` in place) between draws.
+(int64, (S,), S dividing R) and ``offset`` (int64, (1,)) on the device, so it is CUDA-graph
+safe; the caller advances ``offset`` (e.g. ``offset += 1`` in place) between draws.
 """
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -92,7 +95,8 @@ def _from_key(key):
 @jit()
 def philox_uniform(seed_ptr, offset_ptr, counter):
     """One ``u ~ U[0, 1)`` per logical index in ``counter`` (any shape): Philox with key ``seed`` and counter
-    ``(counter, offset_lo, offset_hi, 0)``; ``seed``/``offset`` are read on the device (graph-safe)."""
+    ``(counter, offset_lo, offset_hi, 0)``; ``seed``/``offset`` are read on the device (graph-safe). ``seed_ptr``
+    is one pointer or a block of pointers shaped like ``counter`` (one key per element: per-row seeds)."""
     seed = tl.load(seed_ptr)
     offset = tl.load(offset_ptr)
     c0 = counter.to(tl.uint32)
@@ -128,10 +132,10 @@ def _mass_and_count(x, kept, mx):
 
 # R (rows) only bounds the row mask and top_k is only compared with counts: specializing on
 # their value (== 1, % 16) would compile several variants per batch bucket for nothing.
-@jit(do_not_specialize=["R", "top_k"])
+@jit(do_not_specialize=["R", "top_k", "rows_per_seed"])
 def _sample_kernel(
     logits_ptr, out_ptr, seed_ptr, offset_ptr,
-    R, V, stride_r, stride_v,
+    R, V, stride_r, stride_v, rows_per_seed,
     top_k, top_p, temperature,
     HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, ONE_CHUNK: tl.constexpr,
@@ -217,7 +221,8 @@ def _sample_kernel(
         last = tl.maximum(last, tl.max(tl.where(kept, cols[None, :], -1), axis=1))
 
     # inverse CDF over the kept entries in index order
-    target = philox_uniform(seed_ptr, offset_ptr, rows) * z_kept
+    seed_row = tl.where(row_mask, rows // rows_per_seed, 0)  # S = 1: key seed[0], counter = row
+    target = philox_uniform(seed_ptr + seed_row, offset_ptr, rows - seed_row * rows_per_seed) * z_kept
     token = tl.full((BLOCK_R,), V, tl.int32)
     running = tl.zeros((BLOCK_R,), tl.float32)
     for start in range(0, V, BLOCK_V):
@@ -244,15 +249,19 @@ def check_sampling_args(top_k: int, top_p: float, temperature: float) -> None:
         raise ValueError(f"temperature must be a finite number > 0; got {temperature!r}")
 
 
-def check_seed_offset(seed: torch.Tensor, offset: torch.Tensor, device: torch.device) -> None:
-    """``seed`` and ``offset`` must be int64 tensors of shape (1,) on ``device``."""
+def check_seed_offset(seed: torch.Tensor, offset: torch.Tensor, device: torch.device, rows: int = 1) -> None:
+    """``offset`` must be an int64 tensor of shape (1,) on ``device``, ``seed`` one of shape (1,) or (S,) with S > 0
+    dividing ``rows`` (one key per block of ``rows // S`` consecutive rows: per-row seeding)."""
     for name, x in (("seed", seed), ("offset", offset)):
+        shape = "(1,) or (S,) with S dividing the rows" if name == "seed" else "(1,)"
         if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name} must be an int64 tensor of shape (1,); got {type(x).__name__}")
-        if x.dtype != torch.int64 or tuple(x.shape) != (1,):
-            raise ValueError(f"{name} must be an int64 tensor of shape (1,); got {x.dtype} {tuple(x.shape)}")
+            raise ValueError(f"{name} must be an int64 tensor of shape {shape}; got {type(x).__name__}")
+        if x.dtype != torch.int64 or x.ndim != 1 or (name == "offset" and x.shape[0] != 1):
+            raise ValueError(f"{name} must be an int64 tensor of shape {shape}; got {x.dtype} {tuple(x.shape)}")
         if x.device != device:
             raise ValueError(f"{name} is on {x.device} but logits are on {device}")
+    if seed.shape[0] == 0 or (seed.shape[0] != 1 and rows % seed.shape[0]):
+        raise ValueError(f"seed has {seed.shape[0]} keys for {rows} rows; give 1, or one per block of rows (S dividing {rows})")
 
 
 def _check_logits(logits: torch.Tensor) -> None:
@@ -285,12 +294,20 @@ def sample_logits_reference(
     top_k: int,
     top_p: float,
     temperature: float,
-    generator: Optional[torch.Generator] = None,
+    generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None,
 ) -> torch.Tensor:
-    """(R, V) float -> (R,) int64 tokens drawn from softmax(logits / temperature) over the kept mask."""
+    """(R, V) float -> (R,) int64 tokens drawn from softmax(logits / temperature) over the kept mask.
+
+    ``generator``: one generator for all rows (None: the global one), or S generators (per-row seeding), each
+    drawing a block of R / S consecutive rows (one ``torch.multinomial`` per block)."""
     kept = top_k_top_p_mask_reference(logits, top_k, top_p, temperature)
-    x = (logits.float() / temperature).masked_fill(~kept, float("-inf"))
-    return torch.multinomial(x.softmax(dim=-1), 1, generator=generator).squeeze(1)
+    probs = (logits.float() / temperature).masked_fill(~kept, float("-inf")).softmax(dim=-1)
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    if not generator or probs.shape[0] % len(generator):
+        raise ValueError(f"generator: {len(generator)} generators for {probs.shape[0]} rows; give one per block of rows")
+    blocks = probs.view(len(generator), -1, probs.shape[1])
+    return torch.cat([torch.multinomial(block, 1, generator=g).squeeze(1) for block, g in zip(blocks, generator)])
 
 
 def sample_logits_launch(
@@ -309,7 +326,7 @@ def sample_logits_launch(
     """
     _check_logits(logits)
     check_sampling_args(top_k, top_p, temperature)
-    check_seed_offset(seed, offset, logits.device)
+    check_seed_offset(seed, offset, logits.device, logits.shape[0])
     if logits.dtype not in _KERNEL_DTYPES:
         raise ValueError(f"logits dtype {logits.dtype} is not supported by the kernel; use float32, bfloat16 or float16")
     rows, vocab = logits.shape
@@ -322,7 +339,7 @@ def sample_logits_launch(
     block_r = max(1, min(_MAX_BLOCK_R, _MAX_BLOCK_V // block_v))
     args = (
         logits, tokens, seed, offset,
-        rows, vocab, logits.stride(0), logits.stride(1),
+        rows, vocab, logits.stride(0), logits.stride(1), rows // seed.shape[0],
         min(int(top_k), vocab), float(top_p), float(temperature),
     )
     constexprs = dict(
@@ -341,7 +358,8 @@ def sample_logits_triton(
     seed: torch.Tensor,
     offset: torch.Tensor,
 ) -> torch.Tensor:
-    """(R, V) fp32/bf16/fp16 -> (R,) int64; randomness from device tensors ``seed``/``offset`` (int64, (1,))."""
+    """(R, V) fp32/bf16/fp16 -> (R,) int64; randomness from device tensors ``seed`` (int64, (1,) or (S,): one key per
+    R / S rows) and ``offset`` (int64, (1,))."""
     if triton is None:
         raise RuntimeError("sample_logits_triton needs triton; use sample_logits_reference")
     launch, tokens = sample_logits_launch(logits, top_k, top_p, temperature, seed, offset)

@@ -12,6 +12,7 @@ from .engine import Engine, check_family
 from .families import family_of, split_keywords
 from .params import SamplingParams
 from .pipeline import resolve_params
+from .seeding import RowSeeds, row_seeds as keyed_rows
 from .validation import check_prompts
 
 
@@ -56,6 +57,8 @@ def generate(
     return_tokens: bool = False,
     engine: Optional[Engine] = None,
     text_encoder: Any = None,
+    seeding: str = "row",
+    row_seeds: Optional[RowSeeds] = None,
     **overrides: Any,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:
     """Sample one image per label (VAR + VQVAE) or prompt (Infinity + BSQVAE): images (B, 3, H, W) in [0, 1], and
@@ -78,7 +81,18 @@ def generate(
     diffusion head's noise drawn from the seed tensor too), except for requests only the reference sampler serves
     (``more_smooth=True``, ``upstream_compat=True``: the reference sampler runs, on CUDA; ``engine=`` with them is one
     ``ValueError``); ``return_tokens`` gives its codes per scale (B, pn^2) int64.
+
+    Seeding (:mod:`ssg_engine.seeding`): ``seeding="row"`` (default) draws image b from its own stream keyed by
+    ``(seed, b)`` (``row_seeds(seed, B)``, or the ``row_seeds`` given: one int64 per image), so an image does not depend
+    on the batch it came with (nor on the Engine's ``max_batch`` chunks); with ``seed=None`` (or HART's
+    ``upstream_compat=True``) there is nothing to key rows by and the draws are per batch. ``seeding="batch"``: the
+    per-batch draws of one generator (reference) or one Philox key per chunk (Engine) from ``seed``, as before
+    per-row seeding (what ``autoregressive_infer_cfg`` and the golden tests use).
     """
+    if seeding not in ("row", "batch"):
+        raise ValueError(f"seeding must be 'row' (one stream per image) or 'batch' (one per batch); got {seeding!r}")
+    if row_seeds is not None and seeding != "row":
+        raise ValueError("row_seeds: per-row seeds need seeding='row' (the default); drop row_seeds for per-batch draws")
     spec = check_family(model, vae, "generate(var, vae, labels)")
     negative = overrides.get("negative")
     negative_prompts = isinstance(negative, str) or (isinstance(negative, (list, tuple)) and any(isinstance(n, str) for n in negative))
@@ -99,10 +113,15 @@ def generate(
     if engine is not None and not spec.engine:
         raise TypeError(f"engine: there is no {spec.title} Engine yet; leave engine=None (the reference sampler runs)")
     serves = spec.engine_serves is None or spec.engine_serves(params, overrides)  # e.g. not HART's more_smooth
+    resolve = spec.resolve_params or resolve_params
+    if seeding == "row" and row_seeds is None and not overrides.get("upstream_compat", False):
+        fields = dict(overrides)
+        split_keywords(fields, spec)
+        seed = resolve(params, fields, model).seed  # (a bad override: its one-line message, before any compute)
+        row_seeds = None if seed is None else keyed_rows(seed, spec.rows(model, cond))
     if engine is not None or (device.type == "cuda" and spec.engine and serves):
-        images, tokens = (engine or ENGINE_CACHE.get(model, vae)).generate(cond, params, **overrides)
+        images, tokens = (engine or ENGINE_CACHE.get(model, vae)).generate(cond, params, row_seeds=row_seeds, **overrides)
     else:  # the family's reference sampler
         keywords = split_keywords(overrides, spec)
-        resolve = spec.resolve_params or resolve_params
-        images, tokens = spec.generate_reference(model, vae, cond, resolve(params, overrides, model), **keywords)
+        images, tokens = spec.generate_reference(model, vae, cond, resolve(params, overrides, model), row_seeds=row_seeds, **keywords)
     return (images, tokens) if return_tokens else images

@@ -31,6 +31,7 @@ from .kv_cache import StaticKVCache
 from .memory import CONTEXT_BYTES, GiB, MemoryPlan, infinity_plan, itemsize, largest_batch
 from .models.family import NextScaleModel
 from .params import SamplingParams, check_seed
+from .seeding import RowSeeds, check_row_seeds
 from .pipeline import Guidance, ScaleGuidance, guidance_schedule, nonfinite_logits_error, resolve_params, run_scales
 from .validation import as_number, class_labels
 
@@ -133,7 +134,9 @@ class Engine:
     ``images (B, 3, H, W)`` in [0, 1] and the tokens per scale (VAR: (B, pn^2) int64; Infinity: bits (B, h*w, d) uint8).
     ``backend="auto"`` runs the fused Triton kernels on CUDA and the PyTorch references elsewhere (``"triton"`` runs
     the kernels on the CPU interpreter too, with ``TRITON_INTERPRET=1``). Requests larger than ``max_batch`` are split (chunk ``i`` uses seed ``seed + i``); each chunk is padded up to
-    a bucket (``batch_buckets``).
+    a bucket (``batch_buckets``). ``engine.generate(cond, params, row_seeds=...)`` seeds each image row on its own
+    (:mod:`ssg_engine.seeding`: the kernels read ``seed[row]``), so an image does not depend on its batch, the
+    chunking or the padding.
 
     Memory follows the batches in use: the KV cache is allocated for the largest (rows, tokens) used so far (never
     for ``max_batch`` up front; ``kv_cache_bytes()``), and at most ``max_graphs`` captured graphs are kept
@@ -240,21 +243,27 @@ class Engine:
 
     @torch.no_grad()
     def generate(
-        self, cond: Any, params: Optional[SamplingParams] = None, **overrides: Any
+        self, cond: Any, params: Optional[SamplingParams] = None, *, row_seeds: Optional[RowSeeds] = None, **overrides: Any
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Sample one image per label (VAR) or prompt (Infinity: text features, anything ``TextFeatures.coerce``
         takes). Non-finite logits raise ``NonFiniteLogitsError`` naming the first bad scale, checked once after all
-        chunks (the only host sync of the call)."""
+        chunks (the only host sync of the call).
+
+        ``row_seeds``: one int64 key per image row ((B,) tensor or ints, e.g. ``ssg_engine.seeding.row_seeds(seed,
+        B)``): row b draws only from ``row_seeds[b]`` (``params.seed`` unused); None: per-batch draws from
+        ``params.seed`` (chunk ``i``: ``seed + i``)."""
         family = split_keywords(overrides, self.spec)
         resolve = self.spec.resolve_params or resolve_params
         model, cond_t, params = self.bind(cond, resolve(params, overrides, self.model), **family)
+        keys = check_row_seeds(row_seeds, _rows(cond_t))
         chunks = range(0, _rows(cond_t), self.max_batch)
         seed = check_seed(params.seed, count=len(chunks)) or 0
         images, tokens, nonfinite = [], [], []
         for i, start in enumerate(chunks):
             rows = slice(start, start + self.max_batch)
             chunk_model = dataclasses.replace(model, negative=_take(model.negative, rows)) if isinstance(model, InfinityRequest) else model
-            img, tok, bad = self._run_chunk(chunk_model, _take(cond_t, rows), params, seed + i)
+            chunk_seed = torch.tensor([seed + i]) if keys is None else keys[rows]
+            img, tok, bad = self._run_chunk(chunk_model, _take(cond_t, rows), params, chunk_seed)
             images.append(img)
             tokens.append(tok)
             nonfinite.append(bad)
@@ -277,7 +286,8 @@ class Engine:
         record_logits: bool = False,
     ) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor]:
         """The whole sampling loop for a condition of b rows (see :meth:`bind`: ``model``, ``cond`` and ``params``;
-        ``model`` defaults to the VAR) with a seed tensor (1,); no host sync with the Triton backend.
+        ``model`` defaults to the VAR) with a seed tensor (1,) int64 on the device, or (b,): one key per image row
+        (per-row seeding; CFG's unconditional rows use their image row's); no host sync with the Triton backend.
         Runs in inference mode (no autograd bookkeeping); callers get copies made outside it.
 
         Returns images, tokens and a (K,) bool device tensor: True for scales whose logits (after CFG, SSG and
@@ -383,9 +393,12 @@ class Engine:
             f"{advice} (see ssg_engine.plan / ssg-engine plan)"
         )
 
-    def _run_chunk(self, model: NextScaleModel, cond: Cond, params: SamplingParams, seed: int) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor]:
+    def _run_chunk(self, model: NextScaleModel, cond: Cond, params: SamplingParams, seed: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor]:
+        """One chunk of n <= max_batch rows, padded to its bucket; ``seed`` (1,) int64, or (n,) row seeds (padded)."""
         n = _rows(cond)
         b = next(size for size in self.buckets if size >= n)
+        if seed.shape[0] > 1:  # per-row keys: one per padded row too (padding rows' draws are discarded)
+            seed = torch.cat((seed, seed.new_zeros(b - seed.shape[0])))
         if isinstance(model, InfinityRequest):
             self._check_memory(model, b)
         padded = _pad_rows(cond, b)
@@ -393,14 +406,14 @@ class Engine:
             model = dataclasses.replace(model, negative=_pad_rows(model.negative, b))
         if self.cuda_graphs:
             self._kv_cache(2 * b, model.cache_layout())  # grow (and drop stale graphs) before looking a graph up
-            key = (b, graph_key(params, len(model.scale_sizes())), _request_key(model))
-            graph = self._graphs.pop(key, None) or _StaticBatch(self, model, padded, params)
+            key = (b, seed.shape[0], graph_key(params, len(model.scale_sizes())), _request_key(model))
+            graph = self._graphs.pop(key, None) or _StaticBatch(self, model, padded, params, seed.shape[0])
             self._graphs[key] = graph  # most recently used last
             while len(self._graphs) > self.max_graphs:
                 self._graphs.popitem(last=False)
             img, tok, bad = graph.replay(model, padded, seed, params)
         else:
-            img, tok, bad = self.run_batch(padded, torch.tensor([seed], dtype=torch.long, device=self.device), params, model=model)
+            img, tok, bad = self.run_batch(padded, seed.to(self.device), params, model=model)
         return img[:n].clone(), [t[:n].clone() for t in tok], bad.clone()
 
 
@@ -432,7 +445,7 @@ def device_schedule(template: Sequence[ScaleGuidance], cfg_t: torch.Tensor, beta
 class _StaticBatch:
     """One CUDA graph of ``Engine.run_batch`` for a bucket, a ``graph_key`` and (Infinity) a ``_request_key``, and
     everything it reads, held for its lifetime: the static device buffers refilled before each replay (the condition:
-    labels, or padded text and negative text; the seed; one float32 buffer of the CFG weights ``cfg_t`` (K,), the SSG
+    labels, or padded text and negative text; the seed (1,) or row seeds (b,); one float32 buffer of the CFG weights ``cfg_t`` (K,), the SSG
     betas (K,) and, for Infinity, the request's cfg/tau numbers (3K,), see :class:`RequestTensors`), the guidance
     ``schedule`` with its prior operators, Infinity's RoPE tables (``model.tensors.rope``), the KV cache and the scale
     offsets. Nothing a replay reads lives only in a cache (``guidance._cached_operator`` or ``device_rope_tables``), whose
@@ -442,7 +455,7 @@ class _StaticBatch:
     them is waited for before the staging buffers are rewritten. On a CPU engine (tests) nothing is captured and
     :meth:`replay` runs the loop on the static buffers."""
 
-    def __init__(self, engine: Engine, model: NextScaleModel, cond: Cond, params: SamplingParams) -> None:
+    def __init__(self, engine: Engine, model: NextScaleModel, cond: Cond, params: SamplingParams, seed_rows: int = 1) -> None:
         self.engine = engine
         device = engine.device
         capture = device.type == "cuda"
@@ -450,7 +463,7 @@ class _StaticBatch:
         self.kv = engine._kv_cache(2 * _rows(cond), model.cache_layout())
         self.offsets = engine.offsets
         self.cond = _static(cond, device)
-        self.seed = torch.zeros(1, dtype=torch.long, device=device)
+        self.seed = torch.zeros(seed_rows, dtype=torch.long, device=device)
         infinity = isinstance(model, InfinityRequest)
         self.floats = torch.zeros((5 if infinity else 2) * K, dtype=torch.float32, device=device)
         self.cfg_t, self.beta = self.floats[:K], self.floats[K : 2 * K]
@@ -464,7 +477,7 @@ class _StaticBatch:
         self._static = self._buffers(self.model, self.cond) + (self.seed, self.floats)
         self._staging = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in self._static) if capture else None
         self._copied = torch.cuda.Event() if capture else None
-        self._fill(model, cond, 0, params)
+        self._fill(model, cond, torch.zeros(seed_rows, dtype=torch.long), params)
         self._run = run = functools.partial(engine.run_batch, self.cond, self.seed, params, model=self.model, schedule=self.schedule)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         if capture:
@@ -483,14 +496,15 @@ class _StaticBatch:
         """The condition's tensors, then (Infinity) the negative text's."""
         return _tensors(cond) + (_tensors(model.negative) if isinstance(model, InfinityRequest) else ())
 
-    def _fill(self, model: NextScaleModel, cond: Cond, seed: int, params: SamplingParams) -> None:
-        """Stage ``cond`` (and negative text; on the host, see :meth:`Engine.bind`), ``seed`` and the request's numbers
-        into the static buffers."""
+    def _fill(self, model: NextScaleModel, cond: Cond, seed: Union[int, torch.Tensor], params: SamplingParams) -> None:
+        """Stage ``cond`` (and negative text; on the host, see :meth:`Engine.bind`), ``seed`` (an int, or the int64
+        keys of the seed buffer's shape) and the request's numbers into the static buffers."""
+        seed = torch.as_tensor(seed, dtype=torch.long).reshape(-1)
         K = self.cfg_t.numel()
         numbers = self.engine._cfg_ts(model, params) + (params.ssg.step_betas(K) if params.ssg is not None else [0.0] * K)
         if isinstance(model, InfinityRequest):
             numbers += RequestTensors.values(model)
-        values = self._buffers(model, cond) + (torch.tensor([seed], dtype=torch.long), torch.tensor(numbers, dtype=torch.float32))
+        values = self._buffers(model, cond) + (seed, torch.tensor(numbers, dtype=torch.float32))
         if self._staging is None:
             for static, new in zip(self._static, values):
                 static.copy_(new)
@@ -501,7 +515,7 @@ class _StaticBatch:
             static.copy_(host, non_blocking=True)
         self._copied.record()
 
-    def replay(self, model: NextScaleModel, cond: Cond, seed: int, params: SamplingParams) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor]:
+    def replay(self, model: NextScaleModel, cond: Cond, seed: Union[int, torch.Tensor], params: SamplingParams) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor]:
         """Images, tokens and the non-finite flags of ``cond`` (``seed``, ``params``, ``model``'s numbers) from the
         captured graph (CPU: the loop on the static buffers)."""
         self._fill(model, cond, seed, params)

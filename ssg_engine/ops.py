@@ -6,7 +6,7 @@ backend work without triton installed.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 
@@ -75,23 +75,24 @@ def sample_logits(
 ) -> torch.Tensor:
     """Temperature + top-k + top-p sampling: logits (..., V) -> tokens (...) int64.
 
-    ``seed``/``offset`` are int64 tensors of shape (1,) on the logits' device. The
-    Triton backend reads them on the device (CUDA-graph safe, no host sync); the
-    reference backend reads them on the host (a device sync) to seed a
-    ``torch.Generator`` with ``seed * 1_000_003 + offset``, so the two backends draw
-    from the same distribution but not the same tokens.
+    ``seed``/``offset`` are int64 tensors of shape (1,) on the logits' device; ``seed`` may
+    instead hold S keys (per-row seeding), one per block of (rows / S) consecutive rows of the
+    flattened logits (S = batch: one per image). The Triton backend reads them on the device
+    (CUDA-graph safe, no host sync); the reference backend reads them on the host (a device
+    sync) to seed a ``torch.Generator`` per key with ``seed * 1_000_003 + offset``, so the two
+    backends draw from the same distribution but not the same tokens.
     """
     from ssg_engine.kernels import sampling as impl
 
     if not isinstance(logits, torch.Tensor) or logits.ndim == 0:
         raise ValueError("logits must be a tensor of shape (..., V)")
-    impl.check_seed_offset(seed, offset, logits.device)
     rows = logits.reshape(-1, logits.shape[-1])
+    impl.check_seed_offset(seed, offset, logits.device, rows.shape[0])
     with nvtx_range("sample_logits"):
         if resolve_backend(backend, logits.device) == "triton":
             tokens = impl.sample_logits_triton(rows, top_k, top_p, temperature, seed, offset)
         else:
-            tokens = impl.sample_logits_reference(rows, top_k, top_p, temperature, _generator(seed, offset))
+            tokens = impl.sample_logits_reference(rows, top_k, top_p, temperature, _generators(seed, offset))
     return tokens.reshape(logits.shape[:-1])
 
 
@@ -114,8 +115,9 @@ def guide_and_sample_bits(
     """CFG + SSG, then one Bernoulli draw per bit: logits_2B (2B, N, V = 2d) -> (bits (B, N, d) uint8, nonfinite (1,)
     bool, cfg (B, N, V) fp32 if ``write_cfg``, guided (B, N, V) fp32 if ``write_guided``; else None).
 
-    See :mod:`ssg_engine.kernels.guide_sample_bits`. Randomness as :func:`sample_logits`: the reference backend
-    draws the bits that ``ssg_guidance`` followed by ``sample_logits`` draws on the bit rows.
+    See :mod:`ssg_engine.kernels.guide_sample_bits`. Randomness as :func:`sample_logits` (``seed`` (1,), or (B,): one
+    key per image row): the reference backend draws the bits that ``ssg_guidance`` followed by ``sample_logits``
+    draws on the bit rows.
     """
     from ssg_engine.kernels import guide_sample_bits as impl
 
@@ -125,11 +127,9 @@ def guide_and_sample_bits(
                 logits_2B, prev, operator, cfg_t, beta, top_k, top_p, temperature, seed, offset,
                 write_cfg=write_cfg, write_guided=write_guided,
             )
-        from ssg_engine.kernels.sampling import check_seed_offset
-
-        check_seed_offset(seed, offset, logits_2B.device)
+        impl.check_bit_seed(seed, offset, logits_2B.device, logits_2B.shape[0] // 2)
         return impl.guide_sample_bits_reference(
-            logits_2B, prev, operator, cfg_t, beta, top_k, top_p, temperature, _generator(seed, offset),
+            logits_2B, prev, operator, cfg_t, beta, top_k, top_p, temperature, _generators(seed, offset),
             write_cfg=write_cfg, write_guided=write_guided,
         )
 
@@ -207,11 +207,15 @@ def matmul_gated_residual(
         return impl.matmul_gated_residual_reference(residual, x, weight, bias, gamma, round_gated)
 
 
-def _generator(seed: torch.Tensor, offset: torch.Tensor) -> torch.Generator:
-    """The reference backend's generator on ``seed``'s device, seeded with ``seed * 1_000_003 + offset`` (a host read)."""
-    generator = torch.Generator(device=seed.device)
-    generator.manual_seed((int(seed) * _SEED_MIX + int(offset)) % 2**64)
-    return generator
+def _generators(seed: torch.Tensor, offset: torch.Tensor) -> Union[torch.Generator, List[torch.Generator]]:
+    """The reference backend's generator on ``seed``'s device for a seed (1,), or one per key of a seed (S,), seeded
+    with ``key * 1_000_003 + offset`` (a host read)."""
+    generators = []
+    for key in seed.tolist():
+        generator = torch.Generator(device=seed.device)
+        generator.manual_seed((key * _SEED_MIX + int(offset)) % 2**64)
+        generators.append(generator)
+    return generators[0] if seed.shape[0] == 1 else generators
 
 
 def group_norm_silu(

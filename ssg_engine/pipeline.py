@@ -159,9 +159,17 @@ def resolve_params(params: Optional[SamplingParams], overrides: dict, model: Any
     return params.for_model(model)
 
 
-def gumbel_softmax_with_rng(logits: torch.Tensor, tau: float, rng: Optional[torch.Generator]) -> torch.Tensor:
-    """Soft Gumbel-softmax drawing its noise from ``rng`` (upstream's ``more_smooth`` visualisation mode)."""
+def gumbel_softmax_with_rng(
+    logits: torch.Tensor, tau: float, rng: Union[None, torch.Generator, Sequence[torch.Generator]]
+) -> torch.Tensor:
+    """Soft Gumbel-softmax of logits (B, ..., V) drawing its noise from ``rng`` (upstream's ``more_smooth``
+    visualisation mode); a sequence of B generators (per-row seeding) draws row b's noise from ``rng[b]``."""
     if rng is None:
         return torch.nn.functional.gumbel_softmax(logits, tau=tau, hard=False, dim=-1)
-    gumbels = -torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_(generator=rng).log()
+    rows = [logits] if isinstance(rng, torch.Generator) else logits.unbind(0)
+    gens = [rng] if isinstance(rng, torch.Generator) else rng
+    if len(gens) != len(rows):
+        raise ValueError(f"rng: {len(gens)} generators for {len(rows)} rows; give one per image row")
+    gumbels = torch.stack([-torch.empty_like(x, memory_format=torch.legacy_contiguous_format).exponential_(generator=g).log()
+                           for x, g in zip(rows, gens)]).view_as(logits)
     return ((logits + gumbels) / tau).softmax(-1)

@@ -39,7 +39,7 @@ LAYERS: Dict[str, List[str]] = {
         "families.infinity.tokenizer", "families.infinity.text", "families.hart.config", "families.hart.diffusion",
         "families.hart.tokenizer", "families.hart.model", "families.hart.text",
     ],
-    "guidance": ["guidance", "params"],
+    "guidance": ["guidance", "params", "seeding"],
     "samplers": [
         "pipeline", "sampler", "infinity_sampler", "engine", "families.var.sampler", "families.infinity.sampler",
         "families.hart.sampler", "families.hart.request", "families.var.spec", "families.infinity.spec", "families.hart.spec",

@@ -43,9 +43,10 @@ class FamilySpec:
     ``keywords``: the request keywords besides ``SamplingParams``' fields; ``text_conditional``: prompts / text features
     instead of class labels. The callables take a model as a sampler is given it: ``owns(model)``: of this family;
     ``check_pair(model, vae, where)``: ``TypeError`` naming ``where`` unless they are this family's pair;
-    ``placement(model)``: (device, dtype) an Engine for it runs at; ``generate_reference(model, vae, cond, params,
-    overrides)``: (images (B, 3, H, W), tokens per scale) from the family's reference sampler (``overrides``: keyword
-    overrides of ``params``, the family's keywords among them). Optional: ``owns_tokenizer(vae)``: ``vae`` is this
+    ``placement(model)``: (device, dtype) an Engine for it runs at; ``generate_reference(model, vae, cond, params, *,
+    row_seeds=None, **keywords)``: (images (B, 3, H, W), tokens per scale) from the family's reference sampler
+    (``keywords``: the family's keywords; ``row_seeds``: per-row seeding, :mod:`ssg_engine.seeding`); ``rows(model,
+    cond)``: the number of images B a condition asks for (``ValueError``/``TypeError`` for a malformed one). Optional: ``owns_tokenizer(vae)``: ``vae`` is this
     family's tokenizer (another family's model given it is one ``TypeError``); ``resolve_params(params, overrides,
     model)``: the family's own sampling settings (default: ``SamplingParams``); ``engine``: whether an ``Engine`` runs
     it (False: the reference sampler on every device); ``engine_bind(model, cond, params, home, **keywords)``: the
@@ -65,6 +66,7 @@ class FamilySpec:
     check_pair: Callable[[Any, Any, str], None]
     placement: Callable[[Any], Tuple["torch.device", "torch.dtype"]]
     generate_reference: Callable[..., Tuple[Any, List[Any]]]
+    rows: Callable[[Any, Any], int]
     keywords: Tuple[str, ...] = ()
     text_conditional: bool = False
     owns_tokenizer: Optional[Callable[[Any], bool]] = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import List, Optional, Protocol, Tuple
+from typing import Callable, List, Optional, Protocol, Tuple
 
 import numpy as np
 import torch
@@ -179,6 +179,28 @@ class GeneratorNoise:
 
     def step(self, like: torch.Tensor) -> torch.Tensor:
         return torch.randn(like.shape, generator=self.generator, device=like.device, dtype=like.dtype)
+
+
+class RowNoise:
+    """Per-row seeding's noise source: image row b's noise from its own stream only. The rows of a draw are the head's
+    layout (halves, batch, n): the conditional half first, n tokens per image row (the starting noise has one half
+    when ``cfg != 1``, both are copied; every other draw has two); the unconditional half's rows use their image row's
+    stream. ``draw(shape, device)`` returns (batch, halves, n, channels) float32, row b from stream b."""
+
+    def __init__(self, batch: int, cfg: float, draw: Callable[[Tuple[int, ...], torch.device], torch.Tensor]) -> None:
+        self.batch, self.cfg, self.draw = batch, cfg, draw
+
+    def _rows(self, rows: int, halves: int, channels: int, device: torch.device) -> torch.Tensor:
+        if rows % (halves * self.batch):
+            raise ValueError(f"RowNoise: {rows} rows are not {halves} halves of {self.batch} image rows")
+        x = self.draw((self.batch, halves, rows // (halves * self.batch), channels), device)
+        return x.transpose(0, 1).reshape(rows, channels)
+
+    def initial(self, rows: int, channels: int, device: torch.device) -> torch.Tensor:
+        return self._rows(rows, 2 if self.cfg == 1.0 else 1, channels, device)
+
+    def step(self, like: torch.Tensor) -> torch.Tensor:
+        return self._rows(like.shape[0], 2, like.shape[1], like.device).to(like.dtype)
 
 
 class UpstreamGlobalNoise:

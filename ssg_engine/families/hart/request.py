@@ -3,7 +3,8 @@ the Engine's seeded randomness for HART's last scale: the MaskGIT orders and the
 
 Both come from the Engine's seed tensor (1,) int64 through a counter-based hash (:func:`seeded_uniform`: torch integer
 ops on the seed's device, no host read, static shapes), so a captured CUDA graph replays them with a new seed and the
-reference and Triton backends draw the same numbers. They are not the reference sampler's ``torch.Generator`` draws:
+reference and Triton backends draw the same numbers. With per-row seeding (a seed tensor (B,), one key per image row:
+:mod:`ssg_engine.seeding`) image row b's orders and noise are hashed from ``seed[b]`` and its own counters only. They are not the reference sampler's ``torch.Generator`` draws:
 the same distributions, not the same random numbers (as the Engine's token draws).
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from ...models.family import KVStore
 from ...params import HARTParams
+from .diffusion import NoiseSource, RowNoise
 from .model import HARTCondition, HARTState, HARTTransformer
 from .sampler import cfg_weights, upstream_top_k
 from .text import HARTTextFeatures
@@ -35,11 +37,15 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
 
 
 def seeded_uniform(seed: torch.Tensor, stream: int, shape: Tuple[int, ...]) -> torch.Tensor:
-    """``u ~ U(0, 1)`` float32 of ``shape`` from ``seed`` (1,) int64 and a stream number: element ``i`` is a hash of
-    (seed, stream, i), never exactly 0 or 1. Deterministic on every device; no host read of ``seed``."""
-    n = math.prod(shape)
-    key = _hash32((seed & _MASK32) ^ _hash32(((seed >> 32) & _MASK32) + stream * 0x9E3779B9 & _MASK32))
-    counter = torch.arange(n, dtype=torch.int64, device=seed.device)
+    """``u ~ U(0, 1)`` float32 of ``shape`` from ``seed`` int64 and a stream number: element ``i`` is a hash of
+    (seed, stream, i), never exactly 0 or 1. ``seed`` (1,), or (S,) with ``shape[0] == S`` (per-row seeding: row s
+    hashed from ``seed[s]`` and its own element index within the row). Deterministic on every device; no host read
+    of ``seed``."""
+    rows = seed.shape[0]
+    if rows != 1 and (not shape or shape[0] != rows):
+        raise ValueError(f"seeded_uniform: {rows} row seeds for a draw of shape {tuple(shape)}; give 1 or shape[0]")
+    key = _hash32((seed & _MASK32) ^ _hash32(((seed >> 32) & _MASK32) + stream * 0x9E3779B9 & _MASK32)).view(rows, 1)
+    counter = torch.arange(math.prod(shape) // rows, dtype=torch.int64, device=seed.device).view(1, -1)
     bits = _hash32(_hash32((counter & _MASK32) ^ key) ^ ((counter >> 32) + key * 0x27D4EB2F & _MASK32))
     return ((bits >> 8).float() + 0.5).mul_(1.0 / (1 << 24)).view(shape)
 
@@ -57,19 +63,21 @@ class SeededNoise:
     def __init__(self, seed: torch.Tensor) -> None:
         self.seed, self.calls = seed, 0
 
-    def _draw(self, shape: Tuple[int, ...]) -> torch.Tensor:
+    def draw(self, shape: Tuple[int, ...], device: Optional[torch.device] = None) -> torch.Tensor:
+        """The next draw's standard normals of ``shape`` (per-row seeds: ``shape[0]`` rows, one per seed)."""
         self.calls += 1
-        return seeded_normal(self.seed, NOISE_STREAM + self.calls, shape)
+        return seeded_normal(self.seed, NOISE_STREAM + self.calls, shape).to(device)
 
     def initial(self, rows: int, channels: int, device: torch.device) -> torch.Tensor:
-        return self._draw((rows, channels)).to(device)
+        return self.draw((rows, channels), device)
 
     def step(self, like: torch.Tensor) -> torch.Tensor:
-        return self._draw(tuple(like.shape)).to(device=like.device, dtype=like.dtype)
+        return self.draw(tuple(like.shape), like.device).to(like.dtype)
 
 
 def seeded_orders(seed: torch.Tensor, batch: int, length: int) -> torch.Tensor:
-    """MaskGIT orders (batch, length) int64: a uniformly random permutation per row (argsort of seeded uniforms)."""
+    """MaskGIT orders (batch, length) int64: a uniformly random permutation per row (argsort of seeded uniforms);
+    ``seed`` (1,), or (batch,) row seeds (row b's order from ``seed[b]`` only)."""
     return seeded_uniform(seed, ORDERS_STREAM, (batch, length)).argsort(dim=1)
 
 
@@ -98,7 +106,7 @@ class HARTRequest:
         return list(self.weights)
 
     def seeded(self, seed: torch.Tensor) -> "HARTRequest":
-        """This request drawing its MaskGIT orders and diffusion noise from ``seed`` (1,) int64."""
+        """This request drawing its MaskGIT orders and diffusion noise from ``seed`` (1,) int64, or (B,) row seeds."""
         return dataclasses.replace(self, seed=seed)
 
     def scale_sizes(self) -> List[Tuple[int, int]]:
@@ -112,8 +120,11 @@ class HARTRequest:
             raise ValueError("HARTRequest.condition needs a seed tensor: call seeded(seed) first")
         B, last = text.context.shape[0], self.model.patch_nums[-1] ** 2
         orders = seeded_orders(self.seed, B, last) if self.num_maskgit_iters > 1 else None
+        noise: NoiseSource = SeededNoise(self.seed)
+        if self.seed.shape[0] > 1:  # per-row seeds: each image row's noise from its own key
+            noise = RowNoise(B, self.weights[-1], noise.draw)
         return self.model.condition(HARTCondition(
-            text.context, text.context_mask, text.context_position_ids, self.weights[-1], SeededNoise(self.seed),
+            text.context, text.context_mask, text.context_position_ids, self.weights[-1], noise,
             self.residual, self.num_maskgit_iters, orders,
         ))
 

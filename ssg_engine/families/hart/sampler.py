@@ -14,13 +14,16 @@ the global generator of the device, MaskGIT orders from ``np.random`` (upstream 
 one MaskGIT pass does not use them). ``upstream_compat=False`` (the seeded rule): tokens from
 ``torch.Generator(device).manual_seed(seed)``, all diffusion noise from ``torch.Generator(device).manual_seed(seed +
 1)``, MaskGIT orders ``torch.randperm`` per image from ``torch.Generator().manual_seed(seed + 2)``; no global state
-is read or changed. Either way the last scale's tokens are drawn group by group (MaskGIT passes in order, grid order
+is read or changed. ``row_seeds=`` (per-row seeding, :mod:`ssg_engine.seeding`; not with ``upstream_compat``): the
+seeded rule per image row with ``row_seeds[b]`` in place of ``seed``, each row its own generators (tokens and Gumbel
+noise: ``key``, diffusion noise: ``key + 1`` for both CFG halves of the row, MaskGIT order: ``key + 2``), so a row does
+not depend on the batch. Either way the last scale's tokens are drawn group by group (MaskGIT passes in order, grid order
 within a pass), as upstream draws them.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -30,7 +33,8 @@ from ...kernels.sampling import sample_logits_reference, top_k_top_p_mask_refere
 from ...kernels.ssg_guidance import ssg_guidance_reference
 from ...params import HARTParams
 from ...pipeline import ConcatKVCache, Guidance, guidance_schedule, gumbel_softmax_with_rng, nonfinite_logits_error, run_scales
-from .diffusion import GeneratorNoise, NoiseSource, UpstreamGlobalNoise
+from ...seeding import RowSeeds, check_row_seeds, row_generators
+from .diffusion import GeneratorNoise, NoiseSource, RowNoise, UpstreamGlobalNoise
 from .model import HARTCondition, HARTTransformer
 
 if TYPE_CHECKING:
@@ -66,11 +70,16 @@ def upstream_orders(B: int, length: int) -> torch.Tensor:
     return torch.Tensor(np.array(orders)).long()
 
 
-def seeded_orders(B: int, length: int, seed: int) -> torch.Tensor:
-    """The seeded rule's MaskGIT orders: ``torch.randperm`` per image from ``torch.Generator().manual_seed(seed)``."""
-    gen = torch.Generator()
-    gen.manual_seed(seed)
-    return torch.stack([torch.randperm(length, generator=gen) for _ in range(B)])
+def seeded_orders(B: int, length: int, seed: int, row_seeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The seeded rule's MaskGIT orders (B, length): ``torch.randperm`` per image from ``torch.Generator().manual_seed(seed)``;
+    with ``row_seeds`` (B,), image b's from its own CPU generator seeded with ``row_seeds[b] + 2``."""
+    if row_seeds is None:
+        gen = torch.Generator()
+        gen.manual_seed(seed)
+        gens = [gen] * B
+    else:
+        gens = row_generators(row_seeds, "cpu", add=2)
+    return torch.stack([torch.randperm(length, generator=g) for g in gens])
 
 
 def resolve_hart_params(params: Optional[HARTParams], overrides: Dict[str, Any], model: Any) -> HARTParams:
@@ -92,13 +101,15 @@ def sample_hart_reference(
     *,
     residual: bool = True,
     upstream_compat: bool = False,
+    row_seeds: Optional[RowSeeds] = None,
     **overrides: Any,
 ) -> HARTSampleOutput:
     """Sample B images from text features ``context`` (B, Lc, Cc) float32 with ``context_mask`` (B, Lc) and
     optional position ids (B, Lc) int64 (default ``cumsum(mask) - 1``). ``params`` (default ``HARTParams()``; upstream's
     release settings: ``params.HART_UPSTREAM``) or keyword overrides of its fields (``cfg=``, ``top_k=``, ``top_p=``,
     ``temperature=``, ``seed=``, ``ssg=``, ``more_smooth=``, ``num_maskgit_iters=``) give the settings. See the module
-    docstring for the draws. ``residual=False``: upstream ``final_stage != 0`` (no diffusion head).
+    docstring for the draws (``row_seeds``: one int64 per image row, e.g. ``ssg_engine.seeding.row_seeds(seed, B)``,
+    per-row seeding; ``params.seed`` unused). ``residual=False``: upstream ``final_stage != 0`` (no diffusion head).
 
     SSG (``params.ssg``) guides the CFG-combined logits of every scale >= 1, the last one over its whole grid (prior
     from scale K-2's logits) before the MaskGIT groups draw; the diffusion head is conditioned on the guided draws
@@ -107,21 +118,31 @@ def sample_hart_reference(
     seed, more_smooth = params.seed, params.more_smooth
     device = context.device
     B, K = context.shape[0], len(model.patch_nums)
-    rng: Optional[torch.Generator] = None
-    if seed is not None:
+    keys = check_row_seeds(row_seeds, B)
+    if keys is not None and upstream_compat:
+        raise ValueError("row_seeds: upstream_compat=True draws upstream's per-batch numbers; use one or the other")
+    weights = cfg_weights(params.cfg, K)
+    rng: Union[None, torch.Generator, List[torch.Generator]] = None
+    if keys is not None:
+        rng = row_generators(keys, device)
+    elif seed is not None:
         rng = torch.Generator(device=device)
         rng.manual_seed(seed)
     noise: NoiseSource
     last = model.patch_nums[-1] ** 2
     if upstream_compat:
         noise, orders = UpstreamGlobalNoise(), upstream_orders(B, last)
+    elif keys is not None:
+        noise_gens = row_generators(keys, device, add=1)
+        noise = RowNoise(B, weights[-1], lambda shape, dev: torch.stack(
+            [torch.randn(shape[1:], generator=g, device=device) for g in noise_gens]).to(dev))
+        orders = seeded_orders(B, last, 0, keys)
     else:
         if seed is None:
             raise ValueError("seed must be an integer unless upstream_compat=True (then None draws from the global generators)")
         noise_rng = torch.Generator(device=device)
         noise_rng.manual_seed(seed + 1)
         noise, orders = GeneratorNoise(noise_rng), seeded_orders(B, last, seed + 2)
-    weights = cfg_weights(params.cfg, K)
     sizes = model.scale_sizes()
     schedule = guidance_schedule(params.cfg, params.ssg, sizes, device, cfg_ts=weights)
     guide = Guidance(schedule, params.ssg, ssg_guidance_reference)
@@ -210,13 +231,13 @@ def hart_features(cond: Any) -> "HARTTextFeatures":
 
 
 def generate_reference(model: HARTTransformer, vae: Any, cond: Any, params: HARTParams, *, upstream_compat: bool = False,
-                       residual: bool = True, **fields: Any) -> Any:
+                       residual: bool = True, row_seeds: Optional[RowSeeds] = None, **fields: Any) -> Any:
     """(images (B, 3, H, W), tokens per scale) of :func:`sample_hart_reference` for text features ``cond`` (see
-    :func:`hart_features`), on the model's device; ``fields``: ``HARTParams`` fields (``more_smooth=``,
-    ``num_maskgit_iters=``) over ``params``."""
+    :func:`hart_features`), on the model's device, with ``row_seeds`` (None: per-batch draws); ``fields``:
+    ``HARTParams`` fields (``more_smooth=``, ``num_maskgit_iters=``) over ``params``."""
     features = hart_features(cond)
     device = next(model.parameters()).device
     out = sample_hart_reference(model, features.context.to(device), features.context_mask.to(device),
                                 features.context_position_ids.to(device), params.replace(**fields) if fields else params,
-                                residual=residual, upstream_compat=upstream_compat)
+                                residual=residual, upstream_compat=upstream_compat, row_seeds=row_seeds)
     return out.images, out.tokens

@@ -68,6 +68,12 @@ def _engine_serves(params: Any, overrides: Any) -> bool:
     return not (more_smooth or overrides.get("upstream_compat", False))
 
 
+def _rows(model: Any, cond: Any) -> int:
+    from .sampler import hart_features
+
+    return hart_features(cond).batch
+
+
 SPEC = FamilySpec(
     name="hart",
     title="HART",
@@ -80,6 +86,7 @@ SPEC = FamilySpec(
     check_pair=_check_pair,
     placement=_placement,
     generate_reference=_generate_reference,
+    rows=_rows,
     keywords=("more_smooth", "num_maskgit_iters", "upstream_compat", "residual"),
     text_conditional=True,
     owns_tokenizer=_owns_tokenizer,

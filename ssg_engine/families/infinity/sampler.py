@@ -33,6 +33,7 @@ from ...kernels.sampling import sample_logits_reference
 from ...kernels.ssg_guidance import ssg_guidance_reference
 from ...params import SamplingParams
 from ...pipeline import ConcatKVCache, Guidance, guidance_schedule, nonfinite_logits_error, run_scales
+from ...seeding import RowSeeds, check_row_seeds, row_generators
 from .model import InfinityRequest, InfinityTransformer, PaddedText, TextFeatures, scale_schedule
 
 @dataclasses.dataclass
@@ -94,17 +95,22 @@ def sample_infinity_reference(
     negative: Any = None,
     ssg: Optional[SSG] = None,
     record_logits: bool = False,
+    row_seeds: Optional[RowSeeds] = None,
 ) -> InfinitySampleOutput:
     """Sample one image per prompt of ``text`` (see :meth:`TextFeatures.coerce`) on ``schedule`` (a table schedule,
     (h, w) or upstream's (1, h, w) entries), upstream's ``autoregressive_infer_cfg`` arguments otherwise
     (``seed`` = ``g_seed``; ``negative`` = ``negative_label_B_or_BLT``); ``ssg`` adds SSG on the bit logits.
-    ``vae``: the BSQ VAE (anything with ``decode(z)``), or None to skip decoding (``images`` is None)."""
+    ``vae``: the BSQ VAE (anything with ``decode(z)``), or None to skip decoding (``images`` is None).
+    ``row_seeds`` (one int64 per prompt, e.g. ``ssg_engine.seeding.row_seeds(seed, B)``): per-row seeding, prompt
+    b's bits from its own ``torch.Generator`` seeded with ``row_seeds[b]`` (``seed`` unused); None: upstream's draws."""
     request = InfinityRequest(model, vae, schedule, cfg_list, tau_list, negative, cfg_insertion_layer)
     sched = request.schedule
     top_k = max(int(top_k), 0)
     device = model.pos_start.device
-    rng = None
-    if seed is not None:
+    text = text if isinstance(text, PaddedText) else TextFeatures.coerce(text)
+    keys = check_row_seeds(row_seeds, text.batch)
+    rng: Any = None if keys is None else row_generators(keys, device)
+    if keys is None and seed is not None:
         rng = torch.Generator(device=device)
         rng.manual_seed(int(seed))
     ssg = None if ssg is None else ssg.for_model(model)  # an SSG without beta takes the model card's
@@ -123,7 +129,7 @@ def sample_infinity_reference(
         bits = sample_logits_reference(guided.reshape(-1, 2), top_k, float(top_p), 1.0, rng)
         return bits.view(B, hw, C // 2), None
 
-    state = request.condition(text if isinstance(text, PaddedText) else TextFeatures.coerce(text))  # the values checked once
+    state = request.condition(text)  # the values checked once
     images, bits = run_scales(request, state, ConcatKVCache(model.depth), pick)
     return InfinitySampleOutput(
         images=images, bits=bits, summed_codes=state.summed_codes,
@@ -132,15 +138,15 @@ def sample_infinity_reference(
 
 
 def generate_reference(
-    model: InfinityTransformer, vae: Any, cond: Any, params: SamplingParams, **keywords: Any
+    model: InfinityTransformer, vae: Any, cond: Any, params: SamplingParams, *, row_seeds: Optional[RowSeeds] = None, **keywords: Any
 ) -> Tuple[Optional[torch.Tensor], List[torch.Tensor]]:
     """``generate``'s path off CUDA for Infinity: one image per prompt of ``cond`` (text features) from
-    :func:`sample_infinity_reference` with ``params`` (resolved) and the Infinity ``keywords`` (see
-    :func:`infinity_request`); (images (B, 3, H, W), bits per scale (B, h*w, d) int64)."""
+    :func:`sample_infinity_reference` with ``params`` (resolved), ``row_seeds`` (None: per-batch draws) and the
+    Infinity ``keywords`` (see :func:`infinity_request`); (images (B, 3, H, W), bits per scale (B, h*w, d) int64)."""
     request = infinity_request(model, vae, params, **keywords)
     out = sample_infinity_reference(
         model, vae, cond, request.schedule, cfg_list=request.cfg_list, tau_list=request.tau_list,
         top_k=params.top_k, top_p=params.top_p, seed=params.seed, cfg_insertion_layer=request.cfg_insertion_layer,
-        negative=request.negative, ssg=params.ssg,
+        negative=request.negative, ssg=params.ssg, row_seeds=row_seeds,
     )
     return out.images, out.bits

@@ -34,6 +34,12 @@ def _generate_reference(model: Any, vae: Any, cond: Any, params: Any, **keywords
     return generate_reference(model, vae, cond, params, **keywords)
 
 
+def _rows(model: Any, cond: Any) -> int:
+    from .model import PaddedText, TextFeatures
+
+    return (cond if isinstance(cond, PaddedText) else TextFeatures.coerce(cond)).batch
+
+
 SPEC = FamilySpec(
     name="infinity",
     title="Infinity",
@@ -45,6 +51,7 @@ SPEC = FamilySpec(
     check_pair=_check_pair,
     placement=_placement,
     generate_reference=_generate_reference,
+    rows=_rows,
     keywords=("h_div_w", "pn", "schedule", "negative", "cfg_insertion_layer", "cfg_list", "tau_list"),
     text_conditional=True,
 )

@@ -22,6 +22,7 @@ from ...params import SamplingParams
 from ...pipeline import (
     ConcatKVCache, Guidance, guidance_schedule, gumbel_softmax_with_rng, nonfinite_logits_error, resolve_params, run_scales,
 )
+from ...seeding import RowSeeds, check_row_seeds, row_generators
 from ...validation import as_number, class_labels
 from .model import VARTransformer
 from .tokenizer import VQVAE
@@ -50,13 +51,15 @@ def check_models(var: Any, vae: Any, where: str) -> None:
         )
 
 
-def resolve_labels(var: VARTransformer, B: int, label_B: LabelsLike, rng: Optional[torch.Generator]) -> torch.Tensor:
-    """Upstream's label rules: None -> random classes from ``rng``; int -> same class (negative = unconditional);
-    otherwise ``B`` labels (checked by ``class_labels``)."""
+def resolve_labels(var: VARTransformer, B: int, label_B: LabelsLike, rng: Union[None, torch.Generator, Sequence[torch.Generator]]) -> torch.Tensor:
+    """Upstream's label rules: None -> random classes from ``rng`` (B generators: row b's from ``rng[b]``); int -> same
+    class (negative = unconditional); otherwise ``B`` labels (checked by ``class_labels``)."""
     device = var.lvl_1L.device
     if label_B is None:
         uniform = torch.full((1, var.num_classes), 1.0 / var.num_classes, device=device)
-        return torch.multinomial(uniform, num_samples=B, replacement=True, generator=rng).reshape(B)
+        if rng is None or isinstance(rng, torch.Generator):
+            return torch.multinomial(uniform, num_samples=B, replacement=True, generator=rng).reshape(B)
+        return torch.cat([torch.multinomial(uniform, num_samples=1, generator=g).reshape(1) for g in rng])
     if isinstance(label_B, numbers.Number) or (isinstance(label_B, torch.Tensor) and label_B.ndim == 0):
         label = as_number(
             label_B, "label_B", f"an integer class index < {var.num_classes} (negative: unconditional)",
@@ -80,10 +83,16 @@ def sample_reference(
     forced_tokens: Optional[List[torch.Tensor]] = None,
     record_logits: bool = False,
     per_scale_conditioning: bool = False,
+    row_seeds: Optional[RowSeeds] = None,
     **overrides: Any,
 ) -> SampleOutput:
     """Sample ``B`` images with the upstream-exact loop; ``params`` (or keyword overrides such as ``seed=``,
     ``cfg=``, ``ssg=``) give the settings; ``seed=None`` draws from the global generator, as upstream.
+
+    ``row_seeds`` ((B,) int64 tensor or B ints, e.g. ``ssg_engine.seeding.row_seeds(seed, B)``): per-row seeding,
+    row b's draws (label when ``label_B`` is None, tokens, ``more_smooth``'s Gumbel noise) from its own
+    ``torch.Generator`` seeded with ``row_seeds[b]`` (``params.seed`` unused), so a row does not depend on the batch;
+    None: upstream's draws from one generator seeded with ``params.seed``.
 
     ``forced_tokens``: tokens per scale (B, pn^2) to feed instead of sampling (to compare logits between
     implementations). ``record_logits`` keeps each step's logits in the output. ``per_scale_conditioning``
@@ -93,8 +102,9 @@ def sample_reference(
     params = resolve_params(params, overrides, var)
     B = as_number(B, "batch size B", "a positive integer", integer=True, valid=lambda v: v > 0)
     device = var.lvl_1L.device
-    rng = None
-    if params.seed is not None:
+    keys = check_row_seeds(row_seeds, B)
+    rng: Union[None, torch.Generator, List[torch.Generator]] = None if keys is None else row_generators(keys, device)
+    if keys is None and params.seed is not None:
         rng = torch.Generator(device=device)
         rng.manual_seed(params.seed)
     labels = resolve_labels(var, B, label_B, rng)
@@ -138,13 +148,15 @@ def sample_reference(
     )
 
 
-def generate_reference(var: VARTransformer, vae: VQVAE, cond: Any, params: SamplingParams) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+def generate_reference(var: VARTransformer, vae: VQVAE, cond: Any, params: SamplingParams, *,
+                       row_seeds: Optional[RowSeeds] = None) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """``generate``'s path off CUDA for VAR: one image per class label of ``cond`` from :func:`sample_reference` with
-    ``params`` (resolved), ``vae`` attached; (images (B, 3, H, W), tokens per scale (B, pn^2))."""
+    ``params`` (resolved) and ``row_seeds`` (None: per-batch draws), ``vae`` attached; (images (B, 3, H, W), tokens per
+    scale (B, pn^2))."""
     labels = class_labels(cond, var.num_classes, next(var.parameters()).device)
     if not var.vae_proxy or var.vae_proxy[0] is not vae:
         var.attach_vae(vae)
-    out = sample_reference(var, int(labels.shape[0]), labels, params)
+    out = sample_reference(var, int(labels.shape[0]), labels, params, row_seeds=row_seeds)
     return out.images, out.tokens
 
 

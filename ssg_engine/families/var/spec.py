@@ -30,6 +30,12 @@ def _generate_reference(model: Any, vae: Any, cond: Any, params: Any, **keywords
     return generate_reference(model, vae, cond, params, **keywords)
 
 
+def _rows(model: Any, cond: Any) -> int:
+    from ...validation import class_labels
+
+    return int(class_labels(cond, model.num_classes, "cpu").shape[0])
+
+
 SPEC = FamilySpec(
     name="var",
     title="VAR",
@@ -41,4 +47,5 @@ SPEC = FamilySpec(
     check_pair=_check_pair,
     placement=_placement,
     generate_reference=_generate_reference,
+    rows=_rows,
 )
