@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from test_serve import decode, models, post, serving  # noqa: F401 (models: the fixture)
+from test_serve import assert_same_images, decode, models, post, serving  # noqa: F401 (models: the fixture)
 
 pytest.importorskip("fastapi", reason="the serve extra: pip install 'ssg-engine[serve]' (scripts/setup.sh installs it)")
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium: pip install selenium (scripts/setup.sh installs it)")
@@ -72,5 +72,5 @@ def test_the_page_shows_baseline_and_ssg_with_the_seed(models, browser, tmp_path
         for image, extra in (("baseline", {}), ("ssg", {"ssg_scale": 0.8})):
             status, body = post(host, {"model": model, "seed": 1234, **cond, **extra})
             assert status == 200
-            assert (decode({"b64_json": shown[image]}) == decode(body["data"][0])).all(), image
+            assert_same_images(decode({"b64_json": shown[image]}), decode(body["data"][0]), image)
         assert shown["baseline"] != shown["ssg"]  # SSG changed the image
