@@ -6,8 +6,9 @@ It starts ``ssg-engine serve --family var --port 0`` (a child process, 127.0.0.1
   each, the model card's settings) as fast as answers come back; latency p50 / p99 and images/s;
 * one at a time: one client sends ``--single`` such requests in turn (a batch of one each): images/s;
 * checks every served response: status 200, ``--n`` PNGs, and each equal to ``generate(var, vae, [label] * n,
-  seed=s, seeding="row")`` for that request alone (run here, after the load): lost = not 200 / no answer,
-  wrong = different pixels.
+  seed=s, seeding="row")`` for that request alone (run here, after the load): lost = not 200 / no answer, wrong =
+  another seed, or pixels more than one uint8 step apart (or over 0.1% of them one step apart: the same draws decoded
+  in a larger float32 batch may round a few values the other way; ``pixel_exact`` counts the identical ones).
 
 The result (with the server's own /metrics batch sizes) goes to ``--out`` (atomically) and one Markdown row to stdout
 for the README. Every request has a timeout; the server is stopped with SIGTERM (it drains) at the end.
@@ -120,14 +121,17 @@ def main() -> int:
         proc.wait(TIMEOUT_S)
 
     vae, var = load_pretrained()
-    lost = wrong = 0
+    lost = wrong = exact = 0
     for body, (status, answer, _) in zip(served_bodies + single_bodies, served + single):
         if status != 200 or len(answer.get("data", [])) != args.n:
             lost += 1
             continue
         got = np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))).convert("RGB")) for d in answer["data"]])
         want = to_uint8(se.generate(var, vae, body["class_labels"] * args.n, SAMPLING, seed=body["seed"], seeding="row"))
-        wrong += int(answer.get("seed") != body["seed"] or not np.array_equal(got, want))
+        diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
+        exact += int(diff.max() == 0)
+        # the same draws: equal, or one uint8 step apart where the batched float32 decode rounds differently
+        wrong += int(answer.get("seed") != body["seed"] or diff.max() > 1 or (diff > 0).mean() >= 1e-3)
     latencies = [s for status, _, s in served if status == 200]
     values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line and not line.startswith("#")}
     batches = values.get("ssg_batch_size_count", 0.0)
@@ -135,7 +139,7 @@ def main() -> int:
         "bench": "serve", "model": "fashion-mnist-var (shipped)", "device": "cpu", "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(), "clients": args.clients, "requests": args.requests, "images_per_request": args.n,
         "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
-        "lost": lost, "wrong": wrong, "checked": len(served) + len(single),
+        "lost": lost, "wrong": wrong, "checked": len(served) + len(single), "pixel_exact": exact,
         "served": {"seconds": served_s, "images_per_s": args.requests * args.n / served_s,
                    "p50_latency_s": percentile(latencies, 50), "p99_latency_s": percentile(latencies, 99)},
         "one_at_a_time": {"requests": args.single, "seconds": single_s, "images_per_s": args.single * args.n / single_s,
