@@ -204,7 +204,7 @@ def test_malformed_and_oversized_bodies(models):
 
 
 def test_a_full_queue_answers_503_with_retry_after(models):
-    with serving(models, max_queue=2, max_wait_ms=3000, max_batch=64) as (host, _):
+    with serving(models, max_queue=2, max_n=2, max_wait_ms=3000, max_batch=64) as (host, _):
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             waiting = pool.submit(post, host, {"class_labels": [1], "n": 2, "seed": 1})
             deadline = time.monotonic() + TIMEOUT
@@ -265,6 +265,7 @@ def _cli(*args: str, **kw: Any) -> subprocess.Popen:
     (["--name", "x"], "error: --name names --var/--vae checkpoints"),
     (["--family", "hart"], "error: --family hart needs --var LLM"),
     (["--var", "a.pth"], "error: give both --var and --vae, or neither"),
+    (["--max-n", "20", "--max-queue", "10"], "error: --max-n 20 is more than --max-queue 10"),
 ])
 def test_cli_bad_flags_are_one_line(capsys, flags, message):
     from ssg_engine.cli import main

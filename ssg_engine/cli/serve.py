@@ -51,6 +51,9 @@ def served_models(args: argparse.Namespace) -> List[Any]:
 def cmd_serve(args: argparse.Namespace) -> int:
     from ..serve.app import create_app, run_server
 
+    if args.max_n > args.max_queue:
+        raise UsageError(f"--max-n {args.max_n} is more than --max-queue {args.max_queue}: such a request could never be queued; "
+                         "lower --max-n or raise --max-queue")
     models = served_models(args)
     for m in models:
         m.warm_up()

@@ -64,6 +64,8 @@ def create_app(models: Sequence[ServedModel], *, max_batch: int = 16, max_wait_m
     served: Dict[str, ServedModel] = {m.name: m for m in models}
     if not served:
         raise ValueError("models: give at least one model to serve")
+    if max_n > max_queue:
+        raise ValueError(f"max_n ({max_n}) is more than max_queue ({max_queue}): such a request could never be queued")
 
     def run_batch(key: Hashable, conds: List[Any], seeds: torch.Tensor) -> List[str]:
         name, settings = key
