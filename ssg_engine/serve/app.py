@@ -122,8 +122,7 @@ def create_app(models: Sequence[ServedModel], *, max_batch: int = 16, max_wait_m
     async def _generate(request: Request) -> Tuple[Any, int]:
         """(the response, the number of images in it)."""
         try:
-            if scheduler.draining:
-                raise Draining("the server is shutting down and takes no new requests; retry on another replica")
+            scheduler.check_open()  # before reading the body
             raw = await _read_body(request)
             try:
                 body = json.loads(raw)

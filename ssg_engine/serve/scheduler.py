@@ -83,10 +83,14 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
-    def submit(self, job: Job) -> None:
-        """Queue ``job``; ``Draining`` when shutting down, ``QueueFull`` when its rows do not fit the queue."""
+    def check_open(self) -> None:
+        """``Draining`` when the scheduler takes no new work."""
         if self.draining:
             raise Draining("the server is shutting down and takes no new requests; retry on another replica")
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; ``Draining`` when shutting down, ``QueueFull`` when its rows do not fit the queue."""
+        self.check_open()
         if self.queued_rows + len(job.conds) > self.max_queue:
             batches = math.ceil((self.queued_rows + self.running) / self.max_batch) + 1
             raise QueueFull(f"the queue is full ({self.queued_rows} images waiting, at most {self.max_queue}); retry later",
