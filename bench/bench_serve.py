@@ -10,7 +10,7 @@ It starts ``ssg-engine serve --family var --port 0`` (a child process, 127.0.0.1
   another seed, or pixels more than one uint8 step apart (or over 0.1% of them one step apart: the same draws decoded
   in a larger float32 batch may round a few values the other way; ``pixel_exact`` counts the identical ones).
 
-The result (with the server's own /metrics batch sizes) goes to ``--out`` (atomically) and one Markdown row to stdout
+The result (with the served run's mean batch size, from the server's /metrics) goes to ``--out`` (atomically) and one Markdown row to stdout
 for the README. Every request has a timeout; the server is stopped with SIGTERM (it drains) at the end.
 
     python -P bench/bench_serve.py --out bench/results/serve.json
@@ -109,13 +109,13 @@ def main() -> int:
                 except Exception as e:  # a lost request (no answer)
                     served.append((0, {"error": str(e)}, float("nan")))
         served_s = time.perf_counter() - t0
+        conn = http.client.HTTPConnection(host, timeout=TIMEOUT_S)
+        conn.request("GET", "/metrics")  # the served run's batches (before the one-at-a-time run adds its own)
+        metrics = conn.getresponse().read().decode()
+        conn.close()
         t0 = time.perf_counter()
         single = [post(host, b) for b in single_bodies]
         single_s = time.perf_counter() - t0
-        conn = http.client.HTTPConnection(host, timeout=TIMEOUT_S)
-        conn.request("GET", "/metrics")
-        metrics = conn.getresponse().read().decode()
-        conn.close()
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(TIMEOUT_S)
@@ -144,7 +144,7 @@ def main() -> int:
                    "p50_latency_s": percentile(latencies, 50), "p99_latency_s": percentile(latencies, 99)},
         "one_at_a_time": {"requests": args.single, "seconds": single_s, "images_per_s": args.single * args.n / single_s,
                           "p50_latency_s": percentile([s for _, _, s in single], 50)},
-        "mean_batch_size": (values.get("ssg_batch_size_sum", 0.0) / batches) if batches else None,
+        "served_mean_batch_size": (values.get("ssg_batch_size_sum", 0.0) / batches) if batches else None,
         "environment": environment(),
     }
     result["ratio_served_vs_one_at_a_time"] = result["served"]["images_per_s"] / result["one_at_a_time"]["images_per_s"]
@@ -152,7 +152,7 @@ def main() -> int:
     s = result["served"]
     print(f"| {args.clients} clients, {args.requests} requests x {args.n} | {lost} / {wrong} | {s['p50_latency_s'] * 1e3:.0f} / "
           f"{s['p99_latency_s'] * 1e3:.0f} ms | {s['images_per_s']:.1f} | {result['one_at_a_time']['images_per_s']:.1f} | "
-          f"{result['ratio_served_vs_one_at_a_time']:.2f}x | {result['mean_batch_size']:.1f} |")
+          f"{result['ratio_served_vs_one_at_a_time']:.2f}x | {result['served_mean_batch_size']:.1f} |")
     return 0 if lost == 0 and wrong == 0 else 1
 
 
