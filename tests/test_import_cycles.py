@@ -47,7 +47,8 @@ LAYERS: Dict[str, List[str]] = {
     "api": [PACKAGE, "loading", "text", "api", "pretrained", "analysis", "imaging", "costs", "plan", "families.var.loading",
             "families.infinity.loading", "families.hart.loading", "pretrained_pipeline", "diffusers_pipeline"],
     "training and evaluation": ["training.*", "eval.*"],
-    "command line": ["cli.*", "__main__"],
+    # the HTTP service sits with the command line: it checks requests with the CLI's bounds, and `serve` starts it
+    "command line": ["cli.*", "__main__", "serve.*"],
 }
 # Shared modules that still import a family's modules by name (everything else asks the registry,
 # ssg_engine.families): the old import paths kept for compatibility, and the code that knows one family's details:

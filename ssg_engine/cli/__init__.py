@@ -1,4 +1,4 @@
-"""The ``ssg-engine`` command line: sample, spectrum, bench, plan, train, eval, fid-sample, info.
+"""The ``ssg-engine`` command line: sample, spectrum, bench, plan, train, eval, fid-sample, info, serve.
 
 ``common`` holds what every command shares (value checks, model / sampling / batch flags, error reporting); each other
 module registers its commands' parsers (``add_parsers``) and handlers. ``python -m ssg_engine.cli`` runs ``main``.
@@ -13,7 +13,7 @@ import sys
 import threading
 from typing import Any, Optional, Sequence
 
-COMMAND_MODULES = ("sample", "bench", "plan", "train", "eval", "info")  # in the order ``ssg-engine --help`` lists them
+COMMAND_MODULES = ("sample", "bench", "plan", "train", "eval", "info", "serve")  # in the order ``ssg-engine --help`` lists them
 
 
 def build_parser() -> argparse.ArgumentParser:
