@@ -74,10 +74,10 @@ def generate(
     mask[, position_ids])``) or prompts with ``text_encoder`` (``Qwen2TextEncoder``); ``params`` a ``HARTParams``
     (default ``HARTParams()``; upstream's release settings: ``ssg_engine.params.HART_UPSTREAM``), overrides its
     fields (``more_smooth=``, ``num_maskgit_iters=`` too) and ``upstream_compat=``, ``residual=`` (see
-    ``sample_hart_reference``). On CUDA (or with ``engine=``) HART runs the Engine (float32; MaskGIT orders and the
-    diffusion head's noise drawn from the seed tensor too), except for requests only the reference sampler serves
-    (``more_smooth=True``, ``upstream_compat=True``: the reference sampler runs, on CUDA; ``engine=`` with them is one
-    ``ValueError``); ``return_tokens`` gives its codes per scale (B, pn^2) int64.
+    ``sample_hart_reference``). On CUDA (or with ``engine=``) HART runs the Engine (MaskGIT orders, the diffusion
+    head's noise and ``more_smooth``'s Gumbel noise drawn from the seed tensor too), except for ``upstream_compat=True``
+    (upstream's generators: the reference sampler runs, on CUDA too; ``engine=`` with it is one ``ValueError``);
+    ``return_tokens`` gives its codes per scale (B, pn^2) int64.
     """
     spec = check_family(model, vae, "generate(var, vae, labels)")
     negative = overrides.get("negative")
@@ -98,7 +98,7 @@ def generate(
     device = next(model.parameters()).device
     if engine is not None and not spec.engine:
         raise TypeError(f"engine: there is no {spec.title} Engine yet; leave engine=None (the reference sampler runs)")
-    serves = spec.engine_serves is None or spec.engine_serves(params, overrides)  # e.g. not HART's more_smooth
+    serves = spec.engine_serves is None or spec.engine_serves(params, overrides)  # e.g. not HART's upstream_compat
     if engine is not None or (device.type == "cuda" and spec.engine and serves):
         images, tokens = (engine or ENGINE_CACHE.get(model, vae)).generate(cond, params, **overrides)
     else:  # the family's reference sampler

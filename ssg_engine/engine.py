@@ -122,9 +122,9 @@ def _request_key(model: NextScaleModel) -> tuple:
 class Engine:
     """Batch sampler for a loaded model pair: (VARTransformer, VQVAE), (InfinityTransformer, BSQVAE) or
     (HARTTransformer, HARTTokenizer) (float32 only; its request from the family's ``FamilySpec.engine_bind``:
-    :class:`ssg_engine.families.hart.request.HARTRequest`, its MaskGIT passes and diffusion head inside the loop and
-    the graph, their random numbers from the seed tensor; text features and ``HARTParams``, ``num_maskgit_iters=``,
-    ``residual=``).
+    :class:`ssg_engine.families.hart.request.HARTRequest`, its MaskGIT passes, diffusion head and ``more_smooth``
+    soft embeddings inside the loop and the graph, their random numbers from the seed tensor; text features and
+    ``HARTParams``, ``more_smooth=``, ``num_maskgit_iters=``, ``residual=``).
 
     ``Engine(model, vae, max_batch=64, device="cuda", dtype=torch.bfloat16, cuda_graphs=True, backend="auto",
     device_memory=None)``;
@@ -274,6 +274,7 @@ class Engine:
         model: Optional[NextScaleModel] = None,
         schedule: Optional[List[ScaleGuidance]] = None,
         forced_tokens: Optional[List[torch.Tensor]] = None,
+        forced_gumbels: Optional[List[torch.Tensor]] = None,
         record_logits: bool = False,
     ) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor]:
         """The whole sampling loop for a condition of b rows (see :meth:`bind`: ``model``, ``cond`` and ``params``;
@@ -282,7 +283,8 @@ class Engine:
 
         Returns images, tokens and a (K,) bool device tensor: True for scales whose logits (after CFG, SSG and
         temperature) are not all finite. ``schedule`` defaults to Python numbers (a captured graph passes
-        device tensors). ``forced_tokens`` / ``record_logits`` are for testing against the reference sampler
+        device tensors). ``forced_tokens`` / ``forced_gumbels`` (the Gumbel noise (b, h*w, V) per scale of a request
+        with soft embeddings, HART's ``more_smooth``) / ``record_logits`` are for testing against the reference sampler
         (``self.last_logits`` then holds each step's (cfg, sampled) logits (b, h*w, C)).
         """
         model = self.model if model is None else model
@@ -307,6 +309,15 @@ class Engine:
             ops.guide_and_sample_bits, top_k=params.top_k, top_p=params.top_p, temperature=params.temperature, seed=seed, backend=self.backend
         )
 
+        # a request feeding soft embeddings instead of the drawn tokens' (HART's more_smooth) says so after each draw
+        soft_embeddings = getattr(model, "soft_embeddings", None)
+
+        def soft(si: int, guided: torch.Tensor, idx: torch.Tensor) -> Optional[torch.Tensor]:
+            if soft_embeddings is None:
+                return None
+            gumbels = None if forced_gumbels is None else forced_gumbels[si].to(self.device)
+            return soft_embeddings(state, si, guided / params.temperature, idx, params.top_p, gumbels)
+
         def pick(si: int, logits_2B: torch.Tensor):
             if bitwise:
                 bits, flag, cfg, guided = guide.guide_and_draw(si, logits_2B, functools.partial(draw_bits, offset=self.offsets[si]), record_logits)
@@ -320,21 +331,24 @@ class Engine:
             if record_logits:
                 self.last_logits.append((cfg.clone(), guided / params.temperature))
             if forced_tokens is not None:
-                return forced_tokens[si].to(self.device), None
+                idx = forced_tokens[si].to(self.device)
+                return idx, soft(si, guided, idx)
             if bitwise:
                 return bits, None
             b, hw, C = guided.shape
             draws = guided.view(b, hw * C // width, width)
             idx = ops.sample_logits(draws, top_ks[si], params.top_p, params.temperature, seed, self.offsets[si], backend=self.backend)
             idx = idx.clamp_(0, width - 1)  # NaN logits can give out-of-range tokens: the flag reports them
-            return (idx if C == width else idx.view(b, hw, C // width)), None
+            idx = idx if C == width else idx.view(b, hw, C // width)
+            return idx, soft(si, guided, idx)
 
         autocast = self.infinity and self.dtype != torch.float32  # no weight cache: it would outlive a graph capture
         cudnn = torch.backends.cudnn  # benchmark the VAE's convolutions once per static shape (the user's other flags kept)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast, cache_enabled=False), cudnn.flags(
             enabled=cudnn.enabled, benchmark=True, deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32
         ):
-            images, tokens = run_scales(model, model.condition(cond), store, pick)
+            state = model.condition(cond)
+            images, tokens = run_scales(model, state, store, pick)
         return images, tokens, torch.stack(nonfinite)
 
     # ------------------------------------------------------------------ batches

@@ -62,10 +62,9 @@ def _engine_bind(model: Any, cond: Any, params: Any, home: Any, *, upstream_comp
 
 
 def _engine_serves(params: Any, overrides: Any) -> bool:
-    """The Engine feeds hard codes and draws from its seed tensor: ``more_smooth`` and ``upstream_compat`` requests
-    are the reference sampler's."""
-    more_smooth = overrides.get("more_smooth", getattr(params, "more_smooth", False))
-    return not (more_smooth or overrides.get("upstream_compat", False))
+    """The Engine draws from its seed tensor: ``upstream_compat`` requests (upstream's generators) are the reference
+    sampler's; every other one (``more_smooth`` too) the Engine's."""
+    return not overrides.get("upstream_compat", False)
 
 
 SPEC = FamilySpec(
