@@ -26,7 +26,7 @@ class EngineCache:
 
     def get(self, model: torch.nn.Module, vae: torch.nn.Module, max_batch: int = 64) -> Engine:
         """The engine for ``model``/``vae`` (VAR + VQVAE or Infinity + BSQVAE) on their device (built on first use)."""
-        device, dtype = family_of(model).placement(model)  # VAR: its weights' dtype; Infinity: bfloat16 autocast on CUDA
+        device, dtype = family_of(model).placement(model)  # VAR: its weights' dtype; Infinity, HART: bfloat16, float16 autocast on CUDA
         key = (id(model), id(vae), str(device), dtype)
         engine = self._engines.pop(key, None)
         if engine is None or engine.source_model is not model or engine.vae is not vae:
@@ -74,10 +74,10 @@ def generate(
     mask[, position_ids])``) or prompts with ``text_encoder`` (``Qwen2TextEncoder``); ``params`` a ``HARTParams``
     (default ``HARTParams()``; upstream's release settings: ``ssg_engine.params.HART_UPSTREAM``), overrides its
     fields (``more_smooth=``, ``num_maskgit_iters=`` too) and ``upstream_compat=``, ``residual=`` (see
-    ``sample_hart_reference``). On CUDA (or with ``engine=``) HART runs the Engine (MaskGIT orders, the diffusion
-    head's noise and ``more_smooth``'s Gumbel noise drawn from the seed tensor too), except for ``upstream_compat=True``
-    (upstream's generators: the reference sampler runs, on CUDA too; ``engine=`` with it is one ``ValueError``);
-    ``return_tokens`` gives its codes per scale (B, pn^2) int64.
+    ``sample_hart_reference``). On CUDA (or with ``engine=``) HART runs the Engine (on CUDA under float16 autocast, as
+    upstream samples; MaskGIT orders, the diffusion head's noise and ``more_smooth``'s Gumbel noise drawn from the seed
+    tensor too), except for ``upstream_compat=True`` (upstream's generators: the reference sampler runs, on CUDA too;
+    ``engine=`` with it is one ``ValueError``); ``return_tokens`` gives its codes per scale (B, pn^2) int64.
     """
     spec = check_family(model, vae, "generate(var, vae, labels)")
     negative = overrides.get("negative")

@@ -121,7 +121,8 @@ def _request_key(model: NextScaleModel) -> tuple:
 
 class Engine:
     """Batch sampler for a loaded model pair: (VARTransformer, VQVAE), (InfinityTransformer, BSQVAE) or
-    (HARTTransformer, HARTTokenizer) (float32 only; its request from the family's ``FamilySpec.engine_bind``:
+    (HARTTransformer, HARTTokenizer) (float32, or float16 / bfloat16 autocast as Infinity; its request from the
+    family's ``FamilySpec.engine_bind``:
     :class:`ssg_engine.families.hart.request.HARTRequest`, its MaskGIT passes, diffusion head and ``more_smooth``
     soft embeddings inside the loop and the graph, their random numbers from the seed tensor; text features and
     ``HARTParams``, ``more_smooth=``, ``num_maskgit_iters=``, ``residual=``).
@@ -139,10 +140,11 @@ class Engine:
     for ``max_batch`` up front; ``kv_cache_bytes()``), and at most ``max_graphs`` captured graphs are kept
     (least recently used dropped), all in one shared memory pool. The reference backend syncs the host, so it
     runs without graphs. VAR runs in ``dtype``; its VQ-VAE decodes in ``vae_dtype`` (default: ``dtype``),
-    channels-last, inside the captured graph, its quantizer keeping the accumulated latent in float32. Infinity samples
-    with ``model.inference_copy(dtype, device)`` (``self.model``; the model given stays ``self.source_model``, as it
-    is): its linear weights cast once to ``dtype``, the rest float32 as upstream, run under ``torch.autocast(dtype)``
-    with no weight re-cast per scale; KV cache in ``dtype``. Infinity batches are checked against its memory plan
+    channels-last, inside the captured graph, its quantizer keeping the accumulated latent in float32. Infinity and
+    HART sample with ``model.inference_copy(dtype, device)`` (``self.model``; the model given stays
+    ``self.source_model``, as it is): their linear weights cast once to ``dtype``, the rest float32 as upstream, run
+    under ``torch.autocast(dtype)`` with no weight re-cast per scale; KV cache in ``dtype``. What a family gets is its
+    registry entry's (``FamilySpec.engine_prepare``, ``engine_autocast``, ``engine_dtypes``). Infinity batches are checked against its memory plan
     (:func:`ssg_engine.memory.infinity_plan`) before anything is allocated: a bucket that does not fit
     ``device_memory`` bytes (default: the CUDA device's total; None on CPU, no check) is one ``ValueError`` naming
     the largest ``max_batch`` that fits.
@@ -179,17 +181,7 @@ class Engine:
             raise ValueError(f"dtype: the {self.spec.title} Engine runs at {', '.join(self.spec.engine_dtypes)}; got {dtype}")
         self.dtype = dtype
         self.infinity = isinstance(model, InfinityTransformer)
-        if self.infinity:
-            if vae_dtype is not None:
-                raise ValueError("vae_dtype applies to VAR's VQ-VAE; leave it None for Infinity (its VAE runs under autocast to dtype)")
-            self.model, self.vae = model.inference_copy(dtype, self.device), vae.to(device=self.device).eval()
-        else:
-            self.vae_dtype = dtype if vae_dtype is None else vae_dtype
-            self.model = model.to(device=self.device, dtype=dtype).eval()
-            self.vae = vae.to(device=self.device, dtype=torch.float32).eval()
-            for part in (self.vae.post_quant_conv, self.vae.decoder):  # the quantizer keeps the latent in float32
-                part.to(dtype=self.vae_dtype, memory_format=torch.channels_last)
-            self.model.attach_vae(self.vae)
+        self.model, self.vae = self.spec.engine_prepare(model, vae, self.device, dtype, vae_dtype)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and self.backend == "triton"
         if device_memory is None and self.device.type == "cuda":
             device_memory = torch.cuda.get_device_properties(self.device).total_memory
@@ -342,7 +334,7 @@ class Engine:
             idx = idx if C == width else idx.view(b, hw, C // width)
             return idx, soft(si, guided, idx)
 
-        autocast = self.infinity and self.dtype != torch.float32  # no weight cache: it would outlive a graph capture
+        autocast = self.spec.engine_autocast and self.dtype != torch.float32  # no weight cache: it would outlive a graph capture
         cudnn = torch.backends.cudnn  # benchmark the VAE's convolutions once per static shape (the user's other flags kept)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast, cache_enabled=False), cudnn.flags(
             enabled=cudnn.enabled, benchmark=True, deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32

@@ -237,6 +237,35 @@ def test_more_smooth_generate_is_seeded(pairs):
     assert _request_key(request) != _request_key(engine.bind(cond, params.replace(more_smooth=False))[0])
 
 
+# The Engine at float16 / bfloat16 autocast (upstream samples under float16 autocast) against the float32 reference
+# loop, given the float32 Engine's tokens and the same orders and noise (CPU, reference backend). Measured on a_d2 / b_d3 with 1 and 3 MaskGIT
+# passes: float16 logits <= 1.6e-3, residual <= 7.7e-3, images <= 4.9e-3; bfloat16 logits <= 1.1e-2, residual <= 0.10
+# (the diffusion head's 8 CFG steps amplify bf16's 2^-8 roundoff), images <= 4.5e-2. Bounds: about twice those.
+LOW_TOL = {torch.float16: {"logits": 5e-3, "residual": 2e-2, "images": 1e-2},
+           torch.bfloat16: {"logits": 3e-2, "residual": 0.2, "images": 8e-2}}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("name,iters", [("a_d2", 1), ("b_d3", 3)])
+def test_low_precision_close_to_float32_reference(name, iters, dtype, pairs):
+    model, tok = pairs[name]
+    text = features(name)
+    params = HARTParams(cfg=3.0, top_k=None, top_p=0.9, temperature=1.5, seed=5, num_maskgit_iters=iters, ssg=SSG(beta=0.4))
+    low = Engine(model, tok, max_batch=4, device="cpu", dtype=dtype, backend="reference")
+    assert low.source_model is model and low.model is not model  # a copy with its linear weights in dtype
+    assert low.model.head.weight.dtype == dtype and model.head.weight.dtype == torch.float32
+    # the tokens the float32 Engine draws (arbitrary codes make larger residual errors: 4e-2 at float16 for a_d2)
+    forced = engine_run(Engine(model, tok, max_batch=4, device="cpu", dtype=torch.float32, backend="reference"), text, params, 5)[1]
+    images, _, bad, logits, state = engine_run(low, text, params, 5, forced=forced)
+    assert not bad.any() and images.dtype == torch.float32
+    ref_logits, ref_state, ref_images = reference(model, text, params, 5, forced)
+    tol = LOW_TOL[dtype]
+    for si, (a, b) in enumerate(zip(logits, ref_logits)):
+        assert rel(a, b) < tol["logits"], f"scale {si}: {rel(a, b):.2e}"
+    assert rel(state.residual, ref_state.residual) < tol["residual"]
+    assert rel(images, ref_images) < tol["images"]
+
+
 def test_bad_inputs(pairs):
     model, tok = pairs["a_d2"]
     text = features("a_d2")
@@ -251,8 +280,10 @@ def test_bad_inputs(pairs):
         engine.run_batch(text, torch.tensor([0]), HARTParams())
     with pytest.raises(TypeError, match="h_div_w"):
         engine.generate(text, h_div_w=1.0)
-    with pytest.raises(ValueError, match="dtype: the HART Engine runs at float32"):
-        Engine(model, tok, device="cpu", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="dtype: the HART Engine runs at float32, float16, bfloat16"):
+        Engine(model, tok, device="cpu", dtype=torch.float64)
+    with pytest.raises(ValueError, match="vae_dtype applies to VAR"):
+        Engine(model, tok, device="cpu", dtype=torch.float16, vae_dtype=torch.float32)
 
 
 def test_static_batch_replays_refill_condition_and_seed(pairs):

@@ -52,7 +52,10 @@ class FamilySpec:
     family's Engine request (a ``NextScaleModel``), its condition on device ``home`` and the params the Engine applies
     (None: VAR's labels or Infinity's request); ``engine_serves(params, overrides)``: whether the Engine serves that
     request (False: ``generate`` runs the reference sampler on CUDA too; None: it serves every request);
-    ``engine_dtypes``: the names of the Engine dtypes the family runs at (``"float32"``; empty: any).
+    ``engine_dtypes``: the names of the Engine dtypes the family runs at (``"float32"``; empty: any);
+    ``engine_prepare(model, vae, device, dtype, vae_dtype)``: the (model, vae) an Engine samples with (VAR: the pair
+    cast to ``dtype``; Infinity, HART: a copy with its linear weights in ``dtype`` and ``vae_dtype`` refused);
+    ``engine_autocast``: the Engine runs the family under ``torch.autocast(dtype)`` (below float32).
     """
 
     name: str
@@ -73,6 +76,8 @@ class FamilySpec:
     engine_bind: Optional[Callable[..., Tuple[Any, Any, Any]]] = None
     engine_serves: Optional[Callable[[Any, Dict[str, Any]], bool]] = None
     engine_dtypes: Tuple[str, ...] = ()
+    engine_prepare: Optional[Callable[..., Tuple[Any, Any]]] = None
+    engine_autocast: bool = False
 
     def detect(self, state_dict: Mapping[str, Any]) -> bool:
         """Whether ``state_dict`` holds the marker key of one of this family's checkpoint kinds."""

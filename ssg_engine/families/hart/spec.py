@@ -28,16 +28,25 @@ def _check_pair(model: Any, vae: Any, where: str) -> None:
 
 
 def _placement(model: Any) -> Tuple[Any, Any]:
-    """The model's device, float32 (the reference sampler's)."""
+    """The model's device, and float16 autocast on CUDA as upstream samples (else float32, the reference sampler's)."""
     import torch
 
-    return next(model.parameters()).device, torch.float32
+    device = next(model.parameters()).device
+    return device, torch.float16 if device.type == "cuda" else torch.float32
 
 
 def _resolve_params(params: Any, overrides: Any, model: Any) -> Any:
     from .sampler import resolve_hart_params
 
     return resolve_hart_params(params, overrides, model)
+
+
+def _engine_prepare(model: Any, vae: Any, device: Any, dtype: Any, vae_dtype: Any) -> Tuple[Any, Any]:
+    """The pair an Engine samples with under autocast: ``model.inference_copy(dtype, device)`` (the model given is left
+    as it is) and the tokenizer on ``device``; ``vae_dtype`` is VAR's alone (one ``ValueError``)."""
+    if vae_dtype is not None:
+        raise ValueError("vae_dtype applies to VAR's VQ-VAE; leave it None for HART (its VAE runs under autocast to dtype)")
+    return model.inference_copy(dtype, device), vae.to(device=device).eval()
 
 
 def _generate_reference(model: Any, vae: Any, cond: Any, params: Any, **keywords: Any) -> Tuple[Any, Any]:
@@ -79,11 +88,13 @@ SPEC = FamilySpec(
     check_pair=_check_pair,
     placement=_placement,
     generate_reference=_generate_reference,
+    engine_prepare=_engine_prepare,
+    engine_autocast=True,
     keywords=("more_smooth", "num_maskgit_iters", "upstream_compat", "residual"),
     text_conditional=True,
     owns_tokenizer=_owns_tokenizer,
     resolve_params=_resolve_params,
     engine_bind=_engine_bind,
     engine_serves=_engine_serves,
-    engine_dtypes=("float32",),  # its heads and diffusion head run in float32, as the reference sampler's
+    engine_dtypes=("float32", "float16", "bfloat16"),
 )

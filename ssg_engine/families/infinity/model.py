@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ... import ops
 from ...kernels.qkv_norm_rope_cache import qkv_norm_rope_reference
-from ...models.family import KVStore
+from ...models.family import KVStore, cast_copy
 from ...models.layers import FFN
 from ...validation import as_number, check_feature_tensor, normalise_fields
 from .tokenizer import BSQVAE, accumulate_codes, bits_to_codes
@@ -745,13 +745,7 @@ class InfinityTransformer(nn.Module):
         the same values autocast's cast cache would give, so no weight is re-cast at every scale (autocast then finds
         them in ``dtype``). Every other tensor is moved to ``device`` as it is, shared with this model where it is
         there already. A snapshot: later changes to this model's weights do not reach it."""
-        device = torch.device(device)
-        cast = {id(t) for t in self.low_precision_tensors()}
-        memo: Dict[int, Any] = {}
-        for tensor in itertools.chain(self.parameters(), self.buffers()):
-            moved = tensor.detach().to(device=device, dtype=dtype if id(tensor) in cast and tensor.is_floating_point() else None)
-            memo[id(tensor)] = nn.Parameter(moved, requires_grad=False) if isinstance(tensor, nn.Parameter) else moved
-        return copy.deepcopy(self, memo).eval()
+        return cast_copy(self, self.low_precision_tensors(), dtype, device)
 
     def lvl_rows(self, schedule: Schedule) -> torch.Tensor:
         """Each token's scale index (L,)."""

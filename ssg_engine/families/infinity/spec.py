@@ -28,6 +28,14 @@ def _placement(model: Any) -> Tuple[Any, Any]:
     return device, torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def _engine_prepare(model: Any, vae: Any, device: Any, dtype: Any, vae_dtype: Any) -> Tuple[Any, Any]:
+    """The pair an Engine samples with under autocast: ``model.inference_copy(dtype, device)`` (the model given is left
+    as it is) and the tokenizer on ``device``; ``vae_dtype`` is VAR's alone (one ``ValueError``)."""
+    if vae_dtype is not None:
+        raise ValueError("vae_dtype applies to VAR's VQ-VAE; leave it None for Infinity (its VAE runs under autocast to dtype)")
+    return model.inference_copy(dtype, device), vae.to(device=device).eval()
+
+
 def _generate_reference(model: Any, vae: Any, cond: Any, params: Any, **keywords: Any) -> Tuple[Any, Any]:
     from .sampler import generate_reference
 
@@ -45,6 +53,8 @@ SPEC = FamilySpec(
     check_pair=_check_pair,
     placement=_placement,
     generate_reference=_generate_reference,
+    engine_prepare=_engine_prepare,
+    engine_autocast=True,
     keywords=("h_div_w", "pn", "schedule", "negative", "cfg_insertion_layer", "cfg_list", "tau_list"),
     text_conditional=True,
 )
