@@ -55,10 +55,10 @@ def _generate_reference(model: Any, vae: Any, cond: Any, params: Any, **keywords
     return generate_reference(model, vae, cond, params, **keywords)
 
 
-def _engine_bind(model: Any, cond: Any, params: Any, home: Any, *, upstream_compat: bool = False, residual: bool = True,
-                 **fields: Any) -> Tuple[Any, Any, Any]:
-    """(HARTRequest, text features on ``home``, params) for the Engine; ``upstream_compat=True`` is the reference
-    sampler's alone (one ``ValueError``)."""
+def _engine_bind(model: Any, vae: Any, cond: Any, params: Any, home: Any, static: bool, *, upstream_compat: bool = False,
+                 residual: bool = True, **fields: Any) -> Tuple[Any, Any, Any]:
+    """(HARTRequest, text features on ``home`` (static shapes already), params) for the Engine; ``upstream_compat=True``
+    is the reference sampler's alone (one ``ValueError``)."""
     from .request import hart_request
     from .sampler import hart_features
 
@@ -95,6 +95,7 @@ SPEC = FamilySpec(
     owns_tokenizer=_owns_tokenizer,
     resolve_params=_resolve_params,
     engine_bind=_engine_bind,
+    engine_request=True,
     engine_serves=_engine_serves,
     engine_dtypes=("float32", "float16", "bfloat16"),
 )

@@ -39,6 +39,16 @@ def _engine_prepare(model: Any, vae: Any, device: Any, dtype: Any, vae_dtype: An
     return model, vae
 
 
+def _engine_bind(model: Any, vae: Any, cond: Any, params: Any, home: Any, static: bool, **keywords: Any) -> Tuple[Any, Any, Any]:
+    """(the model itself, class labels (n,) int64 on ``home``, params): VAR takes no request keywords (another
+    family's is one ``TypeError``)."""
+    from ...validation import class_labels
+    from .. import split_keywords
+
+    split_keywords(dict(keywords), SPEC)
+    return model, class_labels(cond, model.num_classes, home), params
+
+
 def _generate_reference(model: Any, vae: Any, cond: Any, params: Any, **keywords: Any) -> Tuple[Any, Any]:
     from .sampler import generate_reference
 
@@ -56,5 +66,6 @@ SPEC = FamilySpec(
     check_pair=_check_pair,
     placement=_placement,
     generate_reference=_generate_reference,
+    engine_bind=_engine_bind,
     engine_prepare=_engine_prepare,
 )
