@@ -27,7 +27,7 @@ class EngineCache:
 
     def get(self, model: torch.nn.Module, vae: torch.nn.Module, max_batch: int = 64) -> Engine:
         """The engine for ``model``/``vae`` (VAR + VQVAE or Infinity + BSQVAE) on their device (built on first use)."""
-        device, dtype = family_of(model).placement(model)  # VAR: its weights' dtype; Infinity: bfloat16 autocast on CUDA
+        device, dtype = family_of(model).placement(model)  # VAR: its weights' dtype; Infinity, HART: bfloat16, float16 autocast on CUDA
         key = (id(model), id(vae), str(device), dtype)
         engine = self._engines.pop(key, None)
         if engine is None or engine.source_model is not model or engine.vae is not vae:
@@ -77,10 +77,10 @@ def generate(
     mask[, position_ids])``) or prompts with ``text_encoder`` (``Qwen2TextEncoder``); ``params`` a ``HARTParams``
     (default ``HARTParams()``; upstream's release settings: ``ssg_engine.params.HART_UPSTREAM``), overrides its
     fields (``more_smooth=``, ``num_maskgit_iters=`` too) and ``upstream_compat=``, ``residual=`` (see
-    ``sample_hart_reference``). On CUDA (or with ``engine=``) HART runs the Engine (float32; MaskGIT orders and the
-    diffusion head's noise drawn from the seed tensor too), except for requests only the reference sampler serves
-    (``more_smooth=True``, ``upstream_compat=True``: the reference sampler runs, on CUDA; ``engine=`` with them is one
-    ``ValueError``); ``return_tokens`` gives its codes per scale (B, pn^2) int64.
+    ``sample_hart_reference``). On CUDA (or with ``engine=``) HART runs the Engine (on CUDA under float16 autocast, as
+    upstream samples; MaskGIT orders, the diffusion head's noise and ``more_smooth``'s Gumbel noise drawn from the seed
+    tensor too), except for ``upstream_compat=True`` (upstream's generators: the reference sampler runs, on CUDA too;
+    ``engine=`` with it is one ``ValueError``); ``return_tokens`` gives its codes per scale (B, pn^2) int64.
 
     Seeding (:mod:`ssg_engine.seeding`): ``seeding="row"`` (default) draws image b from its own stream keyed by
     ``(seed, b)`` (``row_seeds(seed, B)``, or the ``row_seeds`` given: one int64 per image), so an image does not depend
@@ -112,7 +112,7 @@ def generate(
     device = next(model.parameters()).device
     if engine is not None and not spec.engine:
         raise TypeError(f"engine: there is no {spec.title} Engine yet; leave engine=None (the reference sampler runs)")
-    serves = spec.engine_serves is None or spec.engine_serves(params, overrides)  # e.g. not HART's more_smooth
+    serves = spec.engine_serves is None or spec.engine_serves(params, overrides)  # e.g. not HART's upstream_compat
     resolve = spec.resolve_params or resolve_params
     if seeding == "row" and row_seeds is None and not overrides.get("upstream_compat", False):
         fields = dict(overrides)

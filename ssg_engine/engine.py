@@ -1,12 +1,13 @@
 """The fast sampling engine: a static KV cache, conditioning once per batch, fused per-scale ops, no host sync
-inside the loop, and on CUDA the whole scale loop + decode captured as a CUDA graph per batch-size bucket (and, for
-Infinity, per schedule and where CFG applies; the cfg/temperature values are device tensors).
+inside the loop, and on CUDA the whole scale loop + decode captured as a CUDA graph per batch-size bucket (and per
+what a request's graph bakes in, e.g. Infinity's schedule; the cfg/temperature values are device tensors).
 
-One Engine for both model families (:mod:`ssg_engine.models.family`): class-conditional VAR (labels) and
-text-conditional Infinity (text features: packed, as the reference sampler, or padded to the model's ``text_maxlen``
-with a key mask where CUDA graphs need static shapes). It drives the model through the same :func:`ssg_engine.pipeline.run_scales` as the reference samplers, so it
-computes the same logits; only the randomness differs (Philox from a seed tensor instead of a ``torch.Generator``),
-and greedy sampling (``top_k=1``) gives the same tokens.
+One Engine for every model family (:mod:`ssg_engine.models.family`): what differs (the copy it samples with, autocast,
+how a request binds, its condition's static shapes, its memory check) is the family's registry entry
+(:class:`ssg_engine.families.FamilySpec`) and its request's methods; this module imports no family. It drives the
+model through the same :func:`ssg_engine.pipeline.run_scales` as the reference samplers, so it computes the same
+logits; only the randomness differs (Philox from a seed tensor instead of a ``torch.Generator``), and greedy sampling
+(``top_k=1``) gives the same tokens.
 """
 from __future__ import annotations
 
@@ -21,23 +22,17 @@ import torch
 from . import ops
 from .backend import resolve_backend
 from .families import DEFAULT_FAMILY, FamilySpec, all_families, family, family_of, split_keywords
-from .families.infinity.model import MAX_SCALES, InfinityRequest, InfinityTransformer, PaddedText, RequestTensors, TextFeatures
-from .families.infinity.sampler import infinity_request
-from .families.infinity.tokenizer import BSQVAE
-from .families.var.model import VARTransformer
-from .families.var.tokenizer import VQVAE
 from .guidance import cfg_ratio
 from .kv_cache import StaticKVCache
-from .memory import CONTEXT_BYTES, GiB, MemoryPlan, infinity_plan, itemsize, largest_batch
 from .models.family import NextScaleModel
 from .params import SamplingParams, check_seed
 from .pipeline import Guidance, ScaleGuidance, guidance_schedule, nonfinite_logits_error, resolve_params, run_scales
 from .seeding import RowSeeds, check_row_seeds
-from .validation import as_number, class_labels
+from .validation import as_number
 
-# a batch's condition as run_batch takes it: labels (n,), or text: packed (eager, upstream's varlen cross-attention) or
-# padded to text_maxlen (static shapes, for CUDA graphs)
-Cond = Union[torch.Tensor, TextFeatures, PaddedText]
+# a batch's condition as run_batch takes it (the family's engine_bind makes it): labels (n,), or a family's condition
+# object (text features: packed for eager runs, or in static shapes for CUDA graphs), see FamilySpec
+Cond = Union[torch.Tensor, Any]
 
 
 def batch_buckets(max_batch: int) -> List[int]:
@@ -75,57 +70,38 @@ def _take(cond: Optional[Cond], rows: slice) -> Optional[Cond]:
     return None if cond is None else cond[rows]
 
 
-def _pad_rows(cond: Optional[Cond], b: int) -> Optional[Cond]:
-    """``cond`` padded to ``b`` rows (labels 0; text: one zero token, so that no row attends to nothing)."""
-    if cond is None or _rows(cond) == b:
+def _pad_rows(cond: Cond, b: int) -> Cond:
+    """``cond`` padded to ``b`` rows (labels 0; a family's condition: its ``pad_rows``, e.g. empty prompts)."""
+    if _rows(cond) == b:
         return cond
-    if hasattr(cond, "pad_rows"):  # a family's own condition type (HART's text features)
-        return cond.pad_rows(b)
-    if isinstance(cond, TextFeatures):
-        kv = cond.kv_compact
-        return TextFeatures(torch.cat((kv, kv.new_zeros(b - cond.batch, kv.shape[1]))), cond.lens + [1] * (b - cond.batch))
-    if isinstance(cond, PaddedText):
-        extra = b - cond.batch
-        mask = torch.zeros(extra, cond.mask.shape[1], dtype=torch.bool, device=cond.mask.device)
-        mask[:, 0] = True
-        return PaddedText(torch.cat((cond.features, cond.features.new_zeros(extra, *cond.features.shape[1:]))), torch.cat((cond.mask, mask)))
-    return torch.cat((cond, cond.new_zeros(b - cond.shape[0])))
+    if torch.is_tensor(cond):
+        return torch.cat((cond, cond.new_zeros(b - cond.shape[0])))
+    return cond.pad_rows(b)
 
 
-def _tensors(cond: Optional[Cond]) -> Tuple[torch.Tensor, ...]:
-    if hasattr(cond, "tensors"):  # a family's own condition type
-        return tuple(cond.tensors())
-    return () if cond is None else (cond.features, cond.mask) if isinstance(cond, PaddedText) else (cond,)
+def _tensors(cond: Cond) -> Tuple[torch.Tensor, ...]:
+    """The tensors a captured graph's static buffers for ``cond`` are refilled from."""
+    return (cond,) if torch.is_tensor(cond) else tuple(cond.tensors())
 
 
-def _static(cond: Optional[Cond], device: torch.device) -> Optional[Cond]:
+def _static(cond: Cond, device: torch.device) -> Cond:
     """A buffer of ``cond``'s shapes on ``device`` for a captured graph (refilled from :func:`_tensors` before each replay)."""
-    if cond is None:
-        return None
-    if hasattr(cond, "static_like"):  # a family's own condition type
-        return cond.static_like(device)
-    if isinstance(cond, PaddedText):
-        return PaddedText(torch.empty_like(cond.features, device=device), torch.empty_like(cond.mask, device=device))
-    return torch.empty_like(cond, device=device)
+    return torch.empty_like(cond, device=device) if torch.is_tensor(cond) else cond.static_like(device)
 
 
 def _request_key(model: NextScaleModel) -> tuple:
-    """What a captured graph bakes in of an Infinity request (VAR: nothing): the schedule and where CFG applies (which
-    scales have ``w_k != 1``, at which layers, with negative text or not). The values of ``cfg_list`` and ``tau_list``
-    are device tensors refilled before each replay (:class:`RequestTensors`)."""
-    if isinstance(model, InfinityRequest):
-        return model.schedule, tuple(w != 1 for w in model.cfg_list), model.cfg_insertion_layer, model.negative is not None
-    if hasattr(model, "graph_key"):  # another family's request (HART's: top-k per scale, the diffusion head's settings)
-        return model.graph_key()
-    return ()
+    """What a captured graph bakes in of a bound request (its ``graph_key()``: Infinity's schedule and where CFG
+    applies, HART's top-k per scale and diffusion settings; VAR: nothing). The numbers a replay refills are not in it."""
+    return model.graph_key() if hasattr(model, "graph_key") else ()
 
 
 class Engine:
     """Batch sampler for a loaded model pair: (VARTransformer, VQVAE), (InfinityTransformer, BSQVAE) or
-    (HARTTransformer, HARTTokenizer) (float32 only; its request from the family's ``FamilySpec.engine_bind``:
-    :class:`ssg_engine.families.hart.request.HARTRequest`, its MaskGIT passes and diffusion head inside the loop and
-    the graph, their random numbers from the seed tensor; text features and ``HARTParams``, ``num_maskgit_iters=``,
-    ``residual=``).
+    (HARTTransformer, HARTTokenizer) (float32, or float16 / bfloat16 autocast as Infinity; its request from the
+    family's ``FamilySpec.engine_bind``:
+    :class:`ssg_engine.families.hart.request.HARTRequest`, its MaskGIT passes, diffusion head and ``more_smooth``
+    soft embeddings inside the loop and the graph, their random numbers from the seed tensor; text features and
+    ``HARTParams``, ``more_smooth=``, ``num_maskgit_iters=``, ``residual=``).
 
     ``Engine(model, vae, max_batch=64, device="cuda", dtype=torch.bfloat16, cuda_graphs=True, backend="auto",
     device_memory=None)``;
@@ -142,19 +118,21 @@ class Engine:
     for ``max_batch`` up front; ``kv_cache_bytes()``), and at most ``max_graphs`` captured graphs are kept
     (least recently used dropped), all in one shared memory pool. The reference backend syncs the host, so it
     runs without graphs. VAR runs in ``dtype``; its VQ-VAE decodes in ``vae_dtype`` (default: ``dtype``),
-    channels-last, inside the captured graph, its quantizer keeping the accumulated latent in float32. Infinity samples
-    with ``model.inference_copy(dtype, device)`` (``self.model``; the model given stays ``self.source_model``, as it
-    is): its linear weights cast once to ``dtype``, the rest float32 as upstream, run under ``torch.autocast(dtype)``
-    with no weight re-cast per scale; KV cache in ``dtype``. Infinity batches are checked against its memory plan
-    (:func:`ssg_engine.memory.infinity_plan`) before anything is allocated: a bucket that does not fit
-    ``device_memory`` bytes (default: the CUDA device's total; None on CPU, no check) is one ``ValueError`` naming
-    the largest ``max_batch`` that fits.
+    channels-last, inside the captured graph, its quantizer keeping the accumulated latent in float32. Infinity and
+    HART sample with ``model.inference_copy(dtype, device)`` (``self.model``; the model given stays
+    ``self.source_model``, as it is): their linear weights cast once to ``dtype``, the rest float32 as upstream, run
+    under ``torch.autocast(dtype)`` with no weight re-cast per scale; KV cache in ``dtype``. What a family gets is its
+    registry entry's (``FamilySpec.engine_prepare``, ``engine_autocast``, ``engine_dtypes``, ``engine_bind``, ...):
+    this module names no family. Batches of a family with a memory check (``FamilySpec.engine_check_memory``:
+    Infinity's plan, :func:`ssg_engine.memory.infinity_plan`) are checked before anything is allocated: a bucket that
+    does not fit ``device_memory`` bytes (default: the CUDA device's total; None on CPU, no check) is one
+    ``ValueError`` naming the largest ``max_batch`` that fits.
     """
 
     def __init__(
         self,
-        model: Union[VARTransformer, InfinityTransformer],
-        vae: Union[VQVAE, BSQVAE],
+        model: torch.nn.Module,
+        vae: torch.nn.Module,
         max_batch: int = 64,
         device: Union[str, torch.device, None] = None,
         dtype: torch.dtype = torch.bfloat16,
@@ -165,7 +143,7 @@ class Engine:
         device_memory: Optional[int] = None,
     ) -> None:
         self.spec = check_family(model, vae, "Engine(var, vae)")
-        if not self.spec.engine:
+        if not (self.spec.engine and self.spec.engine_prepare and self.spec.engine_bind):  # a family registers all three
             raise TypeError(f"Engine: there is no {self.spec.title} Engine yet; use ssg_engine.generate (its reference sampler)")
         self.source_model = model  # the model given (Infinity samples with a copy in dtype: self.model)
         self.max_batch = as_number(max_batch, "max_batch", "a positive integer", integer=True, valid=lambda v: v > 0)
@@ -181,24 +159,13 @@ class Engine:
         if self.spec.engine_dtypes and str(dtype).removeprefix("torch.") not in self.spec.engine_dtypes:
             raise ValueError(f"dtype: the {self.spec.title} Engine runs at {', '.join(self.spec.engine_dtypes)}; got {dtype}")
         self.dtype = dtype
-        self.infinity = isinstance(model, InfinityTransformer)
-        if self.infinity:
-            if vae_dtype is not None:
-                raise ValueError("vae_dtype applies to VAR's VQ-VAE; leave it None for Infinity (its VAE runs under autocast to dtype)")
-            self.model, self.vae = model.inference_copy(dtype, self.device), vae.to(device=self.device).eval()
-        else:
-            self.vae_dtype = dtype if vae_dtype is None else vae_dtype
-            self.model = model.to(device=self.device, dtype=dtype).eval()
-            self.vae = vae.to(device=self.device, dtype=torch.float32).eval()
-            for part in (self.vae.post_quant_conv, self.vae.decoder):  # the quantizer keeps the latent in float32
-                part.to(dtype=self.vae_dtype, memory_format=torch.channels_last)
-            self.model.attach_vae(self.vae)
+        self.model, self.vae = self.spec.engine_prepare(model, vae, self.device, dtype, vae_dtype)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and self.backend == "triton"
         if device_memory is None and self.device.type == "cuda":
             device_memory = torch.cuda.get_device_properties(self.device).total_memory
         self.device_memory = device_memory
         self.buckets = batch_buckets(self.max_batch)
-        num_scales = MAX_SCALES if self.infinity else len(model.patch_nums)
+        num_scales = self.spec.engine_scales(self.model) if self.spec.engine_scales else len(self.model.scale_sizes())
         self.offsets = [torch.tensor([si], dtype=torch.long, device=self.device) for si in range(num_scales)]
         self._kv: Optional[StaticKVCache] = None
         self._graphs: "collections.OrderedDict[tuple, _StaticBatch]" = collections.OrderedDict()
@@ -210,36 +177,14 @@ class Engine:
         return 0 if self._kv is None else int(self._kv.nbytes())
 
     def bind(self, cond: Any, params: SamplingParams, **family: Any) -> Tuple[NextScaleModel, Cond, SamplingParams]:
-        """What :meth:`run_batch` takes for a request: the model bound to it (VAR: itself; Infinity: an
-        :class:`InfinityRequest`, ``family`` = the Infinity keywords, see :func:`infinity_request`), the condition
-        (labels (n,), or text: packed) on the device, or with CUDA graphs on the host (text padded to ``text_maxlen``)
-        until a captured batch stages it, and the params the sampler applies (Infinity: temperature 1, as
-        ``params.temperature`` becomes ``tau_list``, applied before CFG)."""
+        """What :meth:`run_batch` takes for a request (the family's ``FamilySpec.engine_bind``): the model bound to it
+        (VAR: itself; Infinity: an ``InfinityRequest``, ``family`` = the Infinity keywords; HART: a ``HARTRequest``),
+        the condition (labels (n,), or text: packed) on the device, or with CUDA graphs on the host (in static shapes:
+        Infinity's text padded to ``text_maxlen``) until a captured batch stages it, and the params the sampler applies
+        (Infinity: temperature 1, as ``params.temperature`` becomes ``tau_list``, applied before CFG)."""
         # with graphs the condition stays on the host until a captured batch stages it (pinned, non-blocking)
         home = torch.device("cpu") if self.cuda_graphs else self.device
-        if self.spec.engine_bind is not None:  # a family that binds its own requests (HART)
-            request, cond_t, params = self.spec.engine_bind(self.model, cond, params, home, **family)
-            return request, cond_t, params
-        if not self.infinity:
-            split_keywords(dict(family), self.spec)
-            return self.model, class_labels(cond, self.model.num_classes, home), params
-
-        maxlen = self.model.config.text_maxlen
-
-        def at_home(text: Any) -> Union[TextFeatures, PaddedText]:
-            packed = TextFeatures.coerce(text)
-            if max(packed.lens) > maxlen:
-                raise ValueError(f"text: a prompt has {max(packed.lens)} tokens; this model takes at most text_maxlen={maxlen}")
-            packed = TextFeatures(packed.kv_compact.to(home), packed.lens)
-            return PaddedText.pad(packed, maxlen) if self.cuda_graphs else packed
-
-        if family.get("negative") is not None:
-            family["negative"] = at_home(family["negative"])
-        request = infinity_request(self.model, self.vae, params, **family)
-        text = at_home(cond)
-        if request.negative is not None and request.negative.batch != text.batch:
-            raise ValueError(f"negative has {request.negative.batch} prompts; give one per prompt ({text.batch})")
-        return request, text, params.replace(temperature=1.0)
+        return self.spec.engine_bind(self.model, self.vae, cond, params, home, self.cuda_graphs, **family)
 
     @torch.no_grad()
     def generate(
@@ -261,7 +206,7 @@ class Engine:
         images, tokens, nonfinite = [], [], []
         for i, start in enumerate(chunks):
             rows = slice(start, start + self.max_batch)
-            chunk_model = dataclasses.replace(model, negative=_take(model.negative, rows)) if isinstance(model, InfinityRequest) else model
+            chunk_model = model.take_rows(rows) if hasattr(model, "take_rows") else model
             chunk_seed = torch.tensor([seed + i]) if keys is None else keys[rows]
             img, tok, bad = self._run_chunk(chunk_model, _take(cond_t, rows), params, chunk_seed)
             images.append(img)
@@ -283,6 +228,7 @@ class Engine:
         model: Optional[NextScaleModel] = None,
         schedule: Optional[List[ScaleGuidance]] = None,
         forced_tokens: Optional[List[torch.Tensor]] = None,
+        forced_gumbels: Optional[List[torch.Tensor]] = None,
         record_logits: bool = False,
     ) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor]:
         """The whole sampling loop for a condition of b rows (see :meth:`bind`: ``model``, ``cond`` and ``params``;
@@ -292,13 +238,12 @@ class Engine:
 
         Returns images, tokens and a (K,) bool device tensor: True for scales whose logits (after CFG, SSG and
         temperature) are not all finite. ``schedule`` defaults to Python numbers (a captured graph passes
-        device tensors). ``forced_tokens`` / ``record_logits`` are for testing against the reference sampler
+        device tensors). ``forced_tokens`` / ``forced_gumbels`` (the Gumbel noise (b, h*w, V) per scale of a request
+        with soft embeddings, HART's ``more_smooth``) / ``record_logits`` are for testing against the reference sampler
         (``self.last_logits`` then holds each step's (cfg, sampled) logits (b, h*w, C)).
         """
         model = self.model if model is None else model
-        if self.infinity and not isinstance(model, InfinityRequest):
-            raise TypeError("run_batch on an Infinity engine needs model= an InfinityRequest (from engine.bind)")
-        if self.spec.engine_bind is not None and not hasattr(model, "seeded"):
+        if self.spec.engine_request and model is self.model:
             raise TypeError(f"run_batch on a {self.spec.title} engine needs model= its request (from engine.bind)")
         if hasattr(model, "seeded"):  # a request drawing more than tokens from the seed (HART: MaskGIT orders, diffusion noise)
             model = model.seeded(seed)
@@ -317,6 +262,15 @@ class Engine:
             ops.guide_and_sample_bits, top_k=params.top_k, top_p=params.top_p, temperature=params.temperature, seed=seed, backend=self.backend
         )
 
+        # a request feeding soft embeddings instead of the drawn tokens' (HART's more_smooth) says so after each draw
+        soft_embeddings = getattr(model, "soft_embeddings", None)
+
+        def soft(si: int, guided: torch.Tensor, idx: torch.Tensor) -> Optional[torch.Tensor]:
+            if soft_embeddings is None:
+                return None
+            gumbels = None if forced_gumbels is None else forced_gumbels[si].to(self.device)
+            return soft_embeddings(state, si, guided / params.temperature, idx, params.top_p, gumbels)
+
         def pick(si: int, logits_2B: torch.Tensor):
             if bitwise:
                 bits, flag, cfg, guided = guide.guide_and_draw(si, logits_2B, functools.partial(draw_bits, offset=self.offsets[si]), record_logits)
@@ -330,21 +284,24 @@ class Engine:
             if record_logits:
                 self.last_logits.append((cfg.clone(), guided / params.temperature))
             if forced_tokens is not None:
-                return forced_tokens[si].to(self.device), None
+                idx = forced_tokens[si].to(self.device)
+                return idx, soft(si, guided, idx)
             if bitwise:
                 return bits, None
             b, hw, C = guided.shape
             draws = guided.view(b, hw * C // width, width)
             idx = ops.sample_logits(draws, top_ks[si], params.top_p, params.temperature, seed, self.offsets[si], backend=self.backend)
             idx = idx.clamp_(0, width - 1)  # NaN logits can give out-of-range tokens: the flag reports them
-            return (idx if C == width else idx.view(b, hw, C // width)), None
+            idx = idx if C == width else idx.view(b, hw, C // width)
+            return idx, soft(si, guided, idx)
 
-        autocast = self.infinity and self.dtype != torch.float32  # no weight cache: it would outlive a graph capture
+        autocast = self.spec.engine_autocast and self.dtype != torch.float32  # no weight cache: it would outlive a graph capture
         cudnn = torch.backends.cudnn  # benchmark the VAE's convolutions once per static shape (the user's other flags kept)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast, cache_enabled=False), cudnn.flags(
             enabled=cudnn.enabled, benchmark=True, deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32
         ):
-            images, tokens = run_scales(model, model.condition(cond), store, pick)
+            state = model.condition(cond)
+            images, tokens = run_scales(model, state, store, pick)
         return images, tokens, torch.stack(nonfinite)
 
     # ------------------------------------------------------------------ batches
@@ -369,29 +326,13 @@ class Engine:
             self._kv = StaticKVCache(layers, rows, heads, length, head_dim, self.dtype, self.device)
         return self._kv
 
-    def _check_memory(self, request: InfinityRequest, b: int) -> None:
-        """``ValueError``, before anything is allocated, when the memory plan of a bucket of ``b`` images at the
-        request's schedule (with the KV cache as it would grow) does not fit ``device_memory`` (None: no check)."""
-        if self.device_memory is None:
+    def _check_memory(self, request: NextScaleModel, b: int) -> None:
+        """The family's ``engine_check_memory``: ``ValueError``, before anything is allocated, when a bucket of ``b``
+        images of ``request`` (with the KV cache as it would grow) does not fit ``device_memory`` (None: no check)."""
+        if self.device_memory is None or self.spec.engine_check_memory is None:
             return
-        layers, heads, length, head_dim = request.cache_layout()
-        rows = max(2 * b, self._kv.batch if self._kv is not None else 0)
-        length = max(length, self._kv.max_len if self._kv is not None else 0)
-
-        def plan_of(n: int) -> MemoryPlan:
-            return infinity_plan(self.model.config, request.schedule, self.dtype, n, vae=self.vae.config)
-
-        needed = dataclasses.replace(plan_of(b), kv_cache=2 * layers * rows * heads * length * head_dim * itemsize(self.dtype))
-        if needed.fits(self.device_memory):
-            return
-        fit = largest_batch(plan_of, self.device_memory, limit=self.max_batch)
-        h, w = request.schedule[-1]
-        advice = f"use max_batch={fit} or less" if fit else "not even one image fits: use a smaller pn or h_div_w schedule"
-        raise ValueError(
-            f"max_batch={self.max_batch}: a batch of {b} images at a {len(request.schedule)}-scale schedule ending at {h}x{w} needs "
-            f"{needed.total / GiB:.1f} GiB (+{CONTEXT_BYTES / GiB:.0f} GiB CUDA context), the device has {self.device_memory / GiB:.1f} GiB; "
-            f"{advice} (see ssg_engine.plan / ssg-engine plan)"
-        )
+        cached = (self._kv.batch, self._kv.max_len) if self._kv is not None else (0, 0)
+        self.spec.engine_check_memory(request, self.vae, self.dtype, b, cached, self.device_memory, self.max_batch)
 
     def _run_chunk(self, model: NextScaleModel, cond: Cond, params: SamplingParams, seed: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor]:
         """One chunk of n <= max_batch rows, padded to its bucket; ``seed`` (1,) int64, or (n,) row seeds (padded)."""
@@ -399,11 +340,10 @@ class Engine:
         b = next(size for size in self.buckets if size >= n)
         if seed.shape[0] > 1:  # per-row keys: one per padded row too (padding rows' draws are discarded)
             seed = torch.cat((seed, seed.new_zeros(b - seed.shape[0])))
-        if isinstance(model, InfinityRequest):
-            self._check_memory(model, b)
+        self._check_memory(model, b)
         padded = _pad_rows(cond, b)
-        if isinstance(model, InfinityRequest):
-            model = dataclasses.replace(model, negative=_pad_rows(model.negative, b))
+        if hasattr(model, "pad_rows"):  # a request with rows of its own (Infinity's negative text)
+            model = model.pad_rows(b)
         if self.cuda_graphs:
             self._kv_cache(2 * b, model.cache_layout())  # grow (and drop stale graphs) before looking a graph up
             key = (b, seed.shape[0], graph_key(params, len(model.scale_sizes())), _request_key(model))
@@ -464,14 +404,10 @@ class _StaticBatch:
         self.offsets = engine.offsets
         self.cond = _static(cond, device)
         self.seed = torch.zeros(seed_rows, dtype=torch.long, device=device)
-        infinity = isinstance(model, InfinityRequest)
-        self.floats = torch.zeros((5 if infinity else 2) * K, dtype=torch.float32, device=device)
+        extra = len(model.static_numbers()) if hasattr(model, "static_numbers") else 0  # e.g. Infinity's cfg/tau lists
+        self.floats = torch.zeros(2 * K + extra, dtype=torch.float32, device=device)
         self.cfg_t, self.beta = self.floats[:K], self.floats[K : 2 * K]
-        if infinity:
-            tensors = RequestTensors.from_buffer(model, self.floats[2 * K :])
-            self.model = dataclasses.replace(model, negative=_static(model.negative, device), tensors=tensors)
-        else:
-            self.model = model
+        self.model = model.static_copy(self.floats[2 * K :]) if hasattr(model, "static_copy") else model
         template = guidance_schedule(0.0, params.ssg, model.scale_sizes(), device, cfg_ts=engine._cfg_ts(model, params))
         self.schedule = device_schedule(template, self.cfg_t, self.beta)
         self._static = self._buffers(self.model, self.cond) + (self.seed, self.floats)
@@ -493,8 +429,8 @@ class _StaticBatch:
 
     @staticmethod
     def _buffers(model: NextScaleModel, cond: Cond) -> Tuple[torch.Tensor, ...]:
-        """The condition's tensors, then (Infinity) the negative text's."""
-        return _tensors(cond) + (_tensors(model.negative) if isinstance(model, InfinityRequest) else ())
+        """The condition's tensors, then the request's own (``static_tensors()``: Infinity's negative text)."""
+        return _tensors(cond) + (tuple(model.static_tensors()) if hasattr(model, "static_tensors") else ())
 
     def _fill(self, model: NextScaleModel, cond: Cond, seed: Union[int, torch.Tensor], params: SamplingParams) -> None:
         """Stage ``cond`` (and negative text; on the host, see :meth:`Engine.bind`), ``seed`` (an int, or the int64
@@ -502,8 +438,8 @@ class _StaticBatch:
         seed = torch.as_tensor(seed, dtype=torch.long).reshape(-1)
         K = self.cfg_t.numel()
         numbers = self.engine._cfg_ts(model, params) + (params.ssg.step_betas(K) if params.ssg is not None else [0.0] * K)
-        if isinstance(model, InfinityRequest):
-            numbers += RequestTensors.values(model)
+        if hasattr(model, "static_numbers"):
+            numbers += model.static_numbers()
         values = self._buffers(model, cond) + (seed, torch.tensor(numbers, dtype=torch.float32))
         if self._staging is None:
             for static, new in zip(self._static, values):

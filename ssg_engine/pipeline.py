@@ -14,6 +14,7 @@ import torch
 
 from .guidance import SSG, cfg_ratio, prior_operator
 from .kernels.qkv_norm_rope_cache import qkv_norm_rope_reference
+from .kernels.sampling import top_k_top_p_mask_reference
 from .models.family import KVStore, NextScaleModel
 from .params import SamplingParams
 from .profiling import nvtx_range
@@ -159,17 +160,34 @@ def resolve_params(params: Optional[SamplingParams], overrides: dict, model: Any
     return params.for_model(model)
 
 
-def gumbel_softmax_with_rng(
-    logits: torch.Tensor, tau: float, rng: Union[None, torch.Generator, Sequence[torch.Generator]]
-) -> torch.Tensor:
-    """Soft Gumbel-softmax of logits (B, ..., V) drawing its noise from ``rng`` (upstream's ``more_smooth``
-    visualisation mode); a sequence of B generators (per-row seeding) draws row b's noise from ``rng[b]``."""
-    if rng is None:
-        return torch.nn.functional.gumbel_softmax(logits, tau=tau, hard=False, dim=-1)
-    rows = [logits] if isinstance(rng, torch.Generator) else logits.unbind(0)
-    gens = [rng] if isinstance(rng, torch.Generator) else rng
-    if len(gens) != len(rows):
-        raise ValueError(f"rng: {len(gens)} generators for {len(rows)} rows; give one per image row")
-    gumbels = torch.stack([-torch.empty_like(x, memory_format=torch.legacy_contiguous_format).exponential_(generator=g).log()
-                           for x, g in zip(rows, gens)]).view_as(logits)
+def gumbel_noise(like: torch.Tensor, rng: Union[None, torch.Generator, Sequence[torch.Generator]]) -> torch.Tensor:
+    """Gumbel(0, 1) noise ``-log(E)``, ``E ~ Exp(1)``, of ``like``'s shape (B, ...) from ``rng``: None (the global
+    generator, as ``torch.nn.functional.gumbel_softmax`` draws it), one generator, or B generators (per-row seeding:
+    row b's noise from ``rng[b]``)."""
+
+    def draw(x: torch.Tensor, g: Optional[torch.Generator]) -> torch.Tensor:
+        return -torch.empty_like(x, memory_format=torch.legacy_contiguous_format).exponential_(generator=g).log()
+
+    if rng is None or isinstance(rng, torch.Generator):
+        return draw(like, rng)
+    if len(rng) != like.shape[0]:
+        raise ValueError(f"rng: {len(rng)} generators for {like.shape[0]} rows; give one per image row")
+    return torch.stack([draw(x, g) for x, g in zip(like.unbind(0), rng)])
+
+
+def gumbel_softmax(logits: torch.Tensor, tau: float, gumbels: torch.Tensor) -> torch.Tensor:
+    """Soft Gumbel-softmax ``softmax((logits + gumbels) / tau)`` over the last dim, given the noise ``gumbels``."""
     return ((logits + gumbels) / tau).softmax(-1)
+
+
+def smooth_embeddings(
+    logits: torch.Tensor, top_k: int, top_p: float, ratio: float, codebook: torch.Tensor, gumbels: torch.Tensor
+) -> torch.Tensor:
+    """Upstream's ``more_smooth`` input: logits (B, l, V) (guided, after temperature) filtered by top-k / top-p (at
+    temperature 1), times ``1 + ratio``, Gumbel-softmax at ``tau = max(0.27 (1 - 0.95 ratio), 0.005)`` with the noise
+    ``gumbels`` (B, l, V), times ``codebook`` (V, Cvae) -> soft embeddings (B, l, Cvae). ``ratio``: the scale's
+    ``si / (K - 1)`` (HART: ``min(si, K - 2) / (K - 1)``)."""
+    rows = logits.reshape(-1, logits.shape[-1])
+    masked = rows.masked_fill(~top_k_top_p_mask_reference(rows, top_k, top_p, 1.0), float("-inf")).view_as(logits)
+    soft = gumbel_softmax(masked.mul(1 + ratio), max(0.27 * (1 - ratio * 0.95), 0.005), gumbels)
+    return soft @ codebook.unsqueeze(0)

@@ -135,8 +135,8 @@ def test_generate_hart_bad_input_is_one_clear_error(hart):
         se.generate(model, tok, torch.zeros(2, dtype=torch.long))
     with pytest.raises(TypeError, match="prompts \\(str\\) need text_encoder"):
         se.generate(model, tok, ["a cat"])
-    with pytest.raises(ValueError, match="more_smooth"):
-        se.generate(model, tok, f, engine=se.Engine(model, tok, device="cpu", dtype=torch.float32), more_smooth=True)
+    with pytest.raises(ValueError, match="upstream_compat"):
+        se.generate(model, tok, f, engine=se.Engine(model, tok, device="cpu", dtype=torch.float32), upstream_compat=True)
 
 
 def test_wrong_family_pairs_in_every_direction(hart, var_pair, inf_pair):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from ssg_engine import pipeline
 from ssg_engine.families.hart import sampler as hart_sampler
 from ssg_engine.families.hart.loading import load_hart
 from ssg_engine.families.hart.model import maskgit_groups
@@ -87,7 +88,7 @@ class Recorder:
         self.soft_in: List[torch.Tensor] = []  # per Gumbel call: its logits input
         self.hard: List[torch.Tensor] = []  # the diffusion head's condition codes
         op, draw = hart_sampler.ssg_guidance_reference, hart_sampler.sample_logits_reference
-        gumbel = hart_sampler.gumbel_softmax_with_rng
+        gumbel = pipeline.gumbel_softmax
 
         def rec_op(logits_2B, *a, **k):
             self.raw.append(logits_2B.clone())
@@ -104,7 +105,7 @@ class Recorder:
 
         monkeypatch.setattr(hart_sampler, "ssg_guidance_reference", rec_op)
         monkeypatch.setattr(hart_sampler, "sample_logits_reference", rec_draw)
-        monkeypatch.setattr(hart_sampler, "gumbel_softmax_with_rng", rec_gumbel)
+        monkeypatch.setattr(pipeline, "gumbel_softmax", rec_gumbel)
 
     def watch_residual(self, model, monkeypatch) -> None:
         residual = type(model).residual

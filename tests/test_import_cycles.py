@@ -52,12 +52,12 @@ LAYERS: Dict[str, List[str]] = {
 }
 # Shared modules that still import a family's modules by name (everything else asks the registry,
 # ssg_engine.families): the old import paths kept for compatibility, and the code that knows one family's details:
-# the Engine (Infinity's requests, text padding and graph keys), the memory plan and planner (each family's
-# presets and sizes), the shipped models, the VAR spectra, training, evaluation and the command line.
+# the memory plan and planner (each family's presets and sizes), the shipped models, the VAR spectra, training,
+# evaluation and the command line. (The Engine is not one: it asks the registry and the bound requests.)
 FAMILY_AWARE = {
     "config", "sampler", "infinity_sampler", "text", "loading", "models.var", "models.vqvae", "models.infinity",
     "models.bsq_vae", "models.text_encoder",  # kept for compatibility
-    "engine", "memory", "plan", "costs", "pretrained", "pretrained_pipeline", "analysis", "training.*", "eval.*", "cli.*",
+    "memory", "plan", "costs", "pretrained", "pretrained_pipeline", "analysis", "training.*", "eval.*", "cli.*",
 }
 # A family that builds on another's modules, by name: HART's hybrid tokenizer is VAR's multi-scale VQ-VAE (upstream
 # HART's ``var_quantize_multiple_res``) plus a continuous residual, configured by VAR's ModelConfig.

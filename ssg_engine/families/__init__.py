@@ -49,11 +49,28 @@ class FamilySpec:
     cond)``: the number of images B a condition asks for (``ValueError``/``TypeError`` for a malformed one). Optional: ``owns_tokenizer(vae)``: ``vae`` is this
     family's tokenizer (another family's model given it is one ``TypeError``); ``resolve_params(params, overrides,
     model)``: the family's own sampling settings (default: ``SamplingParams``); ``engine``: whether an ``Engine`` runs
-    it (False: the reference sampler on every device); ``engine_bind(model, cond, params, home, **keywords)``: the
-    family's Engine request (a ``NextScaleModel``), its condition on device ``home`` and the params the Engine applies
-    (None: VAR's labels or Infinity's request); ``engine_serves(params, overrides)``: whether the Engine serves that
+    it (False: the reference sampler on every device); ``engine_bind(model, vae, cond, params, home, static,
+    **keywords)``: what the Engine samples a request with: the model bound to it (a ``NextScaleModel``: VAR's model
+    itself, Infinity's and HART's request objects), its condition on device ``home`` (``static``: in the static shapes
+    CUDA graphs need) and the params the Engine applies; ``engine_request``: ``engine_bind`` returns a request object
+    (``Engine.run_batch`` needs it as ``model=``); ``engine_serves(params, overrides)``: whether the Engine serves that
     request (False: ``generate`` runs the reference sampler on CUDA too; None: it serves every request);
-    ``engine_dtypes``: the names of the Engine dtypes the family runs at (``"float32"``; empty: any).
+    ``engine_dtypes``: the names of the Engine dtypes the family runs at (``"float32"``; empty: any);
+    ``engine_prepare(model, vae, device, dtype, vae_dtype)``: the (model, vae) an Engine samples with (VAR: the pair
+    cast to ``dtype``; Infinity, HART: a copy with its linear weights in ``dtype`` and ``vae_dtype`` refused);
+    ``engine_autocast``: the Engine runs the family under ``torch.autocast(dtype)`` (below float32);
+    ``engine_scales(model)``: the most scales a request runs (None: ``len(model.scale_sizes())``);
+    ``engine_check_memory(request, vae, dtype, b, cached, device_memory, max_batch)``: ``ValueError`` before anything
+    is allocated when a bucket of ``b`` images does not fit ``device_memory`` bytes (``cached``: the KV cache's (rows,
+    tokens) so far; None: no check).
+
+    A bound request may also have (the Engine asks with ``hasattr``): ``graph_key()`` (what a captured graph bakes in
+    of it), ``cfg_ts()`` (the CFG weight of every scale), ``take_rows(rows)`` / ``pad_rows(b)`` (the request for a
+    chunk / a padded bucket), ``static_numbers()`` / ``static_tensors()`` / ``static_copy(numbers)`` (the numbers and
+    tensors a captured graph reads from device buffers, and the request reading them), ``seeded(seed)`` (drawing more
+    than tokens from the seed tensor), ``top_ks`` (top-k per scale), ``soft_embeddings(state, si, logits, tokens, top_p,
+    gumbels)`` (embeddings fed instead of the tokens'). A condition other than a tensor of labels has ``batch``, row
+    slicing, ``pad_rows(b)`` and, for graphs, ``tensors()`` and ``static_like(device)``.
     """
 
     name: str
@@ -75,6 +92,11 @@ class FamilySpec:
     engine_bind: Optional[Callable[..., Tuple[Any, Any, Any]]] = None
     engine_serves: Optional[Callable[[Any, Dict[str, Any]], bool]] = None
     engine_dtypes: Tuple[str, ...] = ()
+    engine_request: bool = False
+    engine_prepare: Optional[Callable[..., Tuple[Any, Any]]] = None
+    engine_autocast: bool = False
+    engine_scales: Optional[Callable[[Any], int]] = None
+    engine_check_memory: Optional[Callable[..., None]] = None
 
     def detect(self, state_dict: Mapping[str, Any]) -> bool:
         """Whether ``state_dict`` holds the marker key of one of this family's checkpoint kinds."""

@@ -20,9 +20,14 @@ and concatenates (as upstream does); the Engine runs one fused kernel that write
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Protocol, Tuple, runtime_checkable
+import copy
+import itertools
+from typing import Any, Dict, Iterable, List, Optional, Protocol, Tuple, TypeVar, Union, runtime_checkable
 
 import torch
+import torch.nn as nn
+
+M = TypeVar("M", bound=nn.Module)
 
 
 class KVStore(Protocol):
@@ -61,3 +66,18 @@ class NextScaleModel(Protocol):
 
     def decode(self, state: Any, backend: str = "reference") -> torch.Tensor:
         """Images (B, 3, H, W) in [0, 1] from the accumulated latent; the decoder's fused ops on ``backend``."""
+
+
+def cast_copy(module: M, cast: Iterable[torch.Tensor], dtype: torch.dtype, device: Union[str, torch.device],
+              shared: Iterable[Any] = ()) -> M:
+    """A copy of ``module`` for sampling under ``torch.autocast(dtype)`` on ``device``, in eval mode without gradients:
+    the tensors ``cast`` (those autocast would cast at every use) cast once to ``dtype``, every other parameter and
+    buffer moved to ``device`` as it is (shared with ``module`` where it is there already); the objects ``shared``
+    (e.g. an attached tokenizer) are referenced, not copied. A snapshot: later changes to ``module`` do not reach it."""
+    device = torch.device(device)
+    ids = {id(t) for t in cast}
+    memo: Dict[int, Any] = {id(obj): obj for obj in shared}
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        moved = tensor.detach().to(device=device, dtype=dtype if id(tensor) in ids and tensor.is_floating_point() else None)
+        memo[id(tensor)] = nn.Parameter(moved, requires_grad=False) if isinstance(tensor, nn.Parameter) else moved
+    return copy.deepcopy(module, memo).eval()

@@ -16,14 +16,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...models.family import KVStore
+from ...models.family import KVStore, cast_copy
 from .config import HARTConfig
 from .diffusion import DiffusionHead, NoiseSource, TimestepEmbedder, UpstreamGlobalNoise
 from .tokenizer import HARTTokenizer
@@ -323,6 +323,15 @@ class HARTTransformer(nn.Module):
         """:meth:`attach_tokenizer` under the name the Engine's placement calls (VAR's)."""
         self.attach_tokenizer(vae)
 
+    def inference_copy(self, dtype: torch.dtype, device: Union[str, torch.device]) -> "HARTTransformer":
+        """A copy for sampling on ``device`` under ``torch.autocast(dtype)`` (upstream samples under float16 autocast:
+        every linear layer runs in it, the head and the diffusion head included): the weights and biases of every
+        linear layer cast once to ``dtype`` (the values autocast's cast would give), every other tensor as it is
+        (float32). The attached tokenizer is moved to ``device`` (in place) and shared, not copied."""
+        tokenizer = (self.tokenizer.to(device=device).eval(),) if self.tokenizer_proxy else ()
+        linears = [t for m in self.modules() if isinstance(m, nn.Linear) for t in m.parameters()]
+        return cast_copy(self, linears, dtype, device, shared=tokenizer)
+
     @property
     def tokenizer(self) -> HARTTokenizer:
         if not self.tokenizer_proxy:
@@ -496,14 +505,14 @@ class HARTTransformer(nn.Module):
         """The diffusion head's continuous residual (B, l, Cvae) for the last scale's hidden states (R, l, C) and
         drawn codes (B, l), one draw per MaskGIT group in order: condition ``decoder_norm(hidden +
         word_embed(codebook[codes]))`` (both halves), CFG ``state.diffusion_cfg`` on epsilon, conditional half kept."""
-        out = hidden.new_empty(state.batch, hidden.shape[1], self.Cvae)
+        out = hidden.new_empty(state.batch, hidden.shape[1], self.Cvae, dtype=torch.float32)  # as upstream's, under autocast too
         for group in state.groups:
             d = self.word_embed(self.tokenizer.quantize.embedding(hard_tokens.gather(1, group)))
             index = torch.cat([group, group], dim=0)[..., None]
             z = self.decoder_norm(hidden.gather(1, index.expand(-1, -1, hidden.shape[-1])) + torch.cat([d, d], dim=0))
             R, n, C = z.shape
             r = self.diffloss.sample(z.reshape(R * n, C), state.diffusion_cfg, state.noise).reshape(R, n, -1)[: state.batch]
-            out.scatter_(1, group[..., None].expand(-1, -1, self.Cvae), r)
+            out.scatter_(1, group[..., None].expand(-1, -1, self.Cvae), r.float())
         return out
 
     def decode(self, state: HARTState, backend: str = "reference") -> torch.Tensor:

@@ -1,7 +1,8 @@
 """HART bound to one Engine request (:class:`HARTRequest`), as a :class:`ssg_engine.models.family.NextScaleModel`, and
-the Engine's seeded randomness for HART's last scale: the MaskGIT orders and the diffusion head's noise.
+the Engine's seeded randomness besides the token draws: the last scale's MaskGIT orders, the diffusion head's noise and
+(``more_smooth``) the Gumbel noise of every scale's soft embeddings.
 
-Both come from the Engine's seed tensor (1,) int64 through a counter-based hash (:func:`seeded_uniform`: torch integer
+They come from the Engine's seed tensor (1,) int64 through a counter-based hash (:func:`seeded_uniform`: torch integer
 ops on the seed's device, no host read, static shapes), so a captured CUDA graph replays them with a new seed and the
 reference and Triton backends draw the same numbers. With per-row seeding (a seed tensor (B,), one key per image row:
 :mod:`ssg_engine.seeding`) image row b's orders and noise are hashed from ``seed[b]`` and its own counters only. They are not the reference sampler's ``torch.Generator`` draws:
@@ -19,12 +20,14 @@ from ...models.family import KVStore
 from ...params import HARTParams
 from .diffusion import NoiseSource, RowNoise
 from .model import HARTCondition, HARTState, HARTTransformer
-from .sampler import cfg_weights, upstream_top_k
+from ...pipeline import smooth_embeddings
+from .sampler import cfg_weights, smooth_ratio, upstream_top_k
 from .text import HARTTextFeatures
 
 _MASK32 = 0xFFFFFFFF
-# streams of seeded_uniform: the MaskGIT orders and the diffusion noise (one stream per draw: 2 + 2 * call)
-ORDERS_STREAM, NOISE_STREAM = 1, 2
+# streams of seeded_uniform: the Gumbel noise (one stream, each scale its own counter range), the MaskGIT orders, and
+# the diffusion noise (seeded_normal streams NOISE_STREAM + call, call >= 1: uniform streams 6, 7, 8, ...)
+GUMBEL_STREAM, ORDERS_STREAM, NOISE_STREAM = 0, 1, 2
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
@@ -36,16 +39,16 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def seeded_uniform(seed: torch.Tensor, stream: int, shape: Tuple[int, ...]) -> torch.Tensor:
-    """``u ~ U(0, 1)`` float32 of ``shape`` from ``seed`` int64 and a stream number: element ``i`` is a hash of
-    (seed, stream, i), never exactly 0 or 1. ``seed`` (1,), or (S,) with ``shape[0] == S`` (per-row seeding: row s
-    hashed from ``seed[s]`` and its own element index within the row). Deterministic on every device; no host read
-    of ``seed``."""
+def seeded_uniform(seed: torch.Tensor, stream: int, shape: Tuple[int, ...], offset: int = 0) -> torch.Tensor:
+    """``u ~ U(0, 1)`` float32 of ``shape`` from ``seed`` int64 and a stream number, never exactly 0 or 1. ``seed``
+    (1,): element ``i`` of the draw is a hash of (seed, stream, offset + i); (S,) with ``shape[0] == S`` (per-row
+    seeding): element ``i`` of row s is a hash of (``seed[s]``, stream, offset + i), ``i`` counted within the row.
+    Deterministic on every device; no host read of ``seed``."""
     rows = seed.shape[0]
     if rows != 1 and (not shape or shape[0] != rows):
         raise ValueError(f"seeded_uniform: {rows} row seeds for a draw of shape {tuple(shape)}; give 1 or shape[0]")
     key = _hash32((seed & _MASK32) ^ _hash32(((seed >> 32) & _MASK32) + stream * 0x9E3779B9 & _MASK32)).view(rows, 1)
-    counter = torch.arange(math.prod(shape) // rows, dtype=torch.int64, device=seed.device).view(1, -1)
+    counter = torch.arange(offset, offset + math.prod(shape) // rows, dtype=torch.int64, device=seed.device).view(1, -1)
     bits = _hash32(_hash32((counter & _MASK32) ^ key) ^ ((counter >> 32) + key * 0x27D4EB2F & _MASK32))
     return ((bits >> 8).float() + 0.5).mul_(1.0 / (1 << 24)).view(shape)
 
@@ -54,6 +57,12 @@ def seeded_normal(seed: torch.Tensor, stream: int, shape: Tuple[int, ...]) -> to
     """Standard normal float32 of ``shape`` from ``seed`` (Box-Muller on two :func:`seeded_uniform` streams)."""
     u1, u2 = seeded_uniform(seed, 2 * stream, shape), seeded_uniform(seed, 2 * stream + 1, shape)
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
+
+
+def seeded_gumbel(seed: torch.Tensor, shape: Tuple[int, ...], offset: int = 0) -> torch.Tensor:
+    """Gumbel(0, 1) float32 of ``shape`` (``-log(-log(u))``, finite) from ``seed``'s Gumbel stream at elements
+    ``[offset, offset + prod(shape))`` (per-row seeds: at each row's elements ``[offset, offset + prod(shape[1:]))``)."""
+    return -torch.log(-torch.log(seeded_uniform(seed, GUMBEL_STREAM, shape, offset)))
 
 
 class SeededNoise:
@@ -84,7 +93,8 @@ def seeded_orders(seed: torch.Tensor, batch: int, length: int) -> torch.Tensor:
 @dataclasses.dataclass
 class HARTRequest:
     """A HART model bound to one Engine request: upstream's per-scale CFG weights (``cfg_ts``) and top-k
-    (``top_ks``), the diffusion head's CFG weight and switch, the MaskGIT passes, and the seed tensor (None until
+    (``top_ks``), the diffusion head's CFG weight and switch, the MaskGIT passes, ``more_smooth`` (soft Gumbel-softmax
+    embeddings fed instead of the drawn codes', :meth:`soft_embeddings`), and the seed tensor (None until
     :meth:`seeded`) its orders and noise come from. ``condition`` takes :class:`HARTTextFeatures` (B rows)."""
 
     model: HARTTransformer
@@ -92,6 +102,7 @@ class HARTRequest:
     top_ks: List[int]
     residual: bool = True
     num_maskgit_iters: int = 1
+    more_smooth: bool = False
     seed: Optional[torch.Tensor] = None
 
     @property
@@ -100,7 +111,7 @@ class HARTRequest:
 
     def graph_key(self) -> tuple:
         """What a captured graph bakes in of this request (the CFG weights of the logits are device tensors)."""
-        return tuple(self.top_ks), self.residual, self.num_maskgit_iters, self.weights[-1]
+        return tuple(self.top_ks), self.residual, self.num_maskgit_iters, self.more_smooth, self.weights[-1]
 
     def cfg_ts(self) -> List[float]:
         return list(self.weights)
@@ -128,6 +139,31 @@ class HARTRequest:
             self.residual, self.num_maskgit_iters, orders,
         ))
 
+    def soft_embeddings(
+        self, state: HARTState, si: int, logits: torch.Tensor, tokens: torch.Tensor, top_p: float,
+        gumbels: Optional[torch.Tensor] = None,
+    ) -> Optional[torch.Tensor]:
+        """The Engine's hook after a scale's draw: None without ``more_smooth`` (the drawn ``tokens`` (B, l) are fed);
+        with it the soft embeddings (B, l, Cvae) to feed (:func:`ssg_engine.pipeline.smooth_embeddings` of the scale's
+        sampled ``logits`` (B, l, V), guided and divided by the temperature, this request's top-k and ``top_p``, as the
+        reference sampler), and at the last scale ``tokens`` become the diffusion head's condition. The Gumbel noise:
+        ``gumbels`` (B, l, V) (tests), else the seed's Gumbel stream, each scale its own elements (static shapes, no
+        host read: inside a captured graph)."""
+        if not self.more_smooth:
+            return None
+        K = len(self.top_ks)
+        if si == K - 1:
+            state.hard_tokens = tokens
+        if gumbels is None:
+            if self.seed is None:
+                raise ValueError("HARTRequest.soft_embeddings needs a seed tensor: call seeded(seed) first")
+            B, l, V = logits.shape
+            before = sum(h * w for h, w in self.scale_sizes()[:si])
+            rows = B if self.seed.shape[0] == 1 else 1  # one key for the batch: its elements; per-row keys: a row's
+            gumbels = seeded_gumbel(self.seed, (B, l, V), offset=rows * V * before).to(logits.device)
+        codebook = self.model.tokenizer.quantize.embedding.weight
+        return smooth_embeddings(logits, self.top_ks[si], top_p, smooth_ratio(si, K), codebook, gumbels)
+
     def step(self, state: HARTState, si: int, kv: KVStore) -> torch.Tensor:
         return self.model.step(state, si, kv)
 
@@ -145,10 +181,8 @@ def hart_request(model: HARTTransformer, params: HARTParams, *, residual: bool =
     """The Engine's request for ``params`` (``fields``: ``HARTParams`` fields over it, ``more_smooth=``,
     ``num_maskgit_iters=``) and the params its sampler applies (top-k per scale from the request: ``top_k`` 0)."""
     params = params.replace(**fields) if fields else params
-    if params.more_smooth:
-        raise ValueError("more_smooth: the HART Engine feeds the drawn codes only; use more_smooth=False, or "
-                         "ssg_engine.families.hart.sampler.sample_hart_reference")
     K = len(model.patch_nums)
     top_ks = [upstream_top_k(si) if params.top_k is None else params.top_k for si in range(K)]
-    request = HARTRequest(model, cfg_weights(params.cfg, K), top_ks, bool(residual), params.num_maskgit_iters)
+    request = HARTRequest(model, cfg_weights(params.cfg, K), top_ks, bool(residual), params.num_maskgit_iters,
+                          params.more_smooth)
     return request, params

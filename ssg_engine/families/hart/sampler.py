@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from ...guidance import cfg_ratio
-from ...kernels.sampling import sample_logits_reference, top_k_top_p_mask_reference
+from ...kernels.sampling import sample_logits_reference
 from ...kernels.ssg_guidance import ssg_guidance_reference
 from ...params import HARTParams
-from ...pipeline import ConcatKVCache, Guidance, guidance_schedule, gumbel_softmax_with_rng, nonfinite_logits_error, run_scales
+from ...pipeline import ConcatKVCache, Guidance, guidance_schedule, gumbel_noise, nonfinite_logits_error, run_scales, smooth_embeddings
 from ...seeding import RowSeeds, check_row_seeds, row_generators
 from .diffusion import GeneratorNoise, NoiseSource, RowNoise, UpstreamGlobalNoise
 from .model import HARTCondition, HARTTransformer
@@ -53,6 +53,11 @@ class HARTSampleOutput:
 def cfg_weights(cfg: float, num_scales: int) -> List[float]:
     """Upstream's per-scale CFG weights: the ramp, the last scale with the previous scale's weight."""
     return [cfg_ratio(cfg, si, num_scales) for si in range(num_scales - 1)] + [cfg_ratio(cfg, num_scales - 2, num_scales)]
+
+
+def smooth_ratio(si: int, num_scales: int) -> float:
+    """Upstream's ``more_smooth`` ratio of scale ``si``: ``si / (K - 1)``, the last scale with the previous scale's."""
+    return min(si, num_scales - 2) / (num_scales - 1)
 
 
 def upstream_top_k(si: int) -> int:
@@ -158,10 +163,7 @@ def sample_hart_reference(
         idx = sample_logits_reference(rows, top_k, top_p, 1.0, rng).view(B, -1)
         if not more_smooth:
             return idx, None
-        ratio = min(si, K - 2) / (K - 1)
-        masked = rows.masked_fill(~top_k_top_p_mask_reference(rows, top_k, top_p, 1.0), float("-inf"))
-        soft = gumbel_softmax_with_rng(masked.view_as(guided).mul(1 + ratio), max(0.27 * (1 - ratio * 0.95), 0.005), rng)
-        return idx, soft @ codebook.unsqueeze(0)
+        return idx, smooth_embeddings(guided, top_k, top_p, smooth_ratio(si, K), codebook, gumbel_noise(guided, rng))
 
     def pick(si: int, logits_2B: torch.Tensor):
         guided, _ = guide(si, logits_2B)

@@ -28,10 +28,11 @@ def _check_pair(model: Any, vae: Any, where: str) -> None:
 
 
 def _placement(model: Any) -> Tuple[Any, Any]:
-    """The model's device, float32 (the reference sampler's)."""
+    """The model's device, and float16 autocast on CUDA as upstream samples (else float32, the reference sampler's)."""
     import torch
 
-    return next(model.parameters()).device, torch.float32
+    device = next(model.parameters()).device
+    return device, torch.float16 if device.type == "cuda" else torch.float32
 
 
 def _resolve_params(params: Any, overrides: Any, model: Any) -> Any:
@@ -40,16 +41,24 @@ def _resolve_params(params: Any, overrides: Any, model: Any) -> Any:
     return resolve_hart_params(params, overrides, model)
 
 
+def _engine_prepare(model: Any, vae: Any, device: Any, dtype: Any, vae_dtype: Any) -> Tuple[Any, Any]:
+    """The pair an Engine samples with under autocast: ``model.inference_copy(dtype, device)`` (the model given is left
+    as it is) and the tokenizer on ``device``; ``vae_dtype`` is VAR's alone (one ``ValueError``)."""
+    if vae_dtype is not None:
+        raise ValueError("vae_dtype applies to VAR's VQ-VAE; leave it None for HART (its VAE runs under autocast to dtype)")
+    return model.inference_copy(dtype, device), vae.to(device=device).eval()
+
+
 def _generate_reference(model: Any, vae: Any, cond: Any, params: Any, **keywords: Any) -> Tuple[Any, Any]:
     from .sampler import generate_reference
 
     return generate_reference(model, vae, cond, params, **keywords)
 
 
-def _engine_bind(model: Any, cond: Any, params: Any, home: Any, *, upstream_compat: bool = False, residual: bool = True,
-                 **fields: Any) -> Tuple[Any, Any, Any]:
-    """(HARTRequest, text features on ``home``, params) for the Engine; ``upstream_compat=True`` is the reference
-    sampler's alone (one ``ValueError``)."""
+def _engine_bind(model: Any, vae: Any, cond: Any, params: Any, home: Any, static: bool, *, upstream_compat: bool = False,
+                 residual: bool = True, **fields: Any) -> Tuple[Any, Any, Any]:
+    """(HARTRequest, text features on ``home`` (static shapes already), params) for the Engine; ``upstream_compat=True``
+    is the reference sampler's alone (one ``ValueError``)."""
     from .request import hart_request
     from .sampler import hart_features
 
@@ -62,10 +71,9 @@ def _engine_bind(model: Any, cond: Any, params: Any, home: Any, *, upstream_comp
 
 
 def _engine_serves(params: Any, overrides: Any) -> bool:
-    """The Engine feeds hard codes and draws from its seed tensor: ``more_smooth`` and ``upstream_compat`` requests
-    are the reference sampler's."""
-    more_smooth = overrides.get("more_smooth", getattr(params, "more_smooth", False))
-    return not (more_smooth or overrides.get("upstream_compat", False))
+    """The Engine draws from its seed tensor: ``upstream_compat`` requests (upstream's generators) are the reference
+    sampler's; every other one (``more_smooth`` too) the Engine's."""
+    return not overrides.get("upstream_compat", False)
 
 
 def _rows(model: Any, cond: Any) -> int:
@@ -87,11 +95,14 @@ SPEC = FamilySpec(
     placement=_placement,
     generate_reference=_generate_reference,
     rows=_rows,
+    engine_prepare=_engine_prepare,
+    engine_autocast=True,
     keywords=("more_smooth", "num_maskgit_iters", "upstream_compat", "residual"),
     text_conditional=True,
     owns_tokenizer=_owns_tokenizer,
     resolve_params=_resolve_params,
     engine_bind=_engine_bind,
+    engine_request=True,
     engine_serves=_engine_serves,
-    engine_dtypes=("float32",),  # its heads and diffusion head run in float32, as the reference sampler's
+    engine_dtypes=("float32", "float16", "bfloat16"),
 )

@@ -16,7 +16,6 @@ Upstream behaviour reproduced on purpose (see ``tests/golden/infinity/README.md`
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import itertools
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 
 from ... import ops
 from ...kernels.qkv_norm_rope_cache import qkv_norm_rope_reference
-from ...models.family import KVStore
+from ...models.family import KVStore, cast_copy
 from ...models.layers import FFN
 from ...validation import as_number, check_feature_tensor, normalise_fields
 from .tokenizer import BSQVAE, accumulate_codes, bits_to_codes
@@ -164,6 +163,11 @@ class TextFeatures:
             raise ValueError("TextFeatures rows: only step-1 slices")
         starts = [0, *itertools.accumulate(self.lens)]
         return TextFeatures(self.kv_compact[starts[taken.start] : starts[taken.stop]], self.lens[rows])
+
+    def pad_rows(self, b: int) -> "TextFeatures":
+        """These prompts padded to ``b`` with one-token zero prompts (no row attends to nothing)."""
+        kv = self.kv_compact
+        return TextFeatures(torch.cat((kv, kv.new_zeros(b - self.batch, kv.shape[1]))), self.lens + [1] * (b - self.batch))
 
     @classmethod
     def from_padded(cls, features: torch.Tensor, mask: torch.Tensor) -> "TextFeatures":
@@ -745,13 +749,7 @@ class InfinityTransformer(nn.Module):
         the same values autocast's cast cache would give, so no weight is re-cast at every scale (autocast then finds
         them in ``dtype``). Every other tensor is moved to ``device`` as it is, shared with this model where it is
         there already. A snapshot: later changes to this model's weights do not reach it."""
-        device = torch.device(device)
-        cast = {id(t) for t in self.low_precision_tensors()}
-        memo: Dict[int, Any] = {}
-        for tensor in itertools.chain(self.parameters(), self.buffers()):
-            moved = tensor.detach().to(device=device, dtype=dtype if id(tensor) in cast and tensor.is_floating_point() else None)
-            memo[id(tensor)] = nn.Parameter(moved, requires_grad=False) if isinstance(tensor, nn.Parameter) else moved
-        return copy.deepcopy(self, memo).eval()
+        return cast_copy(self, self.low_precision_tensors(), dtype, device)
 
     def lvl_rows(self, schedule: Schedule) -> torch.Tensor:
         """Each token's scale index (L,)."""
@@ -913,6 +911,21 @@ class PaddedText:
     def __getitem__(self, rows: slice) -> "PaddedText":
         return PaddedText(self.features[rows], self.mask[rows])
 
+    def pad_rows(self, b: int) -> "PaddedText":
+        """These prompts padded to ``b`` with one-token zero prompts (no row attends to nothing)."""
+        extra = b - self.batch
+        mask = torch.zeros(extra, self.mask.shape[1], dtype=torch.bool, device=self.mask.device)
+        mask[:, 0] = True
+        return PaddedText(torch.cat((self.features, self.features.new_zeros(extra, *self.features.shape[1:]))), torch.cat((self.mask, mask)))
+
+    def tensors(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(features, mask): what a captured graph's static buffers are refilled from."""
+        return self.features, self.mask
+
+    def static_like(self, device: torch.device) -> "PaddedText":
+        """Buffers of these features' shapes on ``device`` (filled from :meth:`tensors` before each replay)."""
+        return PaddedText(torch.empty_like(self.features, device=device), torch.empty_like(self.mask, device=device))
+
     @classmethod
     def pad(cls, text: TextFeatures, length: int) -> "PaddedText":
         """Packed ``text`` (prompts of at most ``length`` tokens) padded with zeros to ``length`` tokens per prompt."""
@@ -1048,6 +1061,36 @@ class InfinityRequest:
         if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
             raise ValueError(f"cfg_insertion_layer must be a list of integers (0: on the logits, k < 0: a layer's output); got {layers!r}")
         self.cfg_insertion_layer = tuple(as_number(k, f"cfg_insertion_layer[{i}]", "an integer", integer=True) for i, k in enumerate(layers))
+
+    def graph_key(self) -> tuple:
+        """What a captured graph bakes in of this request: the schedule and where CFG applies (which scales have ``w_k
+        != 1``, at which layers, with negative text or not). The values of ``cfg_list`` and ``tau_list`` are device
+        tensors refilled before each replay (:class:`RequestTensors`)."""
+        return self.schedule, tuple(w != 1 for w in self.cfg_list), self.cfg_insertion_layer, self.negative is not None
+
+    def take_rows(self, rows: slice) -> "InfinityRequest":
+        """This request for the prompts ``rows`` (a step-1 slice) of its batch (its negative text's rows)."""
+        return dataclasses.replace(self, negative=None if self.negative is None else self.negative[rows])
+
+    def pad_rows(self, b: int) -> "InfinityRequest":
+        """This request for a batch padded to ``b`` rows (its negative text padded as the prompts are)."""
+        if self.negative is None or self.negative.batch == b:
+            return self
+        return dataclasses.replace(self, negative=self.negative.pad_rows(b))
+
+    def static_numbers(self) -> List[float]:
+        """The numbers a captured graph reads from a device buffer (:meth:`RequestTensors.values`, 3K floats)."""
+        return RequestTensors.values(self)
+
+    def static_tensors(self) -> Tuple[torch.Tensor, ...]:
+        """The tensors a captured graph's static buffers are refilled from (the negative text's, padded)."""
+        return () if self.negative is None else tuple(self.negative.tensors())
+
+    def static_copy(self, numbers: torch.Tensor) -> "InfinityRequest":
+        """This request reading its numbers from ``numbers`` (3K,) float32 (filled with :meth:`static_numbers`) and
+        its negative text from static buffers on ``numbers``' device (refilled from :meth:`static_tensors`)."""
+        negative = None if self.negative is None else self.negative.static_like(numbers.device)
+        return dataclasses.replace(self, negative=negative, tensors=RequestTensors.from_buffer(self, numbers))
 
     def cfg_ts(self) -> List[float]:
         """The CFG weight ``t_k = w_k - 1`` guidance applies to the logits of each scale (0 where they are not mixed)."""

@@ -5,7 +5,7 @@ temperature 1 it makes the same calls in the same order as upstream (a ``torch.c
 ``torch.Generator`` used only by the draws), so the same seed gives the same tokens at every scale. It drives
 the model through :func:`ssg_engine.pipeline.run_scales` with the kernels' PyTorch references as its ops
 (``ssg_engine.sampler`` is this module, kept for compatibility; it re-exports the pipeline's ``ConcatKVCache``,
-``resolve_params`` and ``gumbel_softmax_with_rng``, which the other families' samplers share).
+``resolve_params``, ``gumbel_noise`` and ``smooth_embeddings``, which the other families' samplers share).
 """
 from __future__ import annotations
 
@@ -16,19 +16,20 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import torch
 
 from ...guidance import SSG
-from ...kernels.sampling import sample_logits_reference, top_k_top_p_mask_reference
+from ...kernels.sampling import sample_logits_reference
 from ...kernels.ssg_guidance import ssg_guidance_reference
 from ...params import SamplingParams
 from ...pipeline import (
-    ConcatKVCache, Guidance, guidance_schedule, gumbel_softmax_with_rng, nonfinite_logits_error, resolve_params, run_scales,
+    ConcatKVCache, Guidance, guidance_schedule, gumbel_noise, nonfinite_logits_error, resolve_params, run_scales,
+    smooth_embeddings,
 )
 from ...seeding import RowSeeds, check_row_seeds, row_generators
 from ...validation import as_number, class_labels
 from .model import VARTransformer
 from .tokenizer import VQVAE
 
-__all__ = ["ConcatKVCache", "LabelsLike", "SampleOutput", "VAR", "check_models", "generate_reference", "gumbel_softmax_with_rng", "resolve_labels",
-           "resolve_params", "sample_reference"]
+__all__ = ["ConcatKVCache", "LabelsLike", "SampleOutput", "VAR", "check_models", "generate_reference", "gumbel_noise", "resolve_labels",
+           "resolve_params", "sample_reference", "smooth_embeddings"]
 
 LabelsLike = Union[None, int, Sequence[int], torch.Tensor]
 
@@ -134,10 +135,8 @@ def sample_reference(
             idx = sample_logits_reference(rows, params.top_k, params.top_p, 1.0, rng).view(B, -1)
         if not more_smooth:
             return idx, None
-        ratio = si / (len(sizes) - 1)
-        masked = rows.masked_fill(~top_k_top_p_mask_reference(rows, params.top_k, params.top_p, 1.0), float("-inf"))
-        soft = gumbel_softmax_with_rng(masked.view_as(guided).mul(1 + ratio), max(0.27 * (1 - ratio * 0.95), 0.005), rng)
-        return idx, soft @ var.vae.quantize.embedding.weight.unsqueeze(0)
+        codebook = var.vae.quantize.embedding.weight
+        return idx, smooth_embeddings(guided, params.top_k, params.top_p, si / (len(sizes) - 1), codebook, gumbel_noise(guided, rng))
 
     images, tokens = run_scales(var, state, ConcatKVCache(var.depth), pick)
     return SampleOutput(
