@@ -225,8 +225,11 @@ def test_more_smooth_generate_is_seeded(pairs):
     model, tok = pairs["b_d3"]
     text = features("b_d3")
     engine = Engine(model, tok, max_batch=4, device="cpu", dtype=torch.float32, backend="reference")
-    smooth = se.generate(model, tok, text, engine=engine, seed=2, cfg=2.0, more_smooth=True)
-    assert torch.equal(smooth, engine.generate(text, HARTParams(seed=2, cfg=2.0, more_smooth=True))[0])
+    smooth = se.generate(model, tok, text, engine=engine, seed=2, cfg=2.0, more_smooth=True)  # per-row seeds (2, b)
+    keys = row_seeds(2, text.context.shape[0])
+    assert torch.equal(smooth, engine.generate(text, HARTParams(seed=2, cfg=2.0, more_smooth=True), row_seeds=keys)[0])
+    assert torch.equal(engine.generate(text, HARTParams(seed=2, cfg=2.0, more_smooth=True))[0],
+                       se.generate(model, tok, text, engine=engine, seed=2, cfg=2.0, more_smooth=True, seeding="batch"))
     assert not torch.equal(smooth, engine.generate(text, HARTParams(seed=3, cfg=2.0, more_smooth=True))[0])
     assert not torch.equal(smooth, engine.generate(text, HARTParams(seed=2, cfg=2.0))[0])
     params = HARTParams(seed=2, cfg=2.0, more_smooth=True, num_maskgit_iters=2)
@@ -236,6 +239,22 @@ def test_more_smooth_generate_is_seeded(pairs):
     # the soft inputs carry the logits' rounding: the graph's CFG weights are device tensors, eager's Python floats
     assert rel(replayed, engine.run_batch(cond, torch.tensor([2]), bound, model=request)[0]) < TOL
     assert _request_key(request) != _request_key(engine.bind(cond, params.replace(more_smooth=False))[0])
+
+
+def test_more_smooth_row_seeds_alone_equal_batched(pairs):
+    """Per-row seeding with ``more_smooth``: an image's Gumbel noise (and tokens, orders, residual noise) comes from its own
+    key and its own counters, so a row sampled alone equals the same row inside a batch with other keys."""
+    model, tok = pairs["a_d2"]
+    text = features("a_d2")
+    engine = Engine(model, tok, max_batch=4, device="cpu", dtype=torch.float32, backend="reference")
+    params = HARTParams(cfg=2.0, more_smooth=True, num_maskgit_iters=2)
+    keys = torch.tensor([11, 12345, 99])
+    batch = text[torch.tensor([0, 1, 0])]
+    images, tokens = engine.generate(batch, params, row_seeds=keys)
+    alone, alone_tokens = engine.generate(batch[2:3], params, row_seeds=keys[2:])
+    assert all(torch.equal(t[2:3], a) for t, a in zip(tokens, alone_tokens))
+    assert rel(images[2:3], alone) < 1e-4  # float32 rounding differs with the batch size (CPU BLAS)
+    assert not all(torch.equal(t[0:1], t[2:3]) for t in tokens)  # the same text, another key: other draws
 
 
 # The Engine at float16 / bfloat16 autocast (upstream samples under float16 autocast) against the float32 reference
