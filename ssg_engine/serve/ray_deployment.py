@@ -23,6 +23,8 @@ import shlex
 from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
 
 import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from ..seeding import row_seeds
 from .app import MODEL_REFUSED, error_response, images_response, png_b64, read_json
@@ -80,16 +82,14 @@ def deployment(load: Callable[[], Sequence[ServedModel]], *, max_batch: int = 16
             raise ValueError(f"{name}: {value!r} is not a number >= 0; give one")
     if not callable(load):
         raise ValueError(f"load: {load!r} is not callable; give a function returning the ServedModels to serve")
-    from fastapi import FastAPI, Request
     from ray import serve
 
     options.setdefault("max_ongoing_requests", 2 * max_batch)
-    api = FastAPI(title="ssg-engine", docs_url=None, redoc_url=None, openapi_url=None)
 
     @serve.deployment(**options)
-    @serve.ingress(api)
+    @serve.ingress()  # the app is built in each replica (__serve_build_asgi_app__), never pickled
     class SSGImages:
-        """One replica: its models (loaded and warmed up once) and the batch queue of their rows."""
+        """One replica: its models (loaded and warmed up once), the batch queue of their rows, and the FastAPI app."""
 
         def __init__(self) -> None:
             models = list(load())
@@ -103,16 +103,8 @@ def deployment(load: Callable[[], Sequence[ServedModel]], *, max_batch: int = 16
         async def run(self, rows: List[Row]) -> List[Union[str, Exception]]:
             return await asyncio.to_thread(run_rows, self.models, rows)  # the replica's event loop stays free
 
-        @api.get("/healthz")
-        async def healthz(self) -> Any:
-            return {"status": "ok", "models": list(self.models)}
-
-        @api.get("/v1/models")
-        async def list_models(self) -> Any:
-            return {"object": "list", "data": [m.describe() for m in self.models.values()]}
-
-        @api.post("/v1/images/generations")
-        async def images(self, request: Request) -> Any:
+        async def images(self, request: Request) -> JSONResponse:
+            """``POST /v1/images/generations``: ``app.py``'s checks and answers, each image one item of ``run``."""
             try:
                 req = parse_request(await read_json(request, max_body_bytes), self.models, max_n)
             except RequestError as e:
@@ -128,6 +120,13 @@ def deployment(load: Callable[[], Sequence[ServedModel]], *, max_batch: int = 16
             if failed is not None:
                 raise failed
             return images_response(req, results)
+
+        def __serve_build_asgi_app__(self) -> FastAPI:
+            api = FastAPI(title="ssg-engine", docs_url=None, redoc_url=None, openapi_url=None)
+            api.add_route("/v1/images/generations", self.images, methods=["POST"])  # Starlette's: it takes the Request
+            api.get("/v1/models")(lambda: {"object": "list", "data": [m.describe() for m in self.models.values()]})
+            api.get("/healthz")(lambda: {"status": "ok", "models": list(self.models)})
+            return api
 
     return SSGImages
 
