@@ -92,6 +92,8 @@ def test_a_failing_group_fails_only_its_rows(var):
     ({"flags": "--family var --port 9000"}, "flags: --port is Ray's under Ray Serve"),
     ({"flags": "--max-queue=5"}, "flags: --max-queue is Ray's under Ray Serve"),
     ({"flags": "--max-batch 0"}, "flags: '--max-batch 0' are not `ssg-engine serve` flags"),
+    ({"num_gpus": "nan"}, "num_gpus: nan is too small; give at least 0"),
+    ({"num_replicas": "two"}, "num_replicas: 'two' is not a number; give one, e.g. num_replicas=1"),
 ])
 def test_bad_build_app_arguments_are_one_clear_error(args, message):
     from ssg_engine.serve.ray_deployment import build_app

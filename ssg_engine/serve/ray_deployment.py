@@ -31,7 +31,7 @@ from .app import MODEL_REFUSED, error_response, images_response, png_b64, read_j
 from .models import ServedModel, Settings
 from .request import RequestError, parse_request
 
-# ``ssg-engine serve`` flags that Ray owns: where it listens (``serve run --port`` or ``serve.start(http_options=)``)
+# ``ssg-engine serve`` flags that Ray owns: where it listens (``serve start --http-port`` or ``serve.start(http_options=)``)
 # and its queue (``max_queued_requests``, counted in requests, not images).
 RAY_OWNED_FLAGS = ("--host", "--port", "--max-queue")
 
@@ -136,8 +136,8 @@ def build_app(args: Dict[str, str]) -> Any:
     ``ray.serve.Application``). Keys: ``flags`` (``ssg-engine serve``'s model and limit flags in one string, e.g.
     ``"--family infinity --var m.pth --vae v.pth --text-encoder t5/ --max-batch 32"``; none: both shipped models on the
     CPU), ``num_replicas`` (default 1), ``num_gpus`` per replica (default 1 with ``--device cuda``, else 0) and
-    ``num_cpus`` per replica (default 1). ``--host``, ``--port`` and ``--max-queue`` are Ray's: ``serve run --port``,
-    and the deployment's ``max_queued_requests``."""
+    ``num_cpus`` per replica (default 1). ``--host``, ``--port`` and ``--max-queue`` are Ray's (``ValueError``): ``serve
+    start --http-host/--http-port`` and the deployment's ``max_queued_requests``."""
     from ..cli import build_parser
     from ..cli.serve import served_models
 
@@ -147,8 +147,8 @@ def build_app(args: Dict[str, str]) -> Any:
     tokens = shlex.split(args.get("flags", ""))
     owned = [t.split("=")[0] for t in tokens if t.split("=")[0] in RAY_OWNED_FLAGS]
     if owned:
-        raise ValueError(f"flags: {owned[0]} is Ray's under Ray Serve; give `serve run --host/--port`, or max_queued_requests "
-                         "to deployment(), instead")
+        raise ValueError(f"flags: {owned[0]} is Ray's under Ray Serve; set where it listens with `serve start --http-host/"
+                         "--http-port` (or serve.start(http_options=...)), and its queue with deployment(max_queued_requests=...)")
     try:
         flags: argparse.Namespace = build_parser().parse_args(["serve", *tokens])
     except SystemExit:  # argparse printed the flag and the problem
@@ -159,7 +159,7 @@ def build_app(args: Dict[str, str]) -> Any:
             counts[key] = float(args.get(key, default)) if key != "num_replicas" else int(args.get(key, default))
         except ValueError:
             raise ValueError(f"{key}: {args[key]!r} is not a number; give one, e.g. {key}=1") from None
-        if counts[key] < (1 if key == "num_replicas" else 0):
+        if not counts[key] >= (1 if key == "num_replicas" else 0):  # NaN too
             raise ValueError(f"{key}: {counts[key]:g} is too small; give at least {1 if key == 'num_replicas' else 0}")
     return deployment(functools.partial(served_models, flags), max_batch=flags.max_batch, max_wait_ms=flags.max_wait_ms,
                       max_n=flags.max_n, timeout_s=flags.timeout_s, max_body_bytes=flags.max_body_kb * 1024,
