@@ -49,6 +49,8 @@ setup(
         "text": ["transformers>=4.56", "sentencepiece"],  # ssg_engine.text (Flan-T5 features for Infinity)
         "diffusers": ["diffusers==0.42.1"],  # ssg_engine.diffusers_pipeline (the Pipeline as a DiffusionPipeline)
         "serve": ["fastapi>=0.110,<1", "uvicorn>=0.29,<1"],  # ssg-engine serve (tested with fastapi 0.165.0, uvicorn 0.55.0)
+        # ssg_engine.serve.ray_deployment (Ray Serve; brings FastAPI and uvicorn too): the version its tests passed with
+        "ray": ["ray[serve]==2.60.0"],
         "dev": ["pytest", "pytest-benchmark", "ninja", "pybind11", "matplotlib", "scipy"],
     },
     entry_points={"console_scripts": ["ssg-engine=ssg_engine.cli:main"]},

@@ -15,6 +15,7 @@ if [ "${SSG_ENGINE_KEEP_TORCH:-0}" != 1 ]; then
 fi
 python3 -m pip install -q ninja pybind11 setuptools
 python3 -m pip install -q --no-build-isolation -e ".[dev,triton,text,diffusers,serve]"  # text, diffusers, serve: their modules are tested too
+# not the ray extra (Ray Serve): its tests skip without it; README, "Serving", says why (its install and memory cost)
 # serve's tests: the official OpenAI client and selenium, pinned (neither changes torch, transformers or numpy), and a
 # headless browser for the web page (Debian's chromium + its driver: about 30 s and 370 MB on a fresh machine)
 python3 -m pip install -q fastapi==0.165.0 uvicorn==0.55.0 openai==3.63.0 selenium==4.51.0

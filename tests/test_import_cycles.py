@@ -47,7 +47,8 @@ LAYERS: Dict[str, List[str]] = {
     "api": [PACKAGE, "loading", "text", "api", "pretrained", "analysis", "imaging", "costs", "plan", "families.var.loading",
             "families.infinity.loading", "families.hart.loading", "pretrained_pipeline", "diffusers_pipeline"],
     "training and evaluation": ["training.*", "eval.*"],
-    # the HTTP service sits with the command line: it checks requests with the CLI's bounds, and `serve` starts it
+    # the HTTP service sits with the command line: it checks requests with the CLI's bounds, and `serve` starts it;
+    # serve.ray_deployment (Ray Serve over the same checks and batch runner) reads `ssg-engine serve`'s flags
     "command line": ["cli.*", "__main__", "serve.*"],
 }
 # Shared modules that still import a family's modules by name (everything else asks the registry,
@@ -154,7 +155,8 @@ def layer_of(module: str) -> Optional[int]:
 def test_the_graph_sees_the_whole_package():
     """The walk finds every package folder, and lazy imports (here: the CLI's) count."""
     graph = import_graph()
-    assert {"ssg_engine", "ssg_engine.cli", "ssg_engine.kernels", "ssg_engine.eval.ablation"} <= set(graph)
+    assert {"ssg_engine", "ssg_engine.cli", "ssg_engine.kernels", "ssg_engine.eval.ablation",
+            "ssg_engine.serve.ray_deployment"} <= set(graph)
     assert "ssg_engine.imaging" in graph["ssg_engine.cli.sample"]  # imported inside a function
 
 

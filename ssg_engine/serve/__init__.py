@@ -2,5 +2,6 @@
 
 ``models`` (the served models and the batch runner), ``request`` (checking a request body), ``scheduler``
 (coalescing compatible requests into batches), ``metrics`` (Prometheus text), ``page`` (the web page at ``/``),
-``app`` (the FastAPI app and the uvicorn server). Needs the ``serve`` extra: ``pip install 'ssg-engine[serve]'``.
+``app`` (the FastAPI app and the uvicorn server), ``ray_deployment`` (the same API as a Ray Serve deployment: the
+``ray`` extra). Needs the ``serve`` extra: ``pip install 'ssg-engine[serve]'``.
 """

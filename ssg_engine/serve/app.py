@@ -27,7 +27,7 @@ from ..seeding import row_seeds
 from .metrics import Metrics
 from .models import ServedModel
 from .page import PAGE
-from .request import RequestError, parse_request
+from .request import ImageRequest, RequestError, parse_request
 from .scheduler import Draining, Job, QueueFull, Scheduler
 
 
@@ -48,6 +48,33 @@ def error_response(status: int, message: str, param: Optional[str] = None, heade
     kind = "invalid_request_error" if status < 500 else "server_error"
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status,
                         headers=headers)
+
+
+# What a batch's run raises for settings the model refused (its family's limits): 422, the message on one line.
+MODEL_REFUSED = (TypeError, ValueError)
+
+
+async def read_json(request: Request, max_body_bytes: int) -> Any:
+    """The decoded JSON body of ``request``; ``RequestError`` 413 past ``max_body_bytes`` (read no further), 400 when it
+    is not JSON."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+        raise RequestError(413, None, f"the body is {declared} bytes; at most {max_body_bytes} are read (ask for fewer, shorter prompts)")
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > max_body_bytes:
+            raise RequestError(413, None, f"the body is over {max_body_bytes} bytes; at most {max_body_bytes} are read")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RequestError(400, None, f"the body is not JSON ({e.msg if hasattr(e, 'msg') else e.reason}); send a JSON object") from None
+
+
+def images_response(req: ImageRequest, pngs: List[str]) -> JSONResponse:
+    """The 200 answer to ``req``: OpenAI's ``{"created", "model", "data": [{"b64_json"}]}`` plus the request's ``seed``."""
+    return JSONResponse({"created": int(time.time()), "model": req.model.name, "seed": req.seed,
+                         "data": [{"b64_json": p} for p in pngs]})
 
 
 async def _disconnected(receive: Any) -> None:
@@ -108,27 +135,11 @@ def create_app(models: Sequence[ServedModel], *, max_batch: int = 16, max_wait_m
         metrics.request(response.status_code, time.monotonic() - start, count)
         return response
 
-    async def _read_body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
-            raise RequestError(413, None, f"the body is {declared} bytes; at most {max_body_bytes} are read (ask for fewer, shorter prompts)")
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_body_bytes:
-                raise RequestError(413, None, f"the body is over {max_body_bytes} bytes; at most {max_body_bytes} are read")
-        return body
-
     async def _generate(request: Request) -> Tuple[Any, int]:
         """(the response, the number of images in it)."""
         try:
             scheduler.check_open()  # before reading the body
-            raw = await _read_body(request)
-            try:
-                body = json.loads(raw)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise RequestError(400, None, f"the body is not JSON ({e.msg if hasattr(e, 'msg') else e.reason}); send a JSON object") from None
-            req = parse_request(body, served, max_n)
+            req = parse_request(await read_json(request, max_body_bytes), served, max_n)
             job = Job((req.model.name, req.settings), req.conds, row_seeds(req.seed, req.n))
             scheduler.submit(job)
         except RequestError as e:
@@ -149,10 +160,9 @@ def create_app(models: Sequence[ServedModel], *, max_batch: int = 16, max_wait_m
             return error_response(504, f"timeout: the request did not finish in {timeout_s:g} s; ask for fewer images or retry"), 0
         try:
             pngs = job.future.result()
-        except (TypeError, ValueError) as e:  # settings the model refused when it ran (its family's limits)
+        except MODEL_REFUSED as e:  # settings the model refused when it ran (its family's limits)
             return error_response(422, " ".join(str(e).split())), 0
-        return JSONResponse({"created": int(time.time()), "model": req.model.name, "seed": req.seed,
-                             "data": [{"b64_json": p} for p in pngs]}), len(pngs)
+        return images_response(req, pngs), len(pngs)
 
     return app
 
