@@ -81,7 +81,7 @@ class MemoryPlan:
         rows = [("weights", self.weights), ("KV cache", self.kv_cache)]
         rows += [("condition (text, modulations, RoPE)", self.condition)] if self.condition else []
         rows += [("logits (last scale)", self.logits), ("activations (one block, last scale)", self.activations)]
-        rows += [("more_smooth Gumbel scratch (last scale)", self.gumbel)] if self.gumbel else []
+        rows += [("more_smooth Gumbel draw (last scale)", self.gumbel)] if self.gumbel else []
         rows += [("diffusion head (last scale)", self.diffusion)] if self.diffusion else []
         rows += [("VAE decode", self.decode), ("peak total", self.total)]
         lines = [f"batch {self.batch}, {str(self.dtype).removeprefix('torch.')}"]
@@ -169,8 +169,9 @@ def hart_plan(
       MLP, 3 for SwiGLU's gate, up and product), plus the scale's input and hidden states ``2 * 2B * l * C`` kept by
       the state, in ``dtype`` (an estimate, as VAR's);
     - gumbel (``more_smooth`` only): the last scale's Gumbel draw (``request.seeded_gumbel`` over ``(B, l, V)``): its
-      int64 counter and the hash's live int64 intermediates, five tensors of ``B * l * V`` elements (the largest of the
-      draw and the soft embeddings' float32 tensors after it; about 0.63 GiB per image at 64x64, V = 4096);
+      int64 counter and the hash's live int64 intermediates, four tensors of ``B * l * V`` elements (the draw's peak
+      measured on the CPU: 32 bytes per element with one seed, 28 with per-row seeds; more than the soft embeddings'
+      float32 tensors after it; 0.5 GiB per image at 64x64, V = 4096);
     - diffusion: the head over the last scale's ``N = 2B * l`` rows: the hidden states, their condition and its norm
       (``3C``) and one res-block's live tensors (``x``, the step's condition, the AdaLN output ``3W``, the modulated
       input, the MLP's hidden layer and its SiLU: ``8W``) in ``dtype``, and the sampling loop's float32 latents (the
@@ -202,7 +203,7 @@ def hart_plan(
         condition=(cfg.depth * rows * 6 * C + 2 * rows * C) * size + S * C * lvl_size + (2 * rows * S * D + B * Cvae * last) * 4,
         logits=(rows * last + 2 * B * last + B * prev) * V * 4,
         activations=rows * last * (6 * C + k * hidden + 2 * C) * size,
-        gumbel=5 * B * last * V * 8 if more_smooth else 0,
+        gumbel=4 * B * last * V * 8 if more_smooth else 0,
         diffusion=rows * last * ((3 * C + 8 * cfg.diff_width) * size + 4 * Cvae * 4),
         decode=4 * B * tok_cfg.ch * tok_cfg.ch_mult[0] * side * side * size,
     )

@@ -210,7 +210,7 @@ def test_hart_plan_matches_the_engine(dtype):
     assert p.logits == (2 * B * last + 2 * B * last + B * prev) * model.V * 4
     assert p.total == p.weights + p.kv_cache + p.condition + max(p.logits + p.activations, p.diffusion, p.decode)
     smooth = hart_plan(cfg, B, dtype, tokenizer=tok.hart_config, more_smooth=True)
-    assert smooth.gumbel == 5 * 8 * B * last * model.V and p.gumbel == 0
+    assert smooth.gumbel == 4 * 8 * B * last * model.V and p.gumbel == 0
     last_scale = smooth.logits + max(smooth.activations, smooth.gumbel)
     assert smooth.total == p.weights + p.kv_cache + p.condition + max(last_scale, p.diffusion, p.decode) >= p.total
 
@@ -224,7 +224,7 @@ def test_hart_07b_kv_per_row_and_largest_batch():
 
     cfg = PRESETS["hart_0.7b_1024px"]
     one = plan("hart_0.7b_1024px", 1)
-    assert one.dtype == torch.float16 and one.gumbel == 5 * 8 * 64 * 64 * 4096
+    assert one.dtype == torch.float16 and one.gumbel == 4 * 8 * 64 * 64 * 4096
     assert cfg.seq_len == 9750 and one.kv_cache == 2 * 16 * 2 * 9750 * 1536 * 2
     assert plan(cfg, 1, torch.float32).kv_cache == 2 * one.kv_cache == plan(cfg, 1, torch.bfloat16).kv_cache * 2
     assert one.diffusion > 0 and 2 * 0.7e9 < one.weights < plan(cfg, 1, torch.float32).weights
@@ -255,7 +255,7 @@ def test_plan_command_hart(capsys, dtype):
     assert main(["plan", "--preset", "hart_0.7b_1024px", "--batch-size", "64", "--dtype", dtype, "--gpu-memory", "80", "--gpu", "h100"]) == 0
     out = capsys.readouterr().out
     assert f"batch 64, {dtype}" in out and "diffusion head (last scale)" in out and "does NOT fit in 80.0 GiB" in out
-    assert "more_smooth Gumbel scratch (last scale)" in out
+    assert "more_smooth Gumbel draw (last scale)" in out
     assert "largest batch that fits: " in out and "roofline floor on H100 SXM" in out
     assert main(["plan", "--preset", "hart_0.7b_1024px", "--batch-size", "1", "--no-more-smooth"]) == 0
     out = capsys.readouterr().out
