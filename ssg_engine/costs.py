@@ -65,7 +65,7 @@ import argparse
 import dataclasses
 import functools
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -699,9 +699,11 @@ HBM_GIB = {"h100": 80, "h200": 141}
 
 def _hart_section(name: str, gpus: Sequence[str] = ("h100", "h200")) -> List[str]:
     """The report's HART end-to-end section: transformer + diffusion head + decode per path, dtype and batch, the
-    memory plan's largest batch, and what the diffusion head weighs."""
+    memory plan's largest batch (float16 with and without ``more_smooth``, and float32), and what the diffusion head
+    weighs."""
     from .families.hart.config import PRESETS as HART_PRESETS  # noqa: PLC0415 (costs sits above the families)
-    from .memory import GiB, hart_plan, largest_batch  # noqa: PLC0415
+    from .memory import GiB, largest_batch  # noqa: PLC0415
+    from .plan import plan  # noqa: PLC0415
 
     cfg = HART_PRESETS[name]
     lines = [
@@ -709,9 +711,10 @@ def _hart_section(name: str, gpus: Sequence[str] = ("h100", "h200")) -> List[str
         f"{len(cfg.patch_nums)} scales to {cfg.patch_nums[-1]}x{cfg.patch_nums[-1]}, one MaskGIT pass)", "",
         "Counted by `hart_stage_costs` (`ssg_engine/costs.py`): the context tokens at scale 0, every scale, the last scale's",
         "MaskGIT passes, CFG's 2B rows, SSG prior on, the diffusion head (8 steps, `hart_diffusion_cost`) and the tokenizer's",
-        "decode; paths, launches and ms as in the VAR table above. The HART Engine runs float32 today (matmuls on fp32 CUDA",
-        "cores, decode TF32): its rows are what it can reach; the bf16 rows are what a bf16 HART Engine would. The preset's",
-        "depth and MLP are estimates (`families/hart/config.py` says each number's source). Shares are of the floor.",
+        "decode; paths, launches and ms as in the VAR table above. The HART Engine runs float16 on CUDA (autocast, as",
+        "upstream samples; bfloat16 costs the same: one row for both); float32 is its option (matmuls on fp32 CUDA cores,",
+        "decode TF32). The preset's depth and MLP are estimates (`families/hart/config.py` says each number's source).",
+        "Shares are of the floor.",
         "`fused` is issue #20's block kernels, which the HART Engine does not use yet (its fused ops: q/k norm + RoPE +",
         "KV write, guidance, sampling, the decoder's GroupNorm + SiLU; `bench/launch_count.py`).", "",
         "| dtype | B | GPU | TFLOP / img | floor ms | fused ms | fused +graph | unfused ms | unfused +eager | "
@@ -719,7 +722,7 @@ def _hart_section(name: str, gpus: Sequence[str] = ("h100", "h200")) -> List[str
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rest = ("conditioning", "head", "guidance", "sampling", "next input")
-    for dtype, batch in ((torch.bfloat16, 1), (torch.bfloat16, 16), (torch.float32, 1)):
+    for dtype, batch in ((torch.float16, 1), (torch.float16, 16), (torch.float32, 1)):
         floor, fused, unfused = (hart_stage_costs(cfg, batch, dtype, path=p) for p in PATHS)
         launches = [sum(s.launches for s in st) for st in (fused, unfused)]
         for key in gpus:
@@ -728,14 +731,23 @@ def _hart_section(name: str, gpus: Sequence[str] = ("h100", "h200")) -> List[str
             ms = [predicted(floor, gpu), predicted(fused, gpu), predicted(fused, gpu, "graph"), predicted(unfused, gpu),
                   predicted(unfused, gpu, "eager")]
             shares = " | ".join(f"{_share(r, names)[0]:.0%}" for names in (("blocks",), ("diffusion head",), ("decode",), rest))
-            lines.append(f"| {str(dtype).removeprefix('torch.')} | {batch} | {gpu.name} | {r.flops / batch / 1e12:.1f} | "
+            label = "float16 / bfloat16" if dtype == torch.float16 else str(dtype).removeprefix("torch.")
+            lines.append(f"| {label} | {batch} | {gpu.name} | {r.flops / batch / 1e12:.1f} | "
                          + " | ".join(f"{t * 1e3:.1f}" for t in ms) + f" | {launches[0]} / {launches[1]} | {shares} |")
-    fits = ", ".join(f"{largest_batch(lambda b: hart_plan(cfg, b), HBM_GIB[k] * GiB)} on {GPUS[k].name} ({HBM_GIB[k]} GiB)" for k in gpus)
-    one = hart_plan(cfg, 1)
+    def most(k: str, **kw: Any) -> int:
+        return largest_batch(lambda b: plan(cfg, b, **kw), HBM_GIB[k] * GiB)
+
+    fits = ", ".join(f"{most(k)} on {GPUS[k].name} ({HBM_GIB[k]} GiB; {most(k, more_smooth=False)} without more_smooth, "
+                     f"{most(k, dtype=torch.float32)} at float32)" for k in gpus)
+    one, top = plan(cfg, 1), plan(cfg, most(gpus[0]))
+    last_scale = top.logits + max(top.activations, top.gumbel)
+    peak = max((last_scale, "the last scale's logits and Gumbel scratch"), (top.diffusion, "the diffusion head"), (top.decode, "the decode"))[1]
     lines += [
-        "", f"Memory plan (`ssg-engine plan --preset {name}`, float32, `ssg_engine.memory.hart_plan`): {one.weights / GiB:.2f} GiB "
-        f"of weights, {one.kv_cache / GiB:.2f} GiB of KV cache per image ({cfg.seq_len} positions x {cfg.depth} layers x 2 rows); "
-        f"largest batch per GPU: {fits}.",
+        "", f"Memory plan (`ssg-engine plan --preset {name}`, `ssg_engine.memory.hart_plan`), float16 as the Engine on CUDA, "
+        f"more_smooth on as upstream: {one.weights / GiB:.2f} GiB of weights (linear layers float16, the rest and the tokenizer "
+        f"float32), {one.kv_cache / GiB:.2f} GiB of KV cache per image ({cfg.seq_len} positions x {cfg.depth} layers x 2 rows), "
+        f"{one.gumbel / GiB:.2f} GiB of Gumbel scratch per image at the last scale; largest batch per GPU: {fits}; at "
+        f"{top.batch} images the largest phase (after the weights, KV cache and condition) is {peak}.",
     ]
     return lines + _hart_diffusion_section(cfg, name, (1, 64), gpus)
 

@@ -27,7 +27,8 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 
 from .families.hart.config import PRESETS as HART_PRESETS
-from .families.hart.config import HARTConfig, HARTTokenizerConfig
+from .families import family
+from .families.hart.config import ENGINE_CUDA_DTYPE, HARTConfig, HARTTokenizerConfig
 from .families.hart.model import HARTTransformer, LlamaMLP
 from .families.hart.tokenizer import HARTTokenizer
 from .families.infinity.model import INFINITY_PRESETS, InfinityConfig, InfinityTransformer, as_schedule
@@ -52,7 +53,8 @@ def module_bytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
 class MemoryPlan:
     """Bytes held by the Engine for one batch (see ``ssg_engine.plan`` and this module's docstring for what each line
     counts); ``condition`` is what the batch's conditioning holds for the whole loop (Infinity's text keys/values,
-    HART's modulations and RoPE tables); ``diffusion`` is the peak of HART's diffusion head at the last scale."""
+    HART's modulations and RoPE tables); ``diffusion`` is the peak of HART's diffusion head at the last scale;
+    ``gumbel`` is the scratch of HART's ``more_smooth`` Gumbel draw at the last scale (0 without it)."""
 
     batch: int
     dtype: torch.dtype
@@ -63,12 +65,14 @@ class MemoryPlan:
     decode: int
     condition: int = 0
     diffusion: int = 0
+    gumbel: int = 0
 
     @property
     def total(self) -> int:
-        """Peak: weights + KV cache + condition + the largest of (last-scale logits + activations), the diffusion head
-        and the decode (they run one after the other)."""
-        return self.weights + self.kv_cache + self.condition + max(self.logits + self.activations, self.diffusion, self.decode)
+        """Peak: weights + KV cache + condition + the largest of (last-scale logits + the larger of the activations and
+        the Gumbel scratch), the diffusion head and the decode (they run one after the other)."""
+        last_scale = self.logits + max(self.activations, self.gumbel)
+        return self.weights + self.kv_cache + self.condition + max(last_scale, self.diffusion, self.decode)
 
     def fits(self, gpu_bytes: int) -> bool:
         return self.total + CONTEXT_BYTES <= gpu_bytes
@@ -77,6 +81,7 @@ class MemoryPlan:
         rows = [("weights", self.weights), ("KV cache", self.kv_cache)]
         rows += [("condition (text, modulations, RoPE)", self.condition)] if self.condition else []
         rows += [("logits (last scale)", self.logits), ("activations (one block, last scale)", self.activations)]
+        rows += [("more_smooth Gumbel draw (last scale)", self.gumbel)] if self.gumbel else []
         rows += [("diffusion head (last scale)", self.diffusion)] if self.diffusion else []
         rows += [("VAE decode", self.decode), ("peak total", self.total)]
         lines = [f"batch {self.batch}, {str(self.dtype).removeprefix('torch.')}"]
@@ -124,63 +129,82 @@ def infinity_plan(
 
 @functools.lru_cache(maxsize=16)
 def _hart_layout(cfg: HARTConfig, tokenizer: HARTTokenizerConfig, dtype: torch.dtype) -> Tuple[int, int, int, int, int]:
-    """(weight bytes of the transformer and tokenizer in ``dtype``, the MLP's hidden width, its hidden tensors per
-    token (2 GELU, 3 SwiGLU), vocabulary, codebook channels), counted on the meta device (cached: a bisection over
+    """(weight bytes of the Engine's copy in ``dtype`` (``HARTTransformer.inference_copy``: linear weights and biases
+    in ``dtype``, every other tensor float32) and of the float32 tokenizer, the MLP's hidden width, its hidden tensors
+    per token (2 GELU, 3 SwiGLU), vocabulary, codebook channels), counted on the meta device (cached: a bisection over
     the batch asks for the same config many times)."""
     with torch.device("meta"):
         tok = HARTTokenizer(tokenizer, cfg.patch_nums)
         model = HARTTransformer(cfg, tok)
     ffn = model.blocks[0].ffn
     hidden, k = (ffn.gate_proj.out_features, 3) if isinstance(ffn, LlamaMLP) else (ffn.fc1.out_features, 2)
-    return module_bytes(model, dtype) + module_bytes(tok, dtype), hidden, k, model.V, model.Cvae
+    linear = sum(t.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) for t in m.parameters())
+    weights = module_bytes(model, torch.float32) - linear * (4 - itemsize(dtype)) + module_bytes(tok, torch.float32)
+    return weights, hidden, k, model.V, model.Cvae
 
 
 def hart_plan(
-    config: Union[str, HARTConfig], batch: int, dtype: torch.dtype = torch.float32, tokenizer: Optional[HARTTokenizerConfig] = None,
+    config: Union[str, HARTConfig], batch: int, dtype: Optional[torch.dtype] = None, tokenizer: Optional[HARTTokenizerConfig] = None,
+    *, more_smooth: bool,
 ) -> MemoryPlan:
     """The memory plan of ``batch`` images of HART ``config`` (a preset name such as ``"hart_0.7b_1024px"`` or a
-    ``HARTConfig``) by an Engine in ``dtype`` (the HART Engine runs float32), with the hybrid tokenizer ``tokenizer``
-    (default: ``HARTTokenizerConfig()``, the released layout). ``B`` images, ``2B`` rows (CFG), ``S`` = context tokens
-    plus every scale after the first (``config.seq_len``; the MaskGIT passes fill the last scale's positions), last
-    scale ``l`` tokens, width ``C``, vocabulary ``V``, diffusion width ``W``:
+    ``HARTConfig``) by an Engine in ``dtype`` (one of the HART registry entry's ``engine_dtypes``; default
+    ``ENGINE_CUDA_DTYPE``, float16, what the Engine runs at on CUDA), with the hybrid tokenizer ``tokenizer`` (default:
+    ``HARTTokenizerConfig()``, the released layout), ``more_smooth`` (soft Gumbel-softmax inputs; ``HART_UPSTREAM``
+    has it on) counted or not. ``B`` images, ``2B`` rows (CFG), ``S`` = context tokens plus every scale after the
+    first (``config.seq_len``; the MaskGIT passes fill the last scale's positions), last scale ``l`` tokens, width
+    ``C``, vocabulary ``V``, diffusion width ``W``, codebook channels ``Cvae``; "in ``dtype``" is what autocast makes
+    (outputs of linear layers), the rest float32:
 
-    - weights: the transformer with its diffusion head, and the tokenizer, every tensor in ``dtype`` (float32: what
-      the Engine holds; counted on the meta device);
-    - KV cache: K and V for every layer, ``2B`` rows, ``S`` tokens, ``C`` (exact: the Engine's static cache);
+    - weights: the Engine's copy (``HARTTransformer.inference_copy``: the weights and biases of every linear layer in
+      ``dtype``, every other tensor float32) and the float32 tokenizer, counted on the meta device;
+    - KV cache: K and V for every layer, ``2B`` rows, ``S`` tokens, ``C``, in ``dtype`` (exact: the Engine's static cache);
     - condition: what the batch's state (``HARTTransformer.condition``) holds for the whole loop: the AdaLN
-      modulations ``depth * 2B * 6C``, the head's scale and shift ``2 * 2B * C``, the level embeddings ``S * C`` (in
-      ``dtype``), the RoPE cos/sin tables of every position ``2 * 2B * S * head_dim`` and the latent ``B * Cvae *
-      pn_last^2`` (float32) (exact);
+      modulations ``depth * 2B * 6C`` and the head's scale and shift ``2 * 2B * C`` (in ``dtype``), the level
+      embeddings ``S * C`` (in ``dtype`` from the timestep embedder, float32 from an embedding table), the RoPE cos/sin
+      tables of every position ``2 * 2B * S * head_dim`` and the latent ``B * Cvae * pn_last^2`` (float32) (exact);
     - logits: at the last scale the head's ``(2B, l, V)`` float32 output, the guided and CFG logits ``(B, l, V)`` and
       the previous scale's ``(B, l_prev, V)`` kept for the prior (as VAR's);
     - activations: one block over the last scale, ``2B * l * (6C + k * hidden)`` elements (``k`` = 2 for the GELU
       MLP, 3 for SwiGLU's gate, up and product), plus the scale's input and hidden states ``2 * 2B * l * C`` kept by
-      the state (an estimate, as VAR's);
+      the state, in ``dtype`` (an estimate, as VAR's);
+    - gumbel (``more_smooth`` only): the last scale's Gumbel draw (``request.seeded_gumbel`` over ``(B, l, V)``): its
+      int64 counter and the hash's live int64 intermediates, four tensors of ``B * l * V`` elements (the draw's peak
+      measured on the CPU: 32 bytes per element with one seed, 28 with per-row seeds; more than the soft embeddings'
+      float32 tensors after it; 0.5 GiB per image at 64x64, V = 4096);
     - diffusion: the head over the last scale's ``N = 2B * l`` rows: the hidden states, their condition and its norm
       (``3C``) and one res-block's live tensors (``x``, the step's condition, the AdaLN output ``3W``, the modulated
-      input, the MLP's hidden layer and its SiLU: ``8W``), ``N * (3C + 8W)`` elements (an estimate);
+      input, the MLP's hidden layer and its SiLU: ``8W``) in ``dtype``, and the sampling loop's float32 latents (the
+      sample, its noise, the step's mean and log-variance: ``4 Cvae``), ``N * ((3C + 8W) * size + 16 Cvae)`` bytes
+      (an estimate);
     - decode: the tokenizer decoder's peak, four feature maps of its full-resolution level (``4 * B * ch * ch_mult[0] *
-      (16 pn_last)^2`` elements, an estimate as VAR's).
+      (16 pn_last)^2`` elements in ``dtype``, an estimate as VAR's).
     """
     cfg = HART_PRESETS[config] if isinstance(config, str) and config in HART_PRESETS else config
     if not isinstance(cfg, HARTConfig):
         raise TypeError(f"config must be a HART preset name ({', '.join(HART_PRESETS)}) or a HARTConfig; got {config!r}")
     if not isinstance(batch, int) or isinstance(batch, bool) or batch <= 0:
         raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    dtype = getattr(torch, ENGINE_CUDA_DTYPE) if dtype is None else dtype
+    names = family("hart").engine_dtypes
+    if str(dtype).removeprefix("torch.") not in names:
+        raise ValueError(f"dtype: the HART Engine runs at {', '.join(names)}; got {dtype}")
     tok_cfg = HARTTokenizerConfig() if tokenizer is None else tokenizer
     weights, hidden, k, V, Cvae = _hart_layout(cfg, tok_cfg, dtype)
     size, B, rows, C, S, D = itemsize(dtype), batch, 2 * batch, cfg.embed_dim, cfg.seq_len, cfg.embed_dim // cfg.num_heads
     last, prev = cfg.patch_nums[-1] ** 2, cfg.patch_nums[-2] ** 2
     side = cfg.patch_nums[-1] * 2 ** (len(tok_cfg.ch_mult) - 1)
+    lvl_size = size if cfg.use_timestep_embed else 4
     return MemoryPlan(
         batch=batch,
         dtype=dtype,
         weights=weights,
         kv_cache=2 * cfg.depth * rows * S * C * size,
-        condition=(cfg.depth * rows * 6 * C + 2 * rows * C + S * C) * size + (2 * rows * S * D + B * Cvae * last) * 4,
+        condition=(cfg.depth * rows * 6 * C + 2 * rows * C) * size + S * C * lvl_size + (2 * rows * S * D + B * Cvae * last) * 4,
         logits=(rows * last + 2 * B * last + B * prev) * V * 4,
         activations=rows * last * (6 * C + k * hidden + 2 * C) * size,
-        diffusion=rows * last * (3 * C + 8 * cfg.diff_width) * size,
+        gumbel=4 * B * last * V * 8 if more_smooth else 0,
+        diffusion=rows * last * ((3 * C + 8 * cfg.diff_width) * size + 4 * Cvae * 4),
         decode=4 * B * tok_cfg.ch * tok_cfg.ch_mult[0] * side * side * size,
     )
 

@@ -17,8 +17,9 @@
 ``fits(gpu_bytes)`` leaves ``CONTEXT_BYTES`` for the CUDA context and the allocator's slack. Infinity presets and
 configs (``plan("infinity_2b", 8, pn="1M", h_div_w=1.0)``) get :func:`ssg_engine.memory.infinity_plan`'s lines (its
 docstring says what they count: the Engine's weight copy, the KV cache of the schedule, the text keys/values ...),
-HART presets and configs (``plan("hart_0.7b_1024px", 8)``, float32 as its Engine) :func:`ssg_engine.memory.hart_plan`'s
-(the context tokens and every scale in the KV cache, the diffusion head's buffers ...).
+HART presets and configs (``plan("hart_0.7b_1024px", 8)``: float16 by default, its Engine's on CUDA; float32 and
+bfloat16 too, the dtypes its Engine runs at) :func:`ssg_engine.memory.hart_plan`'s (the context tokens and every
+scale in the KV cache, ``more_smooth``'s Gumbel scratch, the diffusion head's buffers ...).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from .families.infinity.model import INFINITY_PRESETS, UNSUPPORTED_PRESETS, Infi
 from .families.var.config import ModelConfig
 from .loading import build_models
 from .memory import CONTEXT_BYTES, GiB, MemoryPlan, hart_plan, infinity_plan, itemsize, module_bytes
+from .params import HART_UPSTREAM
 
 __all__ = ["CONTEXT_BYTES", "GiB", "MemoryPlan", "plan"]
 
@@ -39,19 +41,21 @@ __all__ = ["CONTEXT_BYTES", "GiB", "MemoryPlan", "plan"]
 def plan(
     config: Union[str, ModelConfig, InfinityConfig, HARTConfig], batch: int, dtype: Optional[torch.dtype] = None,
     vae_dtype: Optional[torch.dtype] = None, *, pn: Union[str, int, None] = None, h_div_w: float = 1.0,
+    more_smooth: Optional[bool] = None,
 ) -> MemoryPlan:
     """The memory plan of ``batch`` images of ``config`` in ``dtype`` (default: the family Engine's, bfloat16 for VAR
-    and Infinity, float32 for HART): a VAR preset name such as ``"d30"`` or a ``ModelConfig`` (the VQ-VAE decoder in
+    and Infinity, float16 for HART, its Engine's on CUDA): a VAR preset name such as ``"d30"`` or a ``ModelConfig`` (the VQ-VAE decoder in
     ``vae_dtype``, default ``dtype`` as the Engine does, the rest of the VQ-VAE in float32), an Infinity preset such as
     ``"infinity_2b"`` or an ``InfinityConfig``, sampled at the schedule of ``h_div_w`` and ``pn`` (default: the
     config's ``num_scales``, 13 = ``"1M"``; see ``scale_schedule``), or a HART preset such as ``"hart_0.7b_1024px"``
-    or a ``HARTConfig`` (its scales are its config's; float32 only, as its Engine)."""
+    or a ``HARTConfig`` (its scales are its config's; ``dtype`` one of its Engine's, float16, bfloat16, float32;
+    ``more_smooth``: count the soft inputs' Gumbel scratch, default ``HART_UPSTREAM.more_smooth``: on)."""
     if isinstance(config, HARTConfig) or (isinstance(config, str) and config in HART_PRESETS):
         if vae_dtype is not None or pn is not None:
             raise ValueError("vae_dtype and pn apply to VAR and Infinity; leave them None for HART (its scales are in its config)")
-        if dtype not in (None, torch.float32):
-            raise ValueError(f"dtype: the HART Engine runs at float32; got {dtype}")
-        return hart_plan(config, batch, torch.float32)
+        return hart_plan(config, batch, dtype, more_smooth=HART_UPSTREAM.more_smooth if more_smooth is None else more_smooth)
+    if more_smooth is not None:
+        raise ValueError("more_smooth applies to HART; leave it None for VAR and Infinity")
     dtype = torch.bfloat16 if dtype is None else dtype
     if isinstance(config, InfinityConfig) or (isinstance(config, str) and (config in INFINITY_PRESETS or config in UNSUPPORTED_PRESETS)):
         if vae_dtype is not None:

@@ -44,6 +44,16 @@ def test_plan_bad_input():
         plan("d99", 1)
 
 
+def _usage_errors(capsys, cases):
+    """Each ``(argv, flag)``: ``ssg-engine plan *argv`` exits 2 with one line naming ``flag``."""
+    from ssg_engine.cli import main
+
+    for argv, flag in cases:
+        assert main(["plan", *argv]) == 2
+        err = capsys.readouterr().err
+        assert flag in err and err.count("\n") == 1, err
+
+
 def test_plan_command(capsys):
     from ssg_engine.cli import main
 
@@ -52,8 +62,7 @@ def test_plan_command(capsys):
     assert "KV cache" in out and "18.68 GiB" in out and "does NOT fit in 24.0 GiB" in out
     assert main(["plan", "--preset", "d30", "--batch-size", "1", "--gpu-memory", "24"]) == 0
     assert "fits in 24.0 GiB" in capsys.readouterr().out
-    assert main(["plan", "--batch-size", "0"]) == 2
-    assert "--batch-size" in capsys.readouterr().err
+    _usage_errors(capsys, ((["--batch-size", "0"], "--batch-size"),))
 
 
 def test_plan_command_prints_the_roofline_floor(capsys):
@@ -156,21 +165,20 @@ def test_plan_command_infinity(capsys):
     out = capsys.readouterr().out
     assert "KV cache" in out and "condition (text, modulations, RoPE)" in out and "does NOT fit in 80.0 GiB" in out
     assert "largest batch that fits: 11" in out
-    for argv, flag in ((["--preset", "infinity_2b", "--pn", "9M"], "--pn"), (["--preset", "d16", "--pn", "1M"], "--pn"),
-                       (["--preset", "infinity_2b", "--gpu", "h100"], "--gpu")):
-        assert main(["plan", *argv]) == 2
-        err = capsys.readouterr().err
-        assert flag in err and err.count("\n") == 1, err
+    _usage_errors(capsys, ((["--preset", "infinity_2b", "--pn", "9M"], "--pn"), (["--preset", "d16", "--pn", "1M"], "--pn"),
+                           (["--preset", "infinity_2b", "--gpu", "h100"], "--gpu")))
 
 
 # ----------------------------------------------------------------------------- HART
 
 
 @torch.no_grad()
-def test_hart_plan_matches_the_engine():
-    """The exact lines (weights, KV cache of the context tokens and every scale, the state's condition) equal what the
-    float32 HART Engine holds after a batch of the golden a_d2 model, with one MaskGIT pass and with three (the passes
-    fill the last scale's positions: the same cache)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_hart_plan_matches_the_engine(dtype):
+    """The exact lines (weights of the Engine's copy and the tokenizer, KV cache of the context tokens and every
+    scale, the state's condition) equal what the HART Engine in ``dtype`` (CPU: float32, or autocast to float16 /
+    bfloat16) holds after a batch of the golden a_d2 model, with one MaskGIT pass and with three (the passes fill the
+    last scale's positions: the same cache)."""
     from pathlib import Path
 
     from safetensors.torch import load_file
@@ -184,57 +192,72 @@ def test_hart_plan_matches_the_engine():
     model, tok = load_hart(folder)
     g = load_file(str(folder / "golden.safetensors"))
     text = HARTTextFeatures(g["ctx.tensor"], g["ctx.mask"], g["ctx.position_ids"])
-    B, cfg = text.batch, model.config
-    p = hart_plan(cfg, B, tokenizer=tok.hart_config)
-    assert plan(cfg, B).kv_cache == p.kv_cache == 2 * cfg.depth * 2 * B * cfg.seq_len * cfg.embed_dim * 4
+    B, cfg, size = text.batch, model.config, torch.empty((), dtype=dtype).element_size()
+    p = hart_plan(cfg, B, dtype, tokenizer=tok.hart_config, more_smooth=False)
+    assert plan(cfg, B, dtype).kv_cache == p.kv_cache == 2 * cfg.depth * 2 * B * cfg.seq_len * cfg.embed_dim * size
     for iters in (1, 3):
-        engine = Engine(model, tok, max_batch=B, device="cpu", dtype=torch.float32, backend="reference")
+        engine = Engine(model, tok, max_batch=B, device="cpu", dtype=dtype, backend="reference")
         engine.generate(text, HARTParams(cfg=2.0, seed=0, num_maskgit_iters=iters))
         assert engine.kv_cache_bytes() == p.kv_cache
     held = sum(t.numel() * t.element_size() for m in (engine.model, engine.vae) for t in list(m.parameters()) + list(m.buffers()))
     assert p.weights == held
     request, cond, _ = engine.bind(text, HARTParams(cfg=2.0))
-    state = request.seeded(torch.zeros(1, dtype=torch.long)).condition(cond)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):  # as the Engine runs it
+        state = request.seeded(torch.zeros(1, dtype=torch.long)).condition(cond)
     tensors = [*state.modulations, state.head_scale, state.head_shift, state.lvl_pos, state.f_hat] + [t for r in state.ropes for t in r]
     assert p.condition == sum(t.numel() * t.element_size() for t in tensors)
     last, prev = cfg.patch_nums[-1] ** 2, cfg.patch_nums[-2] ** 2
     assert p.logits == (2 * B * last + 2 * B * last + B * prev) * model.V * 4
     assert p.total == p.weights + p.kv_cache + p.condition + max(p.logits + p.activations, p.diffusion, p.decode)
+    smooth = hart_plan(cfg, B, dtype, tokenizer=tok.hart_config, more_smooth=True)
+    assert smooth.gumbel == 4 * 8 * B * last * model.V and p.gumbel == 0
+    last_scale = smooth.logits + max(smooth.activations, smooth.gumbel)
+    assert smooth.total == p.weights + p.kv_cache + p.condition + max(last_scale, p.diffusion, p.decode) >= p.total
 
 
 def test_hart_07b_kv_per_row_and_largest_batch():
-    """hart_0.7b_1024px (float32, 300 context tokens + 9451 image tokens = 9750 positions, 16 blocks of width 1536):
-    1.79 GiB of KV cache per image (two cache rows); the largest batch fits, one more does not."""
+    """hart_0.7b_1024px (300 context tokens + 9451 image tokens = 9750 positions, 16 blocks of width 1536): float16 by
+    default (the Engine's on CUDA), 0.89 GiB of KV cache per image (two cache rows), twice that at float32; the
+    largest batch fits, one more does not; more_smooth's Gumbel scratch (on by default, as upstream's) costs batch."""
     from ssg_engine.families.hart.config import PRESETS
     from ssg_engine.memory import largest_batch
 
     cfg = PRESETS["hart_0.7b_1024px"]
     one = plan("hart_0.7b_1024px", 1)
-    assert cfg.seq_len == 9750 and one.kv_cache == 2 * 16 * 2 * 9750 * 1536 * 4
-    assert one.diffusion > 0 and one.weights > 4 * 0.7e9
+    assert one.dtype == torch.float16 and one.gumbel == 4 * 8 * 64 * 64 * 4096
+    assert cfg.seq_len == 9750 and one.kv_cache == 2 * 16 * 2 * 9750 * 1536 * 2
+    assert plan(cfg, 1, torch.float32).kv_cache == 2 * one.kv_cache == plan(cfg, 1, torch.bfloat16).kv_cache * 2
+    assert one.diffusion > 0 and 2 * 0.7e9 < one.weights < plan(cfg, 1, torch.float32).weights
     for gib in (80, 141):
         n = largest_batch(lambda b: plan("hart_0.7b_1024px", b), gib * GiB)
         assert n > 1 and plan("hart_0.7b_1024px", n).fits(gib * GiB) and not plan("hart_0.7b_1024px", n + 1).fits(gib * GiB)
+        off = largest_batch(lambda b: plan(cfg, b, more_smooth=False), gib * GiB)
+        f32 = largest_batch(lambda b: plan(cfg, b, torch.float32), gib * GiB)
+        assert f32 < n <= off
     assert largest_batch(lambda b: plan(cfg, b), 80 * GiB) < largest_batch(lambda b: plan(cfg, b), 141 * GiB)
 
 
 def test_hart_plan_bad_input():
-    with pytest.raises(ValueError, match="HART Engine runs at float32"):
-        plan("hart_0.7b_1024px", 1, torch.bfloat16)
+    with pytest.raises(ValueError, match="dtype: the HART Engine runs at float32, float16, bfloat16; got torch.float64"):
+        plan("hart_0.7b_1024px", 1, torch.float64)
     with pytest.raises(ValueError, match="pn apply to VAR and Infinity"):
         plan("hart_0.7b_1024px", 1, pn="1M")
+    with pytest.raises(ValueError, match="more_smooth applies to HART"):
+        plan("d16", 1, more_smooth=True)
     with pytest.raises(ValueError, match="batch must be a positive integer"):
         plan("hart_0.7b_1024px", 0)
 
 
-def test_plan_command_hart(capsys):
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_plan_command_hart(capsys, dtype):
     from ssg_engine.cli import main
 
-    assert main(["plan", "--preset", "hart_0.7b_1024px", "--batch-size", "64", "--gpu-memory", "80", "--gpu", "h100"]) == 0
+    assert main(["plan", "--preset", "hart_0.7b_1024px", "--batch-size", "64", "--dtype", dtype, "--gpu-memory", "80", "--gpu", "h100"]) == 0
     out = capsys.readouterr().out
-    assert "float32" in out and "diffusion head (last scale)" in out and "does NOT fit in 80.0 GiB" in out
+    assert f"batch 64, {dtype}" in out and "diffusion head (last scale)" in out and "does NOT fit in 80.0 GiB" in out
+    assert "more_smooth Gumbel draw (last scale)" in out
     assert "largest batch that fits: " in out and "roofline floor on H100 SXM" in out
-    for argv, flag in ((["--dtype", "bfloat16"], "--dtype"), (["--pn", "1M"], "--pn")):
-        assert main(["plan", "--preset", "hart_0.7b_1024px", *argv]) == 2
-        err = capsys.readouterr().err
-        assert flag in err and err.count("\n") == 1, err
+    assert main(["plan", "--preset", "hart_0.7b_1024px", "--batch-size", "1", "--no-more-smooth"]) == 0
+    out = capsys.readouterr().out
+    assert "batch 1, float16" in out and "Gumbel" not in out
+    _usage_errors(capsys, ((["--preset", "hart_0.7b_1024px", "--pn", "1M"], "--pn"), (["--preset", "d16", "--more-smooth"], "--more-smooth")))

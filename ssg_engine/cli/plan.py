@@ -1,7 +1,8 @@
 """``ssg-engine plan``: the memory one Engine batch needs (weights, KV cache, logits, activations, decode), whether it
 fits a GPU and the largest batch that does, and (``--gpu``, VAR and HART) its roofline floor from the cost model,
 before loading anything. VAR presets or a config JSON; Infinity presets with ``--pn`` and ``--h-div-w``; HART presets
-(float32, its Engine's dtype; the diffusion head's buffers are a line of their own)."""
+(float16 by default, its Engine's on CUDA; ``--more-smooth/--no-more-smooth`` counts the soft inputs' Gumbel scratch or
+not, default upstream's: on; the diffusion head's buffers are a line of their own)."""
 from __future__ import annotations
 
 import argparse
@@ -27,11 +28,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise UsageError(f"--pn/--h-div-w: Infinity presets only ({', '.join(INFINITY_PRESETS)}); VAR's and HART's scales are in their config")
     if infinity and args.gpu:
         raise UsageError("--gpu: the roofline (ssg_engine.costs) covers VAR and HART presets; drop --gpu for an Infinity preset")
-    if hart and args.dtype not in (None, "float32"):
-        raise UsageError(f"--dtype {args.dtype}: the HART Engine runs at float32; drop --dtype for a HART preset")
+    if not hart and args.more_smooth is not None:
+        raise UsageError(f"--more-smooth/--no-more-smooth: HART presets only ({', '.join(HART_PRESETS)})")
     config = ModelConfig.from_json(args.config) if args.config else args.preset if infinity or hart else ModelConfig.preset(args.preset)
-    family = dict(pn=parse_pn(args.pn), h_div_w=args.h_div_w or 1.0) if infinity else {}
-    dtype = DTYPES[args.dtype or ("float32" if hart else "bfloat16")]
+    family = dict(pn=parse_pn(args.pn), h_div_w=args.h_div_w or 1.0) if infinity else dict(more_smooth=args.more_smooth) if hart else {}
+    dtype = DTYPES[args.dtype] if args.dtype else None if hart else DTYPES["bfloat16"]  # None: HART's Engine's
     try:
         memory = plan(config, args.batch_size, dtype, **family)
     except ValueError as e:  # an --h-div-w or --pn not in Infinity's table
@@ -46,7 +47,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.gpu:
         from ..costs import GPUS, hart_stage_costs, roofline, stage_costs
 
-        stages = hart_stage_costs(HART_PRESETS[config], args.batch_size, dtype) if hart else stage_costs(config, args.batch_size, dtype)
+        stages = (hart_stage_costs(HART_PRESETS[config], args.batch_size, memory.dtype) if hart
+                  else stage_costs(config, args.batch_size, memory.dtype))
         r = roofline(stages, GPUS[args.gpu])
         name, (_, _, seconds, compute) = max(r.by_stage().items(), key=lambda item: item[1][2])
         print(f"roofline floor on {r.gpu.name}: {r.seconds * 1e3:.2f} ms per batch ({args.batch_size / r.seconds:.1f} img/s); "
@@ -66,7 +68,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--batch-size", type=int_arg(1), default=64, help="images per batch (CFG doubles the rows)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="the model's dtype (default bfloat16; VAR: the VQ-VAE decodes in it; Infinity: its linear weights "
-                        "and autocast; HART: float32 only, its Engine's)")
+                        "and autocast; HART: one its Engine runs at, default float16, its Engine's on CUDA)")
+    p.add_argument("--more-smooth", action=argparse.BooleanOptionalAction, default=None,
+                   help="HART: count more_smooth's Gumbel scratch (default: on, as upstream's release settings)")
     p.add_argument("--pn", default=None, help="Infinity: number of scales or 0.06M | 0.25M | 0.60M | 1M (default: 1M)")
     p.add_argument("--h-div-w", type=float_arg(0.1, 10.0), default=None, help="Infinity: height / width, one of its ratios (default 1.0)")
     p.add_argument("--gpu-memory", type=float_arg(0.5, 1e5), default=None,

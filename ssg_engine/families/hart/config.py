@@ -11,6 +11,8 @@ from typing import Any, Dict, Mapping, Tuple
 
 from ..var.config import ModelConfig  # HART reuses VAR's VQ-VAE, configured by its ModelConfig
 
+# The dtype the HART Engine runs at on CUDA (float16 autocast, as upstream samples; its registry entry's placement).
+ENGINE_CUDA_DTYPE = "float16"
 # Keys of upstream's config.json that do not change inference (training, HF bookkeeping, kernel selection).
 IGNORED_KEYS = frozenset({
     "architectures", "model_type", "transformers_version", "_name_or_path", "torch_dtype", "dtype", "vae_path",

@@ -31,8 +31,10 @@ def _placement(model: Any) -> Tuple[Any, Any]:
     """The model's device, and float16 autocast on CUDA as upstream samples (else float32, the reference sampler's)."""
     import torch
 
+    from .config import ENGINE_CUDA_DTYPE
+
     device = next(model.parameters()).device
-    return device, torch.float16 if device.type == "cuda" else torch.float32
+    return device, getattr(torch, ENGINE_CUDA_DTYPE) if device.type == "cuda" else torch.float32
 
 
 def _resolve_params(params: Any, overrides: Any, model: Any) -> Any:
