@@ -165,7 +165,7 @@ def run_once(engine: Engine, run: Run) -> None:
             mask[:, :7] = True
             text = HARTTextFeatures(torch.zeros(run.bucket, engine.model.context_token, engine.model.context_embed.in_features), mask)
             model, cond, params = engine.bind(text, HARTParams(cfg=4.5, top_k=run.top_k, top_p=run.top_p, ssg=ssg))
-    elif engine.infinity:
+    elif run.family == "infinity":
         params = SamplingParams(top_k=run.top_k, top_p=run.top_p, ssg=ssg)
         with unset_fake_temporarily():  # bind checks the features' values (finite): real, small
             text = TextFeatures(torch.zeros(7 * run.bucket, engine.model.Ct5), [7] * run.bucket)
