@@ -197,6 +197,9 @@ WARM=(python3 bench/bench_e2e.py --warm-compiled $((TIMEOUT_smoke * 2 / 3)) --ba
 [ $DRY = 1 ] && WARM+=(--smoke)
 background warm_compile "$TIMEOUT_smoke" "${WARM[@]}"
 
+# the GPU tests: only the files that hold some (the device has none of the extras, e.g. diffusers, that other test files
+# import), with -P so that the checkout's kernels/ folder cannot shadow HF's `kernels` package (the package is installed)
+GPU_TESTS=($(grep -l 'mark\.gpu' tests/test_*.py))
 if [ $DRY = 1 ]; then
   SSG_ENGINE_BACKEND=reference step smoke python3 bench/gpu_smoke.py --dry-run --rows "$OUT/smoke.jsonl"
 else
@@ -207,7 +210,7 @@ while [ ! -f "$WORK/precompile.rc" ] || [ ! -f "$WORK/warm_compile.rc" ]; do sle
 if [ $DRY = 1 ]; then
   step e2e_d16 python3 bench/bench_e2e.py --smoke --batches 2 --repeats 1 --warmup 0 --rows "$OUT/e2e.jsonl"
   echo "dry run: no CUDA device, so the GPU tests are collected and skip with their reason"
-  step gpu_tests python3 -m pytest -q -ra -p no:cacheprovider -m gpu tests/
+  step gpu_tests python3 -P -m pytest -q -ra -p no:cacheprovider -m gpu "${GPU_TESTS[@]}"
   step kernels python3 bench/bench_kernels.py --smoke --rows "$OUT/kernels.jsonl"
   SSG_ENGINE_BACKEND=reference killed_step e2e_d30 "$OUT/e2e.jsonl" \
     python3 bench/bench_e2e.py --smoke --batches 1,2 --repeats 1 --warmup 0 --rows "$OUT/e2e.jsonl"
@@ -219,7 +222,7 @@ if [ $DRY = 1 ]; then
   AOT=(python3 bench/aot_vs_jit.py --dry-run --quick --jobs $JOBS --out-dir "$WORK/aot_vs_jit" --rows "$OUT/aot.jsonl")
 else
   step e2e_d16 python3 bench/bench_e2e.py --models d16 --batches 1,16,64 --repeats 3 --warmup 1 --rows "$OUT/e2e.jsonl"
-  step gpu_tests python3 -m pytest -q -ra -p no:cacheprovider -m gpu tests/
+  step gpu_tests python3 -P -m pytest -q -ra -p no:cacheprovider -m gpu "${GPU_TESTS[@]}"
   step kernels python3 bench/bench_kernels.py --warmup 5 --reps 20 --rows "$OUT/kernels.jsonl"
   step e2e_d30 python3 bench/bench_e2e.py --models d30 --batches 1,16,64 --repeats 3 --warmup 1 --rows "$OUT/e2e.jsonl"
   PROFILE=(python3 -m ssg_engine.cli bench --random d16 --dtype bfloat16 --batch-size 16 --device cuda --profile torch
