@@ -1,6 +1,7 @@
 """``ssg-engine train``: train a small model on Fashion-MNIST: ``--family var`` (default) a VQ-VAE + class-conditional
 VAR (``ssg_engine.training.train_fashion_mnist``), ``--family infinity`` a BSQ VAE + text-to-image Infinity with its
-text encoder (``ssg_engine.training.train_fashion_mnist_infinity``)."""
+text encoder (``ssg_engine.training.train_fashion_mnist_infinity``), ``--family hart`` a hybrid tokenizer + text-to-image
+HART with its diffusion head and text encoder (``ssg_engine.training.train_fashion_mnist_hart``)."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +14,7 @@ from .common import check_output_dir, int_arg
 DEFAULTS: Dict[str, Dict[str, int]] = {
     "var": {"vae_steps": 400, "var_steps": 900, "batch_size": 32, "var_batch_size": 64, "var_train_images": 25000},
     "infinity": {"vae_steps": 800, "var_steps": 1000, "batch_size": 32, "var_batch_size": 64, "var_train_images": 40000},
+    "hart": {"vae_steps": 500, "var_steps": 700, "batch_size": 32, "var_batch_size": 64, "var_train_images": 25000},
 }
 
 
@@ -21,6 +23,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "--out")
     opts = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in DEFAULTS[args.family].items()}
     common = dict(seed=args.seed, train_limit=args.train_images, eval_limit=args.eval_images, force=args.force)
+    if args.family == "hart":
+        from ..training import train_fashion_mnist_hart
+
+        m = train_fashion_mnist_hart(
+            args.out, vae_steps=opts["vae_steps"], hart_steps=opts["var_steps"], batch_size=opts["batch_size"],
+            hart_batch_size=opts["var_batch_size"], hart_train_images=opts["var_train_images"], **common,
+        )
+        tok = m["tokenizer"]["test"]
+        print(
+            f"wrote {args.out}: hybrid tokenizer test PSNR {tok['psnr']:.2f} dB codes only, {tok['psnr_residual']:.2f} dB "
+            f"with the residual; HART val CE {m['hart']['val']['ce']:.3f}, diffusion loss "
+            f"{m['hart']['val']['diffusion_loss']:.4f}, total {m['total_wall_s']:.0f} s"
+        )
+        return 0
     if args.family == "infinity":
         from ..training import train_fashion_mnist_infinity
 
@@ -49,9 +65,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
     """Register ``train`` on the ``ssg-engine`` subparsers."""
-    p = sub.add_parser("train", help="train a small VQ-VAE + VAR, or BSQ VAE + text-to-image Infinity (CPU-sized), on Fashion-MNIST")
-    p.add_argument("--family", default="var", choices=["var", "infinity"],
-                   help="var: class-conditional VQ-VAE + VAR (default); infinity: BSQ VAE + Infinity + text encoder")
+    p = sub.add_parser("train", help="train a small VQ-VAE + VAR, BSQ VAE + text-to-image Infinity, or hybrid tokenizer + "
+                                     "text-to-image HART (CPU-sized), on Fashion-MNIST")
+    p.add_argument("--family", default="var", choices=["var", "infinity", "hart"],
+                   help="var: class-conditional VQ-VAE + VAR (default); infinity: BSQ VAE + Infinity + text encoder; "
+                        "hart: hybrid tokenizer + HART + diffusion head + text encoder")
     p.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist"])
     p.add_argument("--out", required=True,
                    help="output folder for the weights (.safetensors), config.json, metrics.json; it appears only once training "
@@ -60,10 +78,10 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--seed", type=int_arg(0), default=0)
 
     def dflt(key: str) -> str:
-        return f"default: var {DEFAULTS['var'][key]}, infinity {DEFAULTS['infinity'][key]}"
+        return "default: " + ", ".join(f"{fam} {d[key]}" for fam, d in DEFAULTS.items())
 
-    p.add_argument("--vae-steps", type=int_arg(1), default=None, help=f"VQ-VAE / BSQ VAE steps ({dflt('vae_steps')})")
-    p.add_argument("--var-steps", type=int_arg(1), default=None, help=f"transformer (VAR / Infinity) steps ({dflt('var_steps')})")
+    p.add_argument("--vae-steps", type=int_arg(1), default=None, help=f"VQ-VAE / BSQ VAE / hybrid tokenizer steps ({dflt('vae_steps')})")
+    p.add_argument("--var-steps", type=int_arg(1), default=None, help=f"transformer (VAR / Infinity / HART) steps ({dflt('var_steps')})")
     p.add_argument("--batch-size", type=int_arg(1), default=None, help=f"VAE batch size ({dflt('batch_size')})")
     p.add_argument("--var-batch-size", type=int_arg(1), default=None, help=f"transformer batch size ({dflt('var_batch_size')})")
     p.add_argument("--var-train-images", type=int_arg(1, SPLIT_SIZES["train"]), default=None,

@@ -1,11 +1,14 @@
 """Training on Fashion-MNIST (CPU-sized): the multi-scale VQ-VAE, then the VAR; or the BSQ VAE, then the Infinity
-transformer with its text encoder.
+transformer with its text encoder; or HART's hybrid tokenizer, then the HART transformer with its diffusion head and
+text encoder.
 
 ``train_fashion_mnist(out_dir, ...)`` runs both VAR stages and writes ``vae.safetensors``,
 ``var.safetensors``, ``config.json`` and ``metrics.json``; ``train_fashion_mnist_infinity(out_dir, ...)`` writes
 ``vae.safetensors``, ``infinity.safetensors``, ``text_encoder.safetensors`` (float16), ``config.json`` and
+``metrics.json``; ``train_fashion_mnist_hart(out_dir, ...)`` writes upstream's released layout (``llm/`` and
+``tokenizer/``, each ``config.json`` + ``model.safetensors``) plus ``text_encoder.safetensors``, ``config.json`` and
 ``metrics.json``. ``out_dir`` appears only complete (see ``staged_output_dir``); ``ssg-engine train --family
-{var,infinity} --dataset fashion-mnist --out DIR`` (``ssg_engine.cli.train``) calls them.
+{var,infinity,hart} --dataset fashion-mnist --out DIR`` (``ssg_engine.cli.train``) calls them.
 """
 from __future__ import annotations
 
@@ -23,12 +26,14 @@ from typing import Any, Dict, Iterator, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from ..families.hart.config import HARTConfig, HARTTokenizerConfig
 from ..families.infinity.model import InfinityConfig, scale_schedule
 from ..families.infinity.text import TextEncoderConfig
 from ..families.infinity.tokenizer import BSQVAEConfig
 from ..families.var.config import ModelConfig
 from ..files import DISK_FULL, exclusive_lock, output_error
 from .bsq_trainer import evaluate_bsq_vae, train_bsq_vae
+from .hart_trainer import encode_hybrid, evaluate_hart, evaluate_hybrid_tokenizer, init_hart_weights, train_hart
 from .infinity_trainer import encode_bits, evaluate_infinity, init_infinity_weights, train_infinity
 from .var_trainer import evaluate_var, init_var_weights, tokenize, train_var
 from .vqvae_trainer import evaluate_vae, train_vqvae
@@ -38,6 +43,8 @@ __all__ = [
     "evaluate_vae", "evaluate_var", "init_var_weights", "tokenize", "seed_everything",
     "InfinityRecipe", "FASHION_MNIST_INFINITY", "train_fashion_mnist_infinity", "train_bsq_vae", "evaluate_bsq_vae",
     "train_infinity", "evaluate_infinity", "init_infinity_weights", "encode_bits",
+    "HARTRecipe", "FASHION_MNIST_HART", "train_fashion_mnist_hart", "train_hart", "evaluate_hart", "init_hart_weights",
+    "encode_hybrid", "evaluate_hybrid_tokenizer",
 ]
 
 # Chosen by measurement on 2 shared CPU cores (see ssg_engine/assets/fashion_mnist/MODEL_CARD.md).
@@ -146,13 +153,13 @@ def _count(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def _save_safetensors(module: torch.nn.Module, path: Path, dtype: torch.dtype = torch.float32) -> None:
-    """The module's state dict as safetensors, floating-point tensors in ``dtype`` (written by Python, so a full disk
-    is an ``OSError``)."""
+def _save_safetensors(module: torch.nn.Module, path: Path, dtype: torch.dtype = torch.float32, prefix: str = "") -> None:
+    """The module's state dict as safetensors, keys prefixed by ``prefix``, floating-point tensors in ``dtype``
+    (written by Python, so a full disk is an ``OSError``)."""
     from safetensors.torch import save
 
     sd = {
-        k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous().clone()
+        prefix + k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous().clone()
         for k, v in module.state_dict().items()
     }
     path.write_bytes(save(sd))
@@ -418,6 +425,175 @@ def train_fashion_mnist_infinity(
                 "train_final_ema_ce": round(float(inf_res["final_ema_ce"] or 0.0), 5),
                 **evals,
                 "history": inf_res["history"],
+            },
+            "total_wall_s": round(time.perf_counter() - t_all, 2),
+        }
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class HARTRecipe:
+    """Architecture of the Fashion-MNIST HART model: the hybrid tokenizer (VAR's VQ-VAE, V codes of ``z_channels``,
+    32x32 -> 8x8 latent, plus the last scale's continuous residual), the transformer (text tokens replace the first
+    scale; ``context_token`` = the text encoder's ``text_maxlen`` words of width ``text_width``), the residual
+    diffusion MLP head (trained on ``diffusion_batch_mul`` noised copies of each last-scale token), the word-level
+    text encoder, and ``continuous_prob`` (the tokenizer's decoder sees the
+    continuous latent that often)."""
+
+    vocab_size: int = 512
+    z_channels: int = 16
+    vae_ch: int = 32
+    vae_ch_mult: Tuple[int, ...] = (1, 2, 2)
+    patch_nums: Tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8)
+    embed_dim: int = 128
+    depth: int = 4
+    num_heads: int = 4
+    diff_width: int = 128
+    diff_depth: int = 3
+    diffusion_batch_mul: int = 2
+    num_sampling_steps: str = "8"
+    text_width: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    text_maxlen: int = 16
+    cond_drop_rate: float = 0.1
+    continuous_prob: float = 0.5
+
+    def tokenizer_config(self) -> HARTTokenizerConfig:
+        return HARTTokenizerConfig(vocab_size=self.vocab_size, z_channels=self.z_channels, ch=self.vae_ch,
+                                   ch_mult=self.vae_ch_mult, v_patch_nums=self.patch_nums)
+
+    def hart_config(self) -> HARTConfig:
+        return HARTConfig(patch_nums=self.patch_nums, context_token=self.text_maxlen, context_dim=self.text_width,
+                          depth=self.depth, embed_dim=self.embed_dim, num_heads=self.num_heads, diff_width=self.diff_width,
+                          diff_depth=self.diff_depth, num_sampling_steps=self.num_sampling_steps, use_context_norm=True)
+
+    def text_config(self) -> TextEncoderConfig:
+        from ..data import prompt_vocabulary
+
+        return TextEncoderConfig(prompt_vocabulary(), self.text_width, self.text_layers, self.text_heads, self.text_maxlen)
+
+
+# Chosen by measurement on 2 shared CPU cores (see ssg_engine/assets/fashion_mnist_hart/MODEL_CARD.md).
+FASHION_MNIST_HART = HARTRecipe()
+
+
+def _json_config(cfg: Any) -> Dict[str, Any]:
+    """A frozen config dataclass as upstream's config.json keys (tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+def train_fashion_mnist_hart(
+    out_dir: Union[str, Path],
+    seed: int = 0,
+    vae_steps: int = 500,
+    hart_steps: int = 700,
+    batch_size: int = 32,
+    hart_batch_size: int = 64,
+    recipe: HARTRecipe = FASHION_MNIST_HART,
+    vae_lr: float = 1e-3,
+    hart_lr: float = 1e-3,
+    num_threads: Optional[int] = 2,
+    data_root: Optional[Union[str, Path]] = None,
+    train_limit: Optional[int] = None,
+    eval_limit: Optional[int] = None,
+    hart_train_images: Optional[int] = None,
+    progress: bool = True,
+    force: bool = False,
+) -> Dict[str, Any]:
+    """Train the hybrid tokenizer, then the HART transformer, diffusion head and text encoder jointly, on
+    Fashion-MNIST; write upstream's layout (``llm/``, ``tokenizer/``; float16 weights), ``text_encoder.safetensors``,
+    ``config.json`` and ``metrics.json`` into ``out_dir`` (appears only complete, see ``staged_output_dir``; an existing
+    non-empty one is refused unless ``force``). ``ssg_engine.families.hart.load_hart(out_dir)`` loads the model.
+
+    ``train_limit`` / ``eval_limit`` cap the train / test images (None: all); ``hart_train_images`` caps how many train
+    images are tokenized for the transformer (None: steps * batch). Deterministic for a seed.
+    Returns the metrics dict (also written to ``metrics.json``).
+    """
+    from ..data import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES
+    from ..families.hart.model import HARTTransformer
+    from ..families.hart.text import WordTextEncoder
+    from ..families.hart.tokenizer import HARTTokenizer
+    from ..families.infinity.text import TextEncoder
+    from ..pretrained import HART_SAMPLING
+
+    _check_positive(
+        vae_steps=vae_steps, var_steps=hart_steps, batch_size=batch_size, var_batch_size=hart_batch_size,
+        train_images=train_limit, eval_images=eval_limit, var_train_images=hart_train_images,
+    )
+    t_all = _start(num_threads, seed)
+    tok_cfg, hart_cfg = recipe.tokenizer_config(), recipe.hart_config()
+    with staged_output_dir(Path(out_dir), force) as folder:
+        xtr, ytr, xte, yte = _fashion_mnist_splits(data_root, train_limit, eval_limit)
+
+        # ---------------------------------------------------------------- stage 1: hybrid tokenizer
+        tokenizer = HARTTokenizer(tok_cfg, recipe.patch_nums)
+        tok_res = train_vqvae(tokenizer, xtr, vae_steps, batch_size=batch_size, lr=vae_lr, seed=seed, progress=progress,
+                              continuous_prob=recipe.continuous_prob, refine_last=False)
+        tok_eval = evaluate_hybrid_tokenizer(tokenizer, xte)
+        if progress:
+            print(f"hybrid tokenizer: {vae_steps} steps in {tok_res['wall_s']:.0f} s; test PSNR {tok_eval['psnr']} dB codes only, "
+                  f"{tok_eval['psnr_residual']} dB with the residual", flush=True)
+
+        # ---------------------------------------------------------------- stage 2: HART + diffusion head + text encoder
+        hbs = hart_batch_size
+        n_tok = min(xtr.shape[0], max(hbs, hart_steps * hbs), hart_train_images or xtr.shape[0])
+        t = time.perf_counter()
+        tok_tr, last_tr = encode_hybrid(tokenizer, xtr[:n_tok])
+        n_val = min(xte.shape[0], 1000)
+        tok_te, last_te = encode_hybrid(tokenizer, xte[:n_val])
+        encode_s = time.perf_counter() - t
+        seed_everything(seed + 1)
+        text_encoder = WordTextEncoder(TextEncoder(recipe.text_config()), hart_cfg.context_token)
+        model = HARTTransformer(hart_cfg, tokenizer)
+        init_hart_weights(model)
+        res = train_hart(model, text_encoder, tokenizer, tok_tr, last_tr, ytr[:n_tok], TRAIN_TEMPLATES, hart_steps,
+                         batch_size=hbs, lr=hart_lr, cond_drop_rate=recipe.cond_drop_rate,
+                         diffusion_batch_mul=recipe.diffusion_batch_mul, seed=seed, progress=progress)
+        n_tr_eval = min(n_tok, 1000)
+        evals = {
+            "train": evaluate_hart(model, text_encoder, tokenizer, tok_tr[:n_tr_eval], last_tr[:n_tr_eval], ytr[:n_tr_eval], TRAIN_TEMPLATES),
+            "val": evaluate_hart(model, text_encoder, tokenizer, tok_te, last_te, yte[:n_val], TRAIN_TEMPLATES),
+            "val_held_out_templates": evaluate_hart(model, text_encoder, tokenizer, tok_te, last_te, yte[:n_val], HELD_OUT_TEMPLATES),
+        }
+        # upstream's keys: the tokenizer's under ``vae.`` (its HARTAutoEncoderWithDisc), the transformer's bare
+        for part, module, cfg, prefix in (("tokenizer", tokenizer, tok_cfg, "vae."), ("llm", model, hart_cfg, "")):
+            (folder / part).mkdir()
+            _save_safetensors(module, folder / part / "model.safetensors", torch.float16, prefix)
+            (folder / part / "config.json").write_text(json.dumps(_json_config(cfg), indent=1))
+        _save_safetensors(text_encoder.module, folder / "text_encoder.safetensors", torch.float16)
+        config = {
+            "family": "hart",
+            "text_encoder": recipe.text_config().to_dict(),
+            "sampling": {"cfg": HART_SAMPLING.cfg, "more_smooth": HART_SAMPLING.more_smooth,
+                         "num_maskgit_iters": HART_SAMPLING.num_maskgit_iters},
+        }
+        (folder / "config.json").write_text(json.dumps(config, indent=1))
+        metrics: Dict[str, Any] = {
+            "dataset": "fashion-mnist",
+            "seed": seed,
+            "recipe": dataclasses.asdict(recipe),
+            "torch": torch.__version__,
+            "machine": f"{platform.machine()} cpu, {torch.get_num_threads()} threads",
+            "tokenizer": {
+                "steps": vae_steps, "batch_size": batch_size, "lr": vae_lr, "params": _count(tokenizer),
+                "continuous_prob": recipe.continuous_prob,
+                "train_wall_s": tok_res["wall_s"],
+                "train_final_ema": {k: round(v, 5) for k, v in (tok_res["final_ema"] or {}).items()},
+                "dead_code_restarts": tok_res["dead_code_restarts"],
+                "test": {"n_images": int(xte.shape[0]), **tok_eval},
+                "history": tok_res["history"],
+            },
+            "hart": {
+                "steps": hart_steps, "batch_size": hbs, "lr": hart_lr,
+                "train_images_tokenized": int(n_tok), "tokenize_wall_s": round(encode_s, 2),
+                "params": _count(model) - _count(model.diffloss), "diffusion_head_params": _count(model.diffloss),
+                "text_encoder_params": _count(text_encoder.module),
+                "train_wall_s": res["wall_s"],
+                "train_final_ema": {k: round(v, 5) for k, v in (res["final_ema"] or {}).items()},
+                **evals,
+                "history": res["history"],
             },
             "total_wall_s": round(time.perf_counter() - t_all, 2),
         }

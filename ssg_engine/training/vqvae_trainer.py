@@ -9,6 +9,12 @@ Dead-code restart (on by default): every ``restart_every`` steps, codes whose EM
 scales is below ``restart_thresh`` of uniform are re-initialised to randomly chosen residual vectors
 of the current batch (plus a little noise). This keeps codebook usage high for small codebooks
 trained briefly, as in the Fashion-MNIST model.
+
+HART's hybrid tokenizer (``continuous_prob > 0``, ``refine_last=False``): the last scale's code is added without the
+refinement conv (as ``HARTTokenizer`` decodes), and each image's decoder input is, with probability
+``continuous_prob``, the continuous latent ``f`` itself (the discrete latent plus the last scale's continuous residual,
+which is exactly what is left of ``f``) instead of the discrete ``f_hat``: the decoder learns from both, as upstream's
+``HARTHybridQuantizer`` trains it (``skip_continuous_prob``).
 """
 from __future__ import annotations
 
@@ -22,8 +28,11 @@ import torch.nn.functional as F
 from ..families.var.tokenizer import VQVAE
 
 
-def quantize_train(vae: VQVAE, f: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
-    """Differentiable multi-scale quantization of ``f`` (B, Cvae, h, w).
+def quantize_train(
+    vae: VQVAE, f: torch.Tensor, refine_last: bool = True
+) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+    """Differentiable multi-scale quantization of ``f`` (B, Cvae, h, w); ``refine_last=False``: the last scale's code
+    enters ``f_hat`` without the refinement conv (HART's hybrid tokenizer).
 
     Returns (straight-through f_hat, vq loss, per-scale token ids (N,), per-scale residual vectors (N, Cvae)).
     Same tokens as ``VectorQuantizer2.f_to_idxBl_or_fhat`` (inference) for the same ``f``.
@@ -47,7 +56,8 @@ def quantize_train(vae: VQVAE, f: torch.Tensor) -> Tuple[torch.Tensor, torch.Ten
         rests.append(rest_NC)
         h = q.embedding(idx.view(B, pn, pn)).permute(0, 3, 1, 2)
         h = h.contiguous() if si == SN - 1 else F.interpolate(h, size=(H, W), mode="bicubic").contiguous()
-        h = q.quant_resi[si / (SN - 1)](h)
+        if refine_last or si != SN - 1:
+            h = q.quant_resi[si / (SN - 1)](h)
         f_hat = f_hat + h
         f_rest = f_rest - h.detach()
         vq_loss = vq_loss + q.beta * F.mse_loss(f_hat.detach(), f) + F.mse_loss(f_hat, f_nograd)
@@ -193,10 +203,13 @@ def train_vqvae(
     channels_last: bool = False,
     callback: Optional[Callable[[int, Dict[str, float]], None]] = None,
     time_budget_s: Optional[float] = None,
+    continuous_prob: float = 0.0,
+    refine_last: bool = True,
 ) -> Dict[str, object]:
     """Train ``vae`` in place on ``images`` (N, 3, S, S) in [-1, 1]; returns a history of losses.
 
     Dead-code restarts happen every ``restart_every`` steps until ``restart_until * steps`` (0 disables).
+    ``continuous_prob`` / ``refine_last``: HART's hybrid tokenizer (module docstring); 0 / True: VAR's VQ-VAE.
     """
     from tqdm.auto import tqdm
 
@@ -224,7 +237,10 @@ def train_vqvae(
         cur_lr = cosine_lr(_sched_step(step, steps, t0, time_budget_s), steps, warmup, lr)
         set_lr(opt, cur_lr)
         f = vae.quant_conv(vae.encoder(x))
-        f_st, vq_loss, ids, rests = quantize_train(vae, f)
+        f_st, vq_loss, ids, rests = quantize_train(vae, f, refine_last)
+        if continuous_prob > 0:
+            continuous = torch.rand(x.shape[0], generator=gen) < continuous_prob
+            f_st = torch.where(continuous.view(-1, 1, 1, 1), f, f_st)
         rec = vae.decoder(vae.post_quant_conv(f_st))
         l1 = (rec - x).abs().mean()
         l2 = (rec - x).square().mean()

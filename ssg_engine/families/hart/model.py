@@ -373,6 +373,15 @@ class HARTTransformer(nn.Module):
         """Teacher-forced logits (B, L, V) (scale 0 from the last context position, then every later token) from
         text features (B, Lc, Cc) and the next-scale inputs (B, L - 1, Cvae); no MaskGIT token dropping (upstream's
         training forward drops a random part of the last scale; with nothing dropped it computes this)."""
+        hidden, cond = self.hidden_states(context, x_BLCv_wo_first_l, context_position_ids, context_mask)
+        return self.get_logits(hidden, cond)[:, self.context_token - 1 :]
+
+    def hidden_states(
+        self, context: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor, context_position_ids: Optional[torch.Tensor], context_mask: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The teacher-forced pass of :meth:`forward` up to the head: final hidden states (B, S, C) of every position
+        (context first) and the context embeddings (B, Lc, C) (the head's AdaLN source). Training reads the last
+        scale's hidden states for the diffusion head's condition."""
         pos_ids = self.check_context(context, context_mask, context_position_ids)
         B, Lc = context.shape[:2]
         if tuple(x_BLCv_wo_first_l.shape[1:]) != (self.S - Lc, self.Cvae):
@@ -388,7 +397,7 @@ class HARTTransformer(nn.Module):
         pooled = pool_context(cond, context_mask, self.config.sep_aln_pooling_mode)
         for block in self.blocks:
             x = block(x, block.modulation(pooled), lambda h, a=block.attn: a.attend(*a.qkv(h, rope), bias))
-        return self.get_logits(x, cond)[:, Lc - 1 :]
+        return x, cond
 
     # ------------------------------------------------------------------ sampling (the NextScaleModel interface)
     def scale_sizes(self) -> List[Tuple[int, int]]:

@@ -193,3 +193,38 @@ class Qwen2TextEncoder:
         with torch.autocast("cuda", dtype=torch.float16) if use_autocast else contextlib.nullcontext():
             hidden = self.model(ids, attention_mask=attention, output_hidden_states=True).hidden_states[-1]
         return HARTTextFeatures(hidden[:, kept:].float(), mask, torch.cumsum(mask, dim=1) - 1)
+
+
+class WordTextEncoder:
+    """HART's padded text features from a small word-level encoder (:class:`ssg_engine.families.infinity.text.TextEncoder`,
+    the one the shipped Fashion-MNIST models train): ``encode(prompts)`` gives ``context`` (B, ``context_tokens``,
+    width) with each prompt's word features first and zeros after them, ``context_mask`` True on the words,
+    ``context_position_ids`` ``cumsum(mask) - 1``. ``features`` is the same with gradients (training).
+    Unknown words, empty prompts or prompts over ``context_tokens`` words: one ``ValueError`` (the message lists the
+    vocabulary)."""
+
+    def __init__(self, module: Any, context_tokens: int) -> None:
+        if module.config.max_len > context_tokens:
+            raise ValueError(f"the text encoder takes {module.config.max_len} words but the HART model only {context_tokens} "
+                             "context tokens; give a model trained with this encoder")
+        self.module = module
+        self.context_tokens = context_tokens
+
+    @property
+    def vocabulary(self) -> Tuple[str, ...]:
+        return tuple(self.module.config.vocab)
+
+    def features(self, prompts: Sequence[str]) -> HARTTextFeatures:
+        """Differentiable features of ``prompts`` (see the class docstring)."""
+        ids, lens = self.module.token_ids(check_prompts(prompts))
+        words = self.module(ids, lens)  # (B, T, width)
+        B, T, width = words.shape
+        mask = torch.arange(self.context_tokens, device=words.device)[None] < torch.tensor(lens, device=words.device)[:, None]
+        context = words.new_zeros(B, self.context_tokens, width)
+        context = context.masked_scatter(mask[..., None], words[mask[:, :T]])
+        return HARTTextFeatures(context, mask, torch.cumsum(mask, dim=1) - 1)
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> HARTTextFeatures:
+        """Features of ``prompts`` for sampling (no gradients)."""
+        return self.features(prompts)
