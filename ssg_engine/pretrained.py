@@ -1,15 +1,16 @@
 """The small Fashion-MNIST models shipped with the package: the class-conditional VQ-VAE + VAR
-(assets/fashion_mnist/MODEL_CARD.md) and the text-to-image BSQ VAE + Infinity + text encoder
-(assets/fashion_mnist_infinity/MODEL_CARD.md)."""
+(assets/fashion_mnist/MODEL_CARD.md), the text-to-image BSQ VAE + Infinity + text encoder
+(assets/fashion_mnist_infinity/MODEL_CARD.md) and the text-to-image hybrid tokenizer + HART + text encoder
+(assets/fashion_mnist_hart/MODEL_CARD.md)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Tuple, Union
+from typing import Any, Sequence, Tuple, Union
 
 import torch
 
-from .params import SamplingParams
+from .params import HARTParams, SamplingParams
 
 PRETRAINED_DIR = Path(__file__).resolve().parent / "assets" / "fashion_mnist"
 _FILES = ("vae.safetensors", "var.safetensors", "config.json")
@@ -25,6 +26,16 @@ INFINITY_SAMPLING = SamplingParams(cfg=3.0, top_k=0, top_p=0.0, temperature=1.0)
 # The SSG strength measured best on that model (DSE prior, lowest classifier Frechet distance at tau 1 among betas
 # 0.1 ... 1: bench/results/quality/infinity/README.md); the default beta (0.5) hurts it. The CLI's beta for it.
 INFINITY_SSG_BETA = 0.15
+
+HART_DIR = Path(__file__).resolve().parent / "assets" / "fashion_mnist_hart"
+_HART_FILES = ("llm/config.json", "llm/model.safetensors", "tokenizer/config.json", "tokenizer/model.safetensors",
+               "text_encoder.safetensors", "config.json")
+# The HART model card's sampling settings: ``cfg`` the end of upstream's ramp ``cfg * k / (K - 1)`` (the diffusion
+# head's CFG too), no top-k / top-p (upstream's hard-coded 600/300 exceed this model's 512 codes), one MaskGIT pass
+# (upstream's release setting; the model was trained without MaskGIT masking). The CLI's defaults for that model.
+HART_SAMPLING = HARTParams(cfg=4.5, top_k=0, top_p=0.0, more_smooth=True, num_maskgit_iters=1)
+# The SSG strength measured best on that model (bench/results/quality/hart/README.md). The CLI's beta for it.
+HART_SSG_BETA = 0.5
 
 
 def pretrained_files() -> Tuple[Path, Path, Path]:
@@ -56,6 +67,21 @@ def class_names() -> tuple:
     return tuple(FASHION_MNIST_CLASSES)
 
 
+def check_model_folder(folder: Union[str, Path], files: Sequence[str], shipped: Path, family: str) -> Path:
+    """``folder`` as a Path when it holds every one of ``files``, else FileNotFoundError naming the missing ones and
+    how to get them back (``shipped``: the package's folder of that model; ``family``: the ``train --family``)."""
+    folder = Path(folder)
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        name = {"infinity": "Infinity", "hart": "HART"}.get(family, family)
+        raise FileNotFoundError(
+            f"the {name} model folder {folder} is incomplete: {', '.join(missing)} missing. "
+            + ("Reinstall the package (in a git clone: `git checkout ssg_engine/assets`), or train" if folder == shipped else "Train")
+            + f" a model with `ssg-engine train --family {family} --dataset fashion-mnist --out my_model/`."
+        )
+    return folder
+
+
 def load_infinity_folder(folder: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Tuple[Any, Any, Any]:
     """(InfinityTransformer, BSQVAE, TextEncoder) from a folder written by ``train_fashion_mnist_infinity``, in float32
     and eval mode on ``device``; FileNotFoundError naming the missing files."""
@@ -64,14 +90,7 @@ def load_infinity_folder(folder: Union[str, Path], device: Union[str, torch.devi
     from .families.infinity.model import InfinityConfig, InfinityTransformer
     from .families.infinity.tokenizer import BSQVAEConfig, load_bsq_vae
 
-    folder = Path(folder)
-    missing = [f for f in _INFINITY_FILES if not (folder / f).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"the Infinity model folder {folder} is incomplete: {', '.join(missing)} missing. "
-            + ("Reinstall the package (in a git clone: `git checkout ssg_engine/assets`), or train" if folder == INFINITY_DIR else "Train")
-            + " a model with `ssg-engine train --family infinity --dataset fashion-mnist --out my_model/`."
-        )
+    folder = check_model_folder(folder, _INFINITY_FILES, INFINITY_DIR, "infinity")
     cfg = json.loads((folder / "config.json").read_text())
     vae = load_bsq_vae(load_file(str(folder / "vae.safetensors")), BSQVAEConfig(**cfg["vae"]), device=device)
     model = InfinityTransformer(InfinityConfig(**cfg["infinity"]))
@@ -123,3 +142,24 @@ def load_pretrained_infinity(device: Union[str, torch.device] = "cpu") -> Tuple[
     model, vae, text_encoder = load_infinity_folder(INFINITY_DIR, device)
     model.ssg_beta = INFINITY_SSG_BETA
     return model, vae, text_encoder
+
+
+def load_hart_folder(folder: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Tuple[Any, Any, Any]:
+    """(HARTTransformer, HARTTokenizer, WordTextEncoder) from a folder written by ``train_fashion_mnist_hart``
+    (upstream's ``llm/`` + ``tokenizer/`` layout, loaded by ``load_hart``, plus the small text encoder), float32, eval
+    mode on ``device``; FileNotFoundError naming the missing files."""
+    from .families.hart.loading import load_hart
+    from .families.hart.text import WordTextEncoder
+
+    folder = check_model_folder(folder, _HART_FILES, HART_DIR, "hart")
+    model, tokenizer = load_hart(folder, device=device)
+    text = WordTextEncoder(folder_text_encoder(folder, device), model.context_token)
+    return model.requires_grad_(False), tokenizer.requires_grad_(False), text
+
+
+def load_pretrained_hart(device: Union[str, torch.device] = "cpu") -> Tuple[Any, Any, Any]:
+    """The shipped Fashion-MNIST HART model: (HARTTransformer, HARTTokenizer, WordTextEncoder), float32, eval mode;
+    its sampling settings are ``HART_SAMPLING``, and its card's SSG beta ``HART_SSG_BETA`` is ``model.ssg_beta``."""
+    model, tokenizer, text_encoder = load_hart_folder(HART_DIR, device)
+    model.ssg_beta = HART_SSG_BETA
+    return model, tokenizer, text_encoder

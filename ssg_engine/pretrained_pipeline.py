@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 
 MANIFEST = "model_index.json"
 # The shipped models' names (``from_pretrained("fashion-mnist")``): the class-conditional VAR (assets/fashion_mnist)
-# and the text-to-image Infinity (assets/fashion_mnist_infinity).
-SHIPPED = ("fashion-mnist", "fashion-mnist-t2i")
+# the text-to-image Infinity (assets/fashion_mnist_infinity) and the text-to-image HART (assets/fashion_mnist_hart).
+SHIPPED = ("fashion-mnist", "fashion-mnist-t2i", "fashion-mnist-hart")
 OUTPUT_TYPES = ("pil", "np", "pt")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
@@ -108,7 +108,8 @@ class Pipeline:
         """Load a pipeline from ``path``, on ``device``, the transformer in ``torch_dtype`` (None: float32; HART:
         float32 only; the VAE / tokenizer stay float32):
 
-        - a shipped model's name: ``"fashion-mnist"`` (VAR) or ``"fashion-mnist-t2i"`` (Infinity), with their cards;
+        - a shipped model's name: ``"fashion-mnist"`` (VAR), ``"fashion-mnist-t2i"`` (Infinity) or
+          ``"fashion-mnist-hart"`` (HART), with their cards;
         - a folder written by :meth:`save_pretrained` (``model_index.json``);
         - a released layout: a folder with a VAR ``.pth`` pair (``var_d16.pth`` + ``vae_ch160v4096z32.pth``), an
           Infinity transformer + BSQ VAE (``infinity_2b_reg.pth`` + ``infinity_vae_d32reg.pth``), or HART's ``llm/`` +
@@ -147,6 +148,11 @@ class Pipeline:
         if name == "fashion-mnist":
             vae, var = pretrained.load_pretrained(device=device, dtype=dtype or torch.float32)
             return cls(var, vae, sampling=pretrained.SAMPLING, class_names=pretrained.class_names())
+        if name == "fashion-mnist-hart":
+            if dtype not in (None, torch.float32):
+                raise ValueError(f"torch_dtype: HART runs in float32 (its reference sampler and Engine); got {dtype}")
+            model, tokenizer, encoder = pretrained.load_pretrained_hart(device=device)
+            return cls(model, tokenizer, encoder, sampling=pretrained.HART_SAMPLING)
         model, vae, encoder = pretrained.load_pretrained_infinity(device=device)
         return cls(model.to(dtype or torch.float32), vae, encoder, sampling=pretrained.INFINITY_SAMPLING)
 

@@ -82,7 +82,8 @@ def test_bad_flags_are_one_line(tmp_path, capsys, extra, match):
 def test_bad_inputs_are_one_line(tmp_path, capsys):
     feats = features_file(tmp_path, [3])
     cases = [
-        (["sample", "--family", "hart", "--text-features", str(feats)], "--family hart needs --var LLM"),
+        (["sample", "--family", "hart", "--var", str(A / "llm"), "--vae", str(A / "tokenizer"), "--prompt", "a cat"],
+         "needs --text-encoder FOLDER (Qwen2) or --text-features"),
         (["sample", *HART], "needs --text-encoder FOLDER (Qwen2) or --text-features"),
         (["sample", *HART, "--text-features", str(features_file(tmp_path, [3], width=CC + 1))], "this HART takes (B, 12, 48)"),
         (["sample", *HART, "--prompt", "a cat", "--text-encoder", str(QWEN)], "--text-encoder gives features of shape (B, 12, 64)"),

@@ -122,6 +122,19 @@ def test_hart_pipe_equals_generate_and_ignores_batching(hart_pipe):
     assert torch.equal(one, want)
 
 
+def test_shipped_hart_pipe_takes_prompts_and_its_card():
+    pipe = se.Pipeline.from_pretrained("fashion-mnist-hart")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.sampling == pretrained.HART_SAMPLING and pipe.model.ssg_beta == pretrained.HART_SSG_BETA
+    got = pipe(["a sneaker", "a bag"], seed=3, output_type="pt").images
+    want = se.generate(pipe.model, pipe.vae, ["a sneaker", "a bag"], pretrained.HART_SAMPLING, seed=3, text_encoder=pipe.text_encoder)
+    assert got.shape == (2, 3, 32, 32) and torch.equal(got, want)
+    with pytest.raises(ValueError, match="unknown word.*'fox'"):
+        pipe("a red fox")
+    with pytest.raises(ValueError, match="HART runs in float32"):
+        se.Pipeline.from_pretrained("fashion-mnist-hart", torch_dtype=torch.float16)
+
+
 # ----------------------------------------------------------------------------- outputs
 
 
@@ -230,7 +243,7 @@ def test_bad_text_call_is_one_error(t2i_pipe, monkeypatch, kwargs, match):
 
 
 def test_from_pretrained_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="'nope' does not exist; give a shipped model's name \\(fashion-mnist, fashion-mnist-t2i\\)"):
+    with pytest.raises(FileNotFoundError, match="'nope' does not exist; give a shipped model's name \\(fashion-mnist, fashion-mnist-t2i, fashion-mnist-hart\\)"):
         se.Pipeline.from_pretrained("nope")
     (tmp_path / "f.pth").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="is a file, not a folder"):

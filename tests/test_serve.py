@@ -263,7 +263,7 @@ def _cli(*args: str, **kw: Any) -> subprocess.Popen:
 @pytest.mark.parametrize("flags, message", [
     (["--max-batch", "0"], "error: --max-batch: 0 is out of range; give an integer in [1, 4096]"),
     (["--name", "x"], "error: --name names --var/--vae checkpoints"),
-    (["--family", "hart"], "error: --family hart needs --var LLM"),
+    (["--family", "hart", "--text-encoder", "x"], "error: --text-encoder describes --var/--vae checkpoints"),
     (["--var", "a.pth"], "error: give both --var and --vae, or neither"),
     (["--max-n", "20", "--max-queue", "10"], "error: --max-n 20 is more than --max-queue 10"),
 ])
@@ -349,3 +349,19 @@ def test_checkpoints_of_every_family_are_served():
     for (_, body), m, cond, seed, changes in zip(answers, (var, var, hart), ([1, 3], [2], ["a red cat"] * 2), (5, 6, 7),
                                                  ({}, {}, {"ssg": se.SSG(beta=0.5)})):
         assert_same_images(np.stack([decode(d) for d in body["data"]]), expected(m, cond, seed, **changes), m.name)
+
+
+def test_the_shipped_hart_model_is_served():
+    from ssg_engine.cli import build_parser
+    from ssg_engine.cli.serve import served_models
+
+    (hart,) = served_models(build_parser().parse_args(["serve", "--family", "hart", "--device", "cpu"]))
+    assert hart.name == "fashion-mnist-hart" and hart.family == "hart"
+    hart.warm_up()
+    with serving({hart.name: hart}, max_wait_ms=100) as (host, _):
+        status, body = post(host, {"model": hart.name, "prompt": "a photo of a sneaker", "n": 2, "seed": 3, "ssg_scale": 0.5})
+        assert status == 200
+        assert_same_images(np.stack([decode(d) for d in body["data"]]),
+                           expected(hart, ["a photo of a sneaker"] * 2, 3, ssg=se.SSG(beta=0.5)), hart.name)
+        status, body = post(host, {"model": hart.name, "prompt": "a red fox"})
+        assert status == 422 and "unknown word(s) 'red', 'fox'" in body["error"]["message"]

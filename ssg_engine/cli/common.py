@@ -19,7 +19,7 @@ import torch
 from ..files import OutputError
 from ..guidance import DEFAULT_BETA, DSE_INTERPS, PRIORS, SSG
 from ..params import HART_UPSTREAM, INFINITY_UPSTREAM, SamplingParams
-from ..pretrained import INFINITY_SAMPLING, INFINITY_SSG_BETA, SAMPLING, load_pretrained
+from ..pretrained import HART_SAMPLING, HART_SSG_BETA, INFINITY_SAMPLING, INFINITY_SSG_BETA, SAMPLING, load_pretrained
 
 
 class UsageError(ValueError):
@@ -173,7 +173,8 @@ def add_model_args(p: argparse.ArgumentParser, infinity: bool = False) -> None:
     if infinity:
         p.add_argument("--family", choices=FAMILIES, default="var",
                        help="var: class-conditional VAR (index tokens); infinity: text-to-image Infinity (bitwise tokens); "
-                            "hart: text-to-image HART (--var: upstream's llm/ folder, --vae: its tokenizer/ folder)")
+                            "hart: text-to-image HART (hybrid tokens; --var: upstream's llm/ folder, --vae: its tokenizer/ folder); "
+                            "without --var/--vae: the family's shipped Fashion-MNIST model")
     p.add_argument("--var", help="transformer checkpoint (.pth or .safetensors): a VAR, or with --family infinity an Infinity "
                                  "(infinity_*.pth); default: the shipped Fashion-MNIST model of the family")
     p.add_argument("--vae", help="its VAE checkpoint: VQ-VAE (VAR) or BSQ VAE (Infinity, e.g. infinity_vae_d32reg.pth)")
@@ -189,7 +190,8 @@ def add_model_args(p: argparse.ArgumentParser, infinity: bool = False) -> None:
     if infinity:
         p.add_argument("--text-encoder", default=None,
                        help="Infinity --var/--vae: a local folder with google/flan-t5-xl's files (pip install 'ssg-engine[text]'), "
-                            "or a folder written by `train --family infinity`; the shipped model has its own")
+                            "or a folder written by `train --family infinity`; HART --var/--vae: a Qwen2 folder, or a folder written by "
+                            "`train --family hart`; the shipped models have their own")
     p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
 
 
@@ -211,9 +213,6 @@ def check_model_args(args: argparse.Namespace) -> None:
     if model_family(args) == "var" and text_encoder is not None:
         raise UsageError("--text-encoder is for text-conditional models; add --family infinity, or drop it")
     if model_family(args) == "hart":
-        if not args.var:
-            raise UsageError("--family hart needs --var LLM (upstream's llm/ folder, or a weights file next to its config.json) "
-                             "and --vae TOKENIZER (its tokenizer/ folder); there is no shipped HART model")
         for flag, value in (("--preset", args.preset), ("--patch-nums", args.patch_nums)):
             if value is not None:
                 raise UsageError(f"{flag} is not for HART: its config is llm/config.json (or --config FILE.json); drop {flag}")
@@ -286,14 +285,27 @@ def load_infinity_from_args(args: argparse.Namespace, device: Optional[str] = No
 
 def load_hart_from_args(args: argparse.Namespace, device: Optional[str] = None):
     """(model, tokenizer, text encoder or None) from --var (upstream's llm/ folder or file), --vae (tokenizer/),
-    --config (the llm's config.json instead of the folder's) and --text-encoder (Qwen2 folder), on --device."""
+    --config (the llm's config.json instead of the folder's) and --text-encoder (a Qwen2 folder, or a folder written
+    by ``train --family hart``: its small encoder), on --device; without --var the shipped Fashion-MNIST HART model
+    (with its own text encoder)."""
     from ..loading import load_hart
+    from ..pretrained import load_pretrained_hart
 
     check_model_args(args)
     device = device or args.device
+    if not args.var:
+        return load_pretrained_hart(device=device)
     model, tokenizer = load_hart(args.var, args.vae, config=args.config, device=device)
     encoder = None
-    if args.text_encoder is not None:
+    if args.text_encoder is not None and (Path(args.text_encoder) / "text_encoder.safetensors").is_file():
+        from ..families.hart.text import WordTextEncoder
+        from ..pretrained import folder_text_encoder
+
+        try:
+            encoder = WordTextEncoder(folder_text_encoder(args.text_encoder, device), model.context_token)
+        except (ValueError, OSError) as e:
+            raise UsageError(f"--text-encoder: {e}") from None
+    elif args.text_encoder is not None:
         from ..families.hart.text import Qwen2TextEncoder
 
         with contextlib.suppress(ImportError):  # transformers' "Loading weights" bar: a bad command line stays one line
@@ -328,17 +340,20 @@ def text_encoder_from_args(args: argparse.Namespace, device: str):
 
 
 def model_ssg_beta(args: argparse.Namespace) -> float:
-    """The SSG beta used when SSG is asked for without --ssg-beta: the shipped Infinity model's card value
-    (``pretrained.INFINITY_SSG_BETA``), else the default ``guidance.DEFAULT_BETA``."""
-    return INFINITY_SSG_BETA if model_family(args) == "infinity" and not args.var else DEFAULT_BETA
+    """The SSG beta used when SSG is asked for without --ssg-beta: the shipped Infinity or HART model's card value
+    (``pretrained.INFINITY_SSG_BETA``, ``HART_SSG_BETA``), else the default ``guidance.DEFAULT_BETA``."""
+    if args.var:
+        return DEFAULT_BETA
+    return {"infinity": INFINITY_SSG_BETA, "hart": HART_SSG_BETA}.get(model_family(args), DEFAULT_BETA)
 
 
 def model_sampling(args: argparse.Namespace) -> SamplingParams:
     """The sampling settings of the model the flags name: the shipped model's card (``pretrained.SAMPLING``, or
-    ``INFINITY_SAMPLING`` with --family infinity), or upstream's protocol (``SamplingParams()``; Infinity:
-    ``params.INFINITY_UPSTREAM``) for --var/--vae checkpoints; HART: ``params.HART_UPSTREAM``."""
+    ``INFINITY_SAMPLING`` with --family infinity, ``HART_SAMPLING`` with --family hart), or upstream's protocol
+    (``SamplingParams()``; Infinity: ``params.INFINITY_UPSTREAM``; HART: ``params.HART_UPSTREAM``) for --var/--vae
+    checkpoints."""
     if model_family(args) == "hart":
-        return HART_UPSTREAM
+        return HART_UPSTREAM if args.var else HART_SAMPLING
     if model_family(args) == "infinity":
         return INFINITY_UPSTREAM if args.var else INFINITY_SAMPLING
     return SamplingParams() if args.var else SAMPLING
@@ -366,7 +381,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help=f"in [{TEMPERATURE_MIN:g}, {TEMPERATURE_MAX:g}]; {model_default_help('temperature')}")
     p.add_argument("--ssg-beta", type=float_arg(-SSG_BETA_MAX, SSG_BETA_MAX), default=None,
                    help=f"SSG strength, |beta| <= {SSG_BETA_MAX:g} (off when not given; --compare, --ssg-prior and --ssg-interp use "
-                        f"{DEFAULT_BETA:g}, or the model card's: {INFINITY_SSG_BETA:g} for the shipped Infinity model)")
+                        f"{DEFAULT_BETA:g}, or the model card's: {INFINITY_SSG_BETA:g} for the shipped Infinity model, "
+                        f"{HART_SSG_BETA:g} for the shipped HART model)")
     p.add_argument("--ssg-prior", choices=PRIORS, default=None, help="SSG prior (default dse); turns SSG on")
     p.add_argument("--ssg-interp", choices=DSE_INTERPS, default=None, help="DSE interpolation (default bilinear); turns SSG on")
 

@@ -11,12 +11,12 @@ from ..data import SPLIT_SIZES
 from ..eval import ablation, fid_sample
 from ..families.infinity.model import scale_schedule
 from ..files import portable_path
-from ..pretrained import INFINITY_SAMPLING, SAMPLING, pretrained_files
+from ..pretrained import HART_SAMPLING, INFINITY_SAMPLING, SAMPLING, pretrained_files
 from ..validation import check_memory
 from .common import (
     CFG_MAX, INT32_MAX, SSG_BETA_MAX, TEMPERATURE_MAX, TEMPERATURE_MIN, UsageError, add_model_args, add_sampling_args, check_model_args,
     check_output_dir, check_output_file, float_arg, int_arg, load_from_args, load_infinity_from_args, model_default_help,
-    model_family, model_sampling, parse_floats, report_assumed_settings, resolve_ssg_args, sampling_from_args,
+    load_hart_from_args, model_family, model_sampling, parse_floats, report_assumed_settings, resolve_ssg_args, sampling_from_args,
 )
 from .sample import image_pixels
 
@@ -28,8 +28,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     card = model_sampling(args)  # the model's settings for the flags left unset
     cfg, top_k, top_p = (card_value if flag is None else flag for flag, card_value in
                          ((args.cfg, card.cfg), (args.top_k, card.top_k), (args.top_p, card.top_p)))
-    text_encoder = None
-    if model_family(args) == "infinity":
+    text_encoder, options, schedule = None, {}, None
+    if args.no_residual and model_family(args) != "hart":
+        raise UsageError("--no-residual drops HART's diffusion residual; it is for --family hart")
+    if model_family(args) == "hart":
+        check_model_args(args)
+        if args.var and not args.text_encoder:  # before any model loads
+            raise UsageError("eval --family hart asks for prompts: give --text-encoder FOLDER with --var/--vae")
+        model, vae, text_encoder = load_hart_from_args(args)
+        options = {"more_smooth": card.more_smooth, "num_maskgit_iters": card.num_maskgit_iters, "residual": not args.no_residual}
+        what = "shipped pretrained Fashion-MNIST text-to-image HART (ssg_engine.pretrained)"
+    elif model_family(args) == "infinity":
         check_model_args(args)
         if args.var and not args.text_encoder:  # before any model loads
             raise UsageError("eval --family infinity asks for prompts: give --text-encoder FOLDER with --var/--vae")
@@ -39,17 +48,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
                              'give it in a --config file, e.g. {"num_scales": 5}')
         report_assumed_settings(args)
         what = "shipped pretrained Fashion-MNIST text-to-image Infinity (ssg_engine.pretrained)"
+        schedule = scale_schedule(1.0, model.config.num_scales)
     else:
         vae, model = load_from_args(args)
         what = "shipped pretrained Fashion-MNIST VAR (ssg_engine.pretrained)"
-    schedule = scale_schedule(1.0, model.config.num_scales) if text_encoder is not None else None
     check_memory(args.samples * 3 * 4 * image_pixels(model, vae, schedule), f"--samples {args.samples}",
                  "an arm's samples are held in memory as float32 images; give a smaller --samples")
     desc = f"{portable_path(args.var)} + {portable_path(args.vae)}" if args.var else what
     priors = [p for v in args.priors for p in v.split(",") if p]
     ablation.run_ablation(
         model, vae, args.out_dir, text_encoder=text_encoder, samples=args.samples, seeds=args.seeds, betas=betas,
-        temperatures=temperatures, priors=priors, cfg=cfg, top_k=top_k, top_p=top_p,
+        temperatures=temperatures, priors=priors, cfg=cfg, top_k=top_k, top_p=top_p, options=options,
         batch_size=args.batch_size, fid_arms=args.fid_arms, inception_ref_n=args.inception_ref_n,
         inception_batch_size=args.inception_batch_size, classifier=args.classifier, cache=args.cache_dir,
         spectrum_temperature=args.spectrum_temperature, resume=args.resume, model_desc=desc,
@@ -93,10 +102,14 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--cfg", type=float_arg(-CFG_MAX, CFG_MAX), default=None,
                    help=f"default: the model card's settings (shipped VAR: cfg {SAMPLING.cfg:g}, top-k {SAMPLING.top_k}, top-p "
                         f"{SAMPLING.top_p:g}; shipped Infinity: cfg (w) {INFINITY_SAMPLING.cfg:g}, top-k {INFINITY_SAMPLING.top_k}, "
-                        f"top-p {INFINITY_SAMPLING.top_p:g}), or upstream's for --var/--vae")
+                        f"top-p {INFINITY_SAMPLING.top_p:g}; shipped HART: cfg {HART_SAMPLING.cfg:g}, top-k {HART_SAMPLING.top_k}, "
+                        f"top-p {HART_SAMPLING.top_p:g}), or upstream's for --var/--vae")
     p.add_argument("--top-k", type=int_arg(0, INT32_MAX), default=None)
     p.add_argument("--top-p", type=float_arg(0.0, 1.0), default=None)
     p.add_argument("--batch-size", type=int_arg(1), default=100)
+    p.add_argument("--no-residual", action="store_true",
+                   help="--family hart: decode the last scale from its discrete codes only (no diffusion residual), the "
+                        "ablation only hybrid tokens allow")
     p.add_argument("--fid-arms", choices=["main", "all", "none"], default="main", help="arms scored with Inception FID/KID (main: baseline + DSE)")
     p.add_argument("--inception-ref-n", type=int_arg(1, SPLIT_SIZES["test"]), default=SPLIT_SIZES["test"],
                    help="test images for the Inception reference statistics (at most the test split's)")

@@ -191,8 +191,10 @@ def infinity_conditions(args: argparse.Namespace, model, vae, text_encoder) -> T
 
 def hart_conditions(args: argparse.Namespace, model, tokenizer, text_encoder) -> Tuple[Any, int, List[str]]:
     """(HART text features of every image, image count, one label per prompt) from --text-features
-    (``HARTTextFeatures.save``'s file) or --prompt with --text-encoder, and --per-prompt; checked (and every prompt
-    encoded) before sampling."""
+    (``HARTTextFeatures.save``'s file) or --prompt with --text-encoder (or the shipped model's), and --per-prompt; checked (and every prompt
+    encoded) before sampling; the shipped model without --prompt: one prompt per Fashion-MNIST class."""
+    from ..data import CLASS_PHRASES, TRAIN_TEMPLATES, make_prompt
+
     per = args.per_prompt or 1
     if args.text_features is not None:
         from ..families.hart.text import HARTTextFeatures
@@ -205,14 +207,14 @@ def hart_conditions(args: argparse.Namespace, model, tokenizer, text_encoder) ->
         text = features[torch.arange(features.batch).repeat_interleave(per)]
         labels = [f"features {i}" for i in range(features.batch)]
     else:  # a text encoder: check_family_flags asked for one
-        if not args.prompt:
+        if not args.prompt and args.var:
             raise UsageError("--family hart needs --prompt TEXT (repeat it for more) with --text-encoder, or --text-features FILE.pt")
-        check_image_count(args, len(args.prompt) * per, image_pixels(model, tokenizer))
+        labels = args.prompt or [make_prompt(c, TRAIN_TEMPLATES[0]) for c in range(len(CLASS_PHRASES))]  # the shipped model's
+        check_image_count(args, len(labels) * per, image_pixels(model, tokenizer))
         try:
-            text = text_encoder.encode([p for p in args.prompt for _ in range(per)])
+            text = text_encoder.encode([p for p in labels for _ in range(per)])
         except (TypeError, ValueError) as e:
             raise UsageError(f"--prompt: {e}") from None
-        labels = list(args.prompt)
     Lc, Cc = model.context_token, model.context_embed.weight.shape[1]
     if tuple(text.context.shape[1:]) != (Lc, Cc):
         source = "--text-features" if args.text_features is not None else "--text-encoder"

@@ -1,5 +1,6 @@
 """``ssg-engine eval``: the SSG ablation table and the spectral evidence, on a Fashion-MNIST model: the class-conditional
-VAR, or the text-conditional Infinity-family model (``--family infinity``).
+VAR, or a text-conditional one: the Infinity-family model (``--family infinity``) or the HART-family model
+(``--family hart``; ``--no-residual`` drops its last-scale diffusion residual, the ablation only hybrid tokens allow).
 
 Arms (every arm is run at every temperature of ``--temperatures``, so no arm gets a temperature the
 others do not):
@@ -14,7 +15,8 @@ whose seeds depend only on (seed, batch index), so all arms share the same rando
 ``generate(..., seeding="batch")``, the draws the stored results and bench/results/quality were made with). A text-conditional
 model is asked for sample ``i`` with the prompt of class ``i % 10`` in held-out template
 ``(i // 10) % len(HELD_OUT_TEMPLATES)`` (``ssg_engine.data``: templates never seen in training); its ``cfg`` is
-Infinity's CFG weight ``w`` and its temperature Infinity's ``tau``, at every scale. Metrics:
+Infinity's CFG weight ``w`` and its temperature Infinity's ``tau``, at every scale (HART: the end of its CFG ramp, and
+its temperature at every scale). Metrics:
 
 - ``acc``: accuracy of our Fashion-MNIST classifier on the samples w.r.t. the class asked for;
 - ``fd_cls``: Fréchet distance in the classifier's 128-d penultimate space to the 10k test images;
@@ -116,14 +118,16 @@ def held_out_prompts(labels: torch.Tensor) -> List[str]:
 
 
 @torch.no_grad()
-def sample_arm(model, vae, arm: Arm, n: int, seed: int, batch_size: int, cfg: float, top_k: int, top_p: float, text_encoder=None):
+def sample_arm(model, vae, arm: Arm, n: int, seed: int, batch_size: int, cfg: float, top_k: Optional[int], top_p: float,
+               text_encoder=None, options: Optional[Dict[str, object]] = None):
     """(images (n, 3, H, W) float32 on CPU in [0, 1], labels (n,) int64) for ``arm``: class labels for a VAR, held-out
-    prompts (``held_out_prompts``) encoded by ``text_encoder`` for a text-conditional model."""
+    prompts (``held_out_prompts``) encoded by ``text_encoder`` for a text-conditional model; ``options``: the family's
+    own ``generate`` keywords (HART: ``more_smooth``, ``num_maskgit_iters``, ``residual``)."""
     from ..api import generate
 
     labels = torch.arange(n) % num_classes(model, text_encoder)
     conditions = labels if text_encoder is None else held_out_prompts(labels)
-    extra = {} if text_encoder is None else {"text_encoder": text_encoder}
+    extra = {**(options or {}), **({} if text_encoder is None else {"text_encoder": text_encoder})}
     out = []
     for b, i in enumerate(range(0, n, batch_size)):
         img = generate(
@@ -291,8 +295,9 @@ def run_ablation(
     temperatures: Sequence[float] = DEFAULT_TEMPERATURES,
     priors: Sequence[str] = DEFAULT_PRIORS,
     cfg: float = SAMPLING.cfg,
-    top_k: int = SAMPLING.top_k,
+    top_k: Optional[int] = SAMPLING.top_k,
     top_p: float = SAMPLING.top_p,
+    options: Optional[Dict[str, object]] = None,
     batch_size: int = 100,
     fid_arms: str = "main",
     inception_ref_n: int = 10000,
@@ -306,7 +311,8 @@ def run_ablation(
 ) -> Dict[str, object]:
     """Run the ablation table of ``model``/``vae`` into ``out_dir`` (see the module docstring; ``resume`` reuses the
     stored (arm, seed) results whose settings match); returns what ``ablation.json`` holds. ``text_encoder``: the
-    text-conditional model's encoder (``encode(prompts) -> TextFeatures``); None for a class-conditional VAR."""
+    text-conditional model's encoder (``encode(prompts) -> TextFeatures``); None for a class-conditional VAR.
+    ``options``: the family's own ``generate`` keywords (``sample_arm``), part of every stored result's key."""
     from .classifier import classify, dataset_images01, load_classifier, reference_features
     from .metrics import fid_from_features, fid_from_stats, inception_features, kernel_inception_distance, precision_recall
 
@@ -331,6 +337,9 @@ def run_ablation(
         "top_p": top_p, "batch_size": batch_size, "fid_arms": fid_arms, "inception_ref_n": inception_ref_n,
         "model": model_desc, "sampler": "Engine (CUDA)" if device.startswith("cuda") else "reference (CPU)",
     }
+    options = dict(options or {})
+    if options:
+        settings["options"] = options
     if text_encoder is not None:
         from ..data import HELD_OUT_TEMPLATES
 
@@ -356,11 +365,12 @@ def run_ablation(
         "format": 1, "model": settings["model_fingerprint"], "sampler": settings["sampler"], "samples": samples,
         "batch_size": batch_size, "cfg": cfg, "top_k": top_k, "top_p": top_p, "classifier": cls_info["weights_hash"],
         **({"conditioning": settings["conditioning"]} if text_encoder is not None else {}),
+        **({"options": options} if options else {}),
     }
 
     def score_seed(arm: Arm, seed: int, want_fid: bool) -> Dict[str, object]:
         """Sample ``arm`` with ``seed`` and score it: the metrics, and (seed 0) the images' spectrum."""
-        images, labels = sample_arm(model, vae, arm, samples, seed, batch_size, cfg, top_k, top_p, text_encoder)
+        images, labels = sample_arm(model, vae, arm, samples, seed, batch_size, cfg, top_k, top_p, text_encoder, options)
         logits, feats = classify(cls_model, images)
         pred = logits.argmax(1)
         lab = labels.numpy()
@@ -467,7 +477,8 @@ def markdown_table(results: Dict[str, object]) -> str:
         f"top-p {st['top_p']}; {st['samples_per_arm_per_seed']} class-balanced samples per arm per seed, "
         f"{st['seeds']} seed(s); mean ± std over seeds. Classifier: test accuracy "
         f"{results['classifier'].get('test_accuracy')} (weights {results['classifier'].get('weights_hash')})."
-        + (f" Conditioning: {st['conditioning']}." if "conditioning" in st else ""),
+        + (f" Conditioning: {st['conditioning']}." if "conditioning" in st else "")
+        + (" Options: " + ", ".join(f"{k}={v}" for k, v in st["options"].items()) + "." if st.get("options") else ""),
         "",
         "| arm | T | prior | beta | acc ↑ | FD-cls ↓ | precision ↑ | recall ↑ | FID ↓ | KID ↓ |",
         "|---|---|---|---|---|---|---|---|---|---|",

@@ -90,9 +90,11 @@ class ServedModel:
 
 def shipped_models(device: str = "cpu", families: Sequence[str] = ("var", "infinity")) -> List[ServedModel]:
     """The shipped Fashion-MNIST models of ``families`` on ``device``: ``fashion-mnist-var`` (class-conditional VAR)
-    and ``fashion-mnist-infinity`` (text-to-image Infinity), with their model cards' settings."""
+    ``fashion-mnist-infinity`` (text-to-image Infinity) and ``fashion-mnist-hart`` (text-to-image HART), with their
+    model cards' settings."""
     from ..pretrained import (
-        INFINITY_SAMPLING, SAMPLING, class_names, infinity_folder_schedule, load_pretrained, load_pretrained_infinity,
+        HART_SAMPLING, INFINITY_SAMPLING, SAMPLING, class_names, infinity_folder_schedule, load_pretrained,
+        load_pretrained_hart, load_pretrained_infinity,
     )
 
     out = []
@@ -106,5 +108,9 @@ def shipped_models(device: str = "cpu", families: Sequence[str] = ("var", "infin
         out.append(ServedModel("fashion-mnist-infinity", "infinity", model, vae, INFINITY_SAMPLING.replace(seed=None),
                                text_encoder=text_encoder,
                                keywords={"schedule": schedule}))
+    if "hart" in families:
+        model, tokenizer, text_encoder = load_pretrained_hart(device=device)
+        out.append(ServedModel("fashion-mnist-hart", "hart", model, tokenizer, HART_SAMPLING.replace(seed=None),
+                               text_encoder=text_encoder))
     return out
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -214,9 +214,14 @@ class WordTextEncoder:
     def vocabulary(self) -> Tuple[str, ...]:
         return tuple(self.module.config.vocab)
 
+    def token_ids(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, List[int]]:
+        """The word ids (B, T) and lengths of ``prompts``; one ``ValueError`` for a prompt the vocabulary cannot
+        take (a server checks each request's prompt with it before batching)."""
+        return self.module.token_ids(check_prompts(prompts))
+
     def features(self, prompts: Sequence[str]) -> HARTTextFeatures:
         """Differentiable features of ``prompts`` (see the class docstring)."""
-        ids, lens = self.module.token_ids(check_prompts(prompts))
+        ids, lens = self.token_ids(prompts)
         words = self.module(ids, lens)  # (B, T, width)
         B, T, width = words.shape
         mask = torch.arange(self.context_tokens, device=words.device)[None] < torch.tensor(lens, device=words.device)[:, None]
