@@ -228,12 +228,23 @@ def _summary(values: List[float]) -> Dict[str, float]:
 # ----------------------------------------------------------------------------- stored results
 
 
+def encoder_module(text_encoder) -> torch.nn.Module:
+    """The module holding a text encoder's weights: the encoder itself (the small word-level ``TextEncoder``), or
+    the module a wrapper holds (``WordTextEncoder.module``; ``T5TextEncoder`` / ``Qwen2TextEncoder``'s ``model``)."""
+    if isinstance(text_encoder, torch.nn.Module):
+        return text_encoder
+    for attr in ("module", "model"):
+        if isinstance(getattr(text_encoder, attr, None), torch.nn.Module):
+            return getattr(text_encoder, attr)
+    raise TypeError(f"text_encoder: {type(text_encoder).__name__} holds no torch module to fingerprint its weights by")
+
+
 def model_fingerprint(model, vae, text_encoder=None) -> str:
     """sha256 (16 hex digits) of the model's config and the weights of the model, the VAE and the text encoder (if
     any): the model, whatever files it came from."""
     config = model.config.to_dict() if hasattr(model.config, "to_dict") else dataclasses.asdict(model.config)
     h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    for module in (model, vae) + ((text_encoder,) if text_encoder is not None else ()):
+    for module in (model, vae) + ((encoder_module(text_encoder),) if text_encoder is not None else ()):
         for name, t in sorted(module.state_dict().items()):
             t = t.detach().cpu().contiguous()
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
