@@ -32,10 +32,12 @@ _HART_FILES = ("llm/config.json", "llm/model.safetensors", "tokenizer/config.jso
                "text_encoder.safetensors", "config.json")
 # The HART model card's sampling settings: ``cfg`` the end of upstream's ramp ``cfg * k / (K - 1)`` (the diffusion
 # head's CFG too), no top-k / top-p (upstream's hard-coded 600/300 exceed this model's 512 codes), one MaskGIT pass
-# (upstream's release setting; the model was trained without MaskGIT masking). The CLI's defaults for that model.
+# (upstream's release setting; the model was trained without MaskGIT masking); cfg 4.5 and more_smooth are upstream's
+# release values, kept because no CFG / more_smooth setting measured better (MODEL_CARD.md). The CLI's defaults.
 HART_SAMPLING = HARTParams(cfg=4.5, top_k=0, top_p=0.0, more_smooth=True, num_maskgit_iters=1)
-# The SSG strength measured best on that model (bench/results/quality/hart/README.md). The CLI's beta for it.
-HART_SSG_BETA = 0.5
+# The least harmful SSG strength measured on that model: no beta helped it (bench/results/quality/hart/README.md);
+# 0.1 had the lowest FD-cls of the DSE arms, level with the baseline. The CLI's beta for it.
+HART_SSG_BETA = 0.1
 
 
 def pretrained_files() -> Tuple[Path, Path, Path]:

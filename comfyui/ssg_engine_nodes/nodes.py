@@ -34,7 +34,7 @@ class SSGEngineLoader:
         return {
             "required": {
                 "model": ("STRING", {"default": "fashion-mnist", "multiline": False,
-                                     "tooltip": "fashion-mnist | fashion-mnist-t2i | a saved folder | a released layout folder"}),
+                                     "tooltip": "fashion-mnist | fashion-mnist-t2i | fashion-mnist-hart | a saved folder | a released layout folder"}),
                 "device": (["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"],),
                 "dtype": (list(DTYPES),),
             },
@@ -45,7 +45,7 @@ class SSGEngineLoader:
 
     def load(self, model: str, device: str, dtype: str, text_encoder: str = "") -> Tuple[Pipeline]:
         if not model.strip():
-            raise ValueError("model is empty; give fashion-mnist, fashion-mnist-t2i or a model folder")
+            raise ValueError("model is empty; give fashion-mnist, fashion-mnist-t2i, fashion-mnist-hart or a model folder")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
         return (Pipeline.from_pretrained(model.strip(), device=device, torch_dtype=DTYPES[dtype],
